@@ -1,0 +1,1 @@
+//! mesh-control: the control plane and orchestration API.
