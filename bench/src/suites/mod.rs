@@ -1,0 +1,18 @@
+//! The suites. Each is `fn run(ctx: &Ctx) -> anyhow::Result<Results>`; the
+//! runner writes its results, table and chart.
+
+use crate::{Ctx, Results};
+
+/// A named suite.
+#[derive(Debug, Clone, Copy)]
+pub struct Suite {
+    /// Name used on the command line.
+    pub name: &'static str,
+    /// What it measures, one line.
+    pub about: &'static str,
+    /// Runs it.
+    pub run: fn(&Ctx) -> anyhow::Result<Results>,
+}
+
+/// Every suite, in the order `all` runs them.
+pub const SUITES: &[Suite] = &[];

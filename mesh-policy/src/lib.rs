@@ -1,0 +1,18 @@
+//! The compiled ACL policy: what mesh-control's compiler produces for one
+//! node, what travels to the agent, and what the agent installs into the eBPF
+//! maps. Also the plain-Rust reference evaluator of its semantics, against
+//! which the eBPF programs are checked.
+//!
+//! Semantics (the contract every implementation follows):
+//! - default deny: a packet is accepted iff some rule matches it;
+//! - a rule matches when the packet's source address is in one of the rule's
+//!   source CIDRs, its destination address in one of the destination CIDRs,
+//!   the protocol matches ([`Proto::Any`] matches every protocol) and, for
+//!   TCP, UDP and SCTP, the destination port is inside the rule's range
+//!   (ICMP and other protocols ignore the port range);
+//! - replies of an accepted flow are accepted (stateful; see the dataplane);
+//! - IPv4 and IPv6 rules are independent: a v4 CIDR never matches a v6 packet.
+
+mod compiled;
+
+pub use compiled::{CompiledPolicy, PolicyError, PortRange, Proto, Rule, RuleId};
