@@ -1,0 +1,107 @@
+//! `cargo xtask setup`: installs what the build and the tests need, and only
+//! what is missing. Prints each thing it installs; fails naming what could
+//! not be installed.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd::{self, probe};
+
+/// Debian packages the tests, demo and benchmarks use.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",        // ip, tc: the lab and the checks
+    "iputils-ping",    // ping through tunnels and policies
+    "procps",          // sysctl inside lab namespaces
+    "nftables",        // the nftables baselines in the acl/guard benchmarks
+    "iperf3",          // throughput benchmarks and traffic in tests
+    "wireguard-tools", // `wg show` against our UAPI socket
+    "wireguard-go",    // a peer engine in the tunnel benchmark
+    "tcpdump",         // debugging captures
+    "postgresql",      // the control plane's PostgreSQL store tests
+    "prometheus",      // promtool checks the metrics output
+    "qemu-system-x86", // the VM with a WireGuard kernel
+    "linux-image-cloud-amd64", // that kernel (6.1, WireGuard as a module)
+    "busybox-static",  // the VM's initramfs userland
+];
+
+/// The bpf-linker that works with nightly's LLVM here (0.11+ needs a system
+/// LLVM 21 that Debian 12 does not ship).
+const BPF_LINKER_VERSION: &str = "0.10.2";
+
+/// Installs everything that is missing.
+pub(crate) fn run() -> anyhow::Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()?;
+    debian_packages()?;
+    nextest()?;
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    let Some(toolchains) = probe("rustup", &["toolchain", "list"]) else {
+        bail!("rustup is not on PATH: the eBPF programs need `rustup run nightly` (install rustup first)");
+    };
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        eprintln!("xtask: installing the nightly toolchain (eBPF programs need -Z build-std)");
+        cmd::run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+            .context("installing the nightly toolchain")?;
+    }
+    let installed = probe("rustup", &["component", "list", "--installed", "--toolchain", "nightly"]).unwrap_or_default();
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: installing rust-src for nightly (build-std=core for the BPF target)");
+        cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+            .context("adding rust-src to nightly")?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let version = probe("bpf-linker", &["--version"]).unwrap_or_default();
+    if version.split_whitespace().any(|w| w == BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (found: {:?})", version.trim());
+    cmd::run(Command::new("cargo").args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"]))
+        .context("installing bpf-linker")
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    if !nix_is_root() {
+        bail!("Debian packages missing ({}) and not root: run `sudo cargo xtask setup`", missing.join(" "));
+    }
+    cmd::run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))
+        .context("apt-get update")?;
+    cmd::run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("installing {}", missing.join(" ")))?;
+    let still: Vec<&str> = missing.into_iter().filter(|p| !dpkg_installed(p)).collect();
+    if !still.is_empty() {
+        bail!("apt-get did not install: {}", still.join(" "));
+    }
+    Ok(())
+}
+
+fn nextest() -> anyhow::Result<()> {
+    if probe("cargo", &["nextest", "--version"]).is_some() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-nextest (the test runner)");
+    cmd::run(Command::new("cargo").args(["install", "cargo-nextest", "--locked"])).context("installing cargo-nextest")
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    probe("dpkg-query", &["-W", "-f=${Status}", package]).is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn nix_is_root() -> bool {
+    probe("id", &["-u"]).is_some_and(|s| s.trim() == "0")
+}
