@@ -1,0 +1,313 @@
+//! Compiling a [`Policy`] into each node's [`CompiledPolicy`]; evaluating
+//! the policy's tests on the compiled rules; diffs between two compilations.
+//!
+//! A node's rule set is its *ingress* filter: for each ACL entry, the
+//! sources resolved to CIDRs, and the destinations narrowed to what this node
+//! serves (its overlay addresses and the approved site routes it advertises).
+//! Entries that leave nothing on either side are dropped.
+//!
+//! Rule ids: `(acl_index << 16) | n`, where `n` numbers the distinct port
+//! ranges of that entry, so `id >> 16` maps a counter back to its ACL line.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use mesh_policy::{CompiledPolicy, PortRange, Proto, Rule};
+
+use super::model::{Policy, Problem, ProblemKind, Target};
+
+/// What the compiler needs to know about one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InventoryNode {
+    /// Node id.
+    pub id: u64,
+    /// Node name.
+    pub name: String,
+    /// Overlay addresses (IPv4 and IPv6).
+    pub addrs: Vec<IpAddr>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Owner (may be empty).
+    pub user: String,
+    /// Approved site routes this node advertises.
+    pub routes: Vec<IpNet>,
+}
+
+impl InventoryNode {
+    fn served(&self) -> Vec<IpNet> {
+        self.addrs.iter().map(|a| IpNet::from(*a)).chain(self.routes.iter().copied()).collect()
+    }
+}
+
+/// The approved nodes the policy is compiled against.
+pub type Inventory = [InventoryNode];
+
+/// Whether `node` is one of `target`'s principals (tags, users, groups).
+fn node_is(policy: &Policy, node: &InventoryNode, target: &Target) -> bool {
+    match target {
+        Target::Any => true,
+        Target::Tag(t) => node.tags.iter().any(|x| x == t),
+        Target::User(u) => !node.user.is_empty() && node.user == *u,
+        Target::Group(g) => policy.groups.get(g).is_some_and(|users| users.iter().any(|u| *u == node.user && !u.is_empty())),
+        Target::Host(_) | Target::Cidr(_) => false,
+    }
+}
+
+/// The CIDRs a target stands for.
+fn resolve(policy: &Policy, inv: &Inventory, target: &Target) -> Vec<IpNet> {
+    match target {
+        Target::Any => vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+        Target::Host(h) => policy.hosts.get(h).copied().into_iter().collect(),
+        Target::Cidr(c) => vec![*c],
+        _ => inv
+            .iter()
+            .filter(|n| node_is(policy, n, target))
+            .flat_map(|n| n.addrs.iter().map(|a| IpNet::from(*a)))
+            .collect(),
+    }
+}
+
+/// The part of `a` and `b` that overlaps, if any (CIDRs nest or are disjoint).
+fn intersect(a: IpNet, b: IpNet) -> Option<IpNet> {
+    if a.contains(&b) {
+        Some(b)
+    } else if b.contains(&a) {
+        Some(a)
+    } else {
+        None
+    }
+}
+
+/// Compiles `policy` for every node of `inv`, tagging the results with
+/// `generation`.
+#[must_use]
+pub fn compile(policy: &Policy, inv: &Inventory, generation: u64) -> BTreeMap<u64, CompiledPolicy> {
+    // Sources do not depend on the node: resolve them once per ACL.
+    let sources: Vec<Vec<IpNet>> = policy
+        .acls
+        .iter()
+        .map(|acl| {
+            let set: BTreeSet<IpNet> = acl.src.iter().flat_map(|t| resolve(policy, inv, t)).collect();
+            set.into_iter().collect()
+        })
+        .collect();
+    let dests: Vec<Vec<(Vec<IpNet>, Vec<PortRange>)>> = policy
+        .acls
+        .iter()
+        .map(|acl| acl.dst.iter().map(|d| (resolve(policy, inv, &d.target), d.ports.clone())).collect())
+        .collect();
+    inv.iter()
+        .map(|node| {
+            let served = node.served();
+            let mut rules = Vec::new();
+            for (i, acl) in policy.acls.iter().enumerate() {
+                if sources[i].is_empty() {
+                    continue;
+                }
+                let mut by_ports: BTreeMap<PortRange, BTreeSet<IpNet>> = BTreeMap::new();
+                for (cidrs, ports) in &dests[i] {
+                    let hit: Vec<IpNet> =
+                        cidrs.iter().flat_map(|c| served.iter().filter_map(|s| intersect(*c, *s))).collect();
+                    if hit.is_empty() {
+                        continue;
+                    }
+                    for p in ports {
+                        by_ports.entry(*p).or_default().extend(hit.iter().copied());
+                    }
+                }
+                for (n, (ports, dst)) in by_ports.into_iter().enumerate() {
+                    let id = (u32::try_from(i).unwrap_or(u32::MAX >> 16) << 16) | u32::try_from(n).unwrap_or(0xffff);
+                    rules.push(Rule { id, src: sources[i].clone(), dst: dst.into_iter().collect(), proto: acl.proto, ports });
+                }
+            }
+            (node.id, CompiledPolicy { generation, rules })
+        })
+        .collect()
+}
+
+/// Whether `policy` accepts a packet (the `mesh_policy` semantics: default
+/// deny, any matching rule accepts; ports only for TCP/UDP/SCTP).
+#[must_use]
+pub fn accepts(policy: &CompiledPolicy, src: IpAddr, dst: IpAddr, ip_proto: u8, port: u16) -> bool {
+    policy.rules.iter().any(|r| {
+        r.src.iter().any(|n| n.contains(&src))
+            && r.dst.iter().any(|n| n.contains(&dst))
+            && r.proto.matches(ip_proto)
+            && (!matches!(ip_proto, 6 | 17 | 132) || r.ports.contains(port))
+    })
+}
+
+/// Address block for stand-in nodes in test evaluation (never allocated to
+/// real nodes: the allocator stops below it).
+const PROBE_BASE: u32 = u32::from_be_bytes([100, 127, 255, 0]);
+
+/// Runs the policy's `tests` against the compiled rules. Tags and users
+/// that no node of `inv` carries get a stand-in node, so tests mean the same
+/// before and after nodes enroll. Returns the number of checks that passed,
+/// or one problem per failing check.
+pub fn run_tests(policy: &Policy, inv: &Inventory) -> Result<u32, Vec<Problem>> {
+    let mut inv: Vec<InventoryNode> = inv.to_vec();
+    let mut principals: BTreeSet<Target> = BTreeSet::new();
+    for t in &policy.tests {
+        principals.insert(t.src.clone());
+        principals.extend(t.accept.iter().chain(&t.deny).map(|(x, _, _)| x.clone()));
+    }
+    let mut next = PROBE_BASE;
+    for p in &principals {
+        let (tags, user) = match p {
+            Target::Tag(t) => (vec![t.clone()], String::new()),
+            Target::User(u) => (Vec::new(), u.clone()),
+            Target::Group(g) => match policy.groups.get(g).and_then(|u| u.first()) {
+                Some(u) => (Vec::new(), u.clone()),
+                None => continue,
+            },
+            _ => continue,
+        };
+        if inv.iter().any(|n| node_is(policy, n, p)) {
+            continue;
+        }
+        inv.push(InventoryNode {
+            id: u64::MAX - u64::from(next - PROBE_BASE),
+            name: format!("test-standin-{}", next - PROBE_BASE),
+            addrs: vec![IpAddr::from(next.to_be_bytes())],
+            tags,
+            user,
+            routes: Vec::new(),
+        });
+        next += 1;
+    }
+    // Site routes named by tests are served by a stand-in gateway, so that
+    // "tag:app -> nyc-lan:5432" is checked even before the gateway enrolls.
+    for p in &principals {
+        if let Target::Host(h) = p
+            && let Some(net) = policy.hosts.get(h)
+            && !inv.iter().any(|n| n.served().iter().any(|s| s.contains(net)))
+        {
+            inv.push(InventoryNode {
+                id: u64::MAX - u64::from(next - PROBE_BASE),
+                name: format!("test-standin-{h}"),
+                addrs: vec![IpAddr::from(next.to_be_bytes())],
+                tags: Vec::new(),
+                user: String::new(),
+                routes: vec![*net],
+            });
+            next += 1;
+        }
+    }
+    let compiled = compile(policy, &inv, 0);
+    let mut passed = 0;
+    let mut problems = Vec::new();
+    for t in &policy.tests {
+        let srcs = sample_addrs(policy, &inv, &t.src);
+        for (expect, list) in [(true, &t.accept), (false, &t.deny)] {
+            for (dst, port, text) in list {
+                let dsts = sample_addrs(policy, &inv, dst);
+                let mut verdicts = Vec::new();
+                for (_, s) in &srcs {
+                    for (node, d) in &dsts {
+                        let ok = compiled.get(node).is_some_and(|c| accepts(c, *s, *d, 6, *port));
+                        verdicts.push(ok);
+                    }
+                }
+                let holds = !verdicts.is_empty() && verdicts.iter().all(|v| *v == expect);
+                if holds {
+                    passed += 1;
+                } else {
+                    let what = if expect { "accept" } else { "deny" };
+                    let why = if verdicts.is_empty() { "no address to test with" } else { "not what the acls do" };
+                    problems.push(Problem {
+                        line: t.line,
+                        kind: ProblemKind::TestFailed(format!("{} -> {text}: expected {what} ({why})", show(&t.src))),
+                    });
+                }
+            }
+        }
+    }
+    if problems.is_empty() { Ok(passed) } else { Err(problems) }
+}
+
+/// (serving node, address) pairs that stand for a test principal.
+fn sample_addrs(policy: &Policy, inv: &Inventory, target: &Target) -> Vec<(u64, IpAddr)> {
+    let nets = match target {
+        Target::Host(h) => policy.hosts.get(h).copied().into_iter().collect(),
+        Target::Cidr(c) => vec![*c],
+        _ => {
+            return inv
+                .iter()
+                .filter(|n| node_is(policy, n, target))
+                .flat_map(|n| n.addrs.iter().map(move |a| (n.id, *a)))
+                .collect();
+        }
+    };
+    nets.iter()
+        .flat_map(|net| {
+            let addr = if net.prefix_len() == net.max_prefix_len() { net.addr() } else { first_host(*net) };
+            inv.iter().filter(move |n| n.served().iter().any(|s| s.contains(&addr))).map(move |n| (n.id, addr))
+        })
+        .collect()
+}
+
+fn first_host(net: IpNet) -> IpAddr {
+    net.hosts().next().unwrap_or(net.addr())
+}
+
+fn show(t: &Target) -> String {
+    match t {
+        Target::Any => "*".into(),
+        Target::Group(s) | Target::Tag(s) | Target::User(s) | Target::Host(s) => s.clone(),
+        Target::Cidr(c) => c.to_string(),
+    }
+}
+
+/// One rule as a line of text, for diffs and `meshctl`.
+#[must_use]
+pub fn rule_text(r: &Rule) -> String {
+    let list = |v: &[IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let proto = match r.proto {
+        Proto::Any => "any".to_owned(),
+        Proto::Tcp => "tcp".into(),
+        Proto::Udp => "udp".into(),
+        Proto::Icmp => "icmp".into(),
+        Proto::Sctp => "sctp".into(),
+        Proto::Other(n) => format!("proto{n}"),
+    };
+    let ports = if r.ports == PortRange::ANY {
+        "*".to_owned()
+    } else if r.ports.first == r.ports.last {
+        r.ports.first.to_string()
+    } else {
+        format!("{}-{}", r.ports.first, r.ports.last)
+    };
+    format!("#{}.{} {} -> {} {proto}:{ports}", r.id >> 16, r.id & 0xffff, list(&r.src), list(&r.dst))
+}
+
+/// Per node, the rules `new` adds and removes relative to `old` (nodes with
+/// no change are left out).
+#[must_use]
+pub fn diff(
+    old: &BTreeMap<u64, CompiledPolicy>,
+    new: &BTreeMap<u64, CompiledPolicy>,
+) -> BTreeMap<u64, (Vec<String>, Vec<String>)> {
+    let ids: BTreeSet<u64> = old.keys().chain(new.keys()).copied().collect();
+    let texts = |m: &BTreeMap<u64, CompiledPolicy>, id| -> BTreeSet<String> {
+        m.get(&id).map(|p| p.rules.iter().map(rule_text).collect()).unwrap_or_default()
+    };
+    ids.into_iter()
+        .filter_map(|id| {
+            let (a, b) = (texts(old, id), texts(new, id));
+            let added: Vec<String> = b.difference(&a).cloned().collect();
+            let removed: Vec<String> = a.difference(&b).cloned().collect();
+            (!added.is_empty() || !removed.is_empty()).then_some((id, (added, removed)))
+        })
+        .collect()
+}
+
+/// Whether an `autoApprovers` entry lets `node` advertise `prefix`.
+#[must_use]
+pub fn auto_approved(policy: &Policy, node: &InventoryNode, prefix: IpNet) -> bool {
+    policy
+        .auto_approvers
+        .iter()
+        .any(|(net, who)| net.contains(&prefix) && who.iter().any(|t| node_is(policy, node, t)))
+}
