@@ -79,46 +79,95 @@ fn intersect(a: IpNet, b: IpNet) -> Option<IpNet> {
     }
 }
 
+/// The nodes a target covers as a destination, with the part of each
+/// node's served CIDRs it covers. Principal targets (tags, users, groups) are
+/// found by membership, so compiling costs the size of each ACL's
+/// destination set, not nodes times rules.
+fn dst_hits<'a>(
+    policy: &'a Policy,
+    inv: &'a Inventory,
+    target: &'a Target,
+) -> impl Iterator<Item = (usize, Vec<IpNet>)> + 'a {
+    inv.iter().enumerate().filter_map(move |(i, n)| {
+        let hit: Vec<IpNet> = match target {
+            Target::Any => n.served(),
+            Target::Tag(_) | Target::User(_) | Target::Group(_) => {
+                if !node_is(policy, n, target) {
+                    return None;
+                }
+                n.addrs.iter().map(|a| IpNet::from(*a)).collect()
+            }
+            Target::Host(_) | Target::Cidr(_) => {
+                let nets = resolve(policy, inv, target);
+                n.served().iter().flat_map(|s| nets.iter().filter_map(|c| intersect(*c, *s))).collect()
+            }
+        };
+        (!hit.is_empty()).then_some((i, hit))
+    })
+}
+
+/// The nodes a source target covers (those with an overlay address in it).
+fn src_nodes(policy: &Policy, inv: &Inventory, target: &Target) -> Vec<usize> {
+    let nets = match target {
+        Target::Host(_) | Target::Cidr(_) => resolve(policy, inv, target),
+        _ => return inv.iter().enumerate().filter(|(_, n)| node_is(policy, n, target)).map(|(i, _)| i).collect(),
+    };
+    inv.iter()
+        .enumerate()
+        .filter(|(_, n)| n.addrs.iter().any(|a| nets.iter().any(|c| c.contains(a))))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Per ACL entry, which nodes (indexes into `inv`) it lets talk to which:
+/// `(sources, destinations)`. Peers are derived from this: two nodes need
+/// each other as WireGuard peers only if some entry connects them.
+#[must_use]
+pub fn connectivity(policy: &Policy, inv: &Inventory) -> Vec<(Vec<usize>, Vec<usize>)> {
+    policy
+        .acls
+        .iter()
+        .map(|acl| {
+            let src: BTreeSet<usize> = acl.src.iter().flat_map(|t| src_nodes(policy, inv, t)).collect();
+            let dst: BTreeSet<usize> =
+                acl.dst.iter().flat_map(|d| dst_hits(policy, inv, &d.target).map(|(i, _)| i)).collect();
+            (src.into_iter().collect(), dst.into_iter().collect())
+        })
+        .collect()
+}
+
 /// Compiles `policy` for every node of `inv`, tagging the results with
 /// `generation`.
 #[must_use]
 pub fn compile(policy: &Policy, inv: &Inventory, generation: u64) -> BTreeMap<u64, CompiledPolicy> {
-    // Sources do not depend on the node: resolve them once per ACL.
-    let sources: Vec<Vec<IpNet>> = policy
-        .acls
-        .iter()
-        .map(|acl| {
-            let set: BTreeSet<IpNet> = acl.src.iter().flat_map(|t| resolve(policy, inv, t)).collect();
-            set.into_iter().collect()
-        })
-        .collect();
-    let dests: Vec<Vec<(Vec<IpNet>, Vec<PortRange>)>> = policy
-        .acls
-        .iter()
-        .map(|acl| acl.dst.iter().map(|d| (resolve(policy, inv, &d.target), d.ports.clone())).collect())
-        .collect();
+    // node index -> acl index -> port range -> destination CIDRs
+    type PerNode = BTreeMap<usize, BTreeMap<PortRange, BTreeSet<IpNet>>>;
+    let mut per_node: Vec<PerNode> = vec![BTreeMap::new(); inv.len()];
+    let mut sources: Vec<Vec<IpNet>> = Vec::with_capacity(policy.acls.len());
+    for (i, acl) in policy.acls.iter().enumerate() {
+        let set: BTreeSet<IpNet> = acl.src.iter().flat_map(|t| resolve(policy, inv, t)).collect();
+        sources.push(set.into_iter().collect());
+        if sources[i].is_empty() {
+            continue;
+        }
+        for d in &acl.dst {
+            for (n, hit) in dst_hits(policy, inv, &d.target) {
+                let by_ports = per_node[n].entry(i).or_default();
+                for p in &d.ports {
+                    by_ports.entry(*p).or_default().extend(hit.iter().copied());
+                }
+            }
+        }
+    }
     inv.iter()
-        .map(|node| {
-            let served = node.served();
+        .zip(per_node)
+        .map(|(node, acls)| {
             let mut rules = Vec::new();
-            for (i, acl) in policy.acls.iter().enumerate() {
-                if sources[i].is_empty() {
-                    continue;
-                }
-                let mut by_ports: BTreeMap<PortRange, BTreeSet<IpNet>> = BTreeMap::new();
-                for (cidrs, ports) in &dests[i] {
-                    let hit: Vec<IpNet> =
-                        cidrs.iter().flat_map(|c| served.iter().filter_map(|s| intersect(*c, *s))).collect();
-                    if hit.is_empty() {
-                        continue;
-                    }
-                    for p in ports {
-                        by_ports.entry(*p).or_default().extend(hit.iter().copied());
-                    }
-                }
+            for (i, by_ports) in acls {
                 for (n, (ports, dst)) in by_ports.into_iter().enumerate() {
                     let id = (u32::try_from(i).unwrap_or(u32::MAX >> 16) << 16) | u32::try_from(n).unwrap_or(0xffff);
-                    rules.push(Rule { id, src: sources[i].clone(), dst: dst.into_iter().collect(), proto: acl.proto, ports });
+                    let proto = policy.acls[i].proto;
+                    rules.push(Rule { id, src: sources[i].clone(), dst: dst.into_iter().collect(), proto, ports });
                 }
             }
             (node.id, CompiledPolicy { generation, rules })
