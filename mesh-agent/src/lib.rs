@@ -5,4 +5,14 @@
 //! Modules follow concerns; pure logic is kept apart from kernel I/O so most
 //! of it is tested without root.
 
+pub mod admin;
+pub mod agent;
+pub mod config;
 pub mod dataplane;
+pub mod keys;
+pub mod net;
+pub mod reconcile;
+pub mod state;
+pub mod status;
+pub mod view;
+pub mod wg;

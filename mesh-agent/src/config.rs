@@ -1,0 +1,177 @@
+//! The agent's local configuration file (TOML).
+//!
+//! ```toml
+//! interface = "wg0"
+//! backend = "auto"
+//! listen_port = 51820
+//! state_dir = "/var/lib/mesh-agent"
+//! ```
+//! Every field has a default; see [`Config`] for each one.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::wg::BackendMode;
+
+/// How the compiled policy is enforced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcement {
+    /// The eBPF dataplane (TC ACL and MSS clamp on the overlay interface).
+    #[default]
+    Ebpf,
+    /// Not enforced: the overlay passes everything its peers' allowed IPs
+    /// admit. For labs and for bringing a node up before its dataplane;
+    /// `status` and the log say so loudly.
+    Off,
+}
+
+/// The agent's configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Name of the WireGuard interface. With the userspace backend its UAPI
+    /// socket is `/var/run/wireguard/<interface>.sock`, shared by every
+    /// network namespace, so the name must be unique on the machine.
+    pub interface: String,
+    /// WireGuard backend: `auto` (kernel if the kernel has WireGuard, else
+    /// the in-process userspace engine), `kernel` or `userspace`.
+    pub backend: BackendMode,
+    /// UDP port WireGuard listens on. 0 lets the engine pick one.
+    pub listen_port: u16,
+    /// fwmark set on the tunnel's own UDP packets (0: none), for policy
+    /// routing that keeps them out of the tunnel.
+    pub fwmark: u32,
+    /// The node's WireGuard private key. Generated here on first start
+    /// (mode 0600); never logged, never sent anywhere. Default:
+    /// `<state_dir>/private.key`.
+    pub private_key_file: Option<PathBuf>,
+    /// Directory of the agent's state: the last applied node view
+    /// (`applied.json`), the admin socket (`agent.sock`). Created 0700.
+    pub state_dir: PathBuf,
+    /// Seconds between two reconcile runs (each repairs any drift, e.g. a
+    /// route deleted by hand).
+    pub reconcile_interval_secs: f64,
+    /// Seconds before retrying after a failed reconcile run.
+    pub retry_interval_secs: f64,
+    /// Leave the data path (interface, addresses, routes, eBPF programs) in
+    /// place when the agent stops on SIGTERM, so a restart does not cut
+    /// traffic (and the policy stays enforced meanwhile).
+    pub keep_dataplane_on_exit: bool,
+    /// How the policy is enforced.
+    pub enforcement: Enforcement,
+    /// bpffs directory where the dataplane pins its maps and programs.
+    pub bpf_pin_dir: PathBuf,
+    /// Userspace engine: `SO_RCVBUF` of its UDP socket, in bytes (the
+    /// receiving socket is what overflows under load).
+    pub udp_recv_buffer: usize,
+    /// Userspace engine: `SO_SNDBUF` of its UDP socket, in bytes.
+    pub udp_send_buffer: usize,
+    /// Userspace engine: worker threads.
+    pub engine_threads: usize,
+    /// Log filter (`tracing` env-filter syntax); `RUST_LOG` overrides it.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            interface: "wg0".into(),
+            backend: BackendMode::Auto,
+            listen_port: 51820,
+            fwmark: 0,
+            private_key_file: None,
+            state_dir: PathBuf::from("/var/lib/mesh-agent"),
+            reconcile_interval_secs: 30.0,
+            retry_interval_secs: 5.0,
+            keep_dataplane_on_exit: true,
+            enforcement: Enforcement::Ebpf,
+            bpf_pin_dir: PathBuf::from("/sys/fs/bpf/mesh"),
+            udp_recv_buffer: 4 << 20,
+            udp_send_buffer: 4 << 20,
+            engine_threads: 2,
+            log: "info".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Bad TOML or unknown field.
+    #[error("parsing {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The message.
+        message: String,
+    },
+    /// A value out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let config: Self =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks values.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let n = &self.interface;
+        if n.is_empty() || n.len() > 15 || n.contains(['/', ' ', ':']) {
+            return Err(ConfigError::Invalid(format!("interface name {n:?} is not a valid Linux interface name")));
+        }
+        for (name, v) in [("reconcile_interval_secs", self.reconcile_interval_secs), ("retry_interval_secs", self.retry_interval_secs)] {
+            if !(0.05..=86_400.0).contains(&v) {
+                return Err(ConfigError::Invalid(format!("{name} = {v} is outside 0.05..=86400")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The private key file.
+    #[must_use]
+    pub fn private_key_path(&self) -> PathBuf {
+        self.private_key_file.clone().unwrap_or_else(|| self.state_dir.join("private.key"))
+    }
+
+    /// The admin socket (`mesh-agent apply` and `status` talk to the running agent through it).
+    #[must_use]
+    pub fn admin_socket(&self) -> PathBuf {
+        self.state_dir.join("agent.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c: Config = toml::from_str("interface = \"wgx\"\nbackend = \"userspace\"\n").unwrap();
+        assert_eq!(c.backend, BackendMode::Userspace);
+        assert_eq!(c.listen_port, 51820);
+        assert!(c.keep_dataplane_on_exit);
+        assert_eq!(c.private_key_path(), PathBuf::from("/var/lib/mesh-agent/private.key"));
+        c.check().unwrap();
+        assert!(toml::from_str::<Config>("nonsense = 1").is_err());
+        let bad = Config { interface: "a-very-long-interface".into(), ..Config::default() };
+        assert!(bad.check().is_err());
+    }
+}

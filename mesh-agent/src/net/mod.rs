@@ -1,0 +1,107 @@
+//! Network programming: the overlay link's state, addresses, routes and
+//! forwarding. [`NetOps`] is what reconcile calls; [`rtnl::Rtnl`] implements
+//! it over rtnetlink (every change idempotent: replace, never add-and-fail),
+//! [`sysctl`] reads and writes the forwarding switches.
+//!
+//! Everything acts on the network namespace of the thread that opened the
+//! netlink socket (and, for sysctls, of the calling thread).
+
+pub mod rtnl;
+pub mod sysctl;
+
+use std::collections::BTreeSet;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Routes the agent installs carry this `rtm_protocol`, so the agent only
+/// ever removes its own routes (`ip route` shows it as `proto 109`).
+pub const ROUTE_PROTOCOL: u8 = 109;
+
+/// Errors of network programming.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A netlink request failed.
+    #[error("netlink {op}: {message}")]
+    Netlink {
+        /// What was being done.
+        op: String,
+        /// The kernel's or the library's message.
+        message: String,
+        /// The errno, when the kernel sent one (positive).
+        errno: Option<i32>,
+    },
+    /// A sysctl could not be read or written.
+    #[error("sysctl {key}: {source}")]
+    Sysctl {
+        /// The key.
+        key: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Local I/O (opening the netlink socket, the runtime).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl NetError {
+    /// The kernel's errno, if this is a netlink error carrying one.
+    #[must_use]
+    pub const fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Netlink { errno, .. } => *errno,
+            _ => None,
+        }
+    }
+}
+
+/// A link's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkState {
+    /// Interface index.
+    pub index: u32,
+    /// Administratively up.
+    pub up: bool,
+    /// MTU.
+    pub mtu: u32,
+}
+
+/// The forwarding switches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forwarding {
+    /// `net.ipv4.ip_forward`.
+    pub ipv4: bool,
+    /// `net.ipv6.conf.all.forwarding`.
+    pub ipv6: bool,
+}
+
+/// The network operations reconcile needs; faked in tests.
+pub trait NetOps: Send {
+    /// The link called `name`, or `None` if there is none.
+    fn link(&mut self, name: &str) -> Result<Option<LinkState>, NetError>;
+    /// Sets the link's MTU.
+    fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<(), NetError>;
+    /// Sets the link administratively up.
+    fn set_up(&mut self, index: u32) -> Result<(), NetError>;
+    /// Addresses on the link (IPv6 link-local ones left out: the kernel owns them).
+    fn addresses(&mut self, index: u32) -> Result<BTreeSet<IpNet>, NetError>;
+    /// Adds an address, replacing an equal one.
+    fn replace_address(&mut self, index: u32, addr: IpNet) -> Result<(), NetError>;
+    /// Removes an address; absent is not an error.
+    fn remove_address(&mut self, index: u32, addr: IpNet) -> Result<(), NetError>;
+    /// Destinations of the agent's routes ([`ROUTE_PROTOCOL`], main table) out of the link.
+    fn routes(&mut self, index: u32) -> Result<BTreeSet<IpNet>, NetError>;
+    /// Routes `dst` out of the link, replacing any route to `dst` in the main table.
+    fn replace_route(&mut self, index: u32, dst: IpNet) -> Result<(), NetError>;
+    /// Removes the agent's route to `dst`; absent is not an error.
+    fn remove_route(&mut self, index: u32, dst: IpNet) -> Result<(), NetError>;
+    /// The forwarding switches.
+    fn forwarding(&mut self) -> Result<Forwarding, NetError>;
+    /// Turns on the switches that are `true` in `on` (never turns any off).
+    fn enable_forwarding(&mut self, on: Forwarding) -> Result<(), NetError>;
+}

@@ -1,0 +1,272 @@
+//! The applier: executes a plan through the backends, in a fail-closed
+//! order, then re-reads everything and diffs again to confirm.
+//!
+//! Order: make sure the interface exists (a new one is down) -> enforce the
+//! policy -> MTU -> WireGuard device and peers (one call) -> addresses ->
+//! up -> routes -> forwarding. The policy is in force before any peer exists
+//! or the link is up, so a new interface never passes unfiltered traffic.
+//! The first failing step stops the run with an error naming it; nothing is
+//! reported as applied until the confirming re-read shows no difference.
+
+use std::{
+    fmt,
+    time::{Duration, Instant, SystemTime},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::{Actual, Changes, Desired, Local, Plan, PolicyEnforcer, diff};
+use crate::{
+    keys::PublicKey,
+    net::NetOps,
+    view::{NodeView, ViewError},
+    wg::{BackendKind, WireGuard},
+};
+
+/// A step of a reconcile run (named in errors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Creating the interface / starting the engine.
+    Ensure,
+    /// Reading the actual state.
+    Observe,
+    /// Enforcing the policy.
+    Policy,
+    /// Setting the MTU.
+    Mtu,
+    /// Configuring WireGuard (device and peers).
+    WireGuard,
+    /// Removing an address.
+    RemoveAddress(IpNet),
+    /// Adding an address.
+    AddAddress(IpNet),
+    /// Setting the link up.
+    Up,
+    /// Removing a route.
+    RemoveRoute(IpNet),
+    /// Adding or replacing a route.
+    ReplaceRoute(IpNet),
+    /// Turning forwarding on.
+    Forwarding,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ensure => f.write_str("ensure interface"),
+            Self::Observe => f.write_str("read actual state"),
+            Self::Policy => f.write_str("enforce policy"),
+            Self::Mtu => f.write_str("set mtu"),
+            Self::WireGuard => f.write_str("configure wireguard"),
+            Self::RemoveAddress(a) => write!(f, "remove address {a}"),
+            Self::AddAddress(a) => write!(f, "add address {a}"),
+            Self::Up => f.write_str("set link up"),
+            Self::RemoveRoute(r) => write!(f, "remove route {r}"),
+            Self::ReplaceRoute(r) => write!(f, "add route {r}"),
+            Self::Forwarding => f.write_str("enable forwarding"),
+        }
+    }
+}
+
+/// A reconcile run that did not succeed. The node may be partly changed; the
+/// next run diffs again from what is actually there.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The view was refused before anything was touched.
+    #[error(transparent)]
+    View(#[from] ViewError),
+    /// A step failed; the steps after it were not run.
+    #[error("reconcile step \"{step}\" failed: {source}")]
+    Step {
+        /// The failed step.
+        step: Step,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Every step succeeded but the re-read state still differs.
+    #[error("not converged: after applying, these still differ: {remaining:?}")]
+    NotConverged {
+        /// What still differs.
+        remaining: Changes,
+    },
+}
+
+fn step<E: std::error::Error + Send + Sync + 'static>(step: Step) -> impl FnOnce(E) -> ApplyError {
+    move |e| ApplyError::Step { step, source: Box::new(e) }
+}
+
+/// The outcome of a successful reconcile run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Generation of the view applied.
+    pub generation: u64,
+    /// WireGuard backend in use.
+    pub backend: BackendKind,
+    /// What was changed (all zero for a no-op run).
+    pub changes: Changes,
+    /// Wall time of the whole run (diff, apply, confirming re-read).
+    #[serde(with = "secs_f64")]
+    pub duration: Duration,
+}
+
+mod secs_f64 {
+    use std::time::Duration;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Reconciles one node: owns the backends.
+pub struct Applier {
+    local: Local,
+    wg: Box<dyn WireGuard>,
+    net: Box<dyn NetOps>,
+    enforcer: Option<Box<dyn PolicyEnforcer>>,
+}
+
+impl fmt::Debug for Applier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Applier")
+            .field("ifname", &self.wg.ifname())
+            .field("backend", &self.wg.kind())
+            .field("enforcer", &self.enforcer.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Applier {
+    /// An applier over these backends. `local.enforce_policy` is set from
+    /// whether an enforcer is given.
+    #[must_use]
+    pub fn new(
+        mut local: Local,
+        wg: Box<dyn WireGuard>,
+        net: Box<dyn NetOps>,
+        enforcer: Option<Box<dyn PolicyEnforcer>>,
+    ) -> Self {
+        local.enforce_policy = enforcer.is_some();
+        Self { local, wg, net, enforcer }
+    }
+
+    /// The WireGuard backend in use.
+    #[must_use]
+    pub fn backend(&self) -> BackendKind {
+        self.wg.kind()
+    }
+
+    /// The overlay interface.
+    #[must_use]
+    pub fn ifname(&self) -> &str {
+        self.wg.ifname()
+    }
+
+    /// This node's public key.
+    #[must_use]
+    pub fn public_key(&self) -> PublicKey {
+        self.local.private_key.public_key()
+    }
+
+    /// Whether policies are enforced.
+    #[must_use]
+    pub fn enforces_policy(&self) -> bool {
+        self.enforcer.is_some()
+    }
+
+    /// Reads the actual state.
+    pub fn observe(&mut self) -> Result<Actual, ApplyError> {
+        let ifname = self.wg.ifname().to_owned();
+        let link = self.net.link(&ifname).map_err(step(Step::Observe))?;
+        let mut actual = Actual { link, ..Actual::default() };
+        if let Some(l) = link {
+            actual.wg = self.wg.read().map_err(step(Step::Observe))?;
+            actual.addresses = self.net.addresses(l.index).map_err(step(Step::Observe))?;
+            actual.routes = self.net.routes(l.index).map_err(step(Step::Observe))?;
+        }
+        actual.forwarding = self.net.forwarding().map_err(step(Step::Observe))?;
+        if let Some(e) = self.enforcer.as_mut() {
+            actual.policy = e.in_force(&ifname).map_err(step(Step::Observe))?;
+        }
+        Ok(actual)
+    }
+
+    /// Brings the node to `view`: validate, ensure the interface, diff,
+    /// apply, re-read and confirm.
+    pub fn reconcile(&mut self, view: &NodeView) -> Result<Report, ApplyError> {
+        let start = Instant::now();
+        view.validate(&self.public_key())?;
+        let desired = Desired::new(view, &self.local);
+        if self.wg.ensure().map_err(step(Step::Ensure))? {
+            tracing::info!(ifname = %self.wg.ifname(), backend = %self.wg.kind(), "overlay interface created or its engine (re)started");
+        }
+        let actual = self.observe()?;
+        let plan = diff(&desired, &actual, SystemTime::now());
+        let changes = plan.changes;
+        if !plan.is_empty() {
+            tracing::info!(generation = view.generation, ?changes, "reconcile: applying changes");
+            self.execute(&plan, &actual, view)?;
+            let after = self.observe()?;
+            let rest = diff(&desired, &after, SystemTime::now());
+            if !rest.is_empty() {
+                return Err(ApplyError::NotConverged { remaining: rest.changes });
+            }
+        }
+        let report = Report { generation: view.generation, backend: self.wg.kind(), changes, duration: start.elapsed() };
+        tracing::debug!(generation = view.generation, duration_ms = report.duration.as_secs_f64() * 1e3, "reconcile: converged");
+        Ok(report)
+    }
+
+    fn execute(&mut self, plan: &Plan, actual: &Actual, view: &NodeView) -> Result<(), ApplyError> {
+        let ifname = self.wg.ifname().to_owned();
+        if plan.policy
+            && let Some(e) = self.enforcer.as_mut()
+        {
+            e.enforce(&ifname, &view.policy, view.mtu).map_err(step(Step::Policy))?;
+        }
+        let index = match actual.link {
+            Some(l) => l.index,
+            None => {
+                let link = self.net.link(&ifname).map_err(step(Step::Ensure))?;
+                link.ok_or_else(|| ApplyError::Step { step: Step::Ensure, source: format!("link {ifname} does not exist").into() })?.index
+            }
+        };
+        if let Some(mtu) = plan.mtu {
+            self.net.set_mtu(index, mtu).map_err(step(Step::Mtu))?;
+        }
+        if !plan.wg.is_empty() {
+            self.wg.apply(&plan.wg).map_err(step(Step::WireGuard))?;
+        }
+        for a in &plan.remove_addresses {
+            self.net.remove_address(index, *a).map_err(step(Step::RemoveAddress(*a)))?;
+        }
+        for a in &plan.add_addresses {
+            self.net.replace_address(index, *a).map_err(step(Step::AddAddress(*a)))?;
+        }
+        if plan.up {
+            self.net.set_up(index).map_err(step(Step::Up))?;
+        }
+        for r in &plan.remove_routes {
+            self.net.remove_route(index, *r).map_err(step(Step::RemoveRoute(*r)))?;
+        }
+        for r in &plan.replace_routes {
+            self.net.replace_route(index, *r).map_err(step(Step::ReplaceRoute(*r)))?;
+        }
+        if let Some(f) = plan.forwarding {
+            self.net.enable_forwarding(f).map_err(step(Step::Forwarding))?;
+        }
+        Ok(())
+    }
+
+    /// Agent shutdown: `keep` leaves the data path in place.
+    pub fn shutdown(&mut self, keep: bool) -> Result<(), crate::wg::WgError> {
+        self.wg.shutdown(keep)
+    }
+}

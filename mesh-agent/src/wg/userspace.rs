@@ -1,0 +1,198 @@
+//! Userspace WireGuard: gotatun inside the agent process, on a TUN device,
+//! serving the standard UAPI socket `/var/run/wireguard/<ifname>.sock` (so
+//! `wg show` works) and configured through that socket by
+//! wireguard-control's userspace backend, exactly like any other engine.
+//!
+//! The engine runs on its own multi-threaded tokio runtime, apart from the
+//! agent's, so reconcile's blocking UAPI calls can never starve it.
+//!
+//! The TUN device is made persistent: when the agent exits, the interface
+//! with its addresses, routes and eBPF programs stays, and packets routed
+//! into it are dropped (not leaked to another route) until an agent opens it
+//! again.
+
+use std::{
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use gotatun::{
+    device::{Device, DeviceBuilder, uapi::UapiServer},
+    tun::{tun, tun_async_device::TunDevice},
+    udp::socket::UdpSocketFactory,
+};
+use wireguard_control::{Backend, InterfaceName};
+
+use super::{BackendKind, WgDevice, WgError, WgUpdate, WireGuard, convert};
+use crate::net::{NetOps as _, rtnl::Rtnl};
+
+/// Where UAPI sockets live (shared by every network namespace).
+pub const UAPI_DIR: &str = "/var/run/wireguard";
+
+type Engine = Device<(UdpSocketFactory, TunDevice, TunDevice)>;
+
+/// Options of the userspace engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserspaceOptions {
+    /// `SO_RCVBUF` of the UDP socket (the receive side overflows first).
+    pub udp_recv_buffer: Option<usize>,
+    /// `SO_SNDBUF` of the UDP socket.
+    pub udp_send_buffer: Option<usize>,
+    /// Worker threads of the engine's runtime.
+    pub threads: usize,
+}
+
+struct Running {
+    // Field order matters: the device is stopped before its runtime drops.
+    device: Option<Engine>,
+    rt: tokio::runtime::Runtime,
+}
+
+/// The userspace engine on one interface.
+pub struct UserspaceWg {
+    ifname: String,
+    iface: InterfaceName,
+    opts: UserspaceOptions,
+    rtnl: Rtnl,
+    running: Option<Running>,
+}
+
+impl std::fmt::Debug for UserspaceWg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserspaceWg")
+            .field("ifname", &self.ifname)
+            .field("running", &self.running.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UserspaceWg {
+    /// Binds to `ifname` in the calling thread's network namespace (the
+    /// engine starts in [`WireGuard::ensure`]).
+    pub fn new(ifname: &str, opts: UserspaceOptions) -> Result<Self, WgError> {
+        let iface = ifname.parse().map_err(|_| WgError::Name(ifname.to_owned()))?;
+        Ok(Self { ifname: ifname.to_owned(), iface, opts, rtnl: Rtnl::new()?, running: None })
+    }
+
+    /// The UAPI socket of this interface.
+    #[must_use]
+    pub fn socket_path(&self) -> PathBuf {
+        Path::new(UAPI_DIR).join(format!("{}.sock", self.ifname))
+    }
+
+    fn engine_err(&self, message: impl std::fmt::Display) -> WgError {
+        WgError::Engine { ifname: self.ifname.clone(), message: message.to_string() }
+    }
+
+    fn io(&self, op: &'static str, source: std::io::Error) -> WgError {
+        WgError::Io { op, ifname: self.ifname.clone(), backend: BackendKind::Userspace, source }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut running) = self.running.take() {
+            if let Some(device) = running.device.take() {
+                running.rt.block_on(device.stop());
+            }
+            running.rt.shutdown_background();
+        }
+    }
+
+    fn start(&mut self) -> Result<(), WgError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.opts.threads.max(1))
+            .thread_name(format!("wg-{}", self.ifname))
+            .enable_all()
+            .build()
+            .map_err(|e| self.engine_err(format!("runtime: {e}")))?;
+        let ifname = self.ifname.clone();
+        let opts = self.opts;
+        let device = rt.block_on(async move {
+            let mut cfg = tun::Configuration::default();
+            cfg.tun_name(&ifname);
+            // Addresses, MTU and up are reconcile's job, over rtnetlink.
+            cfg.platform_config(|p| {
+                p.ensure_root_privileges(false);
+            });
+            let mut dev = tun::create(&cfg).map_err(|e| format!("TUN device: {e}"))?;
+            dev.persist().map_err(|e| format!("TUNSETPERSIST: {e}"))?;
+            let dev = tun::AsyncDevice::new(dev).map_err(|e| format!("TUN device: {e}"))?;
+            let tun = TunDevice::from_tun_device(dev).map_err(|e| format!("TUN device: {e}"))?;
+            let uapi = UapiServer::default_unix_socket(&ifname, None, None).map_err(|e| format!("UAPI socket: {e}"))?;
+            let udp = UdpSocketFactory { recv_buffer_size: opts.udp_recv_buffer, send_buffer_size: opts.udp_send_buffer };
+            DeviceBuilder::new()
+                .with_udp(udp)
+                .with_ip(tun)
+                .with_uapi(uapi)
+                .build()
+                .await
+                .map_err(|e| format!("device: {e}"))
+        });
+        match device {
+            Ok(device) => {
+                self.running = Some(Running { device: Some(device), rt });
+                tracing::info!(ifname = %self.ifname, socket = %self.socket_path().display(), "userspace WireGuard engine started");
+                Ok(())
+            }
+            Err(e) => {
+                rt.shutdown_background();
+                Err(self.engine_err(e))
+            }
+        }
+    }
+}
+
+impl WireGuard for UserspaceWg {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Userspace
+    }
+
+    fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    fn ensure(&mut self) -> Result<bool, WgError> {
+        let link = self.rtnl.link(&self.ifname)?;
+        if self.running.is_some() && link.is_some() && self.socket_path().exists() {
+            return Ok(false);
+        }
+        if self.running.is_some() {
+            tracing::warn!(ifname = %self.ifname, link = link.is_some(), "userspace WireGuard engine lost its TUN or socket: restarting it");
+            self.stop();
+        }
+        self.start()?;
+        Ok(true)
+    }
+
+    fn read(&self) -> Result<WgDevice, WgError> {
+        if self.running.is_none() {
+            return Err(self.engine_err("not running"));
+        }
+        let dev = wireguard_control::Device::get(&self.iface, Backend::Userspace).map_err(|e| self.io("read", e))?;
+        Ok(convert::device_from_wgc(dev, SystemTime::now()))
+    }
+
+    fn apply(&mut self, update: &WgUpdate) -> Result<(), WgError> {
+        // wireguard-control starts `wireguard-go` when the socket is missing:
+        // never let it. Our engine is in this process or nowhere.
+        if self.running.is_none() || !self.socket_path().exists() {
+            return Err(self.engine_err("not running (no UAPI socket)"));
+        }
+        convert::update_to_wgc(update).apply(&self.iface, Backend::Userspace).map_err(|e| self.io("apply", e))
+    }
+
+    fn shutdown(&mut self, keep: bool) -> Result<(), WgError> {
+        self.stop();
+        let _ = std::fs::remove_file(self.socket_path());
+        if !keep {
+            self.rtnl.delete_link(&self.ifname)?;
+            tracing::info!(ifname = %self.ifname, "deleted the userspace WireGuard TUN device");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UserspaceWg {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
