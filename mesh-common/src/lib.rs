@@ -6,4 +6,6 @@
 //! userspace side must agree byte for byte on map keys and values.
 #![no_std]
 
+pub mod acl;
 pub mod counter;
+pub mod guard;

@@ -3,7 +3,9 @@
 #![no_std]
 #![no_main]
 
+mod acl;
 mod counter;
+mod guard;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -11,8 +11,13 @@
 //!   TCP, UDP and SCTP, the destination port is inside the rule's range
 //!   (ICMP and other protocols ignore the port range);
 //! - replies of an accepted flow are accepted (stateful; see the dataplane);
-//! - IPv4 and IPv6 rules are independent: a v4 CIDR never matches a v6 packet.
+//! - IPv4 and IPv6 rules are independent: a v4 CIDR never matches a v6 packet;
+//! - which rule "decided" a packet (for per-rule counters) is the first
+//!   matching rule in policy order.
+//!
+//! [`eval`] is the reference evaluator of these semantics.
 
 mod compiled;
+pub mod eval;
 
 pub use compiled::{CompiledPolicy, PolicyError, PortRange, Proto, Rule, RuleId};

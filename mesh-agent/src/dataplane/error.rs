@@ -30,4 +30,28 @@ pub enum DataplaneError {
         #[source]
         source: aya::maps::MapError,
     },
+    /// A pinned attachment could not be created, opened or removed.
+    #[error("{what}: {source}")]
+    Link {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A file-system or socket operation failed (bpffs, namespaces, ioctl).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The policy does not fit the data path (nothing was changed).
+    #[error("compiling the policy: {0}")]
+    Compile(#[from] super::compile::CompileError),
+    /// The data path was asked for something it was not set up for.
+    #[error("{0}")]
+    Usage(String),
 }

@@ -1,11 +1,44 @@
 //! The eBPF data path: loading the programs built from `mesh-ebpf`,
-//! attaching them to interfaces and reading their maps.
+//! attaching them to interfaces, installing policies and reading counters.
+//!
+//! The entry point is [`Dataplane`]:
+//!
+//! ```no_run
+//! # fn demo(policy: &mesh_policy::CompiledPolicy) -> Result<(), mesh_agent::dataplane::DataplaneError> {
+//! use mesh_agent::dataplane::{Dataplane, GuardSettings};
+//! let mut dp = Dataplane::open(std::path::Path::new("/sys/fs/bpf/mesh/gw1"))?; // adopts pinned state
+//! dp.attach_overlay("wg0")?;            // ACL + MSS clamp, TC ingress and egress
+//! dp.attach_underlay("eth0", 51820)?;   // XDP guard
+//! dp.set_mss(1420)?;
+//! dp.set_guard(&GuardSettings::default())?;
+//! dp.install_policy(policy)?;           // atomic swap
+//! let c = dp.counters()?;               // per rule, per verdict, MSS, guard
+//! # Ok(()) }
+//! ```
+//!
+//! Map layouts and lookup precedence: `mesh_common::acl` and
+//! `mesh_common::guard`. The policy-to-map compiler is [`compile`] (pure).
 
+mod acl;
+pub mod compile;
 mod counter;
+mod counters;
+mod engine;
 mod error;
+mod guard;
+mod sys;
 
+pub use acl::InstallReport;
 pub use counter::{Counter, CounterAttach};
+pub use counters::{Counters, RuleCounter};
+pub use engine::{Dataplane, PROG_ACL_ETH, PROG_ACL_IP, PROG_GUARD, PROG_PASS_TC, PROG_PASS_XDP};
 pub use error::DataplaneError;
+pub use guard::{AllowRule, GuardSettings};
+pub use mesh_common::{
+    acl::{AclVerdict, MssEvent},
+    counter::PacketCount,
+    guard::GuardVerdict,
+};
 
 /// The eBPF object built by build.rs from the `mesh-ebpf` crate.
 pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));

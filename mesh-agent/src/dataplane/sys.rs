@@ -1,0 +1,100 @@
+//! Small kernel facts the loader needs: whether a directory is on bpffs
+//! (mounting it if not), which network namespace the calling thread is in,
+//! and whether an interface carries Ethernet headers.
+
+use std::{
+    io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use super::DataplaneError;
+
+/// `statfs` magic of the BPF file system.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const ARPHRD_ETHER: u16 = 1;
+const ARPHRD_LOOPBACK: u16 = 772;
+
+/// Makes sure `dir` exists on a bpffs: mounts bpffs on `/sys/fs/bpf` when
+/// nothing is mounted there (a fresh host or container), then creates `dir`.
+pub(crate) fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) && !is_bpffs(root) {
+        mount_bpffs(root).map_err(|source| DataplaneError::Io {
+            what: "mounting bpffs on /sys/fs/bpf (pinning needs it)".into(),
+            source,
+        })?;
+        tracing::info!("mounted bpffs on /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(dir.join("links"))
+        .map_err(|source| DataplaneError::Io { what: format!("creating {}", dir.display()), source })?;
+    if !is_bpffs(dir) {
+        return Err(DataplaneError::Io {
+            what: format!("{} is not on a BPF file system (mount -t bpf bpf DIR)", dir.display()),
+            source: io::Error::from(io::ErrorKind::Unsupported),
+        });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: a zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn mount_bpffs(at: &Path) -> io::Result<()> {
+    let target = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: NUL-terminated strings, no data argument.
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Identity of the calling thread's network namespace (its inode number), so
+/// that pinned attachments of same-named interfaces in different namespaces
+/// do not collide.
+pub(crate) fn netns_id() -> Result<u64, DataplaneError> {
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .map(|m| m.ino())
+        .map_err(|source| DataplaneError::Io { what: "reading this thread's network namespace".into(), source })
+}
+
+/// Where the pinned link of `hook` on `ifname` (in this thread's namespace)
+/// lives.
+pub(crate) fn link_pin_path(pin_dir: &Path, ifname: &str, hook: &str) -> Result<PathBuf, DataplaneError> {
+    Ok(pin_dir.join("links").join(format!("{}-{ifname}-{hook}", netns_id()?)))
+}
+
+/// Whether frames on `ifname` start with an Ethernet header (veth, physical
+/// NICs) rather than the IP header (WireGuard, TUN), looked up in the calling
+/// thread's namespace.
+pub(crate) fn has_ethernet_header(ifname: &str) -> Result<bool, DataplaneError> {
+    let what = || format!("reading the link type of {ifname}");
+    if ifname.len() >= libc::IFNAMSIZ {
+        return Err(DataplaneError::Io { what: what(), source: io::Error::from(io::ErrorKind::InvalidInput) });
+    }
+    // SAFETY: plain socket call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(DataplaneError::Io { what: what(), source: io::Error::last_os_error() });
+    }
+    // SAFETY: a zeroed ifreq is valid; the name fits (checked above) and
+    // stays NUL-terminated.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(ifname.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills `ifr_hwaddr` of the ifreq we own.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    let err = io::Error::last_os_error();
+    // SAFETY: closing the socket we opened.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(DataplaneError::Io { what: what(), source: err });
+    }
+    // SAFETY: the kernel filled the hwaddr member of the union.
+    let family = unsafe { req.ifr_ifru.ifru_hwaddr.sa_family };
+    Ok(matches!(family, ARPHRD_ETHER | ARPHRD_LOOPBACK))
+}

@@ -1,0 +1,210 @@
+//! Reads the IP and transport headers of a socket buffer into a [`Packet`],
+//! or says why the packet is not decided by the policy (see the verdicts in
+//! `mesh_common::acl`). Reads go through `bpf_skb_load_bytes`, which bounds
+//! every access by the packet length, so a short packet is an error here,
+//! never an out-of-bounds read.
+
+use aya_ebpf::programs::TcContext;
+use mesh_common::acl::AclVerdict;
+
+pub(crate) const PROTO_ICMP: u8 = 1;
+pub(crate) const PROTO_TCP: u8 = 6;
+pub(crate) const PROTO_UDP: u8 = 17;
+pub(crate) const PROTO_ICMPV6: u8 = 58;
+pub(crate) const PROTO_SCTP: u8 = 132;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+
+pub(crate) const TCP_FLAG_SYN: u8 = 0x02;
+pub(crate) const TCP_FLAG_ACK: u8 = 0x10;
+
+/// The fields the ACL decides on.
+#[derive(Clone, Copy)]
+pub(crate) struct Packet {
+    pub(crate) family: u8,
+    pub(crate) src: [u8; 16],
+    pub(crate) dst: [u8; 16],
+    pub(crate) proto: u8,
+    /// Ports as on the wire (for ICMP echo: the identifier and `[0, type]`).
+    pub(crate) sport: [u8; 2],
+    pub(crate) dport: [u8; 2],
+    /// Offset of the transport header from the start of the buffer.
+    pub(crate) l4_off: usize,
+    /// TCP flags (byte 13), 0 for other protocols.
+    pub(crate) tcp_flags: u8,
+    /// ICMP / ICMPv6 type, 0 for other protocols.
+    pub(crate) icmp_type: u8,
+    /// Whether this is an ICMP(v6) echo request or reply.
+    pub(crate) echo: bool,
+}
+
+impl Packet {
+    /// Whether the protocol's destination port is part of the decision.
+    #[inline(always)]
+    pub(crate) fn has_ports(&self) -> bool {
+        matches!(self.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
+    }
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    ver_ihl: u8,
+    tos: u8,
+    tot_len: [u8; 2],
+    id: [u8; 2],
+    frag: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    csum: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    ver_tc_flow: [u8; 4],
+    payload_len: [u8; 2],
+    next: u8,
+    hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+/// Parses the packet starting at `l3_off` (0 on an L3 device, 14 after an
+/// Ethernet header).
+#[inline(always)]
+pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict> {
+    let skb_len = ctx.len() as usize;
+    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
+    let mut p = Packet {
+        family: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        proto: 0,
+        sport: [0; 2],
+        dport: [0; 2],
+        l4_off: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+        echo: false,
+    };
+    // Length of the transport segment (header and payload).
+    let l4_len: usize;
+    match ethertype {
+        ETH_P_IP => {
+            let ip: Ipv4Hdr = ctx.load(l3_off).map_err(|_| AclVerdict::DropMalformed)?;
+            let ihl = ((ip.ver_ihl & 0x0f) as usize) * 4;
+            let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+            if ip.ver_ihl >> 4 != 4 || ihl < 20 || tot_len < ihl || l3_off + tot_len > skb_len {
+                return Err(AclVerdict::DropMalformed);
+            }
+            if u16::from_be_bytes(ip.frag) & 0x1fff != 0 {
+                return Err(AclVerdict::DropFragment);
+            }
+            p.family = 4;
+            p.src[..4].copy_from_slice(&ip.src);
+            p.dst[..4].copy_from_slice(&ip.dst);
+            p.proto = ip.proto;
+            p.l4_off = l3_off + ihl;
+            l4_len = tot_len - ihl;
+        }
+        ETH_P_IPV6 => {
+            let ip: Ipv6Hdr = ctx.load(l3_off).map_err(|_| AclVerdict::DropMalformed)?;
+            let payload = u16::from_be_bytes(ip.payload_len) as usize;
+            if ip.ver_tc_flow[0] >> 4 != 6 || l3_off + 40 + payload > skb_len {
+                return Err(AclVerdict::DropMalformed);
+            }
+            p.family = 6;
+            p.src = ip.src;
+            p.dst = ip.dst;
+            let mut next = ip.next;
+            let mut ext_len = 0usize;
+            // Hop-by-hop (0), routing (43), fragment (44), destination
+            // options (60): at most four, which is all a sane packet has.
+            let mut i = 0;
+            while i < 4 {
+                i += 1;
+                let at = l3_off + 40 + ext_len;
+                match next {
+                    0 | 43 | 60 => {
+                        let h: [u8; 2] = ctx.load(at).map_err(|_| AclVerdict::DropMalformed)?;
+                        next = h[0];
+                        ext_len += (h[1] as usize + 1) * 8;
+                    }
+                    44 => {
+                        let h: [u8; 8] = ctx.load(at).map_err(|_| AclVerdict::DropMalformed)?;
+                        if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                            return Err(AclVerdict::DropFragment);
+                        }
+                        next = h[0];
+                        ext_len += 8;
+                    }
+                    _ => break,
+                }
+            }
+            if matches!(next, 0 | 43 | 44 | 60) || ext_len > payload {
+                return Err(AclVerdict::DropMalformed);
+            }
+            p.proto = next;
+            p.l4_off = l3_off + 40 + ext_len;
+            l4_len = payload - ext_len;
+        }
+        _ => return Err(AclVerdict::PassNonIp),
+    }
+    match p.proto {
+        PROTO_TCP => {
+            if l4_len < 20 {
+                return Err(AclVerdict::DropMalformed);
+            }
+            let h: [u8; 14] = ctx.load(p.l4_off).map_err(|_| AclVerdict::DropMalformed)?;
+            p.sport = [h[0], h[1]];
+            p.dport = [h[2], h[3]];
+            p.tcp_flags = h[13];
+        }
+        PROTO_UDP | PROTO_SCTP => {
+            if l4_len < 8 {
+                return Err(AclVerdict::DropMalformed);
+            }
+            let h: [u8; 4] = ctx.load(p.l4_off).map_err(|_| AclVerdict::DropMalformed)?;
+            p.sport = [h[0], h[1]];
+            p.dport = [h[2], h[3]];
+        }
+        PROTO_ICMP | PROTO_ICMPV6 if is_icmp_of_family(p.proto, p.family) => {
+            if l4_len < 8 {
+                return Err(AclVerdict::DropMalformed);
+            }
+            let h: [u8; 8] = ctx.load(p.l4_off).map_err(|_| AclVerdict::DropMalformed)?;
+            p.icmp_type = h[0];
+            if is_echo(p.family, h[0]) {
+                p.echo = true;
+                p.sport = [h[4], h[5]];
+                p.dport = [0, h[0]];
+            }
+        }
+        _ => {}
+    }
+    Ok(p)
+}
+
+/// ICMP for IPv4 and ICMPv6 for IPv6; the other pairing is just a protocol.
+#[inline(always)]
+pub(crate) fn is_icmp_of_family(proto: u8, family: u8) -> bool {
+    (proto == PROTO_ICMP && family == 4) || (proto == PROTO_ICMPV6 && family == 6)
+}
+
+/// Echo request or reply.
+#[inline(always)]
+fn is_echo(family: u8, ty: u8) -> bool {
+    if family == 4 { ty == 8 || ty == 0 } else { ty == 128 || ty == 129 }
+}
+
+/// Whether `ty` is an echo request (its flow's replies are echo replies).
+#[inline(always)]
+pub(crate) fn echo_reply_type(family: u8, ty: u8) -> Option<u8> {
+    match (family, ty) {
+        (4, 8) => Some(0),
+        (6, 128) => Some(129),
+        _ => None,
+    }
+}
