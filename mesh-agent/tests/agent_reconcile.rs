@@ -1,0 +1,158 @@
+//! The applier against in-memory fakes: convergence, repair after tampering,
+//! fail-closed ordering, and a failed step reported as a failure (never as a
+//! success) and repaired by the next run.
+
+use std::sync::{Arc, Mutex};
+
+use mesh_agent::{
+    keys::SecretKey,
+    reconcile::{
+        ApplyError, Applier, Local, PolicyDigest, Step,
+        fake::{FakeEnforcer, FakeNet, FakeState, FakeWg, Shared},
+    },
+    view::{DEFAULT_MTU, NodeView, PeerView},
+};
+use mesh_policy::{CompiledPolicy, PortRange, Proto, Rule};
+
+fn view() -> NodeView {
+    let peer = |ips: &[&str]| PeerView {
+        public_key: SecretKey::generate().public_key(),
+        name: None,
+        endpoint: Some("192.0.2.2:51820".parse().unwrap()),
+        allowed_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+        persistent_keepalive: Some(25),
+        preshared_key: Some(SecretKey::generate()),
+    };
+    NodeView {
+        generation: 7,
+        public_key: None,
+        addresses: vec!["100.64.0.1/32".parse().unwrap()],
+        mtu: DEFAULT_MTU,
+        forwarding: true,
+        peers: vec![peer(&["100.64.0.2/32", "198.18.20.0/24"]), peer(&["100.64.0.3/32", "198.18.30.0/24"])],
+        routes: vec!["198.18.20.0/24".parse().unwrap(), "198.18.30.0/24".parse().unwrap()],
+        policy: CompiledPolicy {
+            generation: 1,
+            rules: vec![Rule {
+                id: 0,
+                src: vec!["198.18.0.0/15".parse().unwrap()],
+                dst: vec!["198.18.0.0/15".parse().unwrap()],
+                proto: Proto::Tcp,
+                ports: PortRange::single(443),
+            }],
+        },
+    }
+}
+
+fn applier(state: &Shared, enforce: bool) -> Applier {
+    let local = Local { private_key: SecretKey::generate(), listen_port: Some(51820), fwmark: None, enforce_policy: true };
+    let enforcer = enforce.then(|| Box::new(FakeEnforcer { state: state.clone() }) as _);
+    Applier::new(
+        local,
+        Box::new(FakeWg { state: state.clone(), ifname: "wgtest".into() }),
+        Box::new(FakeNet { state: state.clone() }),
+        enforcer,
+    )
+}
+
+fn state() -> Shared {
+    Arc::new(Mutex::new(FakeState::default()))
+}
+
+#[test]
+fn converges_and_repeats_as_a_no_op() {
+    let s = state();
+    let mut a = applier(&s, true);
+    let v = view();
+    let first = a.reconcile(&v).unwrap();
+    assert_eq!(first.changes.peers_added, 2);
+    assert_eq!(first.generation, 7);
+    let log_len = s.lock().unwrap().log.len();
+    let again = a.reconcile(&v).unwrap();
+    assert!(again.changes.is_empty(), "second run changed {:?}", again.changes);
+    assert_eq!(s.lock().unwrap().log.len(), log_len, "a no-op run must not touch anything");
+    assert_eq!(s.lock().unwrap().policy, Some(PolicyDigest::of(&v.policy)));
+}
+
+#[test]
+fn policy_is_in_force_before_peers_and_up() {
+    let s = state();
+    applier(&s, true).reconcile(&view()).unwrap();
+    let log = s.lock().unwrap().log.clone();
+    let at = |op| log.iter().position(|o| *o == op).unwrap_or_else(|| panic!("{op} not in {log:?}"));
+    assert!(at("enforce") < at("wg.apply"), "{log:?}");
+    assert!(at("enforce") < at("set_up"), "{log:?}");
+    assert!(at("wg.apply") < at("replace_route"), "{log:?}");
+}
+
+#[test]
+fn failed_policy_leaves_the_new_interface_closed() {
+    let s = state();
+    s.lock().unwrap().fail.insert("enforce");
+    let err = applier(&s, true).reconcile(&view()).unwrap_err();
+    assert!(matches!(err, ApplyError::Step { step: Step::Policy, .. }), "{err}");
+    let st = s.lock().unwrap();
+    assert!(st.wg.peers.is_empty(), "no peer may be added without the policy");
+    assert!(!st.link.unwrap().up, "the link stays down without the policy");
+}
+
+#[test]
+fn failed_step_is_an_error_and_the_retry_repairs() {
+    let s = state();
+    let mut a = applier(&s, true);
+    let v = view();
+    s.lock().unwrap().fail.insert("replace_route");
+    let err = a.reconcile(&v).unwrap_err();
+    match &err {
+        ApplyError::Step { step: Step::ReplaceRoute(r), .. } => assert_eq!(r.to_string(), "198.18.20.0/24"),
+        other => panic!("unexpected error {other}"),
+    }
+    assert!(err.to_string().contains("add route 198.18.20.0/24"), "the error names the step: {err}");
+    s.lock().unwrap().fail.clear();
+    let report = a.reconcile(&v).unwrap_or_else(|e| panic!("retry failed: {e}"));
+    assert_eq!(report.changes.routes_replaced, 2);
+    assert_eq!(report.changes.peers_added, 0, "peers were applied by the failed run already");
+}
+
+#[test]
+fn tampering_is_repaired() {
+    let s = state();
+    let mut a = applier(&s, true);
+    let v = view();
+    a.reconcile(&v).unwrap();
+    {
+        let mut st = s.lock().unwrap();
+        st.routes.clear();
+        let first = *st.wg.peers.keys().next().unwrap();
+        st.wg.peers.remove(&first);
+        st.addresses.insert("100.64.9.9/32".parse().unwrap());
+        st.policy = None;
+    }
+    let r = a.reconcile(&v).unwrap();
+    assert_eq!((r.changes.routes_replaced, r.changes.peers_added, r.changes.addresses_removed), (2, 1, 1));
+    assert!(r.changes.policy);
+    // The interface deleted by hand is recreated from scratch.
+    s.lock().unwrap().link = None;
+    let r = a.reconcile(&v).unwrap();
+    assert!(r.changes.up && r.changes.peers_added == 2 && r.changes.routes_replaced == 2);
+}
+
+#[test]
+fn without_enforcer_policy_is_not_desired() {
+    let s = state();
+    let mut a = applier(&s, false);
+    assert!(!a.enforces_policy());
+    a.reconcile(&view()).unwrap();
+    assert!(s.lock().unwrap().policy.is_none());
+    assert!(!s.lock().unwrap().log.contains(&"enforce"));
+}
+
+#[test]
+fn invalid_view_touches_nothing() {
+    let s = state();
+    let mut a = applier(&s, true);
+    let mut v = view();
+    v.peers[1].allowed_ips = v.peers[0].allowed_ips.clone();
+    assert!(matches!(a.reconcile(&v), Err(ApplyError::View(_))));
+    assert!(s.lock().unwrap().log.is_empty());
+}
