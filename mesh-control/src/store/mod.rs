@@ -635,6 +635,15 @@ impl Store {
         self.update_route(node, prefix, actor, "route.approve", now, |r| r.approved = true).await
     }
 
+    /// Approves a route because an autoApprovers entry now covers it.
+    pub async fn auto_approve_route(&self, node: u64, prefix: &IpNet, actor: &str, now: i64) -> Result<RouteRecord> {
+        self.update_route(node, prefix, actor, "route.auto_approve", now, |r| {
+            r.approved = true;
+            r.auto_approved = true;
+        })
+        .await
+    }
+
     /// Sets a route's priority.
     pub async fn set_route_priority(
         &self,

@@ -1,0 +1,187 @@
+//! Connecting to control over TLS, trusting exactly control's CA: either by
+//! its SHA-256 pin (what an enrollment key carries) or by its PEM. Used by
+//! agents, meshctl, the tests and the push benchmark.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use sha2::{Digest as _, Sha256};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// What to trust.
+#[derive(Clone, Debug)]
+pub enum Trust {
+    /// The CA whose certificate's SHA-256 is this.
+    Pin([u8; 32]),
+    /// This CA certificate (PEM).
+    CaPem(String),
+}
+
+/// A connection failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Bad address or certificate.
+    #[error("{0}")]
+    Config(String),
+    /// Could not connect.
+    #[error("connect: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// SHA-256 of a certificate's DER.
+#[must_use]
+pub fn pin_of(der: &[u8]) -> [u8; 32] {
+    Sha256::digest(der).into()
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Verifies the server's chain against the pinned CA found in the chain.
+#[derive(Debug)]
+struct PinVerifier {
+    pin: [u8; 32],
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| pin_of(c) == self.pin)
+            .ok_or_else(|| rustls::Error::General("server chain has no certificate matching the CA pin".into()))?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned()).map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, ConnectError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConnectError::Config(e.to_string()))?;
+    let mut config = match trust {
+        Trust::Pin(pin) => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(PinVerifier { pin: *pin })).with_no_client_auth()
+        }
+        Trust::CaPem(pem) => {
+            let mut roots = RootCertStore::empty();
+            let der = pem_der(pem).ok_or_else(|| ConnectError::Config("bad CA PEM".into()))?;
+            roots.add(CertificateDer::from(der)).map_err(|e| ConnectError::Config(e.to_string()))?;
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+fn pem_der(pem: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
+}
+
+/// Dials TCP and runs the TLS handshake with our verifier.
+#[derive(Clone)]
+struct TlsConnector {
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl tower_service::Service<Uri> for TlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or("localhost").trim_start_matches('[').trim_end_matches(']').to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tokio_rustls::TlsConnector::from(this.config).connect(this.server_name, tcp).await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
+
+/// Opens a channel to control at `addr` (`host:port`), trusting `trust`.
+pub async fn connect(addr: &str, trust: &Trust) -> Result<Channel, ConnectError> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| ConnectError::Config(e.to_string()))?;
+    let host = endpoint.uri().host().unwrap_or("localhost").trim_start_matches('[').trim_end_matches(']').to_owned();
+    let server_name = ServerName::try_from(host).map_err(|e| ConnectError::Config(e.to_string()))?;
+    let connector = TlsConnector { config: Arc::new(client_config(trust)?), server_name };
+    Ok(endpoint.connect_with_connector(connector).await?)
+}
+
+/// Dials control's local admin Unix socket (for `Endpoint::connect_with_connector`).
+#[derive(Clone, Debug)]
+pub struct UnixConnector(pub std::path::PathBuf);
+
+impl tower_service::Service<Uri> for UnixConnector {
+    type Response = TokioIo<tokio::net::UnixStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let path = self.0.clone();
+        Box::pin(async move { Ok(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) })
+    }
+}
+
+/// Opens a channel over control's local admin socket.
+pub async fn connect_unix(path: &std::path::Path) -> Result<Channel, ConnectError> {
+    Ok(Endpoint::from_static("http://localhost").connect_with_connector(UnixConnector(path.to_owned())).await?)
+}

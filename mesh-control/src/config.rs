@@ -1,0 +1,127 @@
+//! `mesh-control serve --config FILE`: the TOML configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// A configuration problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// Bad TOML or field.
+    #[error("parsing {0}: {1}")]
+    Parse(PathBuf, toml::de::Error),
+    /// A value out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC listen address (agents and meshctl).
+    pub listen: SocketAddr,
+    /// Directory for the SQLite database and the bootstrap admin token.
+    pub data_dir: PathBuf,
+    /// PostgreSQL URL (`postgres://...`); when set, used instead of SQLite
+    /// (several replicas may share it).
+    pub database_url: Option<String>,
+    /// TLS on the gRPC listener. On by default; turn off only for debugging.
+    pub tls: bool,
+    /// Extra names (DNS or IP) for the server certificate.
+    pub tls_names: Vec<String>,
+    /// Prometheus endpoint address (`/metrics`); none to disable.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Local admin socket (mode 0600: root only, no token needed); none to
+    /// disable.
+    pub admin_socket: Option<PathBuf>,
+    /// Overlay MTU pushed to agents.
+    pub mtu: u32,
+    /// Seconds a recovered gateway must stay up before it is primary again.
+    pub hold_down_secs: i64,
+    /// Node key lifetime in days (30-180).
+    pub key_lifetime_days: i64,
+    /// Ephemeral nodes offline this many seconds are removed.
+    pub ephemeral_offline_secs: i64,
+    /// How often to look for changes made by other replicas (milliseconds).
+    pub poll_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:7443".parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 7443))),
+            data_dir: PathBuf::from("/var/lib/mesh-control"),
+            database_url: None,
+            tls: true,
+            tls_names: Vec::new(),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            admin_socket: Some(PathBuf::from("/run/mesh-control/admin.sock")),
+            mtu: 1280,
+            hold_down_secs: 30,
+            key_lifetime_days: 90,
+            ephemeral_offline_secs: 600,
+            poll_interval_ms: 500,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        let c: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Checks value ranges.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if !(30..=180).contains(&self.key_lifetime_days) {
+            return Err(ConfigError::Invalid("key_lifetime_days must be 30-180".into()));
+        }
+        if !(576..=9000).contains(&self.mtu) {
+            return Err(ConfigError::Invalid("mtu must be 576-9000".into()));
+        }
+        Ok(())
+    }
+
+    /// The store URL.
+    #[must_use]
+    pub fn store_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("control.db").display()))
+    }
+
+    /// The engine settings.
+    #[must_use]
+    pub fn engine(&self) -> crate::engine::EngineConfig {
+        crate::engine::EngineConfig {
+            mtu: self.mtu,
+            hold_down_secs: self.hold_down_secs,
+            key_lifetime_secs: self.key_lifetime_days * 86_400,
+            ephemeral_offline_secs: self.ephemeral_offline_secs,
+            poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_checks() {
+        let c: Config = toml::from_str("listen = \"127.0.0.1:1\"\nkey_lifetime_days = 30\n").unwrap();
+        c.check().unwrap();
+        assert!(c.tls, "TLS is on by default");
+        let bad: Config = toml::from_str("key_lifetime_days = 200").unwrap();
+        assert!(bad.check().is_err());
+        assert!(toml::from_str::<Config>("lissen = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,389 @@
+//! The engine: turns the store's state into per-node views and fans them
+//! out. Each node's view is computed once per change and published on that
+//! node's `watch` channel; every Sync stream of the node reads the latest
+//! value at its own pace, so a slow agent skips intermediate generations
+//! (it gets a snapshot) instead of holding anyone back.
+//!
+//! Refreshes are coalesced: a change asks for a refresh and waits for one
+//! that started after its request; many changes at once cost one refresh.
+//! A background loop polls the store's change counter, which is how changes
+//! made by another replica on a shared PostgreSQL arrive.
+
+pub mod convert;
+pub mod metrics;
+pub mod view;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use mesh_proto::v1 as pb;
+use tokio::sync::watch;
+
+use crate::policy::{DEFAULT_POLICY, Policy};
+use crate::routes::RouteSelector;
+use crate::store::{NodeRecord, Snapshot, Store, StoreError};
+
+pub use metrics::Metrics;
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Overlay MTU pushed to agents.
+    pub mtu: u32,
+    /// Seconds a recovered gateway must stay up before it is primary again.
+    pub hold_down_secs: i64,
+    /// Node key (and credential) lifetime, seconds.
+    pub key_lifetime_secs: i64,
+    /// Ephemeral nodes offline this long are removed, seconds.
+    pub ephemeral_offline_secs: i64,
+    /// How often to look for changes made by other replicas.
+    pub poll_interval: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            mtu: 1280,
+            hold_down_secs: 30,
+            key_lifetime_secs: 90 * 86_400,
+            ephemeral_offline_secs: 600,
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// One published generation of a node's view.
+#[derive(Debug)]
+pub struct Published {
+    /// The full view (with its generation).
+    pub view: pb::NodeView,
+    /// The delta from the previous generation, if there was one.
+    pub delta: Option<pb::NodeViewDelta>,
+    /// When it was published (for push latency).
+    pub at: Instant,
+}
+
+/// What subscribers of a node see: `None` once the node is removed.
+pub type Slot = watch::Receiver<Option<Arc<Published>>>;
+
+#[derive(Debug, Default)]
+struct State {
+    snap: Arc<Snapshot>,
+    policy: Arc<Policy>,
+    policy_generation: u64,
+    views: BTreeMap<u64, Arc<Published>>,
+    routes: BTreeMap<IpNet, Vec<u64>>,
+    selector: RouteSelector,
+    up_since: HashMap<(u64, IpNet), i64>,
+    slots: HashMap<u64, watch::Sender<Option<Arc<Published>>>>,
+    acked: HashMap<u64, u64>,
+    streams: HashMap<u64, usize>,
+    health: HashMap<u64, pb::HealthReport>,
+}
+
+/// The engine (shared by the gRPC services through an `Arc`).
+#[derive(Debug)]
+pub struct Engine {
+    store: Store,
+    cfg: EngineConfig,
+    state: Mutex<State>,
+    refresh_lock: tokio::sync::Mutex<()>,
+    requested: AtomicU64,
+    completed: AtomicU64,
+    next_generation: AtomicU64,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+    audit_tx: watch::Sender<u64>,
+}
+
+/// Unix seconds now.
+#[must_use]
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
+}
+
+impl Engine {
+    /// An engine over `store`; call [`Engine::refresh`] (or start
+    /// [`Engine::run_background`]) to compute the first views.
+    pub async fn new(store: Store, cfg: EngineConfig) -> Result<Arc<Self>, StoreError> {
+        // Generations grow across restarts: start from the clock (µs).
+        let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_micros());
+        let engine = Arc::new(Self {
+            store,
+            state: Mutex::new(State { selector: RouteSelector::new(cfg.hold_down_secs), ..State::default() }),
+            cfg,
+            refresh_lock: tokio::sync::Mutex::new(()),
+            requested: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            next_generation: AtomicU64::new(u64::try_from(start).unwrap_or(1)),
+            metrics: Metrics::default(),
+            audit_tx: watch::channel(0).0,
+        });
+        engine.refresh().await?;
+        Ok(engine)
+    }
+
+    /// The store.
+    #[must_use]
+    pub const fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The settings.
+    #[must_use]
+    pub const fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The latest snapshot the views were computed from.
+    #[must_use]
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.lock().snap.clone()
+    }
+
+    /// The active policy and its generation.
+    #[must_use]
+    pub fn policy(&self) -> (Arc<Policy>, u64) {
+        let st = self.lock();
+        (st.policy.clone(), st.policy_generation)
+    }
+
+    /// Prefix to gateways (primary first).
+    #[must_use]
+    pub fn route_order(&self) -> BTreeMap<IpNet, Vec<u64>> {
+        self.lock().routes.clone()
+    }
+
+    /// Generations acknowledged per node.
+    #[must_use]
+    pub fn acked(&self, node: u64) -> u64 {
+        self.lock().acked.get(&node).copied().unwrap_or(0)
+    }
+
+    /// Number of open Sync streams.
+    #[must_use]
+    pub fn connected(&self) -> usize {
+        self.lock().streams.values().sum()
+    }
+
+    /// Wakes audit followers.
+    pub fn audit_changed(&self) {
+        self.audit_tx.send_modify(|v| *v += 1);
+    }
+
+    /// A receiver that changes when audit entries may have been added.
+    #[must_use]
+    pub fn audit_watch(&self) -> watch::Receiver<u64> {
+        self.audit_tx.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Subscribes to `node`'s views.
+    #[must_use]
+    pub fn subscribe(&self, node: u64) -> Slot {
+        let mut st = self.lock();
+        let current = st.views.get(&node).cloned();
+        st.slots.entry(node).or_insert_with(|| watch::channel(current).0).subscribe()
+    }
+
+    /// Records an ack; returns whether it acknowledged the latest view.
+    pub fn ack(&self, node: u64, generation: u64) -> bool {
+        let mut st = self.lock();
+        st.acked.insert(node, generation);
+        match st.views.get(&node) {
+            Some(p) if p.view.generation == generation => {
+                self.metrics.observe_push_latency(p.at.elapsed());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Keeps a node's latest health report (for metrics and status).
+    pub fn record_health(&self, node: u64, report: pb::HealthReport) {
+        self.lock().health.insert(node, report);
+    }
+
+    /// Sum of the dataplane counters of the latest health reports.
+    #[must_use]
+    pub fn counters_total(&self) -> pb::DataplaneCounters {
+        let st = self.lock();
+        let mut t = pb::DataplaneCounters::default();
+        for c in st.health.values().filter_map(|h| h.counters.as_ref()) {
+            t.accepted_packets += c.accepted_packets;
+            t.denied_packets += c.denied_packets;
+            t.mss_clamped += c.mss_clamped;
+            t.guard_dropped += c.guard_dropped;
+            t.rx_bytes += c.rx_bytes;
+            t.tx_bytes += c.tx_bytes;
+        }
+        t
+    }
+
+    /// Counts Sync streams per node; returns the node's count after.
+    pub fn stream_opened(&self, node: u64) -> usize {
+        let mut st = self.lock();
+        let n = st.streams.entry(node).or_default();
+        *n += 1;
+        *n
+    }
+
+    /// See [`Engine::stream_opened`].
+    pub fn stream_closed(&self, node: u64) -> usize {
+        let mut st = self.lock();
+        let n = st.streams.entry(node).or_default();
+        *n = n.saturating_sub(1);
+        let left = *n;
+        if left == 0 {
+            st.streams.remove(&node);
+        }
+        left
+    }
+
+    /// The node whose credential hashes to `hash` (from memory, then the
+    /// store: another replica may have just enrolled it).
+    pub async fn node_by_credential(&self, hash: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let known = self.lock().snap.nodes.iter().find(|n| crate::auth::hash_eq(&n.credential_hash, hash)).cloned();
+        match known {
+            Some(n) => Ok(Some(n)),
+            None => self.store.node_by_credential(hash).await,
+        }
+    }
+
+    /// Recomputes the views from the store and publishes the ones that
+    /// changed. Returns once a refresh that started after this call has
+    /// finished (so the caller's change is visible).
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let want = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let _guard = self.refresh_lock.lock().await;
+        if self.completed.load(Ordering::SeqCst) >= want {
+            return Ok(());
+        }
+        let covers = self.requested.load(Ordering::SeqCst);
+        let snap = self.store.snapshot().await?;
+        self.recompute(Arc::new(snap));
+        self.completed.store(covers, Ordering::SeqCst);
+        self.audit_changed();
+        Ok(())
+    }
+
+    fn recompute(&self, snap: Arc<Snapshot>) {
+        let started = Instant::now();
+        let now = now();
+        let mut st = self.lock();
+        let st = &mut *st;
+        // The policy, re-parsed only when its generation changed.
+        let generation = snap.policy.as_ref().map_or(0, |p| p.generation);
+        if generation != st.policy_generation || st.snap.version == 0 {
+            let text = snap.policy.as_ref().map_or(DEFAULT_POLICY, |p| p.text.as_str());
+            st.policy = Arc::new(Policy::parse(text).unwrap_or_else(|problems| {
+                // Only validated text is ever stored; keep going default-deny.
+                tracing::error!(?problems, generation, "stored policy does not parse; denying everything");
+                Policy::default()
+            }));
+            st.policy_generation = generation;
+        }
+        // Gateway health: up = online and reporting the route healthy.
+        let online: HashMap<u64, bool> = snap.nodes.iter().map(|n| (n.id, n.online)).collect();
+        let mut up_since = HashMap::new();
+        for r in &snap.routes {
+            if r.healthy && online.get(&r.node_id).copied().unwrap_or(false) {
+                let since = st.up_since.get(&(r.node_id, r.prefix)).copied().unwrap_or(now);
+                up_since.insert((r.node_id, r.prefix), since);
+            }
+        }
+        st.up_since = up_since;
+        let input = view::ViewInput {
+            snap: &snap,
+            policy: &st.policy,
+            policy_generation: st.policy_generation,
+            mtu: self.cfg.mtu,
+            now,
+            up_since: &st.up_since,
+        };
+        let views = view::compute(&input, &mut st.selector);
+        let mut changed = 0u64;
+        for (id, mut new) in views.nodes {
+            let old = st.views.get(&id);
+            if old.is_some_and(|o| view::same(&o.view, &new)) {
+                continue;
+            }
+            new.generation = self.next_generation.fetch_add(1, Ordering::SeqCst);
+            let delta = old.map(|o| view::delta(&o.view, &new));
+            let published = Arc::new(Published { view: new, delta, at: Instant::now() });
+            st.views.insert(id, published.clone());
+            match st.slots.get(&id) {
+                Some(tx) => {
+                    tx.send_replace(Some(published));
+                }
+                None => {
+                    st.slots.insert(id, watch::channel(Some(published)).0);
+                }
+            }
+            changed += 1;
+        }
+        // Removed nodes: their streams end.
+        let gone: Vec<u64> = st.views.keys().filter(|id| !snap.nodes.iter().any(|n| n.id == **id)).copied().collect();
+        for id in gone {
+            st.views.remove(&id);
+            st.acked.remove(&id);
+            st.health.remove(&id);
+            if let Some(tx) = st.slots.remove(&id) {
+                tx.send_replace(None);
+            }
+        }
+        st.routes = views.routes;
+        st.snap = snap;
+        self.metrics.record_refresh(changed, started.elapsed());
+        tracing::debug!(changed, elapsed_ms = started.elapsed().as_millis() as u64, "views recomputed");
+    }
+
+    /// Runs forever: picks up other replicas' changes, re-evaluates route
+    /// hold-downs and removes ephemeral nodes that stayed offline.
+    pub async fn run_background(self: Arc<Self>) {
+        let mut last_version = self.lock().snap.version;
+        let mut tick = tokio::time::interval(self.cfg.poll_interval);
+        let mut last_full = Instant::now();
+        loop {
+            tick.tick().await;
+            match self.store.version().await {
+                Ok(v) if v != last_version => {
+                    last_version = v;
+                    if let Err(e) = self.refresh().await {
+                        tracing::warn!(error = %e, "refresh failed");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the store's change counter"),
+            }
+            // Hold-downs expire with time alone: re-run selection now and then.
+            if last_full.elapsed() >= Duration::from_secs(1) {
+                last_full = Instant::now();
+                let snap = self.snapshot();
+                let multi = self.lock().routes.values().any(|g| g.len() > 1);
+                if multi {
+                    let _guard = self.refresh_lock.lock().await;
+                    self.recompute(snap);
+                }
+                self.collect_ephemeral().await;
+            }
+        }
+    }
+
+    async fn collect_ephemeral(&self) {
+        let now = now();
+        let snap = self.snapshot();
+        for n in snap.nodes.iter().filter(|n| n.ephemeral && !n.online && now - n.last_seen >= self.cfg.ephemeral_offline_secs) {
+            tracing::info!(node = n.id, name = %n.name, "removing ephemeral node offline too long");
+            if let Err(e) = self.store.remove_node(n.id, "control", now).await {
+                tracing::warn!(node = n.id, error = %e, "could not remove ephemeral node");
+            }
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! `AdminService`: the orchestration API behind meshctl.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use mesh_proto::v1 as pb;
+use mesh_proto::v1::admin_service_server::AdminService;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{ApiError, bearer, cidr};
+use crate::auth::{self, EnrollmentKeyText};
+use crate::engine::{Engine, convert, now, view};
+use crate::policy::{self, Policy, compile};
+use crate::store::{AuditFilter, KeyRecord, NodeRecord};
+
+/// Default enrollment key lifetime: one day.
+const DEFAULT_KEY_SECS: i64 = 86_400;
+
+/// The admin service. `trusted` is set on the local Unix socket, which only
+/// root can open: calls there need no token.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    engine: Arc<Engine>,
+    trusted: bool,
+    ca_pin: [u8; 32],
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+impl AdminApi {
+    /// A service over `engine`; `ca_pin` goes into new enrollment keys.
+    #[must_use]
+    pub const fn new(engine: Arc<Engine>, ca_pin: [u8; 32], trusted: bool) -> Self {
+        Self { engine, trusted, ca_pin }
+    }
+
+    /// The actor name for the audit log, or why the call is refused.
+    async fn authorize<T>(&self, req: &Request<T>) -> Result<String, ApiError> {
+        if self.trusted {
+            return Ok("local-admin".into());
+        }
+        let token = bearer(req).ok_or(ApiError::Unauthenticated)?;
+        let hash = auth::sha256_hex(token.as_bytes());
+        if let Some(id) = self.engine.store().api_token(&hash).await? {
+            return Ok(format!("admin:{id}"));
+        }
+        if self.engine.node_by_credential(&hash).await?.is_some_and(|n| !n.expired(now())) {
+            return Err(ApiError::PermissionDenied("node credentials cannot use the admin API".into()));
+        }
+        Err(ApiError::Unauthenticated)
+    }
+
+    fn find_node(&self, r: &pb::NodeRef) -> Result<NodeRecord, ApiError> {
+        let snap = self.engine.snapshot();
+        snap.nodes
+            .iter()
+            .find(|n| if r.id != 0 { n.id == r.id } else { n.name == r.name })
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("node {}", if r.id != 0 { r.id.to_string() } else { r.name.clone() })))
+    }
+
+    fn node_msg(&self, n: &NodeRecord) -> pb::Node {
+        let mut m = convert::node(n, now(), true);
+        m.acked_generation = self.engine.acked(n.id);
+        m.advertised_routes =
+            self.engine.snapshot().routes.iter().filter(|r| r.node_id == n.id).map(|r| r.prefix.to_string()).collect();
+        m
+    }
+
+    async fn node_changed(&self, n: NodeRecord) -> Result<pb::Node, ApiError> {
+        self.engine.refresh().await?;
+        let fresh = self.engine.snapshot().nodes.iter().find(|x| x.id == n.id).cloned().unwrap_or(n);
+        Ok(self.node_msg(&fresh))
+    }
+
+    fn routes(&self) -> Vec<pb::Route> {
+        let snap = self.engine.snapshot();
+        let order = self.engine.route_order();
+        snap.routes
+            .iter()
+            .map(|r| pb::Route {
+                prefix: r.prefix.to_string(),
+                node_id: r.node_id,
+                node_name: snap.nodes.iter().find(|n| n.id == r.node_id).map(|n| n.name.clone()).unwrap_or_default(),
+                approved: r.approved,
+                auto_approved: r.auto_approved,
+                priority: r.priority,
+                healthy: r.healthy,
+                primary: order.get(&r.prefix).and_then(|g| g.first()) == Some(&r.node_id),
+            })
+            .collect()
+    }
+
+    fn route_msg(&self, node: u64, prefix: &ipnet::IpNet) -> Result<pb::Route, ApiError> {
+        self.routes()
+            .into_iter()
+            .find(|r| r.node_id == node && r.prefix == prefix.to_string())
+            .ok_or_else(|| ApiError::NotFound("route".into()))
+    }
+
+    /// Parses and tests a candidate against the current nodes.
+    fn check(&self, text: &str) -> Result<(Policy, u32), Vec<policy::Problem>> {
+        let inv = view::inventory(&self.engine.snapshot(), now());
+        policy::check(text, &inv)
+    }
+
+    fn problems_status(problems: &[policy::Problem]) -> ApiError {
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        ApiError::InvalidArgument(format!("policy rejected:\n{}", text.join("\n")))
+    }
+
+    fn policy_text(&self) -> (String, u64) {
+        let snap = self.engine.snapshot();
+        snap.policy.as_ref().map_or((policy::DEFAULT_POLICY.to_owned(), 0), |p| (p.text.clone(), p.generation))
+    }
+
+    /// Routes the new policy's autoApprovers now cover get approved.
+    async fn apply_auto_approvers(&self, policy: &Policy, actor: &str) -> Result<(), ApiError> {
+        let snap = self.engine.snapshot();
+        for r in snap.routes.iter().filter(|r| !r.approved) {
+            let Some(n) = snap.nodes.iter().find(|n| n.id == r.node_id) else { continue };
+            let inv = policy::InventoryNode {
+                id: n.id,
+                name: n.name.clone(),
+                addrs: Vec::new(),
+                tags: n.tags.clone(),
+                user: n.owner.clone(),
+                routes: Vec::new(),
+            };
+            if policy::auto_approved(policy, &inv, r.prefix) {
+                self.engine.store().auto_approve_route(r.node_id, &r.prefix, actor, now()).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn filter(r: &pb::ListAuditRequest) -> AuditFilter {
+    AuditFilter {
+        after_id: r.after_id,
+        action_prefix: r.action_prefix.clone(),
+        actor: r.actor.clone(),
+        subject: r.subject.clone(),
+        limit: r.limit,
+    }
+}
+
+fn matches(f: &AuditFilter, e: &crate::store::AuditRecord) -> bool {
+    e.action.starts_with(&f.action_prefix)
+        && (f.actor.is_empty() || e.actor == f.actor)
+        && (f.subject.is_empty() || e.subject == f.subject)
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> R<pb::Status> {
+        self.authorize(&req).await?;
+        let snap = self.engine.snapshot();
+        let now = now();
+        let count = |f: &dyn Fn(&NodeRecord) -> bool| snap.nodes.iter().filter(|n| f(n)).count() as u64;
+        Ok(Response::new(pb::Status {
+            capabilities: Some(mesh_proto::capabilities("mesh-control")),
+            nodes_total: snap.nodes.len() as u64,
+            nodes_pending: count(&|n| n.state == crate::store::NodeState::Pending && !n.expired(now)),
+            nodes_online: count(&|n| n.online),
+            nodes_expired: count(&|n| n.expired(now)),
+            nodes_expiring_soon: count(&|n| !n.expired(now) && n.key_expiry - now < convert::EXPIRING_SOON_SECS),
+            agents_connected: self.engine.connected() as u64,
+            policy_generation: self.engine.policy().1,
+            routes_active: self.engine.route_order().len() as u64,
+            store: self.engine.store().backend().into(),
+            ca_pin: hex::encode(self.ca_pin),
+        }))
+    }
+
+    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> R<pb::ListNodesResponse> {
+        self.authorize(&req).await?;
+        let nodes = self.engine.snapshot().nodes.iter().map(|n| self.node_msg(n)).collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn get_node(&self, req: Request<pb::NodeRef>) -> R<pb::Node> {
+        self.authorize(&req).await?;
+        Ok(Response::new(self.node_msg(&self.find_node(req.get_ref())?)))
+    }
+
+    async fn approve_node(&self, req: Request<pb::NodeRef>) -> R<pb::Node> {
+        let actor = self.authorize(&req).await?;
+        let n = self.find_node(req.get_ref())?;
+        let n = self.engine.store().approve_node(n.id, &actor, now()).await.map_err(ApiError::from)?;
+        Ok(Response::new(self.node_changed(n).await?))
+    }
+
+    async fn set_node_tags(&self, req: Request<pb::SetNodeTagsRequest>) -> R<pb::Node> {
+        let actor = self.authorize(&req).await?;
+        let r = req.into_inner();
+        let n = self.find_node(&r.node.unwrap_or_default())?;
+        let (policy, _) = self.engine.policy();
+        if let Some(bad) = r.tags.iter().find(|t| !t.starts_with("tag:") || !policy.tag_owners.contains_key(*t)) {
+            return Err(ApiError::InvalidArgument(format!("{bad:?} is not a tag declared in tagOwners")).into());
+        }
+        let n = self.engine.store().set_tags(n.id, r.tags, &actor, now()).await.map_err(ApiError::from)?;
+        Ok(Response::new(self.node_changed(n).await?))
+    }
+
+    async fn expire_node_key(&self, req: Request<pb::NodeRef>) -> R<pb::Node> {
+        let actor = self.authorize(&req).await?;
+        let n = self.find_node(req.get_ref())?;
+        let n = self.engine.store().expire_key(n.id, &actor, now()).await.map_err(ApiError::from)?;
+        Ok(Response::new(self.node_changed(n).await?))
+    }
+
+    async fn rotate_node_key(&self, req: Request<pb::NodeRef>) -> R<pb::Node> {
+        let actor = self.authorize(&req).await?;
+        let n = self.find_node(req.get_ref())?;
+        let n = self.engine.store().request_rotation(n.id, &actor, now()).await.map_err(ApiError::from)?;
+        Ok(Response::new(self.node_changed(n).await?))
+    }
+
+    async fn remove_node(&self, req: Request<pb::NodeRef>) -> R<pb::Empty> {
+        let actor = self.authorize(&req).await?;
+        let n = self.find_node(req.get_ref())?;
+        self.engine.store().remove_node(n.id, &actor, now()).await.map_err(ApiError::from)?;
+        self.engine.refresh().await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn create_enrollment_key(
+        &self,
+        req: Request<pb::CreateEnrollmentKeyRequest>,
+    ) -> R<pb::CreateEnrollmentKeyResponse> {
+        let actor = self.authorize(&req).await?;
+        let r = req.into_inner();
+        let (policy, _) = self.engine.policy();
+        if let Some(bad) = r.tags.iter().find(|t| !policy.tag_owners.contains_key(*t)) {
+            return Err(ApiError::InvalidArgument(format!("{bad:?} is not a tag declared in tagOwners")).into());
+        }
+        let now = now();
+        let secret = auth::secret(24);
+        let text = EnrollmentKeyText { id: auth::secret(6), secret: secret.clone(), ca_pin: Some(self.ca_pin) };
+        let key = KeyRecord {
+            id: text.id.clone(),
+            reusable: r.reusable,
+            ephemeral: r.ephemeral,
+            preapproved: r.preapproved,
+            tags: r.tags,
+            owner: r.user,
+            description: r.description,
+            created: now,
+            expires: now + if r.expires_in_seconds > 0 { r.expires_in_seconds } else { DEFAULT_KEY_SECS },
+            revoked: false,
+            uses: 0,
+            secret_hash: auth::sha256_hex(secret.as_bytes()),
+        };
+        self.engine.store().create_key(&key, &actor, now).await.map_err(ApiError::from)?;
+        self.engine.audit_changed();
+        Ok(Response::new(pb::CreateEnrollmentKeyResponse { key: Some(convert::key(&key)), secret: text.to_text() }))
+    }
+
+    async fn list_enrollment_keys(&self, req: Request<pb::Empty>) -> R<pb::ListEnrollmentKeysResponse> {
+        self.authorize(&req).await?;
+        let keys = self.engine.store().list_keys().await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListEnrollmentKeysResponse { keys: keys.iter().map(convert::key).collect() }))
+    }
+
+    async fn revoke_enrollment_key(&self, req: Request<pb::RevokeEnrollmentKeyRequest>) -> R<pb::EnrollmentKey> {
+        let actor = self.authorize(&req).await?;
+        let k = self.engine.store().revoke_key(&req.get_ref().id, &actor, now()).await.map_err(ApiError::from)?;
+        self.engine.audit_changed();
+        Ok(Response::new(convert::key(&k)))
+    }
+
+    async fn list_routes(&self, req: Request<pb::Empty>) -> R<pb::ListRoutesResponse> {
+        self.authorize(&req).await?;
+        Ok(Response::new(pb::ListRoutesResponse { routes: self.routes() }))
+    }
+
+    async fn approve_route(&self, req: Request<pb::RouteRef>) -> R<pb::Route> {
+        let actor = self.authorize(&req).await?;
+        let prefix = cidr(&req.get_ref().prefix)?;
+        let node = req.get_ref().node_id;
+        self.engine.store().approve_route(node, &prefix, &actor, now()).await.map_err(ApiError::from)?;
+        self.engine.refresh().await.map_err(ApiError::from)?;
+        Ok(Response::new(self.route_msg(node, &prefix)?))
+    }
+
+    async fn set_route_priority(&self, req: Request<pb::SetRoutePriorityRequest>) -> R<pb::Route> {
+        let actor = self.authorize(&req).await?;
+        let r = req.into_inner();
+        let route = r.route.unwrap_or_default();
+        let prefix = cidr(&route.prefix)?;
+        self.engine
+            .store()
+            .set_route_priority(route.node_id, &prefix, r.priority, &actor, now())
+            .await
+            .map_err(ApiError::from)?;
+        self.engine.refresh().await.map_err(ApiError::from)?;
+        Ok(Response::new(self.route_msg(route.node_id, &prefix)?))
+    }
+
+    async fn get_policy(&self, req: Request<pb::Empty>) -> R<pb::PolicyDocument> {
+        self.authorize(&req).await?;
+        let (text, generation) = self.policy_text();
+        Ok(Response::new(pb::PolicyDocument { text, generation }))
+    }
+
+    async fn validate_policy(&self, req: Request<pb::PolicyDocument>) -> R<pb::ValidatePolicyResponse> {
+        self.authorize(&req).await?;
+        Ok(Response::new(match self.check(&req.get_ref().text) {
+            Ok((_, passed)) => pb::ValidatePolicyResponse { ok: true, problems: Vec::new(), tests_passed: passed },
+            Err(problems) => pb::ValidatePolicyResponse {
+                ok: false,
+                problems: problems
+                    .iter()
+                    .map(|p| pb::PolicyProblem { line: p.line, message: p.kind.to_string() })
+                    .collect(),
+                tests_passed: 0,
+            },
+        }))
+    }
+
+    async fn diff_policy(&self, req: Request<pb::PolicyDocument>) -> R<pb::DiffPolicyResponse> {
+        self.authorize(&req).await?;
+        let candidate = Policy::parse(&req.get_ref().text).map_err(|p| Self::problems_status(&p))?;
+        let snap = self.engine.snapshot();
+        let inv = view::inventory(&snap, now());
+        let (current, generation) = self.engine.policy();
+        let old = compile(&current, &inv, generation);
+        let new = compile(&candidate, &inv, generation + 1);
+        let nodes = policy::diff(&old, &new)
+            .into_iter()
+            .map(|(id, (added, removed))| pb::NodeRuleDiff {
+                node_id: id,
+                node_name: inv.iter().find(|n| n.id == id).map(|n| n.name.clone()).unwrap_or_default(),
+                added,
+                removed,
+            })
+            .collect();
+        Ok(Response::new(pb::DiffPolicyResponse { nodes }))
+    }
+
+    async fn set_policy(&self, req: Request<pb::PolicyDocument>) -> R<pb::PolicyDocument> {
+        let actor = self.authorize(&req).await?;
+        let text = req.into_inner().text;
+        // Parse, validate and run the tests first: a bad candidate changes nothing.
+        let (policy, passed) = self.check(&text).map_err(|p| Self::problems_status(&p))?;
+        let generation = self.engine.store().set_policy(&text, &actor, now()).await.map_err(ApiError::from)?;
+        tracing::info!(generation, tests_passed = passed, %actor, "policy set");
+        self.apply_auto_approvers(&policy, "policy:autoApprovers").await?;
+        self.engine.refresh().await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::PolicyDocument { text, generation }))
+    }
+
+    async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> R<pb::ListAuditResponse> {
+        self.authorize(&req).await?;
+        let entries = self.engine.store().audit(&filter(req.get_ref())).await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListAuditResponse { entries: entries.iter().map(convert::audit).collect() }))
+    }
+
+    type FollowAuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditEntry, Status>> + Send>>;
+
+    async fn follow_audit(&self, req: Request<pb::ListAuditRequest>) -> R<Self::FollowAuditStream> {
+        self.authorize(&req).await?;
+        let f = filter(req.get_ref());
+        let mut watch = self.engine.audit_watch();
+        let store = self.engine.store().clone();
+        let first = store.audit(&f).await.map_err(ApiError::from)?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut last = first.last().map_or(f.after_id, |e| e.id);
+            for e in &first {
+                if tx.send(Ok(convert::audit(e))).await.is_err() {
+                    return;
+                }
+            }
+            // Wake on local changes, and poll for other replicas' entries.
+            loop {
+                tokio::select! {
+                    r = watch.changed() => if r.is_err() { return },
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+                let Ok(more) = store.audit_after(last, 500).await else { return };
+                for e in more {
+                    last = e.id;
+                    if matches(&f, &e) && tx.send(Ok(convert::audit(&e))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,256 @@
+//! `AgentService`: enrollment, credential renewal and the Sync stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use mesh_proto::v1 as pb;
+use mesh_proto::v1::agent_service_server::AgentService;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{ApiError, bearer, cidr};
+use crate::auth::{self, EnrollmentKeyText};
+use crate::engine::{Engine, convert, now};
+use crate::policy::{self, InventoryNode};
+use crate::store::{KeyRecord, NewNode, NodeRecord};
+
+/// The agent-facing service.
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    engine: Arc<Engine>,
+}
+
+impl AgentApi {
+    /// A service over `engine`.
+    #[must_use]
+    pub const fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+
+    /// The node a request's credential belongs to, if valid and unexpired.
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<NodeRecord, ApiError> {
+        let token = bearer(req).ok_or(ApiError::Unauthenticated)?;
+        let node = self
+            .engine
+            .node_by_credential(&auth::sha256_hex(token.as_bytes()))
+            .await?
+            .ok_or(ApiError::Unauthenticated)?;
+        if node.expired(now()) {
+            return Err(ApiError::Unauthenticated);
+        }
+        Ok(node)
+    }
+
+    /// Which of `prefixes` autoApprovers approves for a node with `tags`
+    /// and `owner`.
+    fn auto_approver(&self) -> impl Fn(&KeyRecord, &ipnet::IpNet) -> bool + use<> {
+        let (policy, _) = self.engine.policy();
+        move |key: &KeyRecord, prefix: &ipnet::IpNet| {
+            let node = InventoryNode {
+                id: 0,
+                name: String::new(),
+                addrs: Vec::new(),
+                tags: key.tags.clone(),
+                user: key.owner.clone(),
+                routes: Vec::new(),
+            };
+            policy::auto_approved(&policy, &node, *prefix)
+        }
+    }
+
+    async fn enroll(&self, req: pb::EnrollRequest) -> Result<pb::EnrollResponse, ApiError> {
+        let key = EnrollmentKeyText::parse(&req.enrollment_key).ok_or(ApiError::Unauthenticated)?;
+        if req.wireguard_public_key.len() != 32 {
+            return Err(ApiError::InvalidArgument("wireguard_public_key must be 32 bytes".into()));
+        }
+        if req.hostname.is_empty() || req.hostname.len() > 63 {
+            return Err(ApiError::InvalidArgument("hostname must be 1-63 characters".into()));
+        }
+        let routes = req.advertised_routes.iter().map(|r| cidr(r).map(|n| (n, false))).collect::<Result<Vec<_>, _>>()?;
+        let (token, hash) = auth::new_credential();
+        let new = NewNode {
+            hostname: req.hostname.clone(),
+            public_key: hex::encode(&req.wireguard_public_key),
+            endpoints: req.endpoints.clone(),
+            routes,
+            credential_hash: hash,
+            key_lifetime: self.engine.config().key_lifetime_secs,
+        };
+        let secret_hash = auth::sha256_hex(key.secret.as_bytes());
+        let node = match self.engine.store().enroll(&key.id, &secret_hash, &new, self.auto_approver(), now()).await {
+            Ok(n) => n,
+            // Every key problem looks the same from outside.
+            Err(crate::store::StoreError::Conflict(why)) => {
+                tracing::info!(key = %key.id, %why, "enrollment refused");
+                return Err(ApiError::Unauthenticated);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(node = node.id, name = %node.name, state = ?node.state, "node enrolled");
+        self.engine.refresh().await?;
+        Ok(pb::EnrollResponse {
+            capabilities: Some(mesh_proto::capabilities("mesh-control")),
+            node: Some(convert::node(&node, now(), true)),
+            credential: Some(pb::Credential { token, expires_unix: node.key_expiry }),
+        })
+    }
+
+    async fn renew(&self, node: NodeRecord, req: pb::RenewRequest) -> Result<pb::RenewResponse, ApiError> {
+        let new_key = match req.new_wireguard_public_key.len() {
+            0 => None,
+            32 => Some(hex::encode(&req.new_wireguard_public_key)),
+            _ => return Err(ApiError::InvalidArgument("new_wireguard_public_key must be 32 bytes".into())),
+        };
+        let (token, hash) = auth::new_credential();
+        let expiry = now() + self.engine.config().key_lifetime_secs;
+        let node = self.engine.store().renew(node.id, hash, new_key, expiry, now()).await?;
+        self.engine.refresh().await?;
+        Ok(pb::RenewResponse {
+            credential: Some(pb::Credential { token, expires_unix: node.key_expiry }),
+            node: Some(convert::node(&node, now(), true)),
+        })
+    }
+
+    async fn handle(&self, node: u64, msg: pb::sync_request::Msg) -> Result<(), ApiError> {
+        use pb::sync_request::Msg;
+        match msg {
+            Msg::Hello(_) => Err(ApiError::InvalidArgument("hello sent twice".into())),
+            Msg::Ack(ack) => {
+                if !ack.error.is_empty() {
+                    tracing::warn!(node, generation = ack.generation, error = %ack.error, "agent could not apply a view");
+                }
+                self.engine.ack(node, ack.generation);
+                Ok(())
+            }
+            Msg::Health(report) => {
+                let snap = self.engine.snapshot();
+                let mut changed = false;
+                for rh in &report.routes {
+                    let Ok(prefix) = cidr(&rh.prefix) else { continue };
+                    let known = snap.routes.iter().find(|r| r.node_id == node && r.prefix == prefix);
+                    if known.is_some_and(|r| r.healthy != rh.healthy) {
+                        self.engine.store().set_route_health(node, &prefix, rh.healthy, now()).await?;
+                        changed = true;
+                    }
+                }
+                self.engine.record_health(node, report);
+                if changed {
+                    self.engine.refresh().await?;
+                }
+                Ok(())
+            }
+            Msg::Routes(adv) => {
+                let record = self.engine.snapshot().nodes.iter().find(|n| n.id == node).cloned();
+                let Some(record) = record else { return Err(ApiError::NotFound("node".into())) };
+                let (policy, _) = self.engine.policy();
+                let me = InventoryNode {
+                    id: node,
+                    name: record.name.clone(),
+                    addrs: Vec::new(),
+                    tags: record.tags.clone(),
+                    user: record.owner.clone(),
+                    routes: Vec::new(),
+                };
+                let prefixes = adv
+                    .prefixes
+                    .iter()
+                    .map(|p| cidr(p).map(|n| (n, policy::auto_approved(&policy, &me, n))))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.engine.store().set_advertised(node, &prefixes, now()).await?;
+                self.engine.refresh().await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncResponse, Status>> + Send>>;
+
+/// Sends the latest view if it is newer than `sent`: a delta when it
+/// follows what the agent has, a snapshot otherwise.
+fn next_message(p: &crate::engine::Published, sent: u64) -> Option<pb::SyncResponse> {
+    use pb::sync_response::Msg;
+    if p.view.generation == sent {
+        return None;
+    }
+    let msg = match &p.delta {
+        Some(d) if sent != 0 && d.base_generation == sent => Msg::Delta(d.clone()),
+        _ => Msg::Snapshot(p.view.clone()),
+    };
+    Some(pb::SyncResponse { msg: Some(msg) })
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        Ok(Response::new(Self::enroll(self, req.into_inner()).await?))
+    }
+
+    async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+        let node = self.authenticate(&req).await?;
+        Ok(Response::new(Self::renew(self, node, req.into_inner()).await?))
+    }
+
+    type SyncStream = SyncStream;
+
+    async fn sync(&self, req: Request<Streaming<pb::SyncRequest>>) -> Result<Response<SyncStream>, Status> {
+        let node = self.authenticate(&req).await?;
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
+        let Some(pb::sync_request::Msg::Hello(hello)) = first.msg else {
+            return Err(Status::invalid_argument("the first message must be a hello"));
+        };
+        if hello.node_id != 0 && hello.node_id != node.id {
+            return Err(ApiError::PermissionDenied("this credential belongs to another node".into()).into());
+        }
+        let id = node.id;
+        let endpoints = (!hello.endpoints.is_empty()).then_some(hello.endpoints);
+        if self.engine.stream_opened(id) == 1 || endpoints.is_some() {
+            self.engine.store().set_presence(id, true, endpoints, now()).await.map_err(ApiError::from)?;
+            let engine = self.engine.clone();
+            // Presence matters for route failover only: do not hold up the stream.
+            tokio::spawn(async move { engine.refresh().await });
+        }
+        tracing::info!(node = id, last_generation = hello.last_generation, "sync stream opened");
+        let mut slot = self.engine.subscribe(id);
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            loop {
+                let current = slot.borrow_and_update().clone();
+                let Some(published) = current else {
+                    let _ = tx.send(Err(Status::unauthenticated("unauthenticated"))).await;
+                    break;
+                };
+                if let Some(msg) = next_message(&published, sent) {
+                    sent = published.view.generation;
+                    if tx.send(Ok(msg)).await.is_err() {
+                        break;
+                    }
+                }
+                tokio::select! {
+                    changed = slot.changed() => if changed.is_err() { break },
+                    msg = inbound.message() => match msg {
+                        Ok(Some(pb::SyncRequest { msg: Some(m) })) => {
+                            if let Err(e) = this.handle(id, m).await {
+                                let _ = tx.send(Err(e.into())).await;
+                                break;
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => break,
+                    },
+                }
+            }
+            if this.engine.stream_closed(id) == 0 {
+                let _ = this.engine.store().set_presence(id, false, None, now()).await;
+                let _ = this.engine.refresh().await;
+            }
+            tracing::info!(node = id, "sync stream closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

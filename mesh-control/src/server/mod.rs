@@ -1,0 +1,73 @@
+//! The gRPC services: [`agent`] (Enroll, Renew, Sync) and [`admin`]
+//! (orchestration), with one error type that maps to the right gRPC code.
+//!
+//! Auth: `authorization: Bearer <token>` metadata. Unknown or expired
+//! credentials get UNAUTHENTICATED with no detail; a valid caller asking for
+//! what is not theirs gets PERMISSION_DENIED.
+
+pub mod admin;
+pub mod agent;
+
+use tonic::Status;
+
+use crate::store::StoreError;
+
+/// A service error; converts to the matching [`Status`].
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No, unknown or expired credentials (no detail leaves the server).
+    #[error("unauthenticated")]
+    Unauthenticated,
+    /// Authenticated, but not allowed.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// No such object.
+    #[error("{0}")]
+    NotFound(String),
+    /// A malformed request.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Not possible in the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Our fault.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => Self::NotFound(format!("{what} not found")),
+            StoreError::Conflict(why) => Self::FailedPrecondition(why),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        match e {
+            ApiError::Unauthenticated => Self::unauthenticated("unauthenticated"),
+            ApiError::PermissionDenied(m) => Self::permission_denied(m),
+            ApiError::NotFound(m) => Self::not_found(m),
+            ApiError::InvalidArgument(m) => Self::invalid_argument(m),
+            ApiError::FailedPrecondition(m) => Self::failed_precondition(m),
+            ApiError::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                Self::internal("internal error")
+            }
+        }
+    }
+}
+
+/// The bearer token of a request, if any.
+pub(crate) fn bearer<T>(req: &tonic::Request<T>) -> Option<String> {
+    let v = req.metadata().get("authorization")?.to_str().ok()?;
+    v.strip_prefix("Bearer ").map(|t| t.trim().to_owned())
+}
+
+/// Parses a CIDR from a request.
+pub(crate) fn cidr(s: &str) -> Result<ipnet::IpNet, ApiError> {
+    crate::policy::model::parse_cidr(s).ok_or_else(|| ApiError::InvalidArgument(format!("bad CIDR {s:?}")))
+}

@@ -1,0 +1,182 @@
+//! A simulated agent: the client side of enrollment and the Sync stream,
+//! in-process. The tests and the push benchmark drive control with it, and
+//! it documents what a real agent does.
+
+use std::time::Duration;
+
+use mesh_proto::v1 as pb;
+use mesh_proto::v1::agent_service_client::AgentServiceClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+use tonic::{Request, Status, Streaming};
+
+use crate::auth::EnrollmentKeyText;
+use crate::client::{self, Trust};
+use crate::engine::view;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone, Debug)]
+pub struct Bearer(pub Option<String>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(t) = &self.0 {
+            let v = format!("Bearer {t}").parse().map_err(|_| Status::invalid_argument("bad token"))?;
+            req.metadata_mut().insert("authorization", v);
+        }
+        Ok(req)
+    }
+}
+
+/// An agent client with a credential.
+pub type AgentClient = AgentServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// An enrolled simulated agent.
+#[derive(Debug, Clone)]
+pub struct SimAgent {
+    /// The node as control returned it at enrollment.
+    pub node: pb::Node,
+    /// The credential.
+    pub token: String,
+    /// The channel to control.
+    pub channel: Channel,
+}
+
+/// A simulated-agent failure.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// Could not connect.
+    #[error(transparent)]
+    Connect(#[from] client::ConnectError),
+    /// Control said no.
+    #[error("{0}")]
+    Status(#[from] Status),
+    /// Bad input.
+    #[error("{0}")]
+    Bad(String),
+}
+
+/// A fresh random 32-byte "public key" (the simulator does no crypto).
+#[must_use]
+pub fn fake_public_key() -> Vec<u8> {
+    use rand::RngCore as _;
+    let mut k = vec![0; 32];
+    rand::rng().fill_bytes(&mut k);
+    k
+}
+
+impl SimAgent {
+    /// Connects to `addr` trusting the CA pinned in `key` and enrolls.
+    pub async fn enroll(addr: &str, key: &str, hostname: &str, routes: &[&str]) -> Result<Self, SimError> {
+        let parsed = EnrollmentKeyText::parse(key).ok_or_else(|| SimError::Bad("not an enrollment key".into()))?;
+        let pin = parsed.ca_pin.ok_or_else(|| SimError::Bad("the key carries no CA pin".into()))?;
+        let channel = client::connect(addr, &Trust::Pin(pin)).await?;
+        Self::enroll_on(channel, key, hostname, routes).await
+    }
+
+    /// Enrolls over an existing channel.
+    pub async fn enroll_on(channel: Channel, key: &str, hostname: &str, routes: &[&str]) -> Result<Self, SimError> {
+        let mut c = AgentServiceClient::new(channel.clone());
+        let resp = c
+            .enroll(pb::EnrollRequest {
+                capabilities: Some(mesh_proto::capabilities("mesh-sim-agent")),
+                enrollment_key: key.to_owned(),
+                wireguard_public_key: fake_public_key(),
+                hostname: hostname.to_owned(),
+                advertised_routes: routes.iter().map(|r| (*r).to_owned()).collect(),
+                endpoints: vec!["192.0.2.10:51820".into()],
+            })
+            .await?
+            .into_inner();
+        let node = resp.node.ok_or_else(|| SimError::Bad("no node in response".into()))?;
+        let token = resp.credential.ok_or_else(|| SimError::Bad("no credential".into()))?.token;
+        Ok(Self { node, token, channel })
+    }
+
+    /// A client that sends this agent's credential.
+    #[must_use]
+    pub fn client(&self) -> AgentClient {
+        AgentServiceClient::with_interceptor(self.channel.clone(), Bearer(Some(self.token.clone())))
+    }
+
+    /// Opens the Sync stream claiming to be `node_id` (0: say nothing).
+    pub async fn sync_as(&self, node_id: u64) -> Result<SyncSession, SimError> {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(pb::SyncRequest {
+            msg: Some(pb::sync_request::Msg::Hello(pb::SyncHello {
+                capabilities: Some(mesh_proto::capabilities("mesh-sim-agent")),
+                last_generation: 0,
+                endpoints: Vec::new(),
+                node_id,
+            })),
+        })
+        .await
+        .map_err(|_| SimError::Bad("channel closed".into()))?;
+        let stream = self.client().sync(ReceiverStream::new(rx)).await?.into_inner();
+        Ok(SyncSession { tx, stream, view: None, received: Vec::new() })
+    }
+
+    /// Opens the Sync stream.
+    pub async fn sync(&self) -> Result<SyncSession, SimError> {
+        self.sync_as(self.node.id).await
+    }
+}
+
+/// An open Sync stream and the view it has built.
+#[derive(Debug)]
+pub struct SyncSession {
+    tx: mpsc::Sender<pb::SyncRequest>,
+    stream: Streaming<pb::SyncResponse>,
+    /// The view so far (snapshot plus deltas).
+    pub view: Option<pb::NodeView>,
+    /// What each message was: `true` for snapshots, `false` for deltas.
+    pub received: Vec<bool>,
+}
+
+impl SyncSession {
+    /// Waits up to `timeout` for the next message, applies it and returns
+    /// the new generation; `Ok(None)` on timeout.
+    pub async fn next(&mut self, timeout: Duration) -> Result<Option<u64>, SimError> {
+        let msg = match tokio::time::timeout(timeout, self.stream.message()).await {
+            Err(_) => return Ok(None),
+            Ok(r) => r?.ok_or_else(|| SimError::Bad("stream ended".into()))?,
+        };
+        match msg.msg {
+            Some(pb::sync_response::Msg::Snapshot(v)) => {
+                self.received.push(true);
+                let g = v.generation;
+                self.view = Some(v);
+                Ok(Some(g))
+            }
+            Some(pb::sync_response::Msg::Delta(d)) => {
+                self.received.push(false);
+                let view = self.view.as_mut().ok_or_else(|| SimError::Bad("delta before snapshot".into()))?;
+                view::apply(view, &d).map_err(SimError::Bad)?;
+                Ok(Some(d.generation))
+            }
+            None => Err(SimError::Bad("empty message".into())),
+        }
+    }
+
+    /// Acknowledges a generation.
+    pub async fn ack(&self, generation: u64) -> Result<(), SimError> {
+        self.send(pb::sync_request::Msg::Ack(pb::Ack { generation, error: String::new() })).await
+    }
+
+    /// Sends a health report.
+    pub async fn health(&self, report: pb::HealthReport) -> Result<(), SimError> {
+        self.send(pb::sync_request::Msg::Health(report)).await
+    }
+
+    /// Replaces the advertised routes.
+    pub async fn advertise(&self, prefixes: &[&str]) -> Result<(), SimError> {
+        let prefixes = prefixes.iter().map(|p| (*p).to_owned()).collect();
+        self.send(pb::sync_request::Msg::Routes(pb::RouteAdvertisement { prefixes })).await
+    }
+
+    async fn send(&self, msg: pb::sync_request::Msg) -> Result<(), SimError> {
+        self.tx.send(pb::SyncRequest { msg: Some(msg) }).await.map_err(|_| SimError::Bad("stream closed".into()))
+    }
+}

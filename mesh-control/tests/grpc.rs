@@ -1,0 +1,251 @@
+//! In-process gRPC: enrollment with each kind of key, Sync streams, policy
+//! changes reaching exactly the affected agents, refusals, reflection and
+//! metrics, over real TLS on loopback.
+
+use std::time::Duration;
+
+use mesh_control::client::{Trust, connect};
+use mesh_control::config::Config;
+use mesh_control::run::{Running, start};
+use mesh_control::sim::{Bearer, SimAgent};
+use mesh_proto::v1 as pb;
+use mesh_proto::v1::admin_service_client::AdminServiceClient;
+use tonic::Code;
+
+type Admin = AdminServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+
+async fn control(dir: &std::path::Path) -> Running {
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_owned(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        admin_socket: Some(dir.join("admin.sock")),
+        poll_interval_ms: 100,
+        ..Config::default()
+    };
+    start(&config).await.expect("control starts")
+}
+
+async fn admin(c: &Running, token: Option<String>) -> Admin {
+    let ch = connect(&c.addr.to_string(), &Trust::CaPem(c.ca_pem.clone())).await.unwrap();
+    AdminServiceClient::with_interceptor(ch, Bearer(token))
+}
+
+const POLICY: &str = r#"// test policy
+{
+  "tagOwners": {"tag:app": [], "tag:db": [], "tag:gw": []},
+  "acls": [
+    {"action": "accept", "src": ["tag:app"], "dst": ["tag:db:5432"]},
+  ],
+  "tests": [{"src": "tag:app", "accept": ["tag:db:5432"], "deny": ["tag:gw:22"]}],
+}"#;
+
+async fn key(a: &mut Admin, reusable: bool, preapproved: bool, tags: &[&str], expires: i64) -> String {
+    a.create_enrollment_key(pb::CreateEnrollmentKeyRequest {
+        reusable,
+        preapproved,
+        tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        expires_in_seconds: expires,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .secret
+}
+
+const WAIT: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_millis(700);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_sync_policy_push_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = control(dir.path()).await;
+    let addr = c.addr.to_string();
+    let token = c.bootstrap_admin_token.clone().expect("first start makes an admin token");
+    let mut a = admin(&c, Some(token.clone())).await;
+    a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
+
+    // Keys of each kind.
+    let one_off = key(&mut a, false, true, &["tag:app"], 0).await;
+    let reusable_pending = key(&mut a, true, false, &["tag:db"], 0).await;
+    let gw_key = key(&mut a, false, true, &["tag:gw"], 0).await;
+    let short = key(&mut a, true, true, &["tag:app"], 1).await;
+
+    let app = SimAgent::enroll(&addr, &one_off, "app-1", &[]).await.unwrap();
+    assert_eq!(app.node.state(), pb::NodeState::Approved, "pre-approved key");
+    assert_eq!(app.node.ipv4, "100.64.0.1");
+    // One-off key reused: refused, and the refusal says nothing more.
+    let err = SimAgent::enroll(&addr, &one_off, "app-2", &[]).await.unwrap_err();
+    assert!(matches!(&err, mesh_control::sim::SimError::Status(s) if s.code() == Code::Unauthenticated), "{err}");
+    // Expired key: refused.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let err = SimAgent::enroll(&addr, &short, "app-3", &[]).await.unwrap_err();
+    assert!(matches!(&err, mesh_control::sim::SimError::Status(s) if s.code() == Code::Unauthenticated), "{err}");
+    // Pending until approved.
+    let db1 = SimAgent::enroll(&addr, &reusable_pending, "db-1", &[]).await.unwrap();
+    let db2 = SimAgent::enroll(&addr, &reusable_pending, "db-2", &[]).await.unwrap();
+    assert_eq!(db1.node.state(), pb::NodeState::Pending);
+    let gw = SimAgent::enroll(&addr, &gw_key, "gw-1", &["198.18.10.0/24"]).await.unwrap();
+
+    let mut s_app = app.sync().await.unwrap();
+    let mut s_db1 = db1.sync().await.unwrap();
+    let mut s_db2 = db2.sync().await.unwrap();
+    let mut s_gw = gw.sync().await.unwrap();
+    for s in [&mut s_app, &mut s_db1, &mut s_db2, &mut s_gw] {
+        assert!(s.next(WAIT).await.unwrap().is_some(), "every stream starts with a snapshot");
+    }
+    // A pending node sees only itself.
+    let v = s_db1.view.as_ref().unwrap();
+    assert!(v.peers.is_empty());
+    assert_eq!(v.self_.as_ref().unwrap().state(), pb::NodeState::Pending);
+
+    for n in [&db1, &db2] {
+        a.approve_node(pb::NodeRef { id: n.node.id, name: String::new() }).await.unwrap();
+    }
+    // Approval changes the db nodes' views (and app's: it gains peers);
+    // take everything until the streams go quiet.
+    for s in [&mut s_db1, &mut s_db2, &mut s_app] {
+        assert!(s.next(WAIT).await.unwrap().is_some());
+        while s.next(QUIET).await.unwrap().is_some() {}
+    }
+    let app_view = s_app.view.clone().unwrap();
+    let peer_ids: Vec<u64> = app_view.peers.iter().map(|p| p.node_id).collect();
+    assert_eq!(peer_ids, vec![db1.node.id, db2.node.id], "app peers with the db nodes only");
+    let db_rules = &s_db1.view.as_ref().unwrap().policy.as_ref().unwrap().rules;
+    assert_eq!(db_rules.len(), 1);
+    assert_eq!(db_rules[0].src, vec!["100.64.0.1/32".to_owned(), "fd7a:6d65:7368::1/128".to_owned()]);
+    assert_eq!((db_rules[0].port_first, db_rules[0].port_last), (5432, 5432));
+    while s_gw.next(QUIET).await.unwrap().is_some() {}
+
+    // The policy change: only the db nodes' rules change.
+    let gen_before: Vec<u64> = [&s_app, &s_db1, &s_db2, &s_gw].iter().map(|s| s.view.as_ref().unwrap().generation).collect();
+    a.set_policy(pb::PolicyDocument { text: POLICY.replace("5432", "6432"), generation: 0 }).await.unwrap();
+    let g1 = s_db1.next(WAIT).await.unwrap().expect("db-1 gets a new generation");
+    let g2 = s_db2.next(WAIT).await.unwrap().expect("db-2 gets a new generation");
+    assert!(g1 > gen_before[1] && g2 > gen_before[2]);
+    assert_eq!(s_db1.received.last(), Some(&false), "a delta, not a snapshot");
+    assert_eq!(s_db1.view.as_ref().unwrap().policy.as_ref().unwrap().rules[0].port_first, 6432);
+    assert_eq!(s_app.next(QUIET).await.unwrap(), None, "app's view did not change");
+    assert_eq!(s_gw.next(QUIET).await.unwrap(), None, "gw's view did not change");
+    s_db1.ack(g1).await.unwrap();
+    let mut acked = 0;
+    for _ in 0..50 {
+        acked = c.engine.acked(db1.node.id);
+        if acked == g1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(acked, g1);
+
+    // A policy that fails its own tests is refused; nothing changes.
+    let failing = POLICY.replace("\"deny\": [\"tag:gw:22\"]", "\"deny\": [\"tag:db:5432\"]");
+    let err = a.set_policy(pb::PolicyDocument { text: failing, generation: 0 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("line 7: test failed"), "{}", err.message());
+    assert_eq!(s_db1.next(QUIET).await.unwrap(), None);
+    let current = a.get_policy(pb::Empty {}).await.unwrap().into_inner();
+    assert!(current.text.contains("6432"));
+
+    // Diff shows the per-node rule changes of a candidate.
+    let diff = a.diff_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap().into_inner();
+    let names: Vec<&str> = diff.nodes.iter().map(|n| n.node_name.as_str()).collect();
+    assert_eq!(names, vec!["db-1", "db-2"]);
+    assert!(diff.nodes[0].added[0].ends_with(":5432") && diff.nodes[0].removed[0].ends_with(":6432"));
+
+    // Routes: the gateway's route is pending until approved.
+    let routes = a.list_routes(pb::Empty {}).await.unwrap().into_inner().routes;
+    assert_eq!(routes.len(), 1);
+    assert!(!routes[0].approved);
+    let r = a.approve_route(pb::RouteRef { node_id: gw.node.id, prefix: "198.18.10.0/24".into() }).await.unwrap().into_inner();
+    assert!(r.approved && r.primary);
+
+    // Refusals. No token / a bad token: UNAUTHENTICATED.
+    let mut anon = admin(&c, None).await;
+    assert_eq!(anon.list_nodes(pb::ListNodesRequest {}).await.unwrap_err().code(), Code::Unauthenticated);
+    let mut bad = admin(&c, Some("mat1.x.y".into())).await;
+    assert_eq!(bad.get_status(pb::GetStatusRequest {}).await.unwrap_err().code(), Code::Unauthenticated);
+    // A node credential on the admin API: PERMISSION_DENIED.
+    let mut as_node = admin(&c, Some(app.token.clone())).await;
+    assert_eq!(as_node.list_nodes(pb::ListNodesRequest {}).await.unwrap_err().code(), Code::PermissionDenied);
+    // Sync with no or a forged credential.
+    let nobody = SimAgent { token: "mnc1.forged".into(), ..app.clone() };
+    assert!(matches!(nobody.sync().await.unwrap_err(), mesh_control::sim::SimError::Status(s) if s.code() == Code::Unauthenticated));
+    // A valid node asking for another node's stream.
+    let err = app.sync_as(db1.node.id).await.unwrap_err();
+    assert!(matches!(&err, mesh_control::sim::SimError::Status(s) if s.code() == Code::PermissionDenied), "{err}");
+    // An expired key stops the credential working.
+    a.expire_node_key(pb::NodeRef { id: db2.node.id, name: String::new() }).await.unwrap();
+    let err = db2.client().renew(pb::RenewRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // Renewal works for a valid node and issues a new credential.
+    let renewed = app.client().renew(pb::RenewRequest::default()).await.unwrap().into_inner();
+    assert_ne!(renewed.credential.unwrap().token, app.token);
+
+    // Status, audit, metrics.
+    let st = a.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((st.nodes_total, st.nodes_expired, st.store.as_str()), (4, 1, "sqlite"));
+    assert_eq!(st.ca_pin, hex::encode(c.ca_pin));
+    let audit = a
+        .list_audit(pb::ListAuditRequest { action_prefix: "policy.".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(audit.len(), 2, "two accepted policy changes, the refused one is not there");
+    assert!(audit[1].actor.starts_with("admin:"));
+    let metrics = http_get(c.metrics_addr.unwrap(), "/metrics").await;
+    assert!(metrics.contains("mesh_control_nodes{state=\"approved\"} 3"), "{metrics}");
+    assert!(metrics.contains("mesh_control_push_latency_seconds_count"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_socket_admin_and_reflection() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = control(dir.path()).await;
+    // The Unix socket needs no token (root-only by file mode).
+    let sock = dir.path().join("admin.sock");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    let ch = mesh_control::client::connect_unix(&sock).await.unwrap();
+    let mut local = AdminServiceClient::new(ch);
+    let st = local.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.nodes_total, 0);
+    let k = local
+        .create_enrollment_key(pb::CreateEnrollmentKeyRequest { reusable: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let subject = format!("key/{}", k.key.unwrap().id);
+    let audit = local.list_audit(pb::ListAuditRequest::default()).await.unwrap().into_inner().entries;
+    assert!(audit.iter().any(|e| e.action == "key.create" && e.actor == "local-admin" && e.subject == subject));
+
+    // Reflection lists our services (over TLS, like grpcurl would).
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let ch = connect(&c.addr.to_string(), &Trust::Pin(c.ca_pin)).await.unwrap();
+    let req = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = ServerReflectionClient::new(ch)
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = resp.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("{msg:?}") };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"mesh.v1.AgentService".to_owned()) && names.contains(&"mesh.v1.AdminService".to_owned()), "{names:?}");
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
