@@ -1,1 +1,78 @@
-fn main() {}
+//! `mesh-control serve --config FILE`: the control plane server.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use mesh_control::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(about = "The mesh control plane")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the server.
+    Serve {
+        /// TOML configuration (see mesh_control::config::Config); defaults
+        /// apply when absent.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Create an admin API token (printed once) in the configured store.
+    CreateAdminToken {
+        /// TOML configuration.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+}
+
+fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Ok(Config::load(p)?),
+        None => Ok(Config::default()),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Serve { config } => {
+            let config = load(config.as_ref())?;
+            let running = mesh_control::run::start(&config).await.context("starting mesh-control")?;
+            if let Some(token) = &running.bootstrap_admin_token {
+                // Shown once, stored only hashed; also written for root.
+                let path = config.data_dir.join("admin-token");
+                if config.database_url.is_none() {
+                    use std::os::unix::fs::OpenOptionsExt as _;
+                    use std::io::Write as _;
+                    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&path)?;
+                    writeln!(f, "{token}")?;
+                    tracing::info!(path = %path.display(), "first start: admin token written");
+                } else {
+                    eprintln!("first start: admin token (shown once): {token}");
+                }
+            }
+            println!("mesh-control listening on {} (CA pin {})", running.addr, hex::encode(running.ca_pin));
+            tokio::signal::ctrl_c().await?;
+            running.shutdown();
+            Ok(())
+        }
+        Cmd::CreateAdminToken { config, description } => {
+            let config = load(config.as_ref())?;
+            let store = mesh_control::store::Store::open(&config.store_url()).await?;
+            let token = mesh_control::run::create_admin_token(&store, &description, "local-admin").await?;
+            println!("{token}");
+            Ok(())
+        }
+    }
+}

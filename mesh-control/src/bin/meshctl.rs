@@ -1,1 +1,500 @@
-fn main() {}
+//! `meshctl`: the operator CLI over the AdminService. Tables by default,
+//! `--json` for scripts.
+//!
+//! Connection: `--socket PATH` (control's local admin socket, root only, no
+//! token) or `--server HOST:PORT` with `--token` (or `MESHCTL_TOKEN`) and
+//! `--ca-pin HEX` (or `--ca-file PEM`) to trust control's CA.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use mesh_control::client::{self, Trust};
+use mesh_control::sim::Bearer;
+use mesh_proto::v1 as pb;
+use mesh_proto::v1::admin_service_client::AdminServiceClient;
+use serde_json::json;
+
+type Admin = AdminServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+
+#[derive(Parser, Debug)]
+#[command(about = "Operate the mesh")]
+struct Cli {
+    /// Control's gRPC address.
+    #[arg(long, env = "MESHCTL_SERVER", default_value = "127.0.0.1:7443")]
+    server: String,
+    /// Local admin socket (overrides --server; no token needed).
+    #[arg(long, env = "MESHCTL_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Admin API token.
+    #[arg(long, env = "MESHCTL_TOKEN")]
+    token: Option<String>,
+    /// SHA-256 pin of control's CA (hex, see `status`).
+    #[arg(long, env = "MESHCTL_CA_PIN")]
+    ca_pin: Option<String>,
+    /// Control's CA certificate (PEM file).
+    #[arg(long, env = "MESHCTL_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Control's status.
+    Status,
+    /// Nodes.
+    Nodes {
+        #[command(subcommand)]
+        cmd: Option<NodeCmd>,
+    },
+    /// Enrollment keys.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+    /// Site routes.
+    Routes {
+        #[command(subcommand)]
+        cmd: Option<RouteCmd>,
+    },
+    /// The ACL policy.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// The audit log.
+    Audit {
+        /// Only actions starting with this.
+        #[arg(long, default_value = "")]
+        action: String,
+        /// Only this actor.
+        #[arg(long, default_value = "")]
+        actor: String,
+        /// Only this subject (`node/3`).
+        #[arg(long, default_value = "")]
+        subject: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Keep printing new entries.
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// List nodes (the default).
+    List,
+    /// Approve a pending node.
+    Approve { node: String },
+    /// Replace a node's tags.
+    Tag { node: String, tags: Vec<String> },
+    /// Expire a node's key now.
+    Expire { node: String },
+    /// Ask the node to rotate its key.
+    Rotate { node: String },
+    /// Remove a node.
+    Remove { node: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCmd {
+    /// Create an enrollment key (its secret is printed once).
+    Create {
+        #[arg(long)]
+        reusable: bool,
+        #[arg(long)]
+        ephemeral: bool,
+        #[arg(long)]
+        preapproved: bool,
+        /// Lifetime, e.g. 3600s, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        expires: String,
+        /// Tags (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Owner of the nodes it enrolls.
+        #[arg(long, default_value = "")]
+        user: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List keys.
+    List,
+    /// Revoke a key.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum RouteCmd {
+    /// List routes (the default).
+    List,
+    /// Approve a gateway's route.
+    Approve { node: u64, prefix: String },
+    /// Set a route's priority (lower is preferred).
+    Priority { node: u64, prefix: String, priority: i32 },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Print the active policy.
+    Get,
+    /// Check a policy file (syntax, names, tests).
+    Validate { file: PathBuf },
+    /// Run a policy file's tests (same check as validate, reports the count).
+    Test { file: PathBuf },
+    /// Show per node which rules a policy file adds and removes.
+    Diff { file: PathBuf },
+    /// Make a policy file the active policy (its tests run first).
+    Apply { file: PathBuf },
+}
+
+fn node_ref(s: &str) -> pb::NodeRef {
+    match s.parse() {
+        Ok(id) => pb::NodeRef { id, name: String::new() },
+        Err(_) => pb::NodeRef { id: 0, name: s.to_owned() },
+    }
+}
+
+fn duration_secs(s: &str) -> anyhow::Result<i64> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = n.parse().with_context(|| format!("bad duration {s:?}"))?;
+    Ok(n * match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("bad duration unit in {s:?} (s, m, h, d)"),
+    })
+}
+
+fn time(t: i64) -> String {
+    if t == 0 {
+        return "-".into();
+    }
+    chrono::DateTime::from_timestamp(t, 0).map_or_else(|| t.to_string(), |d| d.format("%Y-%m-%d %H:%M").to_string())
+}
+
+/// Prints rows as an aligned table.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| (*h).to_owned()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn state(n: &pb::Node) -> String {
+    let s = match n.state() {
+        pb::NodeState::Approved => "approved",
+        pb::NodeState::Pending => "pending",
+        pb::NodeState::Expired => "expired",
+        pb::NodeState::Unspecified => "?",
+    };
+    if n.key_expiring_soon { format!("{s} (key expiring soon)") } else { s.to_owned() }
+}
+
+fn node_json(n: &pb::Node) -> serde_json::Value {
+    json!({"id": n.id, "name": n.name, "hostname": n.hostname, "ipv4": n.ipv4, "ipv6": n.ipv6, "tags": n.tags,
+        "state": state(n), "online": n.online, "ephemeral": n.ephemeral, "key_expiry_unix": n.key_expiry_unix,
+        "key_expiring_soon": n.key_expiring_soon, "last_seen_unix": n.last_seen_unix, "endpoints": n.endpoints,
+        "advertised_routes": n.advertised_routes, "user": n.user, "acked_generation": n.acked_generation})
+}
+
+fn print_nodes(nodes: &[pb::Node], json_out: bool) {
+    if json_out {
+        println!("{}", serde_json::Value::Array(nodes.iter().map(node_json).collect()));
+        return;
+    }
+    table(
+        &["ID", "NAME", "IPV4", "IPV6", "TAGS", "STATE", "ONLINE", "KEY EXPIRY", "ROUTES"],
+        nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    n.id.to_string(),
+                    n.name.clone(),
+                    n.ipv4.clone(),
+                    n.ipv6.clone(),
+                    n.tags.join(","),
+                    state(n),
+                    if n.online { "yes" } else { "no" }.into(),
+                    time(n.key_expiry_unix),
+                    n.advertised_routes.join(","),
+                ]
+            })
+            .collect(),
+    );
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
+    let channel = if let Some(sock) = &cli.socket {
+        client::connect_unix(sock).await?
+    } else {
+        let trust = match (&cli.ca_pin, &cli.ca_file) {
+            (Some(pin), _) => Trust::Pin(hex::decode(pin)?.try_into().map_err(|_| anyhow::anyhow!("a CA pin is 32 bytes"))?),
+            (None, Some(f)) => Trust::CaPem(std::fs::read_to_string(f)?),
+            (None, None) => bail!("give --ca-pin or --ca-file to trust control's CA (or --socket)"),
+        };
+        client::connect(&cli.server, &trust).await?
+    };
+    Ok(AdminServiceClient::with_interceptor(channel, Bearer(cli.token.clone())))
+}
+
+async fn policy_file(path: &PathBuf) -> anyhow::Result<pb::PolicyDocument> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(pb::PolicyDocument { text, generation: 0 })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut a = connect(&cli).await?;
+    let j = cli.json;
+    match &cli.cmd {
+        Cmd::Status => {
+            let s = a.get_status(pb::GetStatusRequest {}).await?.into_inner();
+            if j {
+                println!(
+                    "{}",
+                    json!({"nodes_total": s.nodes_total, "nodes_pending": s.nodes_pending, "nodes_online": s.nodes_online,
+                        "nodes_expired": s.nodes_expired, "nodes_expiring_soon": s.nodes_expiring_soon,
+                        "agents_connected": s.agents_connected, "policy_generation": s.policy_generation,
+                        "routes_active": s.routes_active, "store": s.store, "ca_pin": s.ca_pin,
+                        "software": s.capabilities.map(|c| c.software)})
+                );
+            } else {
+                table(
+                    &["NODES", "PENDING", "ONLINE", "EXPIRED", "EXPIRING SOON", "AGENTS", "POLICY GEN", "ROUTES", "STORE"],
+                    vec![vec![
+                        s.nodes_total.to_string(),
+                        s.nodes_pending.to_string(),
+                        s.nodes_online.to_string(),
+                        s.nodes_expired.to_string(),
+                        s.nodes_expiring_soon.to_string(),
+                        s.agents_connected.to_string(),
+                        s.policy_generation.to_string(),
+                        s.routes_active.to_string(),
+                        s.store,
+                    ]],
+                );
+                println!("CA pin: {}", s.ca_pin);
+            }
+        }
+        Cmd::Nodes { cmd } => {
+            let node = match cmd.as_ref().unwrap_or(&NodeCmd::List) {
+                NodeCmd::List => {
+                    let nodes = a.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+                    print_nodes(&nodes, j);
+                    return Ok(());
+                }
+                NodeCmd::Approve { node } => a.approve_node(node_ref(node)).await?.into_inner(),
+                NodeCmd::Tag { node, tags } => {
+                    a.set_node_tags(pb::SetNodeTagsRequest { node: Some(node_ref(node)), tags: tags.clone() }).await?.into_inner()
+                }
+                NodeCmd::Expire { node } => a.expire_node_key(node_ref(node)).await?.into_inner(),
+                NodeCmd::Rotate { node } => a.rotate_node_key(node_ref(node)).await?.into_inner(),
+                NodeCmd::Remove { node } => {
+                    a.remove_node(node_ref(node)).await?;
+                    println!("{}", if j { json!({"removed": node}).to_string() } else { format!("removed {node}") });
+                    return Ok(());
+                }
+            };
+            print_nodes(&[node], j);
+        }
+        Cmd::Keys { cmd } => match cmd {
+            KeyCmd::Create { reusable, ephemeral, preapproved, expires, tags, user, description } => {
+                let r = a
+                    .create_enrollment_key(pb::CreateEnrollmentKeyRequest {
+                        reusable: *reusable,
+                        ephemeral: *ephemeral,
+                        preapproved: *preapproved,
+                        expires_in_seconds: duration_secs(expires)?,
+                        tags: tags.clone(),
+                        user: user.clone(),
+                        description: description.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                if j {
+                    println!("{}", json!({"id": r.key.map(|k| k.id), "secret": r.secret}));
+                } else {
+                    println!("{}", r.secret);
+                }
+            }
+            KeyCmd::List => {
+                let keys = a.list_enrollment_keys(pb::Empty {}).await?.into_inner().keys;
+                if j {
+                    let v: Vec<_> = keys
+                        .iter()
+                        .map(|k| json!({"id": k.id, "reusable": k.reusable, "ephemeral": k.ephemeral, "preapproved": k.preapproved,
+                            "tags": k.tags, "user": k.user, "expires_unix": k.expires_unix, "revoked": k.revoked, "uses": k.uses}))
+                        .collect();
+                    println!("{}", serde_json::Value::Array(v));
+                } else {
+                    table(
+                        &["ID", "REUSABLE", "EPHEMERAL", "PREAPPROVED", "TAGS", "EXPIRES", "REVOKED", "USES"],
+                        keys.iter()
+                            .map(|k| {
+                                vec![
+                                    k.id.clone(),
+                                    k.reusable.to_string(),
+                                    k.ephemeral.to_string(),
+                                    k.preapproved.to_string(),
+                                    k.tags.join(","),
+                                    time(k.expires_unix),
+                                    k.revoked.to_string(),
+                                    k.uses.to_string(),
+                                ]
+                            })
+                            .collect(),
+                    );
+                }
+            }
+            KeyCmd::Revoke { id } => {
+                let k = a.revoke_enrollment_key(pb::RevokeEnrollmentKeyRequest { id: id.clone() }).await?.into_inner();
+                println!("{}", if j { json!({"revoked": k.id}).to_string() } else { format!("revoked {}", k.id) });
+            }
+        },
+        Cmd::Routes { cmd } => {
+            let routes = match cmd.as_ref().unwrap_or(&RouteCmd::List) {
+                RouteCmd::List => a.list_routes(pb::Empty {}).await?.into_inner().routes,
+                RouteCmd::Approve { node, prefix } => {
+                    vec![a.approve_route(pb::RouteRef { node_id: *node, prefix: prefix.clone() }).await?.into_inner()]
+                }
+                RouteCmd::Priority { node, prefix, priority } => vec![
+                    a.set_route_priority(pb::SetRoutePriorityRequest {
+                        route: Some(pb::RouteRef { node_id: *node, prefix: prefix.clone() }),
+                        priority: *priority,
+                    })
+                    .await?
+                    .into_inner(),
+                ],
+            };
+            if j {
+                let v: Vec<_> = routes
+                    .iter()
+                    .map(|r| json!({"prefix": r.prefix, "node_id": r.node_id, "node": r.node_name, "approved": r.approved,
+                        "auto_approved": r.auto_approved, "priority": r.priority, "healthy": r.healthy, "primary": r.primary}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                table(
+                    &["PREFIX", "NODE", "APPROVED", "PRIORITY", "HEALTHY", "PRIMARY"],
+                    routes
+                        .iter()
+                        .map(|r| {
+                            let approved = if r.auto_approved { "auto".to_owned() } else { r.approved.to_string() };
+                            vec![
+                                r.prefix.clone(),
+                                format!("{} ({})", r.node_name, r.node_id),
+                                approved,
+                                r.priority.to_string(),
+                                r.healthy.to_string(),
+                                if r.primary { "*" } else { "" }.into(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Cmd::Policy { cmd } => match cmd {
+            PolicyCmd::Get => {
+                let p = a.get_policy(pb::Empty {}).await?.into_inner();
+                if j {
+                    println!("{}", json!({"generation": p.generation, "text": p.text}));
+                } else {
+                    print!("{}", p.text);
+                }
+            }
+            PolicyCmd::Validate { file } | PolicyCmd::Test { file } => {
+                let r = a.validate_policy(policy_file(file).await?).await?.into_inner();
+                if j {
+                    let problems: Vec<_> = r.problems.iter().map(|p| json!({"line": p.line, "message": p.message})).collect();
+                    println!("{}", json!({"ok": r.ok, "tests_passed": r.tests_passed, "problems": problems}));
+                } else if r.ok {
+                    println!("ok: {} test checks passed", r.tests_passed);
+                } else {
+                    for p in &r.problems {
+                        eprintln!("{}:{}: {}", file.display(), p.line, p.message);
+                    }
+                }
+                if !r.ok {
+                    std::process::exit(1);
+                }
+            }
+            PolicyCmd::Diff { file } => {
+                let d = a.diff_policy(policy_file(file).await?).await?.into_inner();
+                if j {
+                    let v: Vec<_> = d
+                        .nodes
+                        .iter()
+                        .map(|n| json!({"node_id": n.node_id, "node": n.node_name, "added": n.added, "removed": n.removed}))
+                        .collect();
+                    println!("{}", serde_json::Value::Array(v));
+                } else if d.nodes.is_empty() {
+                    println!("no node's rules change");
+                } else {
+                    for n in &d.nodes {
+                        println!("{} ({}):", n.node_name, n.node_id);
+                        for r in &n.removed {
+                            println!("  - {r}");
+                        }
+                        for r in &n.added {
+                            println!("  + {r}");
+                        }
+                    }
+                }
+            }
+            PolicyCmd::Apply { file } => {
+                let p = a.set_policy(policy_file(file).await?).await?.into_inner();
+                println!("{}", if j { json!({"generation": p.generation}).to_string() } else { format!("applied: generation {}", p.generation) });
+            }
+        },
+        Cmd::Audit { action, actor, subject, limit, follow } => {
+            let req = pb::ListAuditRequest {
+                after_id: 0,
+                action_prefix: action.clone(),
+                actor: actor.clone(),
+                subject: subject.clone(),
+                limit: *limit,
+            };
+            let print = |e: &pb::AuditEntry| {
+                if j {
+                    println!(
+                        "{}",
+                        json!({"id": e.id, "at_unix": e.at_unix, "actor": e.actor, "action": e.action, "subject": e.subject,
+                            "before": e.before, "after": e.after})
+                    );
+                } else {
+                    println!("{:>6}  {}  {:<24} {:<22} {}", e.id, time(e.at_unix), e.actor, e.action, e.subject);
+                }
+            };
+            if *follow {
+                let mut s = a.follow_audit(req).await?.into_inner();
+                while let Some(e) = s.message().await? {
+                    print(&e);
+                }
+            } else {
+                for e in &a.list_audit(req).await?.into_inner().entries {
+                    print(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
