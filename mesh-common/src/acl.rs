@@ -12,7 +12,13 @@
 //!    disjoint, the longest match fixes the whole chain of source CIDRs that
 //!    contain the address, so one lookup identifies the complete set. No
 //!    match: default deny.
-//! 3. **Destination identity**: the same with `DST4_<slot>` / `DST6_<slot>`.
+//! 3. **Destination identity, per source**: `DST4_<slot>` / `DST6_<slot>`
+//!    (LPM tries, key [`DstKey4`] / [`DstKey6`] = `source class | address`,
+//!    prefix length 32 + the CIDR's) give the class of the longest
+//!    destination CIDR *among the rules that apply to that source class*.
+//!    Keying destinations by source keeps a policy like `* -> *` plus N
+//!    host rules at O(N) entries instead of the N x N cross product a global
+//!    destination class would need. No match: default deny.
 //! 4. **Decision**: `POLICY_<slot>`, an LPM trie over [`PolicyKey`]
 //!    (`src class | dst class | protocol | destination port`, exact fields
 //!    first, wildcardable last). Entries have prefix length
@@ -55,8 +61,10 @@
 pub const MAX_RULES: u32 = 16_384;
 /// Largest number of decision entries per slot (`POLICY_<slot>`).
 pub const MAX_POLICY_ENTRIES: u32 = 1 << 20;
-/// Largest number of distinct CIDRs per side and family.
+/// Largest number of distinct source CIDRs per family.
 pub const MAX_CIDRS: u32 = 1 << 16;
+/// Largest number of (source class, destination CIDR) entries per family.
+pub const MAX_DST_ENTRIES: u32 = 1 << 20;
 /// Flow-table size (LRU: the least recently used flows are evicted).
 pub const MAX_FLOWS: u32 = 1 << 17;
 
@@ -82,6 +90,26 @@ pub struct PolicyKey {
     pub port: [u8; 2],
     /// Zero; never covered by a prefix.
     pub pad: u8,
+}
+
+/// Key data of `DST4_<slot>` (LPM): the source class, then the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DstKey4 {
+    /// Source class (big-endian), always fully matched.
+    pub src_class: [u8; 4],
+    /// Destination address.
+    pub addr: [u8; 4],
+}
+
+/// Key data of `DST6_<slot>` (LPM): the source class, then the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DstKey6 {
+    /// Source class (big-endian), always fully matched.
+    pub src_class: [u8; 4],
+    /// Destination address.
+    pub addr: [u8; 16],
 }
 
 /// Value of `POLICY_<slot>`: which rule decided.
@@ -247,9 +275,9 @@ pub mod names {
     pub const SRC4: [&str; 2] = ["SRC4_0", "SRC4_1"];
     /// IPv6 source classes per slot.
     pub const SRC6: [&str; 2] = ["SRC6_0", "SRC6_1"];
-    /// IPv4 destination classes per slot.
+    /// IPv4 destination classes per source class, per slot.
     pub const DST4: [&str; 2] = ["DST4_0", "DST4_1"];
-    /// IPv6 destination classes per slot.
+    /// IPv6 destination classes per source class, per slot.
     pub const DST6: [&str; 2] = ["DST6_0", "DST6_1"];
     /// Decision tries per slot.
     pub const POLICY: [&str; 2] = ["POLICY_0", "POLICY_1"];
@@ -266,6 +294,8 @@ mod pod {
     // every bit pattern valid.
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::DstKey4 {}
+    unsafe impl aya::Pod for super::DstKey6 {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::AclConfig {}

@@ -8,7 +8,7 @@ use aya::{
     maps::{Array, Map, MapError, PerCpuArray, PerCpuValues, lpm_trie::{Key, LpmTrie}},
 };
 use mesh_common::{
-    acl::{AclConfig, AclVerdict, MssEvent, PolicyKey, PolicyValue, SlotMeta, names},
+    acl::{AclConfig, AclVerdict, DstKey4, DstKey6, MssEvent, PolicyKey, PolicyValue, SlotMeta, names},
     counter::PacketCount,
 };
 
@@ -25,7 +25,7 @@ pub struct InstallReport {
     pub rules: usize,
     /// Decision entries written.
     pub entries: usize,
-    /// Distinct source and destination CIDRs written.
+    /// Source CIDRs and (source class, destination CIDR) pairs written.
     pub cidrs: usize,
     /// Time from the first map write to the switch.
     pub elapsed: Duration,
@@ -95,9 +95,9 @@ pub(crate) fn install(ebpf: &mut Ebpf, tables: &AclTables) -> Result<InstallRepo
     set_slot_meta(ebpf, slot, SlotMeta::default())?;
 
     clear_trie::<[u8; 4], u32>(ebpf, names::SRC4[s])?;
-    clear_trie::<[u8; 4], u32>(ebpf, names::DST4[s])?;
+    clear_trie::<DstKey4, u32>(ebpf, names::DST4[s])?;
     clear_trie::<[u8; 16], u32>(ebpf, names::SRC6[s])?;
-    clear_trie::<[u8; 16], u32>(ebpf, names::DST6[s])?;
+    clear_trie::<DstKey6, u32>(ebpf, names::DST6[s])?;
     clear_trie::<PolicyKey, PolicyValue>(ebpf, names::POLICY[s])?;
 
     let v4 = |t: &[(ipnet::Ipv4Net, u32)]| {
@@ -107,9 +107,15 @@ pub(crate) fn install(ebpf: &mut Ebpf, tables: &AclTables) -> Result<InstallRepo
         t.iter().map(|(n, c)| (u32::from(n.prefix_len()), n.network().octets(), *c)).collect::<Vec<_>>()
     };
     fill_trie(ebpf, names::SRC4[s], v4(&tables.src4).into_iter())?;
-    fill_trie(ebpf, names::DST4[s], v4(&tables.dst4).into_iter())?;
+    let dst4 = tables.dst4.iter().map(|(sc, n, dc)| {
+        (32 + u32::from(n.prefix_len()), DstKey4 { src_class: sc.to_be_bytes(), addr: n.network().octets() }, *dc)
+    });
+    fill_trie(ebpf, names::DST4[s], dst4)?;
     fill_trie(ebpf, names::SRC6[s], v6(&tables.src6).into_iter())?;
-    fill_trie(ebpf, names::DST6[s], v6(&tables.dst6).into_iter())?;
+    let dst6 = tables.dst6.iter().map(|(sc, n, dc)| {
+        (32 + u32::from(n.prefix_len()), DstKey6 { src_class: sc.to_be_bytes(), addr: n.network().octets() }, *dc)
+    });
+    fill_trie(ebpf, names::DST6[s], dst6)?;
     fill_trie(ebpf, names::POLICY[s], tables.policy.iter().copied())?;
 
     {

@@ -2,26 +2,31 @@
 //! precedence: `mesh_common::acl`). Pure: no kernel, tested without root.
 //!
 //! - Every distinct source CIDR gets a class number (IPv4 and IPv6 share one
-//!   numbering so classes never collide in the decision trie); the same for
-//!   destinations.
-//! - A rule's source CIDR `C` covers every class whose CIDR lies inside `C`:
-//!   an address whose longest source match is such a class is in `C`.
-//! - Each rule then yields decision entries for every (covered source class,
-//!   covered destination class, protocol, aligned port block). Where entries
-//!   of several rules coincide or nest, each entry keeps the smallest rule
-//!   index among the rules covering it, so the longest match names the first
-//!   matching rule.
+//!   numbering so classes never collide in the decision trie); so does every
+//!   distinct destination CIDR.
+//! - A rule's source CIDR `C` *applies to* every source class whose CIDR lies
+//!   inside `C`: an address whose longest source match is such a class is in
+//!   `C`.
+//! - For each source class, the destination CIDRs of the rules that apply to
+//!   it go into the destination trie under that class. A destination CIDR
+//!   `D` of such a rule covers every one of those CIDRs inside `D`.
+//! - Each (source class, covered destination class) then gets decision
+//!   entries per protocol and aligned port block. Where entries of several
+//!   rules coincide or nest, each keeps the smallest rule index among the
+//!   rules covering it, so the longest match names the first matching rule.
 //!
-//! The cost: entries = sum over rules of covered-source x covered-destination
-//! classes x port blocks. Policies of node addresses and site subnets stay
-//! near one entry per rule; a rule over a wide CIDR that contains many other
-//! policy CIDRs multiplies. The limit is [`MAX_POLICY_ENTRIES`].
+//! Size: the destination trie holds, per source class, the destination CIDRs
+//! that apply to it; decision entries multiply only where destination CIDRs
+//! that apply to one source class nest. `* -> *` plus N host-to-host rules
+//! is O(N). Many wide, overlapping rules can still reach the limits
+//! ([`MAX_POLICY_ENTRIES`], [`MAX_DST_ENTRIES`]), which are errors that
+//! leave the installed policy alone.
 
 use std::collections::HashMap;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mesh_common::acl::{
-    MAX_CIDRS, MAX_POLICY_ENTRIES, MAX_RULES, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_PROTO, PolicyKey, PolicyValue,
+    MAX_CIDRS, MAX_DST_ENTRIES, MAX_POLICY_ENTRIES, MAX_RULES, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_PROTO, PolicyKey, PolicyValue,
 };
 use mesh_policy::{CompiledPolicy, PolicyError, Proto, RuleId};
 
@@ -34,10 +39,10 @@ pub struct AclTables {
     pub src4: Vec<(Ipv4Net, u32)>,
     /// IPv6 source CIDR -> class.
     pub src6: Vec<(Ipv6Net, u32)>,
-    /// IPv4 destination CIDR -> class.
-    pub dst4: Vec<(Ipv4Net, u32)>,
-    /// IPv6 destination CIDR -> class.
-    pub dst6: Vec<(Ipv6Net, u32)>,
+    /// (source class, IPv4 destination CIDR) -> destination class.
+    pub dst4: Vec<(u32, Ipv4Net, u32)>,
+    /// (source class, IPv6 destination CIDR) -> destination class.
+    pub dst6: Vec<(u32, Ipv6Net, u32)>,
     /// Decision entries: (prefix length, key, value).
     pub policy: Vec<(u32, PolicyKey, PolicyValue)>,
     /// Rule index -> rule id.
@@ -56,6 +61,9 @@ pub enum CompileError {
     /// More than [`MAX_CIDRS`] distinct CIDRs on one side and family.
     #[error("{0} distinct CIDRs on one side; the data path holds at most {MAX_CIDRS}")]
     TooManyCidrs(usize),
+    /// More than [`MAX_DST_ENTRIES`] (source class, destination CIDR) pairs.
+    #[error("the policy needs {0} destination entries; the data path holds at most {MAX_DST_ENTRIES}")]
+    TooManyDstEntries(usize),
     /// The cross product of overlapping CIDRs is larger than the decision
     /// map.
     #[error("the policy needs {0} decision entries; the data path holds at most {MAX_POLICY_ENTRIES}")]
@@ -124,6 +132,24 @@ impl Side {
 /// (src class, dst class, protocol or any, port prefix bits, masked port).
 type EntryId = (u32, u32, Option<u8>, u8, u16);
 
+impl Side {
+    /// Number of classes (v4 and v6).
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    /// The CIDR of class `class`.
+    fn cidr(&self, class: u32) -> IpNet {
+        let i = class as usize - 1;
+        if i < self.v4.len() { IpNet::V4(self.v4[i]) } else { IpNet::V6(self.v6[i - self.v4.len()]) }
+    }
+
+    /// The class of a CIDR of this side.
+    fn class_of(&self, net: &IpNet) -> u32 {
+        self.covered(net).start
+    }
+}
+
 /// Compiles `policy` into map entries.
 pub fn compile(policy: &CompiledPolicy) -> Result<AclTables, CompileError> {
     policy.validate()?;
@@ -133,24 +159,53 @@ pub fn compile(policy: &CompiledPolicy) -> Result<AclTables, CompileError> {
     let src = Side::new(policy.rules.iter().flat_map(|r| r.src.iter()))?;
     let dst = Side::new(policy.rules.iter().flat_map(|r| r.dst.iter()))?;
 
-    // Each entry with the first rule that produced it.
-    let mut entries: HashMap<EntryId, u32> = HashMap::new();
+    // The rules that apply to each source class, in policy order.
+    let mut applies: Vec<Vec<u32>> = vec![Vec::new(); src.len() + 1];
     for (index, rule) in policy.rules.iter().enumerate() {
-        let index = index as u32;
-        let protos = proto_blocks(rule.proto, rule.ports);
         for s in &rule.src {
-            for d in rule.dst.iter().filter(|d| matches!(d, IpNet::V4(_)) == matches!(s, IpNet::V4(_))) {
-                for sc in src.covered(s) {
-                    for dc in dst.covered(d) {
-                        for &(proto, bits, port) in &protos {
-                            let e = entries.entry((sc, dc, proto, bits, port)).or_insert(index);
-                            *e = (*e).min(index);
-                        }
-                        if entries.len() > MAX_POLICY_ENTRIES as usize {
-                            return Err(CompileError::TooManyEntries(entries.len()));
-                        }
+            for sc in src.covered(s) {
+                let list = &mut applies[sc as usize];
+                if list.last() != Some(&(index as u32)) {
+                    list.push(index as u32);
+                }
+            }
+        }
+    }
+
+    let mut dst4 = Vec::new();
+    let mut dst6 = Vec::new();
+    let mut entries: HashMap<EntryId, u32> = HashMap::new();
+    for sc in 1..=src.len() as u32 {
+        let v4 = matches!(src.cidr(sc), IpNet::V4(_));
+        let same_family = |d: &&IpNet| matches!(d, IpNet::V4(_)) == v4;
+        let rules = &applies[sc as usize];
+        // This source class's destination CIDRs, as their own small side.
+        let local = Side::new(rules.iter().flat_map(|&r| policy.rules[r as usize].dst.iter().filter(same_family)))?;
+        for dc_local in 1..=local.len() as u32 {
+            let net = local.cidr(dc_local);
+            let dc = dst.class_of(&net);
+            match net {
+                IpNet::V4(n) => dst4.push((sc, n, dc)),
+                IpNet::V6(n) => dst6.push((sc, n, dc)),
+            }
+        }
+        if dst4.len().max(dst6.len()) > MAX_DST_ENTRIES as usize {
+            return Err(CompileError::TooManyDstEntries(dst4.len().max(dst6.len())));
+        }
+        for &index in rules {
+            let rule = &policy.rules[index as usize];
+            let protos = proto_blocks(rule.proto, rule.ports);
+            for d in rule.dst.iter().filter(same_family) {
+                for dc_local in local.covered(d) {
+                    let dc = dst.class_of(&local.cidr(dc_local));
+                    for &(proto, bits, port) in &protos {
+                        let e = entries.entry((sc, dc, proto, bits, port)).or_insert(index);
+                        *e = (*e).min(index);
                     }
                 }
+            }
+            if entries.len() > MAX_POLICY_ENTRIES as usize {
+                return Err(CompileError::TooManyEntries(entries.len()));
             }
         }
     }
@@ -189,8 +244,8 @@ pub fn compile(policy: &CompiledPolicy) -> Result<AclTables, CompileError> {
         generation: policy.generation,
         src4: src.classes4(),
         src6: src.classes6(),
-        dst4: dst.classes4(),
-        dst6: dst.classes6(),
+        dst4,
+        dst6,
         policy: policy_entries,
         rule_ids: policy.rules.iter().map(|r| r.id).collect(),
     })
@@ -300,6 +355,10 @@ mod tests {
         let any: Vec<_> = t.policy.iter().filter(|(p, _, _)| *p == 64).collect();
         assert_eq!(any.len(), 1, "rule 101's v6 destination has no v6 source");
         assert_eq!(any[0].2.rule_index, 1);
+        // Destinations per source class: the /10 and the /32 see the /24;
+        // the v6 source sees the /48.
+        assert_eq!(t.dst4.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(t.dst6.len(), 1);
         // ICMP: protocols 1 and 58 from class 3 to the v6 dst class.
         assert_eq!(t.policy.iter().filter(|(p, _, _)| *p == 72).count(), 2);
     }
@@ -315,6 +374,20 @@ mod tests {
         };
         let t = compile(&policy).unwrap();
         assert!(t.policy.iter().all(|(_, _, v)| v.rule_index == 0), "rule 1 matches everything rule 2 does");
+    }
+
+    #[test]
+    fn allow_all_plus_host_rules_stays_linear() {
+        let n = 2000u32;
+        let mut rules = vec![rule(0, &["0.0.0.0/0"], &["0.0.0.0/0"], Proto::Any, PortRange::ANY)];
+        for i in 0..n {
+            let a = std::net::Ipv4Addr::from(0x6440_0000 + i);
+            let b = std::net::Ipv4Addr::from(0xC612_0000 + i);
+            rules.push(rule(i + 1, &[&format!("{a}/32")], &[&format!("{b}/32")], Proto::Tcp, PortRange::single(5432)));
+        }
+        let t = compile(&CompiledPolicy { generation: 1, rules }).unwrap();
+        assert!(t.policy.len() <= 3 * n as usize + 1, "{} entries", t.policy.len());
+        assert!(t.dst4.len() <= 2 * n as usize + 1, "{} dst entries", t.dst4.len());
     }
 
     #[test]

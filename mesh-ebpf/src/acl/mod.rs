@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     acl::{
-        AclConfig, AclVerdict, FlowKey, FlowValue, MAX_CIDRS, MAX_FLOWS, MAX_POLICY_ENTRIES, MAX_RULES,
+        AclConfig, AclVerdict, DstKey4, DstKey6, FlowKey, FlowValue, MAX_CIDRS, MAX_DST_ENTRIES, MAX_FLOWS, MAX_POLICY_ENTRIES, MAX_RULES,
         POLICY_PREFIX_FULL, PolicyKey, PolicyValue, SlotMeta,
     },
     counter::PacketCount,
@@ -41,17 +41,17 @@ static SRC4_0: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 #[map(name = "SRC4_1")]
 static SRC4_1: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 #[map(name = "DST4_0")]
-static DST4_0: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+static DST4_0: LpmTrie<DstKey4, u32> = LpmTrie::with_max_entries(MAX_DST_ENTRIES, 0);
 #[map(name = "DST4_1")]
-static DST4_1: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+static DST4_1: LpmTrie<DstKey4, u32> = LpmTrie::with_max_entries(MAX_DST_ENTRIES, 0);
 #[map(name = "SRC6_0")]
 static SRC6_0: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 #[map(name = "SRC6_1")]
 static SRC6_1: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 #[map(name = "DST6_0")]
-static DST6_0: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+static DST6_0: LpmTrie<DstKey6, u32> = LpmTrie::with_max_entries(MAX_DST_ENTRIES, 0);
 #[map(name = "DST6_1")]
-static DST6_1: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+static DST6_1: LpmTrie<DstKey6, u32> = LpmTrie::with_max_entries(MAX_DST_ENTRIES, 0);
 #[map(name = "POLICY_0")]
 static POLICY_0: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, 0);
 #[map(name = "POLICY_1")]
@@ -70,9 +70,9 @@ static RULE_IDS_1: Array<u32> = Array::with_max_entries(MAX_RULES, 0);
 /// One policy slot's maps.
 struct Slot {
     src4: &'static LpmTrie<[u8; 4], u32>,
-    dst4: &'static LpmTrie<[u8; 4], u32>,
+    dst4: &'static LpmTrie<DstKey4, u32>,
     src6: &'static LpmTrie<[u8; 16], u32>,
-    dst6: &'static LpmTrie<[u8; 16], u32>,
+    dst6: &'static LpmTrie<DstKey6, u32>,
     policy: &'static LpmTrie<PolicyKey, PolicyValue>,
     stats: &'static PerCpuArray<PacketCount>,
 }
@@ -188,9 +188,13 @@ fn lookup(slot: &Slot, p: &Packet, len: u64) -> Option<u32> {
     let (src_class, dst_class) = if p.family == 4 {
         let src = [p.src[0], p.src[1], p.src[2], p.src[3]];
         let dst = [p.dst[0], p.dst[1], p.dst[2], p.dst[3]];
-        (*slot.src4.get(Key::new(32, src))?, *slot.dst4.get(Key::new(32, dst))?)
+        let src_class = *slot.src4.get(Key::new(32, src))?;
+        let key = DstKey4 { src_class: src_class.to_be_bytes(), addr: dst };
+        (src_class, *slot.dst4.get(Key::new(64, key))?)
     } else {
-        (*slot.src6.get(Key::new(128, p.src))?, *slot.dst6.get(Key::new(128, p.dst))?)
+        let src_class = *slot.src6.get(Key::new(128, p.src))?;
+        let key = DstKey6 { src_class: src_class.to_be_bytes(), addr: p.dst };
+        (src_class, *slot.dst6.get(Key::new(160, key))?)
     };
     let port = if p.has_ports() { p.dport } else { [0, 0] };
     let key = PolicyKey {
