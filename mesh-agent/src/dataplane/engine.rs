@@ -197,6 +197,12 @@ impl Dataplane {
         self.attach_xdp(PROG_GUARD, ifname)
     }
 
+    /// Points the guard at WireGuard port `wg_port` without attaching it
+    /// (attach_underlay does this too); for tests and re-configuration.
+    pub fn set_wg_port(&mut self, wg_port: u16) -> Result<(), DataplaneError> {
+        guard::set_port(&mut self.ebpf, wg_port)
+    }
+
     /// Attaches the empty XDP program (benchmark baseline).
     pub fn attach_xdp_pass_through(&mut self, ifname: &str) -> Result<(), DataplaneError> {
         self.attach_xdp(PROG_PASS_XDP, ifname)
