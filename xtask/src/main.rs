@@ -6,6 +6,7 @@ mod cmd;
 mod demo;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +30,9 @@ enum Task {
     Demo(demo::Args),
     /// Set up, then run benchmark suites (see bench/README.md).
     Bench(BenchArgs),
+    /// Set up, then run test binaries in a VM on Debian's kernel with
+    /// WireGuard (default: the VM suite that `test` runs).
+    Vm(vm::Args),
 }
 
 #[derive(clap::Args, Debug)]
@@ -52,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test(args) => test::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::Bench(args) => bench(&args),
+        Task::Vm(args) => vm::run(&args),
     }
 }
 

@@ -2,7 +2,8 @@
 //! closing summary line.
 //!
 //! Stages: the workspace's tests under cargo-nextest (unit tests, eBPF
-//! programs through BPF_PROG_TEST_RUN, namespace tests), then the demo check
+//! programs through BPF_PROG_TEST_RUN, namespace tests), then the VM stage
+//! (the kernel-path tests on a WireGuard kernel, see `vm`), then the demo check
 //! (`cargo xtask demo --check`). All run as root in CI; a root test that
 //! cannot run fails.
 
@@ -10,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::{cmd, demo, setup};
+use crate::{cmd, demo, setup, vm};
 
 /// Options of `cargo xtask test`.
 #[derive(clap::Args, Debug)]
@@ -39,6 +40,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
 
     let mut tally = Tally::default();
     nextest(args, &mut tally)?;
+    vm_stage(&mut tally);
     if !args.no_demo {
         stage(&mut tally, "demo --check", || demo::run(&demo::Args { check: true }));
     }
@@ -63,6 +65,18 @@ fn stage(tally: &mut Tally, name: &str, f: impl FnOnce() -> anyhow::Result<()>) 
             tally.failed += 1;
             tally.failures.push(name.to_owned());
         }
+    }
+}
+
+/// The kernel-path tests in the VM (`vm::SUITE`), counted test by test.
+fn vm_stage(tally: &mut Tally) {
+    match vm::suite() {
+        Ok(vm) => {
+            tally.passed += vm.passed;
+            tally.failed += vm.failed;
+            tally.failures.extend(vm.problems.into_iter().map(|p| format!("vm: {p}")));
+        }
+        Err(e) => stage(tally, "vm", || Err(e)),
     }
 }
 
