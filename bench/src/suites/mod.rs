@@ -1,6 +1,8 @@
 //! The suites. Each is `fn run(ctx: &Ctx) -> anyhow::Result<Results>`; the
 //! runner writes its results, table and chart.
 
+pub mod agent;
+
 use crate::{Ctx, Results};
 
 /// A named suite.
@@ -15,4 +17,6 @@ pub struct Suite {
 }
 
 /// Every suite, in the order `all` runs them.
-pub const SUITES: &[Suite] = &[];
+pub const SUITES: &[Suite] = &[
+    Suite { name: "agent", about: agent::ABOUT, run: agent::run },
+];
