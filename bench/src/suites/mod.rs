@@ -2,6 +2,7 @@
 //! runner writes its results, table and chart.
 
 pub mod agent;
+pub mod push;
 
 use crate::{Ctx, Results};
 
@@ -19,4 +20,5 @@ pub struct Suite {
 /// Every suite, in the order `all` runs them.
 pub const SUITES: &[Suite] = &[
     Suite { name: "agent", about: agent::ABOUT, run: agent::run },
+    Suite { name: "push", about: "policy change to the last agent's ack, N simulated agents over gRPC", run: push::run },
 ];

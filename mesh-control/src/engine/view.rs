@@ -191,7 +191,7 @@ pub fn apply(view: &mut pb::NodeView, d: &pb::NodeViewDelta) -> Result<(), Strin
     view.peers.sort_by_key(|p| p.node_id);
     view.routes.retain(|r| !d.removed_routes.contains(&r.prefix) && !d.upsert_routes.iter().any(|u| u.prefix == r.prefix));
     view.routes.extend(d.upsert_routes.iter().cloned());
-    view.routes.sort_by(|a, b| a.prefix.parse::<IpNet>().ok().cmp(&b.prefix.parse::<IpNet>().ok()));
+    view.routes.sort_by_key(|r| r.prefix.parse::<IpNet>().ok());
     if d.mtu != 0 {
         view.mtu = d.mtu;
     }

@@ -241,6 +241,14 @@ impl Store {
         Ok(store)
     }
 
+    /// A transaction that will write. On SQLite it takes the write lock up
+    /// front (`BEGIN IMMEDIATE`): a deferred transaction that reads and then
+    /// writes fails with SQLITE_BUSY when another writer committed in
+    /// between, and the busy timeout cannot help it.
+    async fn write_tx(&self) -> Result<Transaction<'static, Any>> {
+        Ok(if self.backend == "sqlite" { self.pool.begin_with("BEGIN IMMEDIATE").await? } else { self.pool.begin().await? })
+    }
+
     /// `sqlite` or `postgres`.
     #[must_use]
     pub const fn backend(&self) -> &'static str {
@@ -295,7 +303,7 @@ impl Store {
 
     /// Stores a new enrollment key.
     pub async fn create_key(&self, key: &KeyRecord, actor: &str, now: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO enrollment_keys (id, secret_hash, reusable, ephemeral, preapproved, tags, owner, description, \
              created, expires, revoked, uses) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, 0)",
@@ -324,7 +332,7 @@ impl Store {
 
     /// Revokes a key.
     pub async fn revoke_key(&self, id: &str, actor: &str, now: i64) -> Result<KeyRecord> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let before = sqlx::query("SELECT * FROM enrollment_keys WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -373,7 +381,7 @@ impl Store {
         auto_approve: &impl Fn(&KeyRecord, &IpNet) -> bool,
         now: i64,
     ) -> Result<NodeRecord> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let key = sqlx::query("SELECT * FROM enrollment_keys WHERE id = $1")
             .bind(key_id)
             .fetch_optional(&mut *tx)
@@ -401,11 +409,11 @@ impl Store {
         }
         let name = unique_name(&mut tx, &node.hostname).await?;
         let state = if key.preapproved { NodeState::Approved } else { NodeState::Pending };
-        let id: i64 = sqlx::query(&format!(
+        let id: i64 = sqlx::query(
             "INSERT INTO nodes (name, hostname, public_key, addr_index, tags, owner, state, ephemeral, created, \
              last_seen, online, key_expiry, rotation_requested, endpoints, credential_hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, 0, $10, 0, $11, $12) RETURNING id"
-        ))
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, 0, $10, 0, $11, $12) RETURNING id",
+        )
         .bind(&name)
         .bind(&node.hostname)
         .bind(&node.public_key)
@@ -460,7 +468,7 @@ impl Store {
         now: i64,
         change: impl FnOnce(&mut NodeRecord),
     ) -> Result<NodeRecord> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let before = node_in(&mut tx, id).await?;
         let mut after = before.clone();
         change(&mut after);
@@ -544,7 +552,7 @@ impl Store {
 
     /// Removes a node and its routes.
     pub async fn remove_node(&self, id: u64, actor: &str, now: i64) -> Result<NodeRecord> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let before = node_in(&mut tx, id).await?;
         sqlx::query("DELETE FROM routes WHERE node_id = $1").bind(i(id)).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM nodes WHERE id = $1").bind(i(id)).execute(&mut *tx).await?;
@@ -563,7 +571,7 @@ impl Store {
         prefixes: &[(IpNet, bool)],
         now: i64,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let existing: Vec<RouteRecord> = sqlx::query("SELECT * FROM routes WHERE node_id = $1")
             .bind(i(id))
             .fetch_all(&mut *tx)
@@ -607,7 +615,7 @@ impl Store {
         now: i64,
         change: impl FnOnce(&mut RouteRecord),
     ) -> Result<RouteRecord> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let before = route_in(&mut tx, node, prefix).await?;
         let mut after = before.clone();
         change(&mut after);
@@ -665,7 +673,7 @@ impl Store {
 
     /// Makes `text` the active policy; returns its generation.
     pub async fn set_policy(&self, text: &str, actor: &str, now: i64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let before = sqlx::query("SELECT generation, text FROM policies ORDER BY generation DESC LIMIT 1")
             .fetch_optional(&mut *tx)
             .await?;
@@ -719,7 +727,7 @@ impl Store {
 
     /// Stores an admin API token's hash.
     pub async fn add_api_token(&self, id: &str, hash: &str, description: &str, actor: &str, now: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("INSERT INTO api_tokens (id, token_hash, description, created) VALUES ($1, $2, $3, $4)")
             .bind(id)
             .bind(hash)

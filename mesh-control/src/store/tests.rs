@@ -7,7 +7,6 @@
 use super::*;
 
 #[path = "../../../xtask/src/postgres.rs"]
-#[expect(unreachable_pub, reason = "shared with xtask, where it is pub")]
 mod postgres;
 
 /// A PostgreSQL URL, or None (only outside CI) when none can be had.
