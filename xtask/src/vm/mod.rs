@@ -55,7 +55,7 @@ pub(crate) const SUITE: &[(&str, &str)] = &[
 const GUEST_ENV: &[(&str, &str)] = &[("MESH_EXPECT_KERNEL_WG", "1")];
 
 /// Default limit for one VM run; a hung guest fails instead of hanging CI.
-const DEFAULT_TIMEOUT_SECS: u64 = 600;
+const DEFAULT_TIMEOUT_SECS: u64 = 900;
 
 /// Options of `cargo xtask vm`.
 #[derive(clap::Args, Debug)]
