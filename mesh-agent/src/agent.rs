@@ -21,6 +21,7 @@ use tokio::{
 use crate::{
     admin::{Request, Response},
     config::{Config, Enforcement},
+    enforce::DataplaneEnforcer,
     keys::{self, KeyError},
     net::{NetError, rtnl::Rtnl},
     reconcile::{ApplyError, Applier, Local, PolicyEnforcer, Report},
@@ -69,22 +70,21 @@ pub enum AgentError {
     WorkerGone,
 }
 
-/// Builds the policy enforcer the configuration asks for.
-///
-/// `ebpf`: the eBPF dataplane is a separate module (`crate::dataplane`) whose
-/// `PolicyEnforcer` adapter is not wired in yet, so asking for it is an error
-/// rather than a silent fail-open.
+/// Builds the policy enforcer the configuration asks for: the eBPF
+/// dataplane pinned under `<bpf_pin_dir>/<interface>`, or none (logged).
 fn enforcer(config: &Config) -> Result<Option<Box<dyn PolicyEnforcer>>, AgentError> {
     match config.enforcement {
         Enforcement::Off => {
             tracing::warn!("policy enforcement is OFF (enforcement = \"off\"): the overlay is not filtered");
             Ok(None)
         }
-        Enforcement::Ebpf => Err(AgentError::Enforcement(
-            "enforcement = \"ebpf\": the eBPF dataplane enforcer is not wired into the agent yet; \
-             set enforcement = \"off\" to run without policy enforcement"
-                .into(),
-        )),
+        Enforcement::Ebpf => {
+            let pin_dir = config.bpf_pin_dir.join(&config.interface);
+            let underlay = config.underlay_interface.clone().map(|i| (i, config.listen_port));
+            let e = DataplaneEnforcer::open(&pin_dir, underlay)
+                .map_err(|e| AgentError::Enforcement(format!("opening the eBPF dataplane at {}: {e}", pin_dir.display())))?;
+            Ok(Some(Box::new(e)))
+        }
     }
 }
 

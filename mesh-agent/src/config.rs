@@ -61,8 +61,12 @@ pub struct Config {
     pub keep_dataplane_on_exit: bool,
     /// How the policy is enforced.
     pub enforcement: Enforcement,
-    /// bpffs directory where the dataplane pins its maps and programs.
+    /// bpffs directory under which the dataplane pins its maps and links
+    /// (in `<bpf_pin_dir>/<interface>`), so enforcement survives restarts.
     pub bpf_pin_dir: PathBuf,
+    /// The public (underlay) interface: when set, the XDP guard is attached
+    /// to it, checking WireGuard packets to `listen_port`.
+    pub underlay_interface: Option<String>,
     /// Userspace engine: `SO_RCVBUF` of its UDP socket, in bytes (the
     /// receiving socket is what overflows under load).
     pub udp_recv_buffer: usize,
@@ -88,6 +92,7 @@ impl Default for Config {
             keep_dataplane_on_exit: true,
             enforcement: Enforcement::Ebpf,
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/mesh"),
+            underlay_interface: None,
             udp_recv_buffer: 4 << 20,
             udp_send_buffer: 4 << 20,
             engine_threads: 2,

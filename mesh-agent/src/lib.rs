@@ -9,6 +9,7 @@ pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod dataplane;
+pub mod enforce;
 pub mod keys;
 pub mod net;
 pub mod reconcile;
