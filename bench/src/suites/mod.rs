@@ -1,7 +1,9 @@
 //! The suites. Each is `fn run(ctx: &Ctx) -> anyhow::Result<Results>`; the
 //! runner writes its results, table and chart.
 
+pub mod acl;
 pub mod agent;
+pub mod guard;
 pub mod push;
 
 use crate::{Ctx, Results};
@@ -19,6 +21,8 @@ pub struct Suite {
 
 /// Every suite, in the order `all` runs them.
 pub const SUITES: &[Suite] = &[
+    Suite { name: "acl", about: acl::ABOUT, run: acl::run },
+    Suite { name: "guard", about: guard::ABOUT, run: guard::run },
     Suite { name: "agent", about: agent::ABOUT, run: agent::run },
     Suite { name: "push", about: "policy change to the last agent's ack, N simulated agents over gRPC", run: push::run },
 ];

@@ -34,6 +34,9 @@ pub use counters::{Counters, RuleCounter};
 pub use engine::{Dataplane, PROG_ACL_ETH, PROG_ACL_IP, PROG_GUARD, PROG_PASS_TC, PROG_PASS_XDP};
 pub use error::DataplaneError;
 pub use guard::{AllowRule, GuardSettings};
+/// The policy types `install_policy` takes, re-exported for callers that do
+/// not depend on `mesh-policy` themselves (benchmarks).
+pub use mesh_policy::{CompiledPolicy, PortRange, Proto, Rule};
 pub use mesh_common::{
     acl::{AclVerdict, MssEvent},
     counter::PacketCount,
