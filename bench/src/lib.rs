@@ -10,6 +10,7 @@
 pub mod chart;
 pub mod results;
 pub mod suites;
+pub mod util;
 
 pub use results::{Record, Results, Summary};
 

@@ -18,9 +18,12 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         setup::run()?;
     }
     let mut command = Command::new("cargo");
-    command.args(["run", "--release", "--quiet", "-p", "mesh-demo", "--"]);
+    command.args(["run", "--quiet", "-p", "mesh-demo"]);
     if args.check {
-        command.arg("--check");
+        // The test run's debug build: no second, release build of everything.
+        command.args(["--", "--check"]);
+    } else {
+        command.args(["--release", "--"]);
     }
     cmd::run(&mut command)
 }

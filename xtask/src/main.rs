@@ -4,6 +4,7 @@
 
 mod cmd;
 mod demo;
+mod postgres;
 mod setup;
 mod test;
 mod vm;
@@ -62,6 +63,9 @@ fn main() -> anyhow::Result<()> {
 
 fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     setup::run()?;
+    setup::bench_tools()?;
+    // Suites run the agent and control binaries as processes.
+    cmd::run(std::process::Command::new("cargo").args(["build", "--release", "-p", "mesh-agent", "-p", "mesh-control"]))?;
     let out = args.out.clone().unwrap_or_else(|| "bench/results".into());
     let mut command = std::process::Command::new("cargo");
     command.args(["run", "--release", "--quiet", "-p", "mesh-bench", "--"]).args(&args.suites);

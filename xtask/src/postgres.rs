@@ -49,7 +49,7 @@ fn clusters() -> anyhow::Result<Vec<(String, String, String, String)>> {
 
 /// Makes sure a local PostgreSQL runs with the test role and database, and
 /// returns its URL (`postgres://mesh_test:...@127.0.0.1:<port>/mesh_test`).
-pub fn ensure_postgres() -> anyhow::Result<String> {
+pub(crate) fn ensure_postgres() -> anyhow::Result<String> {
     if Command::new("pg_lsclusters").arg("--help").output().is_err() {
         bail!("PostgreSQL is not installed (apt-get install postgresql)");
     }

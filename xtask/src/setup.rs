@@ -90,6 +90,25 @@ fn debian_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The peer WireGuard engines the `tunnel` benchmark compares against
+/// (crate, version, the binary it installs). Built from crates.io.
+const BENCH_ENGINES: &[(&str, &str, &str)] =
+    &[("boringtun-cli", "0.7.1", "boringtun-cli"), ("gotatun-cli", "0.10.2", "gotatun")];
+
+/// Installs what the benchmarks need beyond the tests' set-up.
+pub(crate) fn bench_tools() -> anyhow::Result<()> {
+    for (krate, version, binary) in BENCH_ENGINES {
+        let found = probe(binary, &["--version"]).unwrap_or_default();
+        if found.split_whitespace().any(|w| w == *version) {
+            continue;
+        }
+        eprintln!("xtask: installing {krate} {version} (a baseline engine of the tunnel benchmark)");
+        cmd::run(Command::new("cargo").args(["install", &format!("{krate}@{version}"), "--locked", "--force"]))
+            .with_context(|| format!("installing {krate}"))?;
+    }
+    Ok(())
+}
+
 fn nextest() -> anyhow::Result<()> {
     if probe("cargo", &["nextest", "--version"]).is_some() {
         return Ok(());

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::{cmd, demo, setup, vm};
+use crate::{cmd, demo, postgres, setup, vm};
 
 /// Options of `cargo xtask test`.
 #[derive(clap::Args, Debug)]
@@ -36,10 +36,12 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // Build first so a compile error is reported as one, not as failed tests.
     cmd::run(Command::new("cargo").args(["build", "--all-targets"]))?;
-    cmd::run(Command::new("cargo").args(["build", "--release", "-p", "mesh-demo"]))?;
+
+    // The control plane's store tests run against a real PostgreSQL too.
+    let database_url = postgres::ensure_postgres().context("starting the local PostgreSQL for the store tests")?;
 
     let mut tally = Tally::default();
-    nextest(args, &mut tally)?;
+    nextest(args, &database_url, &mut tally)?;
     vm_stage(&mut tally);
     if !args.no_demo {
         stage(&mut tally, "demo --check", || demo::run(&demo::Args { check: true }));
@@ -80,11 +82,14 @@ fn vm_stage(tally: &mut Tally) {
     }
 }
 
-fn nextest(args: &Args, tally: &mut Tally) -> anyhow::Result<()> {
+fn nextest(args: &Args, database_url: &str, tally: &mut Tally) -> anyhow::Result<()> {
     let junit = cmd::workspace_root().join("target/nextest/ci/junit.xml");
     let _ = std::fs::remove_file(&junit);
     let mut command = Command::new("cargo");
-    command.args(["nextest", "run", "--profile", "ci", "--no-fail-fast"]).args(&args.nextest_args);
+    command
+        .args(["nextest", "run", "--profile", "ci", "--no-fail-fast"])
+        .args(&args.nextest_args)
+        .env("MESH_TEST_DATABASE_URL", database_url);
     let line = cmd::describe(&command);
     eprintln!("xtask: $ {line}");
     let status = command.status().with_context(|| format!("could not start `{line}`"))?;
