@@ -11,7 +11,7 @@ use aya::{
 };
 use mesh_common::counter::{COUNTER_MAP, CounterSlot, PacketCount};
 
-use super::{DataplaneError, load_object};
+use super::{DataplaneError, load_object, program_mut};
 
 /// Where to attach the counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,9 +39,9 @@ impl Counter {
     /// Loads the counter programs (the verifier checks them here).
     pub fn load() -> Result<Self, DataplaneError> {
         let mut ebpf = load_object()?;
-        let xdp: &mut Xdp = program(&mut ebpf, XDP_PROG)?;
+        let xdp: &mut Xdp = program_mut(&mut ebpf, XDP_PROG)?;
         xdp.load().map_err(|source| DataplaneError::Program { what: format!("loading {XDP_PROG}"), source })?;
-        let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROG)?;
+        let tc: &mut SchedClassifier = program_mut(&mut ebpf, TC_PROG)?;
         tc.load().map_err(|source| DataplaneError::Program { what: format!("loading {TC_PROG}"), source })?;
         Ok(Self { ebpf })
     }
@@ -51,7 +51,7 @@ impl Counter {
         let what = format!("attaching the counter ({at:?}) to {ifname}");
         match at {
             CounterAttach::Xdp => {
-                let prog: &mut Xdp = program(&mut self.ebpf, XDP_PROG)?;
+                let prog: &mut Xdp = program_mut(&mut self.ebpf, XDP_PROG)?;
                 prog.attach(ifname, XdpMode::Driver)
                     .or_else(|_| prog.attach(ifname, XdpMode::Skb))
                     .map_err(|source| DataplaneError::Program { what, source })?;
@@ -61,7 +61,7 @@ impl Counter {
                 let _ = tc::qdisc_add_clsact(ifname);
                 let direction =
                     if at == CounterAttach::TcIngress { TcAttachType::Ingress } else { TcAttachType::Egress };
-                let prog: &mut SchedClassifier = program(&mut self.ebpf, TC_PROG)?;
+                let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, TC_PROG)?;
                 prog.attach(ifname, direction).map_err(|source| DataplaneError::Program { what, source })?;
             }
         }
@@ -99,14 +99,4 @@ impl Counter {
             .map_err(|source| DataplaneError::Program { what: format!("test-running {XDP_PROG}"), source })?;
         Ok(result.return_value)
     }
-}
-
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(DataplaneError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| DataplaneError::Program { what: format!("{name} type"), source })
 }

@@ -20,6 +20,7 @@ use mesh_policy::CompiledPolicy;
 
 use super::{
     DataplaneError, EBPF_OBJECT,
+    program_mut,
     acl::InstallReport,
     compile,
     counters::Counters,
@@ -388,14 +389,4 @@ fn open_pinned(pin: &Path, what: &str) -> Result<Option<FdLink>, DataplaneError>
 
 fn link_err(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> DataplaneError {
     DataplaneError::Link { what: what.to_owned(), source: Box::new(e) }
-}
-
-fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(DataplaneError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| DataplaneError::Program { what: format!("{name} type"), source })
 }

@@ -51,3 +51,15 @@ pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!(
 pub(crate) fn load_object() -> Result<aya::Ebpf, DataplaneError> {
     aya::EbpfLoader::new().load(EBPF_OBJECT).map_err(DataplaneError::Load)
 }
+
+/// A program of the object as its concrete type (a missing or mistyped
+/// program is a build mismatch, named in the error).
+pub(crate) fn program_mut<'a, T>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { what: format!("{name} type"), source })
+}
