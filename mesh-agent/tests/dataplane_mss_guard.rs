@@ -40,9 +40,18 @@ fn clamp(dp: &Dataplane, src: &str, dst: &str, flags: u8, options: &[u8]) -> Vec
     out[l4 + 20..l4 + 20 + options.len()].to_vec()
 }
 
+/// One load for the whole binary: each load of the ACL programs costs the
+/// verifier 20-30 s under the VM's TCG (`cargo xtask vm`). The MSS case
+/// uses only the TC ACL and its counters, the guard case only the XDP guard
+/// and its own, so running them in order on one dataplane keeps both exact.
 #[test]
-fn mss_is_clamped_with_correct_checksums_and_nothing_else_changes() {
-    let mut dp = Dataplane::load_unpinned().expect("load");
+fn mss_clamp_and_guard() {
+    let mut dp = Dataplane::load_unpinned().expect("load (verifier)");
+    mss_is_clamped_with_correct_checksums_and_nothing_else_changes(&mut dp);
+    guard_checks_wireguard_messages_rate_limits_unknown_sources_and_enforces_strict_mode(&mut dp);
+}
+
+fn mss_is_clamped_with_correct_checksums_and_nothing_else_changes(dp: &mut Dataplane) {
     dp.install_policy(&allow_all()).unwrap();
     dp.set_mss(MTU).unwrap();
     let mss = |v: u16| [2, 4, (v >> 8) as u8, v as u8];
@@ -51,7 +60,7 @@ fn mss_is_clamped_with_correct_checksums_and_nothing_else_changes() {
     // IPv4 SYN, MSS first (even offset): 1460 -> 1380.
     let mut opts = mss(1460).to_vec();
     opts.extend(sack_ws);
-    let out = clamp(&dp, "100.64.0.1", "198.18.20.5", 0x02, &opts);
+    let out = clamp(dp, "100.64.0.1", "198.18.20.5", 0x02, &opts);
     assert_eq!(out[..4], mss(1380));
     assert_eq!(out[4..], sack_ws, "other options untouched");
 
@@ -59,7 +68,7 @@ fn mss_is_clamped_with_correct_checksums_and_nothing_else_changes() {
     let mut odd = vec![1];
     odd.extend(mss(1460));
     odd.extend([1, 1, 1]);
-    let out = clamp(&dp, "100.64.0.1", "198.18.20.5", 0x02, &odd);
+    let out = clamp(dp, "100.64.0.1", "198.18.20.5", 0x02, &odd);
     assert_eq!(out[1..5], mss(1380));
     assert_eq!(out[0], 1);
     assert_eq!(out[5..], [1, 1, 1]);
@@ -68,13 +77,13 @@ fn mss_is_clamped_with_correct_checksums_and_nothing_else_changes() {
     let mut v6 = sack_ws.to_vec();
     v6.extend([1, 1]);
     v6.extend(mss(1440));
-    let out = clamp(&dp, "fd7a:6d65:7368::2", "fd7a:6d65:7368::1", 0x12, &v6);
+    let out = clamp(dp, "fd7a:6d65:7368::2", "fd7a:6d65:7368::1", 0x12, &v6);
     assert_eq!(out[8..12], mss(1360));
     assert_eq!(out[..8], v6[..8]);
 
     // Already small enough, no MSS option, not a SYN: left alone.
     for (flags, options) in [(0x02, mss(1200).to_vec()), (0x02, sack_ws.to_vec()), (0x10, mss(1460).to_vec())] {
-        let out = clamp(&dp, "100.64.0.1", "198.18.20.5", flags, &options);
+        let out = clamp(dp, "100.64.0.1", "198.18.20.5", flags, &options);
         assert_eq!(out, options);
     }
     let c = dp.counters().unwrap();
@@ -84,7 +93,7 @@ fn mss_is_clamped_with_correct_checksums_and_nothing_else_changes() {
 
     // Clamp off: a SYN keeps its MSS.
     dp.set_mss(0).unwrap();
-    assert_eq!(clamp(&dp, "100.64.0.1", "198.18.20.5", 0x02, &mss(1460)), mss(1460));
+    assert_eq!(clamp(dp, "100.64.0.1", "198.18.20.5", 0x02, &mss(1460)), mss(1460));
 }
 
 const WG_PORT: u16 = 51820;
@@ -101,9 +110,7 @@ fn wg(src: &str, ty: u8, len: usize) -> Vec<u8> {
     f
 }
 
-#[test]
-fn guard_checks_wireguard_messages_rate_limits_unknown_sources_and_enforces_strict_mode() {
-    let mut dp = Dataplane::load_unpinned().expect("load");
+fn guard_checks_wireguard_messages_rate_limits_unknown_sources_and_enforces_strict_mode(dp: &mut Dataplane) {
     dp.set_wg_port(WG_PORT).unwrap();
     dp.set_guard(&GuardSettings { rate_pps: 1, burst: 5, ..GuardSettings::default() }).unwrap();
     fn run_on(dp: &Dataplane, f: &[u8]) -> u32 {
@@ -111,7 +118,7 @@ fn guard_checks_wireguard_messages_rate_limits_unknown_sources_and_enforces_stri
     }
     macro_rules! run {
         ($f:expr) => {
-            run_on(&dp, $f)
+            run_on(dp, $f)
         };
     }
 

@@ -42,7 +42,8 @@ fn rewrite(ctx: &TcContext, l4_off: usize, limit: u16) -> MssEvent {
     if opts_len == 0 || opts_len > MAX_OPTS {
         return MssEvent::NoOption;
     }
-    let mut buf = [0u8; BUF];
+    let mut words = core::mem::MaybeUninit::<[u64; BUF / 8]>::uninit();
+    let buf = zeroed(&mut words);
     // The verifier needs the length visibly within 1..=BUF; the volatile
     // read keeps the compiler from dropping the mask as redundant.
     // SAFETY: reading a local.
@@ -60,7 +61,7 @@ fn rewrite(ctx: &TcContext, l4_off: usize, limit: u16) -> MssEvent {
     if rc != 0 {
         return MssEvent::NoOption;
     }
-    let Some(pos) = find_mss(&buf, opts_len) else { return MssEvent::NoOption };
+    let Some(pos) = find_mss(buf, opts_len) else { return MssEvent::NoOption };
     let at = l4_off + 20 + pos;
     let raw = [buf[pos & (BUF - 1)], buf[(pos + 1) & (BUF - 1)]];
     if u16::from_be_bytes(raw) <= limit {
@@ -79,6 +80,33 @@ fn rewrite(ctx: &TcContext, l4_off: usize, limit: u16) -> MssEvent {
     }
     let _ = ctx.l4_csum_replace(l4_off + 16, u64::from(from), u64::from(to), CSUM_SIZE_2);
     MssEvent::Clamped
+}
+
+/// The option buffer, zeroed without `memset`: the zeroing of a byte
+/// array compiles to a call to the `memset` BPF subprogram, and Linux 6.1
+/// counts that call as one more frame (rounded up to 32 bytes) in the
+/// combined stack of `acl_tc_*` -> `rewrite` -> `memset`, which then exceeds
+/// 512 bytes. Eight volatile word stores stay inline. The buffer must be
+/// zeroed (not left uninitialised): the scan may read past the loaded bytes,
+/// and uninitialised stack reads either fail verification or, with
+/// privileged uninit reads, stop state pruning (E2BIG).
+#[inline(always)]
+fn zeroed(words: &mut core::mem::MaybeUninit<[u64; BUF / 8]>) -> &mut [u8; BUF] {
+    let p = words.as_mut_ptr().cast::<u64>();
+    // SAFETY: every write is inside `words` (BUF / 8 == 8 words); after
+    // them all of it is initialised, [u64; 8] and [u8; 64] have the same
+    // size, u8 the weaker alignment, and any bit pattern is a valid byte.
+    unsafe {
+        core::ptr::write_volatile(p, 0);
+        core::ptr::write_volatile(p.add(1), 0);
+        core::ptr::write_volatile(p.add(2), 0);
+        core::ptr::write_volatile(p.add(3), 0);
+        core::ptr::write_volatile(p.add(4), 0);
+        core::ptr::write_volatile(p.add(5), 0);
+        core::ptr::write_volatile(p.add(6), 0);
+        core::ptr::write_volatile(p.add(7), 0);
+        &mut *p.cast::<[u8; BUF]>()
+    }
 }
 
 /// Offset of the MSS option's value inside the options, walking the
