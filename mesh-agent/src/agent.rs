@@ -109,11 +109,33 @@ pub fn choose_backend(config: &Config) -> Result<Selection, AgentError> {
     Ok(selection)
 }
 
+#[derive(Debug)]
 enum Command {
     Apply(Box<NodeView>, oneshot::Sender<Result<Report, String>>),
     Reconcile(oneshot::Sender<Result<Report, String>>),
     Status(oneshot::Sender<Status>),
     Shutdown,
+}
+
+/// A handle on the reconcile worker for in-process clients (the control
+/// session): requests go through the same channel as the admin socket's.
+#[derive(Clone, Debug)]
+pub struct WorkerHandle(mpsc::Sender<Command>);
+
+impl WorkerHandle {
+    /// Makes `view` desired and reconciles it; the worker's answer.
+    pub async fn apply(&self, view: NodeView) -> Result<Report, String> {
+        let (reply, rx) = oneshot::channel();
+        self.0.send(Command::Apply(Box::new(view), reply)).map_err(|_| "the reconcile thread stopped".to_owned())?;
+        rx.await.map_err(|_| "the reconcile thread stopped".to_owned())?
+    }
+
+    /// The status; `None` if the worker is gone.
+    pub async fn status(&self) -> Option<Status> {
+        let (reply, rx) = oneshot::channel();
+        self.0.send(Command::Status(reply)).ok()?;
+        rx.await.ok()
+    }
 }
 
 /// One node's agent: configuration, backends, state.
@@ -291,6 +313,8 @@ impl Agent {
     pub fn run(mut self) -> Result<(), AgentError> {
         self.startup();
         let socket = self.config.admin_socket();
+        let config = self.config.clone();
+        let public_key = self.applier.public_key();
         let (tx, rx) = mpsc::channel();
         let worker = std::thread::Builder::new()
             .name("reconcile".into())
@@ -300,7 +324,14 @@ impl Agent {
             .enable_all()
             .build()
             .map_err(|source| AgentError::Io { what: "building the runtime".into(), source })?;
-        let served = rt.block_on(serve(&socket, tx.clone()));
+        let served = rt.block_on(async {
+            if config.control.is_some() {
+                tokio::spawn(crate::control::run(config, public_key, WorkerHandle(tx.clone())));
+            } else {
+                tracing::info!("no [control] configured: views come through `mesh-agent apply` only");
+            }
+            serve(&socket, tx.clone()).await
+        });
         let _ = tx.send(Command::Shutdown);
         let _ = worker.join();
         let _ = std::fs::remove_file(&socket);

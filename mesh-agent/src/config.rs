@@ -76,6 +76,60 @@ pub struct Config {
     pub engine_threads: usize,
     /// Log filter (`tracing` env-filter syntax); `RUST_LOG` overrides it.
     pub log: String,
+    /// mesh-control: when set, `run` enrolls (first start), holds the Sync
+    /// stream and applies what control sends. Without it the agent only
+    /// takes views through `mesh-agent apply`.
+    pub control: Option<ControlConfig>,
+}
+
+/// How the agent reaches mesh-control (the `[control]` table).
+///
+/// ```toml
+/// [control]
+/// address = "192.0.2.100:7443"
+/// enrollment_key_file = "/etc/mesh-agent/enroll.key"
+/// advertise_routes = ["198.18.10.0/24"]
+/// endpoints = ["192.0.2.1:51820"]
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Control's gRPC address, `host:port`.
+    pub address: String,
+    /// The enrollment key (`mek1.<id>.<secret>.<ca-pin>`), read on first
+    /// start only: afterwards the credential in `<state_dir>/control.json`
+    /// is used. Prefer `enrollment_key_file`.
+    pub enrollment_key: Option<String>,
+    /// File holding the enrollment key.
+    pub enrollment_key_file: Option<PathBuf>,
+    /// Host name registered at enrollment (default: the machine's).
+    pub hostname: Option<String>,
+    /// Site subnets this gateway advertises.
+    pub advertise_routes: Vec<ipnet::IpNet>,
+    /// Underlay endpoints peers reach this node at (`192.0.2.1:51820`).
+    pub endpoints: Vec<String>,
+    /// Persistent keepalive set on every peer, seconds (0: none).
+    pub persistent_keepalive: u16,
+    /// Seconds between two health reports on the stream.
+    pub health_interval_secs: f64,
+    /// Longest wait between two reconnection attempts, seconds.
+    pub max_backoff_secs: f64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            address: String::new(),
+            enrollment_key: None,
+            enrollment_key_file: None,
+            hostname: None,
+            advertise_routes: Vec::new(),
+            endpoints: Vec::new(),
+            persistent_keepalive: 25,
+            health_interval_secs: 5.0,
+            max_backoff_secs: 5.0,
+        }
+    }
 }
 
 impl Default for Config {
@@ -97,6 +151,7 @@ impl Default for Config {
             udp_send_buffer: 4 << 20,
             engine_threads: 2,
             log: "info".into(),
+            control: None,
         }
     }
 }
@@ -147,7 +202,23 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("{name} = {v} is outside 0.05..=86400")));
             }
         }
+        if let Some(c) = &self.control {
+            if c.address.is_empty() {
+                return Err(ConfigError::Invalid("control.address is empty".into()));
+            }
+            for (name, v) in [("control.health_interval_secs", c.health_interval_secs), ("control.max_backoff_secs", c.max_backoff_secs)] {
+                if !(0.05..=3600.0).contains(&v) {
+                    return Err(ConfigError::Invalid(format!("{name} = {v} is outside 0.05..=3600")));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Where the control credential is kept (mode 0600).
+    #[must_use]
+    pub fn control_credential_path(&self) -> PathBuf {
+        self.state_dir.join("control.json")
     }
 
     /// The private key file.

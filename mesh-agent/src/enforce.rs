@@ -56,7 +56,14 @@ impl PolicyEnforcer for DataplaneEnforcer {
         self.dp.install_policy(policy).map_err(err)?;
         let current = (overlay_if.to_owned(), ifindex(overlay_if));
         if self.attached.as_ref() != Some(&current) {
-            self.dp.attach_overlay(overlay_if).map_err(err)?;
+            if let Err(e) = self.dp.attach_overlay(overlay_if) {
+                // A pinned link left by an earlier agent whose interface is
+                // gone (it was removed on exit, or the node rebooted) cannot
+                // be updated: drop the stale pins and attach afresh.
+                tracing::warn!(interface = overlay_if, error = %e, "replacing stale pinned attachments");
+                self.dp.detach_overlay(overlay_if).map_err(err)?;
+                self.dp.attach_overlay(overlay_if).map_err(err)?;
+            }
             self.attached = Some(current);
         }
         if let Some((ifname, port)) = &self.underlay

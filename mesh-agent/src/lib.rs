@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod agent;
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod enforce;
 pub mod keys;

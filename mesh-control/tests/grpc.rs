@@ -113,7 +113,10 @@ async fn enroll_sync_policy_push_and_refusals() {
     let peer_ids: Vec<u64> = app_view.peers.iter().map(|p| p.node_id).collect();
     assert_eq!(peer_ids, vec![db1.node.id, db2.node.id], "app peers with the db nodes only");
     let db_rules = &s_db1.view.as_ref().unwrap().policy.as_ref().unwrap().rules;
-    assert_eq!(db_rules.len(), 1);
+    // "tag:db:5432" without a proto: TCP, UDP and SCTP on 5432 plus ICMP
+    // (in the dataplane's contract an any-protocol rule has no ports).
+    let protos: Vec<pb::RuleProto> = db_rules.iter().map(|r| r.proto()).collect();
+    assert_eq!(protos, [pb::RuleProto::Tcp, pb::RuleProto::Udp, pb::RuleProto::Sctp, pb::RuleProto::Icmp]);
     assert_eq!(db_rules[0].src, vec!["100.64.0.1/32".to_owned(), "fd7a:6d65:7368::1/128".to_owned()]);
     assert_eq!((db_rules[0].port_first, db_rules[0].port_last), (5432, 5432));
     while s_gw.next(QUIET).await.unwrap().is_some() {}
@@ -126,7 +129,13 @@ async fn enroll_sync_policy_push_and_refusals() {
     assert!(g1 > gen_before[1] && g2 > gen_before[2]);
     assert_eq!(s_db1.received.last(), Some(&false), "a delta, not a snapshot");
     assert_eq!(s_db1.view.as_ref().unwrap().policy.as_ref().unwrap().rules[0].port_first, 6432);
-    assert_eq!(s_app.next(QUIET).await.unwrap(), None, "app's view did not change");
+    // app's egress rule (what it may send, as its dataplane filters both
+    // directions) follows the port.
+    assert!(s_app.next(WAIT).await.unwrap().is_some(), "app's egress rule changes");
+    while s_app.next(QUIET).await.unwrap().is_some() {}
+    let app_rules = &s_app.view.as_ref().unwrap().policy.as_ref().unwrap().rules;
+    assert!(app_rules.iter().all(|r| r.id & 0x8000 != 0), "app only has egress rules: {app_rules:?}");
+    assert!(app_rules.iter().any(|r| r.port_first == 6432), "{app_rules:?}");
     assert_eq!(s_gw.next(QUIET).await.unwrap(), None, "gw's view did not change");
     s_db1.ack(g1).await.unwrap();
     let mut acked = 0;

@@ -87,7 +87,7 @@ pub fn compute(input: &ViewInput<'_>, selector: &mut RouteSelector) -> Views {
 
     // Compile the policy against the active nodes.
     let inv = inventory(snap, now);
-    let compiled = policy::compile(input.policy, &inv, input.policy_generation);
+    let compiled = policy::compile_for_dataplane(input.policy, &inv, input.policy_generation);
     // Peers: nodes some ACL entry connects, in either direction.
     let mut peers: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); inv.len()];
     for (src, dst) in policy::connectivity(input.policy, &inv) {

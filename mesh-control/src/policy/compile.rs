@@ -106,7 +106,10 @@ fn dst_hits<'a>(
     })
 }
 
-/// The nodes a source target covers (those with an overlay address in it).
+/// The nodes a source target covers: those with an overlay address in it,
+/// and the gateways of site routes that overlap it (site-to-site traffic
+/// from a LAN host enters the overlay at its gateway, so that gateway needs
+/// the destination as a peer).
 fn src_nodes(policy: &Policy, inv: &Inventory, target: &Target) -> Vec<usize> {
     let nets = match target {
         Target::Host(_) | Target::Cidr(_) => resolve(policy, inv, target),
@@ -114,7 +117,10 @@ fn src_nodes(policy: &Policy, inv: &Inventory, target: &Target) -> Vec<usize> {
     };
     inv.iter()
         .enumerate()
-        .filter(|(_, n)| n.addrs.iter().any(|a| nets.iter().any(|c| c.contains(a))))
+        .filter(|(_, n)| {
+            n.addrs.iter().any(|a| nets.iter().any(|c| c.contains(a)))
+                || n.routes.iter().any(|r| nets.iter().any(|c| intersect(*c, *r).is_some()))
+        })
         .map(|(i, _)| i)
         .collect()
 }
@@ -173,6 +179,93 @@ pub fn compile(policy: &Policy, inv: &Inventory, generation: u64) -> BTreeMap<u6
             (node.id, CompiledPolicy { generation, rules })
         })
         .collect()
+}
+
+/// Bit set in the low 16 bits of the id of a rule [`compile_for_dataplane`]
+/// adds for traffic a node sends (`id >> 16` is still the ACL line).
+pub const EGRESS_RULE_BIT: u32 = 0x8000;
+
+/// Splits a rule of any protocol restricted to some ports into what the
+/// policy means (TCP, UDP and SCTP on those ports, and ICMP, as
+/// [`accepts`] evaluates it): in the `mesh_policy` contract a
+/// [`Proto::Any`] rule ignores its ports. Other IP protocols are left out
+/// (stricter than [`accepts`]). The variants' ids carry the protocol in
+/// bits 12-13 (`id >> 16` is still the ACL line).
+fn split_any_with_ports(rules: Vec<Rule>) -> Vec<Rule> {
+    let mut out = Vec::with_capacity(rules.len());
+    for r in rules {
+        if r.proto != Proto::Any || r.ports == PortRange::ANY {
+            out.push(r);
+            continue;
+        }
+        for (variant, proto) in [(0u32, Proto::Tcp), (1, Proto::Udp), (2, Proto::Sctp), (3, Proto::Icmp)] {
+            out.push(Rule {
+                id: r.id | (variant << 12),
+                proto,
+                ports: if proto == Proto::Icmp { PortRange::ANY } else { r.ports },
+                ..r.clone()
+            });
+        }
+    }
+    out
+}
+
+/// What an agent installs: [`compile`]'s ingress rules plus, for every ACL
+/// entry whose sources overlap what the node serves (its overlay addresses,
+/// its site routes), an egress rule from that overlap to the entry's
+/// destinations. The agent's eBPF ACL filters both directions of the overlay
+/// interface with one rule set, so a gateway must also admit what its own
+/// site sends (and, by accepting it, lets the replies back in). The
+/// destination gateway still decides on ingress: a packet is checked on both
+/// sides against the same policy.
+#[must_use]
+pub fn compile_for_dataplane(policy: &Policy, inv: &Inventory, generation: u64) -> BTreeMap<u64, CompiledPolicy> {
+    let mut out = compile(policy, inv, generation);
+    for (i, acl) in policy.acls.iter().enumerate() {
+        let sources: BTreeSet<IpNet> = acl.src.iter().flat_map(|t| resolve(policy, inv, t)).collect();
+        if sources.is_empty() {
+            continue;
+        }
+        // Destinations of the entry, by port range.
+        let mut by_ports: BTreeMap<PortRange, BTreeSet<IpNet>> = BTreeMap::new();
+        for d in &acl.dst {
+            let nets: Vec<IpNet> = match &d.target {
+                Target::Any | Target::Host(_) | Target::Cidr(_) => resolve(policy, inv, &d.target),
+                _ => dst_hits(policy, inv, &d.target).flat_map(|(_, hit)| hit).collect(),
+            };
+            for p in &d.ports {
+                by_ports.entry(*p).or_default().extend(nets.iter().copied());
+            }
+        }
+        for n in inv {
+            let served = n.served();
+            let src: BTreeSet<IpNet> =
+                sources.iter().flat_map(|c| served.iter().filter_map(|s| intersect(*c, *s))).collect();
+            if src.is_empty() {
+                continue;
+            }
+            let Some(compiled) = out.get_mut(&n.id) else { continue };
+            for (k, (ports, dst)) in by_ports.iter().enumerate() {
+                if dst.is_empty() {
+                    continue;
+                }
+                let id = (u32::try_from(i).unwrap_or(u32::MAX >> 16) << 16)
+                    | EGRESS_RULE_BIT
+                    | (u32::try_from(k).unwrap_or(0x7fff) & 0x7fff);
+                compiled.rules.push(Rule {
+                    id,
+                    src: src.iter().copied().collect(),
+                    dst: dst.iter().copied().collect(),
+                    proto: acl.proto,
+                    ports: *ports,
+                });
+            }
+        }
+    }
+    for compiled in out.values_mut() {
+        compiled.rules = split_any_with_ports(std::mem::take(&mut compiled.rules));
+    }
+    out
 }
 
 /// Whether `policy` accepts a packet (the `mesh_policy` semantics: default

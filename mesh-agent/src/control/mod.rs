@@ -1,0 +1,295 @@
+//! The agent's side of mesh-control: enrollment (first start, with the
+//! enrollment key) or the stored credential (later), the Sync stream, each
+//! generation converted and applied through the reconcile worker then
+//! acknowledged, health reports, and reconnection with backoff.
+//!
+//! While control is away nothing is torn down: the worker keeps the last
+//! applied view (persisted, re-applied at restart), so forwarding and
+//! enforcement go on (fail-static).
+
+pub mod convert;
+
+use std::{
+    io::Write as _,
+    path::Path,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use mesh_control::{
+    auth::EnrollmentKeyText,
+    client::{self, Trust},
+    engine::view as pbview,
+    sim::Bearer,
+};
+use mesh_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
+use serde::{Deserialize, Serialize};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{
+    agent::WorkerHandle,
+    config::{Config, ControlConfig},
+    keys::PublicKey,
+    status::Status,
+};
+
+/// The credential control gave at enrollment, kept in
+/// `<state_dir>/control.json` (0600).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Credential {
+    /// Our node id at control.
+    pub node_id: u64,
+    /// Node name control assigned.
+    pub name: String,
+    /// Bearer token.
+    pub token: String,
+    /// SHA-256 of control's CA certificate (hex).
+    pub ca_pin: String,
+    /// Expiry of the credential (unix seconds).
+    pub expires_unix: i64,
+}
+
+/// Why a session with control ended.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SessionError(String);
+
+/// Maps an error to a [`SessionError`] saying what failed, with the whole
+/// source chain (transport errors hide the useful part in their sources).
+fn err<E: Into<Box<dyn std::error::Error + Send + Sync>>>(what: &str) -> impl Fn(E) -> SessionError + '_ {
+    move |e| {
+        let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+        let mut text = format!("{what}: {e}");
+        let mut source = e.source();
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        SessionError(text)
+    }
+}
+
+impl Credential {
+    fn pin(&self) -> Result<[u8; 32], SessionError> {
+        hex::decode(&self.ca_pin).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| SessionError("bad CA pin in the credential".into()))
+    }
+
+    /// Reads the stored credential, if any.
+    pub fn load(path: &Path) -> Result<Option<Self>, SessionError> {
+        match std::fs::read_to_string(path) {
+            Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| SessionError(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SessionError(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    fn save(&self, path: &Path) -> Result<(), SessionError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_vec_pretty(self).map_err(|e| SessionError(e.to_string()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(err("writing the credential"))?;
+        f.write_all(&text).and_then(|()| f.sync_all()).map_err(err("writing the credential"))?;
+        std::fs::rename(&tmp, path).map_err(err("writing the credential"))
+    }
+}
+
+fn hostname(cc: &ControlConfig) -> String {
+    cc.hostname.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "mesh-agent".into(), |h| h.trim().to_owned())
+    })
+}
+
+fn enrollment_key(cc: &ControlConfig) -> Result<String, SessionError> {
+    if let Some(k) = &cc.enrollment_key {
+        return Ok(k.trim().to_owned());
+    }
+    let path = cc.enrollment_key_file.as_ref().ok_or_else(|| {
+        SessionError("not enrolled yet and no control.enrollment_key or control.enrollment_key_file configured".into())
+    })?;
+    std::fs::read_to_string(path).map(|k| k.trim().to_owned()).map_err(|e| SessionError(format!("{}: {e}", path.display())))
+}
+
+/// The stored credential, or a new one from enrolling with the key.
+async fn credential(config: &Config, cc: &ControlConfig, public_key: PublicKey) -> Result<Credential, SessionError> {
+    let path = config.control_credential_path();
+    if let Some(c) = Credential::load(&path)? {
+        return Ok(c);
+    }
+    let key = enrollment_key(cc)?;
+    let parsed = EnrollmentKeyText::parse(&key).ok_or_else(|| SessionError("the enrollment key is malformed".into()))?;
+    let pin = parsed.ca_pin.ok_or_else(|| SessionError("the enrollment key carries no CA pin".into()))?;
+    let channel = client::connect(&cc.address, &Trust::Pin(pin)).await.map_err(err("connecting to control"))?;
+    let resp = AgentServiceClient::new(channel)
+        .enroll(pb::EnrollRequest {
+            capabilities: Some(mesh_proto::capabilities("mesh-agent")),
+            enrollment_key: key,
+            wireguard_public_key: public_key.0.to_vec(),
+            hostname: hostname(cc),
+            advertised_routes: cc.advertise_routes.iter().map(ToString::to_string).collect(),
+            endpoints: cc.endpoints.clone(),
+        })
+        .await
+        .map_err(err("enrolling"))?
+        .into_inner();
+    let node = resp.node.ok_or_else(|| SessionError("enrollment: no node in the answer".into()))?;
+    let cred = resp.credential.ok_or_else(|| SessionError("enrollment: no credential in the answer".into()))?;
+    let c = Credential { node_id: node.id, name: node.name, token: cred.token, ca_pin: hex::encode(pin), expires_unix: cred.expires_unix };
+    c.save(&path)?;
+    tracing::info!(node = c.node_id, name = %c.name, state = ?node.state, "enrolled with control");
+    Ok(c)
+}
+
+/// Seconds since the epoch, as an integer.
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The health report from the agent's status: per-peer handshake age and
+/// the health of the routes this node advertises.
+#[must_use]
+pub fn health_report(status: &Status, view: Option<&pb::NodeView>, route_health: &[(String, bool, String)]) -> pb::HealthReport {
+    let now = now_secs();
+    let ids: std::collections::BTreeMap<Vec<u8>, u64> =
+        view.map(|v| v.peers.iter().map(|p| (p.wireguard_public_key.clone(), p.node_id)).collect()).unwrap_or_default();
+    let peers = status
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let id = *ids.get(p.public_key.0.as_slice())?;
+            let age = p.last_handshake_unix.map_or(-1, |t| (now - i64::try_from(t).unwrap_or(now)).max(0) * 1000);
+            Some(pb::PeerHealth { node_id: id, handshake_age_ms: age, probe_rtt_ms: 0.0, probe_loss: 0.0 })
+        })
+        .collect();
+    let (rx, tx) = status.peers.iter().fold((0, 0), |(r, t), p| (r + p.rx_bytes, t + p.tx_bytes));
+    pb::HealthReport {
+        peers,
+        routes: route_health.iter().map(|(p, h, d)| pb::RouteHealth { prefix: p.clone(), healthy: *h, detail: d.clone() }).collect(),
+        counters: Some(pb::DataplaneCounters { rx_bytes: rx, tx_bytes: tx, ..Default::default() }),
+    }
+}
+
+/// Whether an advertised route can be served: the node has an interface
+/// address inside it on an interface that is up (a gateway that lost its
+/// LAN link reports the route unhealthy).
+fn route_health(cc: &ControlConfig) -> Vec<(String, bool, String)> {
+    cc.advertise_routes
+        .iter()
+        .map(|p| {
+            let healthy = lan_up(p);
+            let detail = if healthy { "LAN interface up" } else { "no up interface with an address in the prefix" };
+            (p.to_string(), healthy, detail.to_owned())
+        })
+        .collect()
+}
+
+/// Whether an up, running interface has an address inside `prefix`.
+fn lan_up(prefix: &ipnet::IpNet) -> bool {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return true };
+    addrs.into_iter().any(|ifa| {
+        let up = ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
+            && ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_RUNNING);
+        let ip = ifa.address.as_ref().and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|s| std::net::IpAddr::V4(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())))
+        });
+        up && ip.is_some_and(|ip| prefix.contains(&ip))
+    })
+}
+
+/// One session: credential, stream, apply/ack until the stream breaks.
+/// `got_view` is set once control sent something (to reset the backoff).
+async fn session(
+    config: &Config,
+    cc: &ControlConfig,
+    public_key: PublicKey,
+    worker: &WorkerHandle,
+    got_view: &mut bool,
+) -> Result<(), SessionError> {
+    let cred = credential(config, cc, public_key).await?;
+    let channel = client::connect(&cc.address, &Trust::Pin(cred.pin()?)).await.map_err(err("connecting to control"))?;
+    let mut client = AgentServiceClient::with_interceptor(channel, Bearer(Some(cred.token.clone())));
+    let status = worker.status().await.ok_or_else(|| SessionError("the reconcile worker stopped".into()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let send = |msg| {
+        let tx = tx.clone();
+        async move { tx.send(pb::SyncRequest { msg: Some(msg) }).await.map_err(|_| SessionError("stream closed".into())) }
+    };
+    send(pb::sync_request::Msg::Hello(pb::SyncHello {
+        capabilities: Some(mesh_proto::capabilities("mesh-agent")),
+        last_generation: status.applied_generation.unwrap_or(0),
+        endpoints: cc.endpoints.clone(),
+        node_id: cred.node_id,
+    }))
+    .await?;
+    let mut stream = client.sync(ReceiverStream::new(rx)).await.map_err(err("opening the sync stream"))?.into_inner();
+    tracing::info!(node = cred.node_id, address = %cc.address, "sync stream open");
+    let local = convert::Local { advertised: cc.advertise_routes.clone(), persistent_keepalive: cc.persistent_keepalive };
+    let mut current: Option<pb::NodeView> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(cc.health_interval_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = stream.message() => {
+                let msg = msg.map_err(err("sync stream"))?.ok_or_else(|| SessionError("control ended the stream".into()))?;
+                let kind = match msg.msg {
+                    Some(pb::sync_response::Msg::Snapshot(v)) => { current = Some(v); "snapshot" }
+                    Some(pb::sync_response::Msg::Delta(d)) => {
+                        let v = current.as_mut().ok_or_else(|| SessionError("delta before any snapshot".into()))?;
+                        // A delta on the wrong base: reconnect, the new stream starts with a snapshot.
+                        pbview::apply(v, &d).map_err(err("applying a delta"))?;
+                        "delta"
+                    }
+                    None => continue,
+                };
+                *got_view = true;
+                let Some(v) = current.as_ref() else { continue };
+                let generation = v.generation;
+                let started = Instant::now();
+                let result = match convert::node_view(v, &local) {
+                    Ok(nv) => worker.apply(nv).await.map(|_| ()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match &result {
+                    Ok(()) => tracing::info!(generation, kind, ms = started.elapsed().as_secs_f64() * 1e3, "applied view from control"),
+                    Err(e) => tracing::error!(generation, kind, error = %e, "view from control not applied"),
+                }
+                send(pb::sync_request::Msg::Ack(pb::Ack { generation, error: result.err().unwrap_or_default() })).await?;
+            }
+            _ = tick.tick() => {
+                let Some(st) = worker.status().await else { return Err(SessionError("the reconcile worker stopped".into())) };
+                let report = health_report(&st, current.as_ref(), &route_health(cc));
+                send(pb::sync_request::Msg::Health(report)).await?;
+            }
+        }
+    }
+}
+
+/// Runs forever: sessions with control, reconnecting with exponential
+/// backoff (capped at `max_backoff_secs`, with jitter) in between.
+pub async fn run(config: Config, public_key: PublicKey, worker: WorkerHandle) {
+    let Some(cc) = config.control.clone() else { return };
+    let min = Duration::from_millis(100);
+    let max = Duration::from_secs_f64(cc.max_backoff_secs);
+    let mut backoff = min;
+    loop {
+        let mut got_view = false;
+        match session(&config, &cc, public_key, &worker, &mut got_view).await {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "control session ended; keeping the last applied view"),
+        }
+        if got_view {
+            backoff = min;
+        }
+        // Jitter (0-25 %) so a fleet does not reconnect in lockstep after a control restart.
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let wait = backoff + backoff.mul_f64(f64::from(nanos % 1000) / 4000.0);
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(max);
+    }
+}
