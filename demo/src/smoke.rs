@@ -65,3 +65,65 @@ pub(crate) fn quantile(v: &[f64], q: f64) -> f64 {
     let i = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
     s[i]
 }
+
+/// A continuous one-way UDP flow (a datagram every 2 ms); the receiver
+/// keeps arrival times, so an outage is the longest gap between two.
+#[derive(Debug)]
+pub(crate) struct Flow {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    arrivals: std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+}
+
+impl Flow {
+    /// Starts the flow from `from` to `to` (bound on `to_host`).
+    pub(crate) fn start(from: &Host, to_host: &Host, to: SocketAddr) -> anyhow::Result<Self> {
+        use std::sync::{Arc, Mutex, atomic::{AtomicBool, Ordering}};
+        let stop = Arc::new(AtomicBool::new(false));
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let rx = to_host.run(move || std::net::UdpSocket::bind(to))??;
+        rx.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let tx = from.run(|| std::net::UdpSocket::bind("0.0.0.0:0"))??;
+        let (s, a) = (stop.clone(), arrivals.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !s.load(Ordering::Relaxed) {
+                if rx.recv(&mut buf).is_ok() {
+                    a.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(std::time::Instant::now());
+                }
+            }
+        });
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            let mut seq = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let _ = tx.send_to(&seq.to_be_bytes(), to);
+                seq += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Ok(Self { stop, arrivals })
+    }
+
+    /// Datagrams received so far.
+    pub(crate) fn received(&self) -> usize {
+        self.arrivals.lock().map_or(0, |a| a.len())
+    }
+
+    /// The longest gap between two arrivals after `since`.
+    pub(crate) fn longest_gap_since(&self, since: std::time::Instant) -> Duration {
+        let Ok(a) = self.arrivals.lock() else { return Duration::MAX };
+        let mut prev = since;
+        let mut worst = Duration::ZERO;
+        for t in a.iter().filter(|t| **t >= since) {
+            worst = worst.max(t.duration_since(prev));
+            prev = *t;
+        }
+        worst
+    }
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
