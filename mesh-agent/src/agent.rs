@@ -325,6 +325,9 @@ impl Agent {
             .build()
             .map_err(|source| AgentError::Io { what: "building the runtime".into(), source })?;
         let served = rt.block_on(async {
+            if let Some(addr) = config.metrics_listen {
+                tokio::spawn(crate::metrics::serve(addr, WorkerHandle(tx.clone())));
+            }
             if config.control.is_some() {
                 tokio::spawn(crate::control::run(config, public_key, WorkerHandle(tx.clone())));
             } else {

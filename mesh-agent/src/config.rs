@@ -76,6 +76,9 @@ pub struct Config {
     pub engine_threads: usize,
     /// Log filter (`tracing` env-filter syntax); `RUST_LOG` overrides it.
     pub log: String,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`), e.g.
+    /// `127.0.0.1:9300`; none by default.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// mesh-control: when set, `run` enrolls (first start), holds the Sync
     /// stream and applies what control sends. Without it the agent only
     /// takes views through `mesh-agent apply`.
@@ -151,6 +154,7 @@ impl Default for Config {
             udp_send_buffer: 4 << 20,
             engine_threads: 2,
             log: "info".into(),
+            metrics_listen: None,
             control: None,
         }
     }

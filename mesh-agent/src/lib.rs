@@ -12,6 +12,7 @@ pub mod control;
 pub mod dataplane;
 pub mod enforce;
 pub mod keys;
+pub mod metrics;
 pub mod net;
 pub mod reconcile;
 pub mod state;

@@ -159,6 +159,12 @@ impl Status {
         };
         gauge("mesh_agent_peer_rx_bytes", "Bytes received from the peer.", per_peer(&|p| Some(p.rx_bytes as f64)));
         gauge("mesh_agent_peer_tx_bytes", "Bytes sent to the peer.", per_peer(&|p| Some(p.tx_bytes as f64)));
+        let now = unix_now();
+        gauge(
+            "mesh_agent_peer_handshake_age_seconds",
+            "Seconds since the last handshake with the peer.",
+            per_peer(&|p| p.last_handshake_unix.map(|t| (now - t as f64).max(0.0))),
+        );
         gauge(
             "mesh_agent_peer_last_handshake_seconds",
             "Time of the last handshake (seconds since the epoch).",

@@ -150,6 +150,7 @@ impl Gateway {
             "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{state}\"\n\
              enforcement = \"{enf}\"\nbpf_pin_dir = \"{bpf}\"\nkeep_dataplane_on_exit = false\n\
              reconcile_interval_secs = 1\nretry_interval_secs = 0.5\nlog = \"info,mesh_agent=debug\"\n\
+             metrics_listen = \"127.0.0.1:9300\"\n\
              [control]\naddress = \"{CONTROL}\"\nenrollment_key_file = \"{key}\"\nhostname = \"{name}\"\n\
              advertise_routes = [\"{lan}\"]\nendpoints = [\"{underlay}:51820\"]\nhealth_interval_secs = 1\n\
              max_backoff_secs = 1\npersistent_keepalive = 5\n",
@@ -313,6 +314,33 @@ fn agents_follow_control_and_survive_its_restart() {
         let nodes = rt.block_on(async { admin(ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes });
         nodes.len() == 2 && nodes.iter().all(|n| n.online && n.acked_generation > 0)
     });
+
+    // The metrics endpoint: Prometheus text that promtool accepts.
+    let body = nyc
+        .host
+        .run(|| {
+            let mut s = TcpStream::connect("127.0.0.1:9300").unwrap();
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .unwrap();
+    let (head, metrics) = body.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    for m in ["mesh_agent_up 1", "mesh_agent_policy_enforced 1", "mesh_agent_peer_handshake_age_seconds{", "mesh_agent_wireguard_backend{"] {
+        assert!(metrics.contains(m), "{m} missing:\n{metrics}");
+    }
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (xtask setup installs it)");
+    promtool.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(out.status.success(), "promtool check metrics: {}{}\n{metrics}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 
     // Control goes away: forwarding and enforcement go on.
     control.stop();

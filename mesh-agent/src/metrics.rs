@@ -1,0 +1,44 @@
+//! The agent's metrics endpoint: Prometheus text over plain HTTP on
+//! `metrics_listen` (GET /metrics), rendered from the live status.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::agent::WorkerHandle;
+
+/// Serves `GET /metrics` on `addr` until the runtime stops.
+pub async fn serve(addr: SocketAddr, worker: WorkerHandle) {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "metrics endpoint not available");
+            return;
+        }
+    };
+    tracing::info!(%addr, "metrics endpoint ready");
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let worker = worker.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = stream.read(&mut buf).await.unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if request.starts_with("GET /metrics") {
+                match worker.status().await {
+                    Some(s) => ("200 OK", s.prometheus()),
+                    None => ("503 Service Unavailable", "the reconcile thread stopped\n".to_owned()),
+                }
+            } else {
+                ("404 Not Found", "try /metrics\n".to_owned())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
