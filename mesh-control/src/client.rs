@@ -12,7 +12,11 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest as _, Sha256};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Endpoint, Uri};
+
+/// The channel type [`connect`] and [`connect_unix`] return (re-exported so
+/// that callers can name clients without depending on tonic themselves).
+pub use tonic::transport::Channel;
 
 /// What to trust.
 #[derive(Clone, Debug)]

@@ -3,6 +3,7 @@
 
 pub mod acl;
 pub mod agent;
+pub mod failover;
 pub mod guard;
 pub mod push;
 pub mod tunnel;
@@ -26,5 +27,6 @@ pub const SUITES: &[Suite] = &[
     Suite { name: "guard", about: guard::ABOUT, run: guard::run },
     Suite { name: "agent", about: agent::ABOUT, run: agent::run },
     Suite { name: "push", about: "policy change to the last agent's ack, N simulated agents over gRPC", run: push::run },
+    Suite { name: "failover", about: failover::ABOUT, run: failover::run },
     Suite { name: "tunnel", about: "WireGuard tunnel throughput per engine (iperf3 TCP/UDP)", run: tunnel::run },
 ];

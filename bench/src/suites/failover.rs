@@ -1,0 +1,388 @@
+//! `failover`: outage seen by a continuous one-way UDP flow (a datagram
+//! every 2 ms, app-nyc -> db-fsn) when fsn's primary gateway (1) is killed,
+//! process and links, or (2) loses its LAN; and the time from a policy
+//! change at control to the first packet whose verdict flips on the
+//! gateways (a flow to a denied port starts arriving). Real mesh-control,
+//! real agents (userspace WireGuard, eBPF ACL) in lab namespaces.
+
+use std::{
+    fs::File,
+    net::{SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use mesh_lab::{Host, Lab, Process};
+use mesh_proto::v1 as pb;
+use mesh_proto::v1::admin_service_client::AdminServiceClient;
+
+use crate::{Ctx, Results};
+
+/// One line for the suite list.
+pub const ABOUT: &str = "gateway failover outage (primary killed / LAN lost) and policy-change-to-enforcement time";
+
+const SUITE: &str = "failover";
+const CONTROL: &str = "192.0.2.100:7443";
+const HOLD_DOWN_SECS: i64 = 2;
+
+fn policy(extra_port: Option<u16>) -> String {
+    let extra = extra_port.map_or_else(String::new, |p| format!(", \"db-fsn:{p}\""));
+    format!(
+        r#"{{
+  "tagOwners": {{"tag:gw": []}},
+  "hosts": {{"app-nyc": "198.18.10.10/32", "db-fsn": "198.18.20.20/32"}},
+  "autoApprovers": {{"routes": {{"198.18.10.0/24": ["tag:gw"], "198.18.20.0/24": ["tag:gw"]}}}},
+  "acls": [
+    {{"action": "accept", "src": ["app-nyc"], "dst": ["db-fsn:9000"{extra}], "proto": "udp"}},
+  ],
+}}"#
+    )
+}
+
+/// Builds (if needed) and finds the `mesh-agent` binary next to this one.
+fn agent_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("bench binary has no directory")?;
+    let release = dir.file_name().is_some_and(|n| n == "release");
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo.args(["build", "-q", "-p", "mesh-agent", "--bin", "mesh-agent"]);
+    if release {
+        cargo.arg("--release");
+    }
+    if !cargo.status().context("running cargo to build mesh-agent")?.success() {
+        bail!("building mesh-agent failed");
+    }
+    Ok(dir.join("mesh-agent"))
+}
+
+/// mesh-control on a thread inside the `ctl` namespace.
+struct Control {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Control {
+    fn start(host: &Host, dir: &Path) -> anyhow::Result<Self> {
+        let (host, dir) = (host.clone(), dir.to_owned());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let thread = std::thread::spawn(move || {
+            let ok_tx = ready_tx.clone();
+            let run = move || -> Result<(), String> {
+                host.enter_current_thread().map_err(|e| e.to_string())?;
+                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| e.to_string())?;
+                rt.block_on(async move {
+                    let config = mesh_control::config::Config {
+                        listen: CONTROL.parse().map_err(|e: std::net::AddrParseError| e.to_string())?,
+                        tls_names: vec!["192.0.2.100".into()],
+                        data_dir: dir.clone(),
+                        metrics_listen: None,
+                        admin_socket: Some(dir.join("admin.sock")),
+                        poll_interval_ms: 100,
+                        hold_down_secs: HOLD_DOWN_SECS,
+                        ..mesh_control::config::Config::default()
+                    };
+                    let running = mesh_control::run::start(&config).await.map_err(|e| e.to_string())?;
+                    let _ = ok_tx.send(Ok(()));
+                    let _ = stopped.await;
+                    running.shutdown();
+                    Ok::<(), String>(())
+                })
+            };
+            if let Err(e) = run() {
+                let _ = ready_tx.send(Err(e));
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(30))?.map_err(|e| anyhow::anyhow!("mesh-control: {e}"))?;
+        Ok(Self { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+type Admin = AdminServiceClient<mesh_control::client::Channel>;
+
+struct Env {
+    rt: tokio::runtime::Runtime,
+    dir: PathBuf,
+}
+
+impl Env {
+    fn admin<T>(&self, f: impl AsyncFnOnce(&mut Admin) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        self.rt.block_on(async {
+            let mut a = AdminServiceClient::new(mesh_control::client::connect_unix(&self.dir.join("admin.sock")).await?);
+            f(&mut a).await
+        })
+    }
+
+    fn primary(&self, prefix: &str) -> String {
+        self.admin(async |a| {
+            let routes = a.list_routes(pb::Empty {}).await?.into_inner().routes;
+            Ok(routes.iter().find(|r| r.prefix == prefix && r.primary).map(|r| r.node_name.clone()).unwrap_or_default())
+        })
+        .unwrap_or_default()
+    }
+}
+
+/// bpffs outside /sys (`ip netns exec` remounts /sys).
+struct BpfFs(tempfile::TempDir);
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+struct Gateway {
+    host: Host,
+    config: PathBuf,
+    log: PathBuf,
+    agent: Option<Process>,
+}
+
+impl Gateway {
+    fn start(&mut self, bin: &Path) -> anyhow::Result<()> {
+        let log = File::options().create(true).append(true).open(&self.log)?;
+        let mut cmd = self.host.command(bin.to_str().context("path")?, ["run", "--config", self.config.to_str().context("path")?]);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        self.agent = Some(self.host.spawn_command(cmd)?);
+        Ok(())
+    }
+}
+
+/// A one-way UDP flow; the receiver keeps arrival times.
+struct Flow {
+    stop: Arc<AtomicBool>,
+    arrivals: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Flow {
+    fn start(from: &Host, to_host: &Host, to: SocketAddr) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let rx = to_host.run(move || UdpSocket::bind(to))??;
+        rx.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let tx = from.run(|| UdpSocket::bind("0.0.0.0:0"))??;
+        let (s, a) = (stop.clone(), arrivals.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !s.load(Ordering::Relaxed) {
+                if rx.recv(&mut buf).is_ok() {
+                    a.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Instant::now());
+                }
+            }
+        });
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let _ = tx.send_to(b"flow", to);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Ok(Self { stop, arrivals })
+    }
+
+    fn received(&self) -> usize {
+        self.arrivals.lock().map_or(0, |a| a.len())
+    }
+
+    fn first_since(&self, since: Instant) -> Option<Instant> {
+        self.arrivals.lock().ok()?.iter().copied().find(|t| *t >= since)
+    }
+
+    fn longest_gap_since(&self, since: Instant) -> Duration {
+        let Ok(a) = self.arrivals.lock() else { return Duration::MAX };
+        let mut prev = since;
+        let mut worst = Duration::ZERO;
+        for t in a.iter().filter(|t| **t >= since) {
+            worst = worst.max(t.duration_since(prev));
+            prev = *t;
+        }
+        worst
+    }
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > timeout {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Runs the suite.
+#[expect(clippy::too_many_lines, reason = "lab set-up and three measured cases, in order")]
+pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
+    let runs: u32 = if ctx.quick { 3 } else { 10 };
+    let bin = agent_binary()?;
+    let lab = Lab::new()?;
+    let work = tempfile::tempdir()?;
+    let ctl = lab.host("ctl")?;
+    let wan = lab.switch("wan")?;
+    let mut wan_ports = Vec::new();
+    let names = ["nycgw1", "fsngw1", "fsngw2"];
+    let mut gw_hosts = Vec::new();
+    for (name, a) in [("ctl", "192.0.2.100"), ("nycgw1", "192.0.2.11"), ("fsngw1", "192.0.2.21"), ("fsngw2", "192.0.2.22")] {
+        let h = if name == "ctl" { ctl.clone() } else { lab.host(name)? };
+        wan_ports.push(wan.plug(&h, "eth0")?);
+        h.addr("eth0", &format!("{a}/24"))?;
+        if name != "ctl" {
+            gw_hosts.push(h);
+        }
+    }
+    let app = lab.host("app")?;
+    let db = lab.host("db")?;
+    let lnyc = lab.switch("lnyc")?;
+    lnyc.plug(&gw_hosts[0], "lan0")?;
+    lnyc.plug(&app, "eth0")?;
+    gw_hosts[0].addr("lan0", "198.18.10.1/24")?;
+    app.addr("eth0", "198.18.10.10/24")?;
+    app.route_via("198.18.0.0/16", "198.18.10.1")?;
+    let lfsn = lab.switch("lfsn")?;
+    let f1_lan = lfsn.plug(&gw_hosts[1], "lan0")?;
+    lfsn.plug(&gw_hosts[2], "lan0")?;
+    lfsn.plug(&db, "eth0")?;
+    gw_hosts[1].addr("lan0", "198.18.20.1/24")?;
+    gw_hosts[2].addr("lan0", "198.18.20.2/24")?;
+    db.addr("eth0", "198.18.20.20/24")?;
+
+    let env = Env { rt: tokio::runtime::Builder::new_current_thread().enable_all().build()?, dir: work.path().join("control") };
+    let _control = Control::start(&ctl, &env.dir)?;
+    let key = env.admin(async |a| {
+        a.set_policy(pb::PolicyDocument { text: policy(None), generation: 0 }).await?;
+        let k = a
+            .create_enrollment_key(pb::CreateEnrollmentKeyRequest {
+                reusable: true,
+                preapproved: true,
+                tags: vec!["tag:gw".into()],
+                ..Default::default()
+            })
+            .await?;
+        Ok(k.into_inner().secret)
+    })?;
+    let key_file = work.path().join("enroll.key");
+    std::fs::write(&key_file, key)?;
+    let bpf = BpfFs(tempfile::tempdir()?);
+    if !Command::new("mount").args(["-t", "bpf", "bpf"]).arg(bpf.0.path()).status()?.success() {
+        bail!("mounting bpffs");
+    }
+    let mut gws = Vec::new();
+    for (i, (name, h)) in names.iter().zip(&gw_hosts).enumerate() {
+        let dir = work.path().join(name);
+        std::fs::create_dir_all(&dir)?;
+        let (underlay, lan) = [("192.0.2.11", "198.18.10.0/24"), ("192.0.2.21", "198.18.20.0/24"), ("192.0.2.22", "198.18.20.0/24")][i];
+        let config = format!(
+            "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{state}\"\n\
+             enforcement = \"ebpf\"\nbpf_pin_dir = \"{bpf}\"\nkeep_dataplane_on_exit = false\n\
+             reconcile_interval_secs = 5\nretry_interval_secs = 0.5\nlog = \"info\"\n\
+             [control]\naddress = \"{CONTROL}\"\nenrollment_key_file = \"{key}\"\nhostname = \"{name}\"\n\
+             advertise_routes = [\"{lan}\"]\nendpoints = [\"{underlay}:51820\"]\nhealth_interval_secs = 0.2\n\
+             max_backoff_secs = 1\npersistent_keepalive = 5\n",
+            ifname = lab.unique_ifname("wg"),
+            state = dir.join("state").display(),
+            bpf = bpf.0.path().display(),
+            key = key_file.display(),
+        );
+        std::fs::write(dir.join("agent.toml"), config)?;
+        let mut g = Gateway { host: h.clone(), config: dir.join("agent.toml"), log: dir.join("agent.log"), agent: None };
+        g.start(&bin)?;
+        if i == 1 {
+            wait_for("fsngw1 primary", Duration::from_secs(30), || env.primary("198.18.20.0/24") == "fsngw1")?;
+        }
+        gws.push(g);
+    }
+    wait_for("three routes", Duration::from_secs(30), || {
+        env.admin(async |a| Ok(a.list_routes(pb::Empty {}).await?.into_inner().routes.len())).unwrap_or(0) == 3
+    })?;
+    env.admin(async |a| {
+        for r in a.list_routes(pb::Empty {}).await?.into_inner().routes {
+            let priority = if r.node_name == "fsngw2" { 10 } else { 0 };
+            a.set_route_priority(pb::SetRoutePriorityRequest { route: Some(pb::RouteRef { node_id: r.node_id, prefix: r.prefix }), priority })
+                .await?;
+        }
+        Ok(())
+    })?;
+    let flow = Flow::start(&app, &db, "198.18.20.20:9000".parse()?)?;
+    wait_for("the flow", Duration::from_secs(30), || flow.received() > 100)?;
+
+    let mut results = Results::new(SUITE, None);
+    let fail_back = |flow: &Flow| -> anyhow::Result<()> {
+        wait_for("fail-back", Duration::from_secs(30), || env.primary("198.18.20.0/24") == "fsngw1")?;
+        let n = flow.received();
+        wait_for("the flow after fail-back", Duration::from_secs(30), || flow.received() > n + 100)
+    };
+    for run in 0..runs {
+        // 1. Primary killed, process and links.
+        ctx.progress(SUITE, format!("run {run}: primary killed"));
+        let cut = Instant::now();
+        if let Some(mut a) = gws[1].agent.take() {
+            a.child().kill()?;
+            let _ = a.child().wait();
+        }
+        wan.set_port(&wan_ports[2], false)?;
+        lfsn.set_port(&f1_lan, false)?;
+        let n = flow.received();
+        wait_for("the flow through the backup", Duration::from_secs(30), || flow.received() > n + 100)?;
+        results.push("primary-killed", "fsn", "outage", flow.longest_gap_since(cut).as_secs_f64() * 1e3, "ms", run);
+        wan.set_port(&wan_ports[2], true)?;
+        lfsn.set_port(&f1_lan, true)?;
+        gws[1].start(&bin)?;
+        fail_back(&flow)?;
+
+        // 2. Primary up, LAN lost.
+        ctx.progress(SUITE, format!("run {run}: primary lost its LAN"));
+        let cut = Instant::now();
+        lfsn.set_port(&f1_lan, false)?;
+        let n = flow.received();
+        wait_for("the flow through the backup", Duration::from_secs(30), || flow.received() > n + 100)?;
+        results.push("lan-lost", "fsn", "outage", flow.longest_gap_since(cut).as_secs_f64() * 1e3, "ms", run);
+        lfsn.set_port(&f1_lan, true)?;
+        fail_back(&flow)?;
+
+        // 3. Policy change to enforcement: a flow to a denied port starts
+        // arriving once the new policy is in force on both gateways.
+        ctx.progress(SUITE, format!("run {run}: policy change"));
+        let probe = Flow::start(&app, &db, "198.18.20.20:9001".parse()?)?;
+        std::thread::sleep(Duration::from_millis(200));
+        anyhow::ensure!(probe.received() == 0, "port 9001 should be denied before the change");
+        let t0 = Instant::now();
+        env.admin(async |a| Ok(a.set_policy(pb::PolicyDocument { text: policy(Some(9001)), generation: 0 }).await.map(|_| ())?))?;
+        wait_for("the new policy enforced", Duration::from_secs(30), || probe.received() > 0)?;
+        let first = probe.first_since(t0).context("no arrival")?;
+        results.push("policy-change", "allow", "enforcement", first.duration_since(t0).as_secs_f64() * 1e3, "ms", run);
+        drop(probe);
+        env.admin(async |a| Ok(a.set_policy(pb::PolicyDocument { text: policy(None), generation: 0 }).await.map(|_| ())?))?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(flow);
+    for g in &mut gws {
+        if let Some(a) = g.agent.take() {
+            let _ = a.terminate();
+        }
+    }
+    Ok(results)
+}
