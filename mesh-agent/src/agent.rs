@@ -260,7 +260,9 @@ impl Agent {
             routes: vec![],
             peers: vec![],
             observe_error: None,
+        dataplane: None,
         };
+        s.dataplane = self.applier.dataplane_stats();
         match self.applier.observe() {
             Ok(actual) => s.set_actual(&actual, self.desired.as_ref()),
             Err(e) => s.observe_error = Some(e.to_string()),

@@ -75,4 +75,15 @@ impl PolicyEnforcer for DataplaneEnforcer {
         self.installed = Some(PolicyDigest::of(policy));
         Ok(())
     }
+
+    fn stats(&self) -> Option<crate::status::DataplaneStats> {
+        use crate::dataplane::{AclVerdict, GuardVerdict, MssEvent};
+        let c = self.dp.counters().map_err(|e| tracing::warn!(error = %e, "reading dataplane counters")).ok()?;
+        Some(crate::status::DataplaneStats {
+            verdicts: AclVerdict::ALL.iter().map(|v| (format!("{v:?}"), c.verdict(*v).packets)).collect(),
+            rules: c.rules.iter().map(|r| (r.rule_id, r.count.packets)).collect(),
+            mss: [MssEvent::Clamped, MssEvent::Unchanged, MssEvent::NoOption].iter().map(|e| (format!("{e:?}"), c.mss(*e))).collect(),
+            guard: GuardVerdict::ALL.iter().map(|v| (format!("{v:?}"), c.guard(*v).packets)).collect(),
+        })
+    }
 }

@@ -198,6 +198,7 @@ fn offline_status(config: &Config) -> anyhow::Result<Status> {
         routes: applied.as_ref().map(|v| v.routes.clone()).unwrap_or_default(),
         peers: vec![],
         observe_error: None,
+        dataplane: None,
     })
 }
 

@@ -81,6 +81,22 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Why the actual state could not be read, if it could not.
     pub observe_error: Option<String>,
+    /// The eBPF dataplane's counters (none without enforcement).
+    #[serde(default)]
+    pub dataplane: Option<DataplaneStats>,
+}
+
+/// The enforcement counters, as plain numbers (packets).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataplaneStats {
+    /// Packets per ACL verdict (`AcceptRule`, `DropNoRule`, ...).
+    pub verdicts: Vec<(String, u64)>,
+    /// Packets decided by each rule of the active policy (rule id).
+    pub rules: Vec<(u32, u64)>,
+    /// SYN / SYN-ACK segments per MSS clamp event.
+    pub mss: Vec<(String, u64)>,
+    /// Underlay frames per guard verdict.
+    pub guard: Vec<(String, u64)>,
 }
 
 /// Seconds since the epoch.
@@ -170,6 +186,23 @@ impl Status {
             "Time of the last handshake (seconds since the epoch).",
             per_peer(&|p| p.last_handshake_unix.map(|t| t as f64)),
         );
+        if let Some(d) = &self.dataplane {
+            let mut counter = |name: &str, help: &str, label: &str, rows: Vec<(String, u64)>| {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+                for (l, v) in rows {
+                    let _ = writeln!(s, "{name}{{{label}=\"{l}\"}} {v}");
+                }
+            };
+            counter("mesh_agent_acl_verdict_packets_total", "Packets per ACL verdict on the overlay interface.", "verdict", d.verdicts.clone());
+            counter(
+                "mesh_agent_acl_rule_packets_total",
+                "Packets accepted by each rule of the active policy (reset when a policy is installed).",
+                "rule",
+                d.rules.iter().map(|(id, v)| (id.to_string(), *v)).collect(),
+            );
+            counter("mesh_agent_mss_events_total", "SYN and SYN-ACK segments per MSS clamp outcome.", "event", d.mss.clone());
+            counter("mesh_agent_guard_packets_total", "Underlay frames per XDP guard verdict.", "verdict", d.guard.clone());
+        }
         s
     }
 }

@@ -181,6 +181,12 @@ impl Applier {
         self.enforcer.is_some()
     }
 
+    /// The enforcer's counters, if any.
+    #[must_use]
+    pub fn dataplane_stats(&self) -> Option<crate::status::DataplaneStats> {
+        self.enforcer.as_ref().and_then(|e| e.stats())
+    }
+
     /// Reads the actual state.
     pub fn observe(&mut self) -> Result<Actual, ApplyError> {
         let ifname = self.wg.ifname().to_owned();

@@ -55,4 +55,10 @@ pub trait PolicyEnforcer: Send {
 
     /// Attaches to `overlay_if` if needed and installs `policy`.
     fn enforce(&mut self, overlay_if: &str, policy: &CompiledPolicy, mtu: u32) -> Result<(), EnforcerError>;
+
+    /// The enforcement counters (verdicts, rules, MSS clamp, guard), if the
+    /// enforcer keeps any.
+    fn stats(&self) -> Option<crate::status::DataplaneStats> {
+        None
+    }
 }
