@@ -227,3 +227,32 @@ fn default_policy_is_valid_and_denies_everything() {
     let out = compile::compile(&p, &seed_inventory(), 1);
     assert!(out.values().all(|c| c.rules.is_empty()));
 }
+
+/// Site-to-site: gateways serving the source CIDR become peers of the
+/// destination's, get egress rules, and an any-protocol entry with ports is
+/// split into what it means for the dataplane.
+#[test]
+fn dataplane_rules_for_site_to_site() {
+    let p = Policy::parse(
+        r#"{
+  "hosts": {"app-nyc": "198.18.10.10/32", "db-fsn": "198.18.20.20/32"},
+  "acls": [{"action": "accept", "src": ["app-nyc"], "dst": ["db-fsn:5432"]}],
+}"#,
+    )
+    .unwrap();
+    let inv = vec![node(1, "100.64.0.1", &[], "", &["198.18.10.0/24"]), node(2, "100.64.0.2", &[], "", &["198.18.20.0/24"])];
+    let pairs = compile::connectivity(&p, &inv);
+    assert_eq!(pairs, vec![(vec![0], vec![1])], "the nyc gateway reaches the fsn gateway");
+    let out = compile::compile_for_dataplane(&p, &inv, 1);
+    let nyc = &out[&1].rules;
+    assert!(nyc.iter().all(|r| r.id & compile::EGRESS_RULE_BIT != 0), "nyc only sends: {nyc:?}");
+    assert_eq!(nyc[0].src, vec![net("198.18.10.10/32")]);
+    assert_eq!(nyc[0].dst, vec![net("198.18.20.20/32")]);
+    let fsn = &out[&2].rules;
+    let protos: Vec<Proto> = fsn.iter().map(|r| r.proto).collect();
+    assert_eq!(protos, [Proto::Tcp, Proto::Udp, Proto::Sctp, Proto::Icmp]);
+    assert_eq!(fsn[0].ports, PortRange::single(5432));
+    for c in out.values() {
+        c.validate().unwrap();
+    }
+}
