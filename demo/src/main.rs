@@ -158,6 +158,7 @@ fn agent_config(gw: &Gateway, bpf: &Path, key_file: &Path, underlay: &str, lan: 
         "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{state}\"\n\
          enforcement = \"ebpf\"\nbpf_pin_dir = \"{bpf}\"\nkeep_dataplane_on_exit = false\n\
          reconcile_interval_secs = 5\nretry_interval_secs = 0.5\nlog = \"info\"\n\
+         metrics_listen = \"127.0.0.1:9300\"\n\
          [control]\naddress = \"{ctl}\"\nenrollment_key_file = \"{key}\"\nhostname = \"{name}\"\n\
          advertise_routes = [\"{lan}\"]\nendpoints = [\"{underlay}:51820\"]\nhealth_interval_secs = 2\n\
          max_backoff_secs = 2\npersistent_keepalive = 10\n",
@@ -436,6 +437,7 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     println!("  control metrics: ip netns exec {} curl -s http://{}/metrics", ctl.netns(), control::METRICS);
     for g in &gateways {
         println!("  {}: ip netns exec {} wg show {}    (log: {})", g.name, g.host.netns(), g.ifname, g.log().display());
+        println!("      metrics: ip netns exec {} curl -s http://127.0.0.1:9300/metrics", g.host.netns());
     }
     println!("  e.g. ip netns exec {} ping {}", apps[0].netns(), REGIONS[1].db());
     rt.block_on(tokio::signal::ctrl_c())?;

@@ -327,11 +327,13 @@ impl Agent {
             .build()
             .map_err(|source| AgentError::Io { what: "building the runtime".into(), source })?;
         let served = rt.block_on(async {
+            let shared = crate::control::SharedControlState::default();
             if let Some(addr) = config.metrics_listen {
-                tokio::spawn(crate::metrics::serve(addr, WorkerHandle(tx.clone())));
+                let control = config.control.is_some().then(|| shared.clone());
+                tokio::spawn(crate::metrics::serve(addr, WorkerHandle(tx.clone()), control));
             }
             if config.control.is_some() {
-                tokio::spawn(crate::control::run(config, public_key, WorkerHandle(tx.clone())));
+                tokio::spawn(crate::control::run(config, public_key, WorkerHandle(tx.clone()), shared));
             } else {
                 tracing::info!("no [control] configured: views come through `mesh-agent apply` only");
             }

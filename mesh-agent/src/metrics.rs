@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::agent::WorkerHandle;
+use crate::{agent::WorkerHandle, control::SharedControlState};
 
 /// Serves `GET /metrics` on `addr` until the runtime stops.
-pub async fn serve(addr: SocketAddr, worker: WorkerHandle) {
+pub async fn serve(addr: SocketAddr, worker: WorkerHandle, control: Option<SharedControlState>) {
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -20,13 +20,20 @@ pub async fn serve(addr: SocketAddr, worker: WorkerHandle) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else { continue };
         let worker = worker.clone();
+        let control = control.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let n = stream.read(&mut buf).await.unwrap_or(0);
             let request = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = if request.starts_with("GET /metrics") {
                 match worker.status().await {
-                    Some(s) => ("200 OK", s.prometheus()),
+                    Some(s) => {
+                        let mut text = s.prometheus();
+                        if let Some(c) = control.as_ref().and_then(|c| c.lock().ok().map(|c| c.prometheus())) {
+                            text.push_str(&c);
+                        }
+                        ("200 OK", text)
+                    }
                     None => ("503 Service Unavailable", "the reconcile thread stopped\n".to_owned()),
                 }
             } else {

@@ -329,7 +329,9 @@ fn agents_follow_control_and_survive_its_restart() {
     let (head, metrics) = body.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     for m in ["mesh_agent_up 1", "mesh_agent_policy_enforced 1", "mesh_agent_peer_handshake_age_seconds{", "mesh_agent_wireguard_backend{",
-        "mesh_agent_acl_verdict_packets_total{verdict=\"AcceptRule\"}", "mesh_agent_mss_events_total{"] {
+        "mesh_agent_acl_verdict_packets_total{verdict=\"AcceptRule\"}", "mesh_agent_mss_events_total{",
+        "mesh_agent_control_connected 1", "mesh_agent_key_expiry_timestamp_seconds ",
+        "mesh_agent_route_primary{prefix=\"198.18.20.0/24\",gateway=\"gwfsn\"} 1"] {
         assert!(metrics.contains(m), "{m} missing:\n{metrics}");
     }
     let mut promtool = std::process::Command::new("promtool")

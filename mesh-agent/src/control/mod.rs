@@ -48,6 +48,56 @@ pub struct Credential {
     pub expires_unix: i64,
 }
 
+/// What the control session knows that the reconcile worker does not, for
+/// the metrics endpoint.
+#[derive(Clone, Debug, Default)]
+pub struct ControlState {
+    /// Whether the Sync stream is open.
+    pub connected: bool,
+    /// Expiry of this node's key at control (unix seconds).
+    pub key_expiry_unix: Option<i64>,
+    /// Each assigned prefix and its primary gateway's name.
+    pub primaries: Vec<(String, String)>,
+}
+
+impl ControlState {
+    /// Prometheus text of these facts.
+    #[must_use]
+    pub fn prometheus(&self) -> String {
+        let mut s = String::from(
+            "# HELP mesh_agent_control_connected Whether the Sync stream to mesh-control is open.\n# TYPE mesh_agent_control_connected gauge\n",
+        );
+        s.push_str(&format!("mesh_agent_control_connected {}\n", u8::from(self.connected)));
+        if let Some(t) = self.key_expiry_unix {
+            s.push_str("# HELP mesh_agent_key_expiry_timestamp_seconds When this node's key expires at control.\n");
+            s.push_str(&format!("# TYPE mesh_agent_key_expiry_timestamp_seconds gauge\nmesh_agent_key_expiry_timestamp_seconds {t}\n"));
+        }
+        s.push_str("# HELP mesh_agent_route_primary The primary gateway of each prefix in control's order (1 per prefix).\n");
+        s.push_str("# TYPE mesh_agent_route_primary gauge\n");
+        for (prefix, gw) in &self.primaries {
+            s.push_str(&format!("mesh_agent_route_primary{{prefix=\"{prefix}\",gateway=\"{gw}\"}} 1\n"));
+        }
+        s
+    }
+
+    fn update(shared: &SharedControlState, v: &pb::NodeView) {
+        let me = v.self_.as_ref();
+        let name = |id: u64| {
+            if me.is_some_and(|m| m.id == id) {
+                return me.map(|m| m.name.clone()).unwrap_or_default();
+            }
+            v.peers.iter().find(|p| p.node_id == id).map_or_else(|| format!("node-{id}"), |p| p.name.clone())
+        };
+        if let Ok(mut st) = shared.lock() {
+            st.key_expiry_unix = me.map(|m| m.key_expiry_unix).filter(|&t| t != 0);
+            st.primaries = v.routes.iter().filter_map(|r| Some((r.prefix.clone(), name(*r.gateways.first()?)))).collect();
+        }
+    }
+}
+
+/// [`ControlState`] shared between the session and the metrics endpoint.
+pub type SharedControlState = std::sync::Arc<std::sync::Mutex<ControlState>>;
+
 /// Why a session with control ended.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -210,6 +260,7 @@ async fn session(
     public_key: PublicKey,
     worker: &WorkerHandle,
     got_view: &mut bool,
+    shared: &SharedControlState,
 ) -> Result<(), SessionError> {
     let cred = credential(config, cc, public_key).await?;
     let channel = client::connect(&cc.address, &Trust::Pin(cred.pin()?)).await.map_err(err("connecting to control"))?;
@@ -229,6 +280,9 @@ async fn session(
     .await?;
     let mut stream = client.sync(ReceiverStream::new(rx)).await.map_err(err("opening the sync stream"))?.into_inner();
     tracing::info!(node = cred.node_id, address = %cc.address, "sync stream open");
+    if let Ok(mut st) = shared.lock() {
+        st.connected = true;
+    }
     let local = convert::Local { advertised: cc.advertise_routes.clone(), persistent_keepalive: cc.persistent_keepalive };
     let mut current: Option<pb::NodeView> = None;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(cc.health_interval_secs));
@@ -249,6 +303,7 @@ async fn session(
                 };
                 *got_view = true;
                 let Some(v) = current.as_ref() else { continue };
+                ControlState::update(shared, v);
                 let generation = v.generation;
                 let started = Instant::now();
                 let result = match convert::node_view(v, &local) {
@@ -272,16 +327,19 @@ async fn session(
 
 /// Runs forever: sessions with control, reconnecting with exponential
 /// backoff (capped at `max_backoff_secs`, with jitter) in between.
-pub async fn run(config: Config, public_key: PublicKey, worker: WorkerHandle) {
+pub async fn run(config: Config, public_key: PublicKey, worker: WorkerHandle, shared: SharedControlState) {
     let Some(cc) = config.control.clone() else { return };
     let min = Duration::from_millis(100);
     let max = Duration::from_secs_f64(cc.max_backoff_secs);
     let mut backoff = min;
     loop {
         let mut got_view = false;
-        match session(&config, &cc, public_key, &worker, &mut got_view).await {
+        match session(&config, &cc, public_key, &worker, &mut got_view, &shared).await {
             Ok(()) => {}
             Err(e) => tracing::warn!(error = %e, "control session ended; keeping the last applied view"),
+        }
+        if let Ok(mut st) = shared.lock() {
+            st.connected = false;
         }
         if got_view {
             backoff = min;
