@@ -35,6 +35,8 @@ fn main() -> anyhow::Result<()> {
     if wanted.is_empty() {
         bail!("no benchmark suites are built in yet");
     }
+    // Suites draw their charts while running: the directory must exist first.
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let ctx = Ctx { quick: args.quick, out: args.out.clone() };
     for suite in SUITES.iter().filter(|s| wanted.contains(&s.name)) {
         ctx.progress(suite.name, suite.about);

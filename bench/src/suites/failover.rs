@@ -22,7 +22,7 @@ use mesh_lab::{Host, Lab, Process};
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::admin_service_client::AdminServiceClient;
 
-use crate::{Ctx, Results};
+use crate::{Ctx, Results, chart};
 
 /// One line for the suite list.
 pub const ABOUT: &str = "gateway failover outage (primary killed / LAN lost) and policy-change-to-enforcement time";
@@ -384,5 +384,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
             let _ = a.terminate();
         }
     }
+    // One bar per case (param), with the spread over the runs as a whisker.
+    let by_case: Vec<crate::Summary> = results
+        .summaries()
+        .into_iter()
+        .map(|s| crate::Summary { param: s.variant.clone(), variant: "mesh".into(), metric: "ms".into(), ..s })
+        .collect();
+    chart::bar_chart(&ctx.out.join("failover.svg"), "Failover outage and policy enforcement (median, min-max)", "ms", &by_case)?;
     Ok(results)
 }
