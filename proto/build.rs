@@ -5,13 +5,9 @@ use anyhow::Context as _;
 fn main() -> anyhow::Result<()> {
     let protoc = protoc_bin_vendored::protoc_bin_path().context("vendored protoc")?;
     let include = protoc_bin_vendored::include_path().context("vendored protoc includes")?;
-    let protos: Vec<_> = std::fs::read_dir("mesh/v1")?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<Result<_, _>>()?;
-    let mut protos: Vec<_> = protos
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "proto"))
-        .collect();
+    let protos: Vec<_> =
+        std::fs::read_dir("mesh/v1")?.map(|entry| entry.map(|e| e.path())).collect::<Result<_, _>>()?;
+    let mut protos: Vec<_> = protos.into_iter().filter(|p| p.extension().is_some_and(|e| e == "proto")).collect();
     protos.sort();
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);

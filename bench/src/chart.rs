@@ -109,7 +109,9 @@ pub fn bar_chart(path: &Path, title: &str, metric: &str, summaries: &[Summary]) 
             .map(|r| (params.iter().position(|p| *p == r.param).unwrap_or(0) as f64 + 0.1 + width * vi as f64, *r))
             .collect();
         chart
-            .draw_series(bars.iter().map(|(x, r)| Rectangle::new([(*x, 0.0), (*x + width * 0.9, r.median)], color.filled())))?
+            .draw_series(
+                bars.iter().map(|(x, r)| Rectangle::new([(*x, 0.0), (*x + width * 0.9, r.median)], color.filled())),
+            )?
             .label(*v)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
         chart.draw_series(bars.iter().map(|(x, r)| {

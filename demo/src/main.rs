@@ -54,7 +54,8 @@ struct Region {
     octet: u8,
 }
 
-const REGIONS: [Region; 3] = [Region { name: "nyc", octet: 10 }, Region { name: "fsn", octet: 20 }, Region { name: "gra", octet: 30 }];
+const REGIONS: [Region; 3] =
+    [Region { name: "nyc", octet: 10 }, Region { name: "fsn", octet: 20 }, Region { name: "gra", octet: 30 }];
 
 impl Region {
     fn lan(&self) -> String {
@@ -73,7 +74,9 @@ fn policy() -> String {
     let q = |v: &[String]| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
     let hosts: Vec<String> = REGIONS
         .iter()
-        .flat_map(|r| [format!("\"app-{}\": \"{}/32\"", r.name, r.app()), format!("\"db-{}\": \"{}/32\"", r.name, r.db())])
+        .flat_map(|r| {
+            [format!("\"app-{}\": \"{}/32\"", r.name, r.app()), format!("\"db-{}\": \"{}/32\"", r.name, r.db())]
+        })
         .collect();
     let approvers: Vec<String> = lans.iter().map(|l| format!("\"{l}\": [\"tag:gw\"]")).collect();
     let apps: Vec<String> = REGIONS.iter().map(|r| format!("app-{}", r.name)).collect();
@@ -124,7 +127,9 @@ impl Gateway {
     fn start(&mut self) -> anyhow::Result<()> {
         let log = File::options().create(true).append(true).open(self.log())?;
         let exe = std::env::current_exe()?;
-        let mut cmd = self.host.command(exe.to_str().context("exe path")?, ["agent", "--config", self.config().to_str().context("path")?]);
+        let mut cmd = self
+            .host
+            .command(exe.to_str().context("exe path")?, ["agent", "--config", self.config().to_str().context("path")?]);
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         self.agent = Some(self.host.spawn_command(cmd)?);
         Ok(())
@@ -256,7 +261,8 @@ fn demo(args: &Args) -> anyhow::Result<()> {
         }
     }
     for (r, db) in REGIONS.iter().zip(&dbs) {
-        let addrs = [5432, 22].iter().map(|p| format!("{}:{p}", r.db()).parse()).collect::<Result<Vec<SocketAddr>, _>>()?;
+        let addrs =
+            [5432, 22].iter().map(|p| format!("{}:{p}", r.db()).parse()).collect::<Result<Vec<SocketAddr>, _>>()?;
         smoke::echo_servers(db, addrs)?;
     }
 
@@ -361,7 +367,10 @@ fn demo(args: &Args) -> anyhow::Result<()> {
                 check(&format!("app-nyc -> db-{}:22 refused by policy", r.name), !row.db_22);
                 check(&format!("app-nyc -> db-{} ping works", r.name), row.loss < 0.5);
             } else {
-                check(&format!("app-{} -> db-{}: 5432 allowed, 22 denied, ping", REGIONS[i].name, r.name), row.db_5432 && !row.db_22 && row.loss < 0.5);
+                check(
+                    &format!("app-{} -> db-{}: 5432 allowed, 22 denied, ping", REGIONS[i].name, r.name),
+                    row.db_5432 && !row.db_22 && row.loss < 0.5,
+                );
             }
             rows.push(row);
         }
@@ -381,13 +390,21 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     victim.host.down("eth0")?;
     victim.host.down("lan0")?;
     let before = flow.received();
-    let resumed = wait_for("the flow to resume through fsn_gw2", Duration::from_secs(30), || flow.received() > before + 250).is_ok();
+    let resumed =
+        wait_for("the flow to resume through fsn_gw2", Duration::from_secs(30), || flow.received() > before + 250)
+            .is_ok();
     let outage = flow.longest_gap_since(cut);
     drop(flow);
     check("the flow resumed through the backup gateway", resumed);
     let new_primary = rt.block_on(async {
         let routes = control::admin(&ctl_dir).await?.list_routes(pb::Empty {}).await?.into_inner().routes;
-        anyhow::Ok(routes.iter().find(|r| r.prefix == REGIONS[1].lan() && r.primary).map(|r| r.node_name.clone()).unwrap_or_default())
+        anyhow::Ok(
+            routes
+                .iter()
+                .find(|r| r.prefix == REGIONS[1].lan() && r.primary)
+                .map(|r| r.node_name.clone())
+                .unwrap_or_default(),
+        )
     })?;
     check(&format!("control made {new_primary} primary for {}", REGIONS[1].lan()), new_primary == "fsn-gw2");
     // Bring it back (fail-back waits for control's hold-down).
@@ -397,7 +414,10 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     victim.start()?;
 
     println!();
-    println!("{:<11} {:<22} {:>9} {:>9} {:>6} {:>9} {:>9}", "site pair", "path (gateways)", "rtt p50", "rtt p95", "loss", "tcp/5432", "tcp/22");
+    println!(
+        "{:<11} {:<22} {:>9} {:>9} {:>6} {:>9} {:>9}",
+        "site pair", "path (gateways)", "rtt p50", "rtt p95", "loss", "tcp/5432", "tcp/22"
+    );
     for r in &rows {
         let verdict = |v: bool| if v { "allowed" } else { "denied" };
         println!(

@@ -47,7 +47,9 @@ pub(crate) fn tcp(from: &Host, to: SocketAddr) -> bool {
 /// `count` pings 50 ms apart; the RTTs (ms) of those answered.
 pub(crate) fn ping(from: &Host, to: &str, count: u32) -> Vec<f64> {
     let count = count.to_string();
-    let Ok(out) = from.exec_unchecked("ping", ["-n", "-c", &count, "-i", "0.05", "-W", "1", to]) else { return Vec::new() };
+    let Ok(out) = from.exec_unchecked("ping", ["-n", "-c", &count, "-i", "0.05", "-W", "1", to]) else {
+        return Vec::new();
+    };
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split("time=").nth(1)?.split_whitespace().next()?.parse().ok())
@@ -61,7 +63,12 @@ pub(crate) fn quantile(v: &[f64], q: f64) -> f64 {
     }
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss, reason = "small index")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "small index"
+    )]
     let i = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
     s[i]
 }
@@ -77,7 +84,10 @@ pub(crate) struct Flow {
 impl Flow {
     /// Starts the flow from `from` to `to` (bound on `to_host`).
     pub(crate) fn start(from: &Host, to_host: &Host, to: SocketAddr) -> anyhow::Result<Self> {
-        use std::sync::{Arc, Mutex, atomic::{AtomicBool, Ordering}};
+        use std::sync::{
+            Arc, Mutex,
+            atomic::{AtomicBool, Ordering},
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let arrivals = Arc::new(Mutex::new(Vec::new()));
         let rx = to_host.run(move || std::net::UdpSocket::bind(to))??;

@@ -6,11 +6,7 @@
 //! The reconcile thread owns all state; everything else talks to it through
 //! a channel, so runs never overlap.
 
-use std::{
-    path::Path,
-    sync::mpsc,
-    time::Duration,
-};
+use std::{path::Path, sync::mpsc, time::Duration};
 
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -24,7 +20,7 @@ use crate::{
     enforce::DataplaneEnforcer,
     keys::{self, KeyError},
     net::{NetError, rtnl::Rtnl},
-    reconcile::{ApplyError, Applier, Local, PolicyEnforcer, Report},
+    reconcile::{Applier, ApplyError, Local, PolicyEnforcer, Report},
     state::{StateError, StateStore},
     status::{LastRun, Status, unix_now},
     view::NodeView,
@@ -81,8 +77,9 @@ fn enforcer(config: &Config) -> Result<Option<Box<dyn PolicyEnforcer>>, AgentErr
         Enforcement::Ebpf => {
             let pin_dir = config.bpf_pin_dir.join(&config.interface);
             let underlay = config.underlay_interface.clone().map(|i| (i, config.listen_port));
-            let e = DataplaneEnforcer::open(&pin_dir, underlay)
-                .map_err(|e| AgentError::Enforcement(format!("opening the eBPF dataplane at {}: {e}", pin_dir.display())))?;
+            let e = DataplaneEnforcer::open(&pin_dir, underlay).map_err(|e| {
+                AgentError::Enforcement(format!("opening the eBPF dataplane at {}: {e}", pin_dir.display()))
+            })?;
             Ok(Some(Box::new(e)))
         }
     }
@@ -93,11 +90,14 @@ fn enforcer(config: &Config) -> Result<Option<Box<dyn PolicyEnforcer>>, AgentErr
 pub fn backend(config: &Config, selection: &Selection) -> Result<Box<dyn WireGuard>, AgentError> {
     Ok(match selection.kind {
         BackendKind::Kernel => Box::new(KernelWg::new(&config.interface)?),
-        BackendKind::Userspace => Box::new(UserspaceWg::new(&config.interface, UserspaceOptions {
-            udp_recv_buffer: Some(config.udp_recv_buffer),
-            udp_send_buffer: Some(config.udp_send_buffer),
-            threads: config.engine_threads,
-        })?),
+        BackendKind::Userspace => Box::new(UserspaceWg::new(
+            &config.interface,
+            UserspaceOptions {
+                udp_recv_buffer: Some(config.udp_recv_buffer),
+                udp_send_buffer: Some(config.udp_send_buffer),
+                threads: config.engine_threads,
+            },
+        )?),
     })
 }
 
@@ -203,7 +203,10 @@ impl Agent {
             && view.generation != 0
             && view.generation < d.generation
         {
-            return Err(format!("refusing generation {}: generation {} is already desired", view.generation, d.generation));
+            return Err(format!(
+                "refusing generation {}: generation {} is already desired",
+                view.generation, d.generation
+            ));
         }
         view.validate(&self.applier.public_key()).map_err(|e| e.to_string())?;
         self.desired = Some(view);
@@ -260,7 +263,7 @@ impl Agent {
             routes: vec![],
             peers: vec![],
             observe_error: None,
-        dataplane: None,
+            dataplane: None,
         };
         s.dataplane = self.applier.dataplane_stats();
         match self.applier.observe() {

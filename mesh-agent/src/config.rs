@@ -189,8 +189,8 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        let config: Self =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })?;
+        let config: Self = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })?;
         config.check()?;
         Ok(config)
     }
@@ -201,7 +201,10 @@ impl Config {
         if n.is_empty() || n.len() > 15 || n.contains(['/', ' ', ':']) {
             return Err(ConfigError::Invalid(format!("interface name {n:?} is not a valid Linux interface name")));
         }
-        for (name, v) in [("reconcile_interval_secs", self.reconcile_interval_secs), ("retry_interval_secs", self.retry_interval_secs)] {
+        for (name, v) in [
+            ("reconcile_interval_secs", self.reconcile_interval_secs),
+            ("retry_interval_secs", self.retry_interval_secs),
+        ] {
             if !(0.05..=86_400.0).contains(&v) {
                 return Err(ConfigError::Invalid(format!("{name} = {v} is outside 0.05..=86400")));
             }
@@ -210,7 +213,10 @@ impl Config {
             if c.address.is_empty() {
                 return Err(ConfigError::Invalid("control.address is empty".into()));
             }
-            for (name, v) in [("control.health_interval_secs", c.health_interval_secs), ("control.max_backoff_secs", c.max_backoff_secs)] {
+            for (name, v) in [
+                ("control.health_interval_secs", c.health_interval_secs),
+                ("control.max_backoff_secs", c.max_backoff_secs),
+            ] {
                 if !(0.05..=3600.0).contains(&v) {
                     return Err(ConfigError::Invalid(format!("{name} = {v} is outside 0.05..=3600")));
                 }

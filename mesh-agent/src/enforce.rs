@@ -82,7 +82,10 @@ impl PolicyEnforcer for DataplaneEnforcer {
         Some(crate::status::DataplaneStats {
             verdicts: AclVerdict::ALL.iter().map(|v| (format!("{v:?}"), c.verdict(*v).packets)).collect(),
             rules: c.rules.iter().map(|r| (r.rule_id, r.count.packets)).collect(),
-            mss: [MssEvent::Clamped, MssEvent::Unchanged, MssEvent::NoOption].iter().map(|e| (format!("{e:?}"), c.mss(*e))).collect(),
+            mss: [MssEvent::Clamped, MssEvent::Unchanged, MssEvent::NoOption]
+                .iter()
+                .map(|e| (format!("{e:?}"), c.mss(*e)))
+                .collect(),
             guard: GuardVerdict::ALL.iter().map(|v| (format!("{v:?}"), c.guard(*v).packets)).collect(),
         })
     }

@@ -215,7 +215,9 @@ fn print_text(s: &Status) {
     println!("applied generation: {}", s.applied_generation.map_or_else(|| "none".into(), |g| g.to_string()));
     if let Some(r) = &s.last_run {
         match (&r.report, &r.error) {
-            (Some(rep), _) => println!("last reconcile: ok in {:.1} ms, changes {:?}", rep.duration.as_secs_f64() * 1e3, rep.changes),
+            (Some(rep), _) => {
+                println!("last reconcile: ok in {:.1} ms, changes {:?}", rep.duration.as_secs_f64() * 1e3, rep.changes)
+            }
             (_, Some(e)) => println!("last reconcile: FAILED ({} in a row): {e}", s.consecutive_failures),
             _ => {}
         }

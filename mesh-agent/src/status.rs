@@ -124,7 +124,10 @@ impl Status {
                 name: names.get(k).cloned(),
                 endpoint: p.endpoint,
                 allowed_ips: p.allowed_ips.iter().copied().collect(),
-                last_handshake_unix: p.last_handshake.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+                last_handshake_unix: p
+                    .last_handshake
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs()),
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
             })
@@ -149,14 +152,22 @@ impl Status {
                 vec![(format!("{{interface=\"{iface}\",backend=\"{}\"}}", b.kind), 1.0)],
             );
         }
-        gauge("mesh_agent_up", "Whether a running agent answered.", vec![(String::new(), f64::from(u8::from(self.running)))]);
+        gauge(
+            "mesh_agent_up",
+            "Whether a running agent answered.",
+            vec![(String::new(), f64::from(u8::from(self.running)))],
+        );
         gauge(
             "mesh_agent_policy_enforced",
             "Whether the compiled policy is enforced.",
             vec![(String::new(), f64::from(u8::from(self.policy_enforced)))],
         );
         if let Some(g) = self.applied_generation {
-            gauge("mesh_agent_applied_generation", "Generation of the last applied node view.", vec![(String::new(), g as f64)]);
+            gauge(
+                "mesh_agent_applied_generation",
+                "Generation of the last applied node view.",
+                vec![(String::new(), g as f64)],
+            );
         }
         gauge(
             "mesh_agent_reconcile_consecutive_failures",
@@ -164,14 +175,18 @@ impl Status {
             vec![(String::new(), f64::from(self.consecutive_failures))],
         );
         if let Some(r) = self.last_run.as_ref().and_then(|r| r.report.as_ref()) {
-            gauge("mesh_agent_reconcile_duration_seconds", "Duration of the last successful reconcile run.", vec![(
-                String::new(),
-                r.duration.as_secs_f64(),
-            )]);
+            gauge(
+                "mesh_agent_reconcile_duration_seconds",
+                "Duration of the last successful reconcile run.",
+                vec![(String::new(), r.duration.as_secs_f64())],
+            );
         }
         gauge("mesh_agent_peers", "WireGuard peers configured.", vec![(String::new(), self.peers.len() as f64)]);
         let per_peer = |f: &dyn Fn(&PeerStatus) -> Option<f64>| {
-            self.peers.iter().filter_map(|p| Some((format!("{{public_key=\"{}\"}}", p.public_key), f(p)?))).collect::<Vec<_>>()
+            self.peers
+                .iter()
+                .filter_map(|p| Some((format!("{{public_key=\"{}\"}}", p.public_key), f(p)?)))
+                .collect::<Vec<_>>()
         };
         gauge("mesh_agent_peer_rx_bytes", "Bytes received from the peer.", per_peer(&|p| Some(p.rx_bytes as f64)));
         gauge("mesh_agent_peer_tx_bytes", "Bytes sent to the peer.", per_peer(&|p| Some(p.tx_bytes as f64)));
@@ -193,15 +208,30 @@ impl Status {
                     let _ = writeln!(s, "{name}{{{label}=\"{l}\"}} {v}");
                 }
             };
-            counter("mesh_agent_acl_verdict_packets_total", "Packets per ACL verdict on the overlay interface.", "verdict", d.verdicts.clone());
+            counter(
+                "mesh_agent_acl_verdict_packets_total",
+                "Packets per ACL verdict on the overlay interface.",
+                "verdict",
+                d.verdicts.clone(),
+            );
             counter(
                 "mesh_agent_acl_rule_packets_total",
                 "Packets accepted by each rule of the active policy (reset when a policy is installed).",
                 "rule",
                 d.rules.iter().map(|(id, v)| (id.to_string(), *v)).collect(),
             );
-            counter("mesh_agent_mss_events_total", "SYN and SYN-ACK segments per MSS clamp outcome.", "event", d.mss.clone());
-            counter("mesh_agent_guard_packets_total", "Underlay frames per XDP guard verdict.", "verdict", d.guard.clone());
+            counter(
+                "mesh_agent_mss_events_total",
+                "SYN and SYN-ACK segments per MSS clamp outcome.",
+                "event",
+                d.mss.clone(),
+            );
+            counter(
+                "mesh_agent_guard_packets_total",
+                "Underlay frames per XDP guard verdict.",
+                "verdict",
+                d.guard.clone(),
+            );
         }
         s
     }

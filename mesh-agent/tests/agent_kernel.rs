@@ -136,7 +136,9 @@ fn kernel_backend_tunnel() {
     let gw1 = lab.host("k1").unwrap();
     if gw1.run(probe_kernel).unwrap() != KernelProbe::Available {
         assert!(!expect_kernel(), "MESH_EXPECT_KERNEL_WG=1 but no kernel WireGuard");
-        eprintln!("no kernel WireGuard here: the kernel tunnel runs in the VM (probe_drives_the_backend_choice covers this host)");
+        eprintln!(
+            "no kernel WireGuard here: the kernel tunnel runs in the VM (probe_drives_the_backend_choice covers this host)"
+        );
         return;
     }
     let gw2 = lab.host("k2").unwrap();
@@ -146,10 +148,11 @@ fn kernel_backend_tunnel() {
     let (k1, k2) = (SecretKey::generate(), SecretKey::generate());
     let (pk1, pk2) = (k1.public_key(), k2.public_key());
     let (if1, if2) = (lab.unique_ifname("wgk"), lab.unique_ifname("wgk"));
-    let v1 = view("100.64.0.1/32", &peer(&k2, "192.0.2.2:51820", &["100.64.0.2/32", "198.18.20.0/24"]), &[
-        "100.64.0.2/32",
-        "198.18.20.0/24",
-    ]);
+    let v1 = view(
+        "100.64.0.1/32",
+        &peer(&k2, "192.0.2.2:51820", &["100.64.0.2/32", "198.18.20.0/24"]),
+        &["100.64.0.2/32", "198.18.20.0/24"],
+    );
     let v2 = view("100.64.0.2/32", &peer(&k1, "192.0.2.1:51820", &["100.64.0.1/32"]), &["100.64.0.1/32"]);
 
     let (a1, r1) = reconcile(&gw1, applier(&gw1, if1.clone(), k1), &v1);
@@ -203,7 +206,8 @@ fn kernel_backend_tunnel() {
     .unwrap();
     let state = dir.path().join("view.json");
     std::fs::write(&state, serde_json::to_string(&v2).unwrap()).unwrap();
-    let out = gw1.exec(BIN, ["apply", "--config", config.to_str().unwrap(), "--state", state.to_str().unwrap()]).unwrap();
+    let out =
+        gw1.exec(BIN, ["apply", "--config", config.to_str().unwrap(), "--state", state.to_str().unwrap()]).unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"backend\":\"kernel\""));
     let shown = String::from_utf8(gw1.exec("wg", ["show", &if3, "allowed-ips"]).unwrap().stdout).unwrap();
     assert!(shown.contains(&pk1.to_base64()) && shown.contains("100.64.0.1/32"), "{shown}");

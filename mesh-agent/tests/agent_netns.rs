@@ -51,7 +51,8 @@ impl Gateway {
         let config = self.config();
         let mut all = vec![args[0], "--config", config.to_str().unwrap()];
         all.extend_from_slice(&args[1..]);
-        let out = self.host.exec(BIN, &all).unwrap_or_else(|e| panic!("mesh-agent {args:?} on {}: {e}", self.host.name()));
+        let out =
+            self.host.exec(BIN, &all).unwrap_or_else(|e| panic!("mesh-agent {args:?} on {}: {e}", self.host.name()));
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -235,14 +236,17 @@ fn two_sites_through_the_userspace_tunnel() {
     gw1.start();
     wait_for("restarted agent re-applied", || {
         let st = gw1.status();
-        st["applied_generation"] == 1 && st["peers"].as_array().is_some_and(|p| p.len() == 1) && st["last_run"]["report"].is_object()
+        st["applied_generation"] == 1
+            && st["peers"].as_array().is_some_and(|p| p.len() == 1)
+            && st["last_run"]["report"].is_object()
     });
     assert!(gw1.wg_show("allowed-ips").contains("198.18.20.0/24"));
     wait_for("h1 -> h2 ping after restart", || ping(&h1, "198.18.20.10"));
     tcp_exchange(&h2, &h1, "198.18.20.10:7001");
 
     // Re-applying the same view is a no-op.
-    let again: serde_json::Value = serde_json::from_str(&gw1.apply(&view(o1, &k2, "192.0.2.2:51820", o2, "198.18.20.0/24"))).unwrap();
+    let again: serde_json::Value =
+        serde_json::from_str(&gw1.apply(&view(o1, &k2, "192.0.2.2:51820", o2, "198.18.20.0/24"))).unwrap();
     assert_eq!(again["changes"]["peers_added"], 0, "{again}");
     assert_eq!(again["changes"]["routes_replaced"], 0, "{again}");
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use mesh_agent::{
     keys::SecretKey,
     reconcile::{
-        ApplyError, Applier, Local, PolicyDigest, Step,
+        Applier, ApplyError, Local, PolicyDigest, Step,
         fake::{FakeEnforcer, FakeNet, FakeState, FakeWg, Shared},
     },
     view::{DEFAULT_MTU, NodeView, PeerView},
@@ -45,7 +45,8 @@ fn view() -> NodeView {
 }
 
 fn applier(state: &Shared, enforce: bool) -> Applier {
-    let local = Local { private_key: SecretKey::generate(), listen_port: Some(51820), fwmark: None, enforce_policy: true };
+    let local =
+        Local { private_key: SecretKey::generate(), listen_port: Some(51820), fwmark: None, enforce_policy: true };
     let enforcer = enforce.then(|| Box::new(FakeEnforcer { state: state.clone() }) as _);
     Applier::new(
         local,

@@ -154,7 +154,9 @@ fn random_packet(rng: &mut Rng, u: &Universe, sent: &[Packet]) -> Packet {
     }
     let v4 = rng.chance(55);
     let proto = rng.pick(&[6, 6, 17, 17, 1, 58, 132, 47]);
-    let port = |rng: &mut Rng| if rng.chance(80) { rng.pick(&PORTS).wrapping_add(rng.below(3) as u16) } else { rng.next() as u16 };
+    let port = |rng: &mut Rng| {
+        if rng.chance(80) { rng.pick(&PORTS).wrapping_add(rng.below(3) as u16) } else { rng.next() as u16 }
+    };
     let mut p = Packet {
         src: u.addr(rng, v4),
         dst: u.addr(rng, v4),

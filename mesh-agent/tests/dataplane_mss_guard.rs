@@ -4,9 +4,7 @@
 mod dataplane_support;
 
 use dataplane_support::{Shape, frame, frame_with, packet, tcp_checksum_ok};
-use mesh_agent::dataplane::{
-    AllowRule, Dataplane, GuardSettings, GuardVerdict, MssEvent, PROG_ACL_ETH, PROG_GUARD,
-};
+use mesh_agent::dataplane::{AllowRule, Dataplane, GuardSettings, GuardVerdict, MssEvent, PROG_ACL_ETH, PROG_GUARD};
 use mesh_policy::{CompiledPolicy, PortRange, Proto, Rule};
 
 const MTU: u32 = 1420;

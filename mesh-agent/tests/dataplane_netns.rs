@@ -50,10 +50,7 @@ fn policy(generation: u64, tcp_port: u16) -> CompiledPolicy {
 }
 
 fn pings(from: &Host, to: &str, count: u32) -> bool {
-    from.exec_unchecked("ping", ["-c", &count.to_string(), "-i", "0.05", "-W", "1", to])
-        .unwrap()
-        .status
-        .success()
+    from.exec_unchecked("ping", ["-c", &count.to_string(), "-i", "0.05", "-W", "1", to]).unwrap().status.success()
 }
 
 /// Whether a TCP connection from `from` to `to:port` gets through (iperf3
@@ -73,9 +70,8 @@ fn tcp_ok(server: &Host, from: &Host, to: &str, port: u16) -> bool {
 fn allowed_flows_pass_with_replies_others_drop_counters_match_and_swaps_apply() {
     let n = net();
     assert!(pings(&n.a, B, 1), "the lab forwards before any filter");
-    let mut dp = n
-        .gw
-        .run(|| {
+    let mut dp =
+        n.gw.run(|| {
             let mut dp = Dataplane::load_unpinned().unwrap();
             dp.attach_overlay("eth1").unwrap();
             dp
@@ -113,9 +109,8 @@ fn pinned_enforcement_survives_the_agent_and_is_adopted() {
     let n = net();
     let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/mesh-test-{}-{}", std::process::id(), n.gw.netns()));
     let dir = pin_dir.clone();
-    let dp = n
-        .gw
-        .run(move || {
+    let dp =
+        n.gw.run(move || {
             let mut dp = Dataplane::open(&dir).unwrap();
             dp.attach_overlay("eth1").unwrap();
             dp.install_policy(&policy(7, 5432)).unwrap();
@@ -129,9 +124,8 @@ fn pinned_enforcement_survives_the_agent_and_is_adopted() {
 
     // A restarted agent adopts the maps and the attachment.
     let dir = pin_dir.clone();
-    let mut dp = n
-        .gw
-        .run(move || {
+    let mut dp =
+        n.gw.run(move || {
             let mut dp = Dataplane::open(&dir).unwrap();
             dp.attach_overlay("eth1").unwrap();
             dp

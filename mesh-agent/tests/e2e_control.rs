@@ -291,7 +291,8 @@ fn agents_follow_control_and_survive_its_restart() {
     let logs = || {
         let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
         let show = |h: &Host| {
-            let out = |p: &str, a: &[&str]| String::from_utf8_lossy(&h.exec_unchecked(p, a).unwrap().stdout).into_owned();
+            let out =
+                |p: &str, a: &[&str]| String::from_utf8_lossy(&h.exec_unchecked(p, a).unwrap().stdout).into_owned();
             format!("{}{}{}", out("wg", &["show", "all"]), out("ip", &["route"]), out("ip", &["addr"]))
         };
         format!("--- nyc:\n{}\n{}\n--- fsn:\n{}\n{}", read(&log_nyc), show(&h_nyc), read(&log_fsn), show(&h_fsn))
@@ -306,12 +307,15 @@ fn agents_follow_control_and_survive_its_restart() {
         let mode = std::fs::metadata(nyc.credential()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "the credential is private");
     }
-    let routes = rt.block_on(async { admin(ctl_dir.path()).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes });
+    let routes =
+        rt.block_on(async { admin(ctl_dir.path()).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes });
     assert_eq!(routes.len(), 2, "{routes:?}");
     assert!(routes.iter().all(|r| r.approved && r.auto_approved), "{routes:?}");
     // Health reports arrive: control marks both nodes online and has their acks.
     wait_for("acks at control", &logs, || {
-        let nodes = rt.block_on(async { admin(ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes });
+        let nodes = rt.block_on(async {
+            admin(ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
+        });
         nodes.len() == 2 && nodes.iter().all(|n| n.online && n.acked_generation > 0)
     });
 
@@ -328,10 +332,17 @@ fn agents_follow_control_and_survive_its_restart() {
         .unwrap();
     let (head, metrics) = body.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    for m in ["mesh_agent_up 1", "mesh_agent_policy_enforced 1", "mesh_agent_peer_handshake_age_seconds{", "mesh_agent_wireguard_backend{",
-        "mesh_agent_acl_verdict_packets_total{verdict=\"AcceptRule\"}", "mesh_agent_mss_events_total{",
-        "mesh_agent_control_connected 1", "mesh_agent_key_expiry_timestamp_seconds ",
-        "mesh_agent_route_primary{prefix=\"198.18.20.0/24\",gateway=\"gwfsn\"} 1"] {
+    for m in [
+        "mesh_agent_up 1",
+        "mesh_agent_policy_enforced 1",
+        "mesh_agent_peer_handshake_age_seconds{",
+        "mesh_agent_wireguard_backend{",
+        "mesh_agent_acl_verdict_packets_total{verdict=\"AcceptRule\"}",
+        "mesh_agent_mss_events_total{",
+        "mesh_agent_control_connected 1",
+        "mesh_agent_key_expiry_timestamp_seconds ",
+        "mesh_agent_route_primary{prefix=\"198.18.20.0/24\",gateway=\"gwfsn\"} 1",
+    ] {
         assert!(metrics.contains(m), "{m} missing:\n{metrics}");
     }
     let mut promtool = std::process::Command::new("promtool")
@@ -343,7 +354,12 @@ fn agents_follow_control_and_survive_its_restart() {
         .expect("promtool (xtask setup installs it)");
     promtool.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
     let out = promtool.wait_with_output().unwrap();
-    assert!(out.status.success(), "promtool check metrics: {}{}\n{metrics}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Control goes away: forwarding and enforcement go on.
     control.stop();
@@ -370,7 +386,9 @@ fn agents_follow_control_and_survive_its_restart() {
     assert!(ping(&app, "198.18.20.20"));
     // The restarted agent used its credential (its one-off key is spent):
     // still two nodes.
-    let nodes = rt.block_on(async { admin(ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes });
+    let nodes = rt.block_on(async {
+        admin(ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
+    });
     assert_eq!(nodes.len(), 2, "{nodes:?}");
 
     nyc.stop();

@@ -15,7 +15,10 @@ use std::{
     net::{SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::Stdio,
-    sync::{Arc, Mutex, atomic::{AtomicBool, Ordering}},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -164,7 +167,6 @@ impl Gateway {
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
-
 }
 
 fn wait_for(what: &str, logs: &dyn Fn() -> String, mut f: impl FnMut() -> bool) {
@@ -307,22 +309,32 @@ fn failover_on_gateway_loss_and_on_lan_loss_with_hold_down() {
     let mut g1 = mk(&f1, "192.0.2.21", "198.18.20.0/24");
     let mut g2 = mk(&f2, "192.0.2.22", "198.18.20.0/24");
     let paths: Vec<PathBuf> = [&gn, &g1, &g2].iter().map(|g| g.dir.path().join("agent.log")).collect();
-    let logs = || paths.iter().map(|p| format!("--- {}:\n{}\n", p.display(), std::fs::read_to_string(p).unwrap_or_default())).collect::<String>();
+    let logs = || {
+        paths
+            .iter()
+            .map(|p| format!("--- {}:\n{}\n", p.display(), std::fs::read_to_string(p).unwrap_or_default()))
+            .collect::<String>()
+    };
     gn.start();
     g1.start();
     wait_for("fsn-gw1 primary", &logs, || primary(&rt, ctl_dir.path(), "198.18.20.0/24") == "fsngw1");
     g2.start();
     wait_for("three routes", &logs, || {
-        rt.block_on(async { admin(ctl_dir.path()).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes.len() }) == 3
+        rt.block_on(async {
+            admin(ctl_dir.path()).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes.len()
+        }) == 3
     });
     // fsn-gw1 is preferred (lower priority value), so fail-back happens.
     rt.block_on(async {
         let mut a = admin(ctl_dir.path()).await;
         for r in a.list_routes(pb::Empty {}).await.unwrap().into_inner().routes {
             let priority = if r.node_name == "fsngw2" { 10 } else { 0 };
-            a.set_route_priority(pb::SetRoutePriorityRequest { route: Some(pb::RouteRef { node_id: r.node_id, prefix: r.prefix }), priority })
-                .await
-                .unwrap();
+            a.set_route_priority(pb::SetRoutePriorityRequest {
+                route: Some(pb::RouteRef { node_id: r.node_id, prefix: r.prefix }),
+                priority,
+            })
+            .await
+            .unwrap();
         }
     });
     let flow = Flow::start(&app, &db, "198.18.20.20:9000".parse().unwrap());
@@ -343,12 +355,15 @@ fn failover_on_gateway_loss_and_on_lan_loss_with_hold_down() {
     g1.start();
     wait_for("fsn-gw1 online again", &logs, || {
         rt.block_on(async {
-            let nodes = admin(ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+            let nodes =
+                admin(ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
             nodes.iter().any(|n| n.name == "fsngw1" && n.online)
         })
     });
     assert_eq!(primary(&rt, ctl_dir.path(), "198.18.20.0/24"), "fsngw2", "no fail-back before the hold-down");
-    wait_for("fail-back to fsn-gw1 after the hold-down", &logs, || primary(&rt, ctl_dir.path(), "198.18.20.0/24") == "fsngw1");
+    wait_for("fail-back to fsn-gw1 after the hold-down", &logs, || {
+        primary(&rt, ctl_dir.path(), "198.18.20.0/24") == "fsngw1"
+    });
     let resumed = flow.received();
     wait_for("the flow through fsn-gw1 again", &logs, || flow.received() > resumed + 200);
 
@@ -357,7 +372,8 @@ fn failover_on_gateway_loss_and_on_lan_loss_with_hold_down() {
     lfsn.set_port(&f1_lan, false).unwrap();
     let out2 = outage(&flow, cut, &logs);
     assert_eq!(primary(&rt, ctl_dir.path(), "198.18.20.0/24"), "fsngw2");
-    let routes = rt.block_on(async { admin(ctl_dir.path()).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes });
+    let routes =
+        rt.block_on(async { admin(ctl_dir.path()).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes });
     assert!(routes.iter().any(|r| r.node_name == "fsngw1" && !r.healthy), "{routes:?}");
     println!("failover outage, primary lost its LAN: {} ms", out2.as_millis());
 

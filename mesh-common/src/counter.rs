@@ -17,10 +17,7 @@ impl PacketCount {
     /// Adds another CPU's (or another slot's) totals to this one.
     #[must_use]
     pub const fn saturating_add(self, other: Self) -> Self {
-        Self {
-            packets: self.packets.saturating_add(other.packets),
-            bytes: self.bytes.saturating_add(other.bytes),
-        }
+        Self { packets: self.packets.saturating_add(other.packets), bytes: self.bytes.saturating_add(other.bytes) }
     }
 }
 

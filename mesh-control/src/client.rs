@@ -103,9 +103,10 @@ fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, ConnectError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| ConnectError::Config(e.to_string()))?;
     let mut config = match trust {
-        Trust::Pin(pin) => {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(PinVerifier { pin: *pin })).with_no_client_auth()
-        }
+        Trust::Pin(pin) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinVerifier { pin: *pin }))
+            .with_no_client_auth(),
         Trust::CaPem(pem) => {
             let mut roots = RootCertStore::empty();
             let der = pem_der(pem).ok_or_else(|| ConnectError::Config("bad CA PEM".into()))?;

@@ -93,9 +93,7 @@ impl Config {
     /// The store URL.
     #[must_use]
     pub fn store_url(&self) -> String {
-        self.database_url
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("control.db").display()))
+        self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("control.db").display()))
     }
 
     /// The engine settings.

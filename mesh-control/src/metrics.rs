@@ -34,14 +34,26 @@ pub fn render(engine: &Engine) -> String {
     for (state, v) in [("pending", pending), ("approved", approved), ("expired", expired)] {
         let _ = writeln!(s, "mesh_control_nodes{{state=\"{state}\"}} {v}");
     }
-    let _ = writeln!(s, "# HELP mesh_control_agents_connected Open agent Sync streams.\n# TYPE mesh_control_agents_connected gauge");
+    let _ = writeln!(
+        s,
+        "# HELP mesh_control_agents_connected Open agent Sync streams.\n# TYPE mesh_control_agents_connected gauge"
+    );
     let _ = writeln!(s, "mesh_control_agents_connected {}", engine.connected());
-    let _ = writeln!(s, "# HELP mesh_control_keys_expiring_soon Node keys expiring within 7 days.\n# TYPE mesh_control_keys_expiring_soon gauge");
+    let _ = writeln!(
+        s,
+        "# HELP mesh_control_keys_expiring_soon Node keys expiring within 7 days.\n# TYPE mesh_control_keys_expiring_soon gauge"
+    );
     let _ = writeln!(s, "mesh_control_keys_expiring_soon {soon}");
-    let _ = writeln!(s, "# HELP mesh_control_policy_generation Active policy generation.\n# TYPE mesh_control_policy_generation gauge");
+    let _ = writeln!(
+        s,
+        "# HELP mesh_control_policy_generation Active policy generation.\n# TYPE mesh_control_policy_generation gauge"
+    );
     let _ = writeln!(s, "mesh_control_policy_generation {}", engine.policy().1);
     let pushes = engine.metrics.pushes.load(std::sync::atomic::Ordering::Relaxed);
-    let _ = writeln!(s, "# HELP mesh_control_pushes_total Node view generations published.\n# TYPE mesh_control_pushes_total counter");
+    let _ = writeln!(
+        s,
+        "# HELP mesh_control_pushes_total Node view generations published.\n# TYPE mesh_control_pushes_total counter"
+    );
     let _ = writeln!(s, "mesh_control_pushes_total {pushes}");
     let h = engine.metrics.latency();
     let _ = writeln!(
@@ -57,7 +69,10 @@ pub fn render(engine: &Engine) -> String {
     let _ = writeln!(s, "mesh_control_push_latency_seconds_sum {}", h.sum);
     let _ = writeln!(s, "mesh_control_push_latency_seconds_count {}", h.count);
     let c = engine.counters_total();
-    let _ = writeln!(s, "# HELP mesh_control_agent_packets_total Dataplane verdicts reported by agents.\n# TYPE mesh_control_agent_packets_total counter");
+    let _ = writeln!(
+        s,
+        "# HELP mesh_control_agent_packets_total Dataplane verdicts reported by agents.\n# TYPE mesh_control_agent_packets_total counter"
+    );
     let _ = writeln!(s, "mesh_control_agent_packets_total{{verdict=\"accept\"}} {}", c.accepted_packets);
     let _ = writeln!(s, "mesh_control_agent_packets_total{{verdict=\"deny\"}} {}", c.denied_packets);
     s

@@ -72,7 +72,11 @@ impl Drop for Running {
 }
 
 /// Creates an admin API token, returning its text (shown once).
-pub async fn create_admin_token(store: &Store, description: &str, actor: &str) -> Result<String, crate::store::StoreError> {
+pub async fn create_admin_token(
+    store: &Store,
+    description: &str,
+    actor: &str,
+) -> Result<String, crate::store::StoreError> {
     let (id, token, hash) = crate::auth::new_admin_token();
     store.add_api_token(&id, &hash, description, actor, now()).await?;
     Ok(token)
@@ -81,7 +85,8 @@ pub async fn create_admin_token(store: &Store, description: &str, actor: &str) -
 /// Starts everything `config` asks for.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
     if config.database_url.is_none() {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::Io(config.data_dir.display().to_string(), e))?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| StartError::Io(config.data_dir.display().to_string(), e))?;
     }
     let store = Store::open(&config.store_url()).await?;
     let bootstrap_admin_token = if store.api_token_count().await? == 0 {
@@ -102,8 +107,9 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let addr = listener.local_addr().map_err(|e| StartError::Io("local_addr".into(), e))?;
     let mut builder = Server::builder().http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
     if config.tls {
-        builder = builder
-            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(&server_tls.chain_pem, &server_tls.key_pem)))?;
+        builder = builder.tls_config(
+            ServerTlsConfig::new().identity(Identity::from_pem(&server_tls.chain_pem, &server_tls.key_pem)),
+        )?;
     }
     let router = builder
         .add_service(reflection()?)
@@ -124,9 +130,11 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| StartError::Io(path.display().to_string(), e))?;
-        let local = Server::builder()
-            .add_service(reflection()?)
-            .add_service(AdminServiceServer::new(AdminApi::new(engine.clone(), server_tls.ca_pin, true)));
+        let local = Server::builder().add_service(reflection()?).add_service(AdminServiceServer::new(AdminApi::new(
+            engine.clone(),
+            server_tls.ca_pin,
+            true,
+        )));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = local.serve_with_incoming(UnixListenerStream::new(unix)).await {
                 tracing::error!(error = %e, "admin socket stopped");

@@ -122,7 +122,8 @@ async fn enroll_sync_policy_push_and_refusals() {
     while s_gw.next(QUIET).await.unwrap().is_some() {}
 
     // The policy change: only the db nodes' rules change.
-    let gen_before: Vec<u64> = [&s_app, &s_db1, &s_db2, &s_gw].iter().map(|s| s.view.as_ref().unwrap().generation).collect();
+    let gen_before: Vec<u64> =
+        [&s_app, &s_db1, &s_db2, &s_gw].iter().map(|s| s.view.as_ref().unwrap().generation).collect();
     a.set_policy(pb::PolicyDocument { text: POLICY.replace("5432", "6432"), generation: 0 }).await.unwrap();
     let g1 = s_db1.next(WAIT).await.unwrap().expect("db-1 gets a new generation");
     let g2 = s_db2.next(WAIT).await.unwrap().expect("db-2 gets a new generation");
@@ -167,7 +168,11 @@ async fn enroll_sync_policy_push_and_refusals() {
     let routes = a.list_routes(pb::Empty {}).await.unwrap().into_inner().routes;
     assert_eq!(routes.len(), 1);
     assert!(!routes[0].approved);
-    let r = a.approve_route(pb::RouteRef { node_id: gw.node.id, prefix: "198.18.10.0/24".into() }).await.unwrap().into_inner();
+    let r = a
+        .approve_route(pb::RouteRef { node_id: gw.node.id, prefix: "198.18.10.0/24".into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.approved && r.primary);
 
     // Refusals. No token / a bad token: UNAUTHENTICATED.
@@ -180,7 +185,9 @@ async fn enroll_sync_policy_push_and_refusals() {
     assert_eq!(as_node.list_nodes(pb::ListNodesRequest {}).await.unwrap_err().code(), Code::PermissionDenied);
     // Sync with no or a forged credential.
     let nobody = SimAgent { token: "mnc1.forged".into(), ..app.clone() };
-    assert!(matches!(nobody.sync().await.unwrap_err(), mesh_control::sim::SimError::Status(s) if s.code() == Code::Unauthenticated));
+    assert!(
+        matches!(nobody.sync().await.unwrap_err(), mesh_control::sim::SimError::Status(s) if s.code() == Code::Unauthenticated)
+    );
     // A valid node asking for another node's stream.
     let err = app.sync_as(db1.node.id).await.unwrap_err();
     assert!(matches!(&err, mesh_control::sim::SimError::Status(s) if s.code() == Code::PermissionDenied), "{err}");
@@ -247,7 +254,10 @@ async fn local_socket_admin_and_reflection() {
     let msg = resp.message().await.unwrap().unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("{msg:?}") };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"mesh.v1.AgentService".to_owned()) && names.contains(&"mesh.v1.AdminService".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"mesh.v1.AgentService".to_owned()) && names.contains(&"mesh.v1.AdminService".to_owned()),
+        "{names:?}"
+    );
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {

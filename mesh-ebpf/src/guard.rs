@@ -13,8 +13,8 @@ use aya_ebpf::{
 use mesh_common::{
     counter::PacketCount,
     guard::{
-        AllowKey, GuardAddr, GuardConfig, GuardVerdict, MAX_ALLOW, MAX_BUCKETS, MAX_KNOWN, TokenBucket,
-        WG_COOKIE_LEN, WG_INITIATION_LEN, WG_RESPONSE_LEN, WG_TRANSPORT_MIN_LEN,
+        AllowKey, GuardAddr, GuardConfig, GuardVerdict, MAX_ALLOW, MAX_BUCKETS, MAX_KNOWN, TokenBucket, WG_COOKIE_LEN,
+        WG_INITIATION_LEN, WG_RESPONSE_LEN, WG_TRANSPORT_MIN_LEN,
     },
 };
 

@@ -29,11 +29,7 @@ pub(crate) fn run(cmd: &mut Command) -> Result<Output, CmdError> {
     } else {
         Err(CmdError {
             command: describe(cmd),
-            failure: format!(
-                "failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ),
+            failure: format!("failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim()),
         })
     }
 }
@@ -41,10 +37,7 @@ pub(crate) fn run(cmd: &mut Command) -> Result<Output, CmdError> {
 /// Runs `cmd` to completion, whatever its exit status.
 pub(crate) fn run_unchecked(cmd: &mut Command) -> Result<Output, CmdError> {
     tracing::debug!(command = %describe(cmd), "lab: run");
-    cmd.output().map_err(|e| CmdError {
-        command: describe(cmd),
-        failure: format!("could not start: {e}"),
-    })
+    cmd.output().map_err(|e| CmdError { command: describe(cmd), failure: format!("could not start: {e}") })
 }
 
 /// A process started in a lab host. Killed (SIGKILL) and reaped on drop.

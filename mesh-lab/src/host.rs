@@ -131,10 +131,9 @@ impl Host {
     /// Starts a prepared command (from [`Host::command`]).
     pub fn spawn_command(&self, mut command: Command) -> Result<Process> {
         let described = cmd::describe(&command);
-        let child = command.spawn().map_err(|e| cmd::CmdError {
-            command: described.clone(),
-            failure: format!("could not start: {e}"),
-        })?;
+        let child = command
+            .spawn()
+            .map_err(|e| cmd::CmdError { command: described.clone(), failure: format!("could not start: {e}") })?;
         Ok(Process { child: Some(child), command: described })
     }
 

@@ -89,8 +89,19 @@ impl Lab {
         // Created directly inside the namespaces, so no temporary name ever
         // appears in the root namespace.
         cmd::run(Command::new("ip").args([
-            "link", "add", "name", a_if, "netns", a.netns(), "type", "veth", "peer", "name", b_if,
-            "netns", b.netns(),
+            "link",
+            "add",
+            "name",
+            a_if,
+            "netns",
+            a.netns(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_if,
+            "netns",
+            b.netns(),
         ]))?;
         a.up(a_if)?;
         b.up(b_if)?;

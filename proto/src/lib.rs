@@ -3,12 +3,7 @@
 /// `mesh.v1` messages and services.
 // `allow`, not `expect`: whether these fire depends on what the .proto
 // files contain, and generated code is not ours to fix.
-#[allow(
-    missing_debug_implementations,
-    unreachable_pub,
-    clippy::all,
-    reason = "generated code"
-)]
+#[allow(missing_debug_implementations, unreachable_pub, clippy::all, reason = "generated code")]
 pub mod v1 {
     tonic::include_proto!("mesh.v1");
 

@@ -65,7 +65,14 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     setup::run()?;
     setup::bench_tools()?;
     // Suites run the agent and control binaries as processes.
-    cmd::run(std::process::Command::new("cargo").args(["build", "--release", "-p", "mesh-agent", "-p", "mesh-control"]))?;
+    cmd::run(std::process::Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-control",
+    ]))?;
     let out = args.out.clone().unwrap_or_else(|| "bench/results".into());
     let mut command = std::process::Command::new("cargo");
     command.args(["run", "--release", "--quiet", "-p", "mesh-bench", "--"]).args(&args.suites);

@@ -30,9 +30,9 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
 
 /// `psql` as the `postgres` superuser over the given socket port.
 fn psql(port: &str, db: &str, sql: &str) -> anyhow::Result<String> {
-    run(Command::new("runuser").args(["-u", "postgres", "--", "psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"]).args([
-        "-p", port, "-d", db, "-c", sql,
-    ]))
+    run(Command::new("runuser")
+        .args(["-u", "postgres", "--", "psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"])
+        .args(["-p", port, "-d", db, "-c", sql]))
 }
 
 /// One line of `pg_lsclusters --no-header`: version, name, port, status.

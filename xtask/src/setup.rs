@@ -10,19 +10,19 @@ use crate::cmd::{self, probe};
 
 /// Debian packages the tests, demo and benchmarks use.
 const DEBIAN_PACKAGES: &[&str] = &[
-    "iproute2",        // ip, tc: the lab and the checks
-    "iputils-ping",    // ping through tunnels and policies
-    "procps",          // sysctl inside lab namespaces
-    "nftables",        // the nftables baselines in the acl/guard benchmarks
-    "iperf3",          // throughput benchmarks and traffic in tests
-    "wireguard-tools", // `wg show` against our UAPI socket
-    "wireguard-go",    // a peer engine in the tunnel benchmark
-    "tcpdump",         // debugging captures
-    "postgresql",      // the control plane's PostgreSQL store tests
-    "prometheus",      // promtool checks the metrics output
-    "qemu-system-x86", // the VM with a WireGuard kernel
+    "iproute2",                // ip, tc: the lab and the checks
+    "iputils-ping",            // ping through tunnels and policies
+    "procps",                  // sysctl inside lab namespaces
+    "nftables",                // the nftables baselines in the acl/guard benchmarks
+    "iperf3",                  // throughput benchmarks and traffic in tests
+    "wireguard-tools",         // `wg show` against our UAPI socket
+    "wireguard-go",            // a peer engine in the tunnel benchmark
+    "tcpdump",                 // debugging captures
+    "postgresql",              // the control plane's PostgreSQL store tests
+    "prometheus",              // promtool checks the metrics output
+    "qemu-system-x86",         // the VM with a WireGuard kernel
     "linux-image-cloud-amd64", // that kernel (6.1, WireGuard as a module)
-    "busybox-static",  // the VM's initramfs userland
+    "busybox-static",          // the VM's initramfs userland
 ];
 
 /// The bpf-linker that works with nightly's LLVM here (0.11+ needs a system
@@ -48,7 +48,8 @@ fn nightly_rust_src() -> anyhow::Result<()> {
         cmd::run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
             .context("installing the nightly toolchain")?;
     }
-    let installed = probe("rustup", &["component", "list", "--installed", "--toolchain", "nightly"]).unwrap_or_default();
+    let installed =
+        probe("rustup", &["component", "list", "--installed", "--toolchain", "nightly"]).unwrap_or_default();
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask: installing rust-src for nightly (build-std=core for the BPF target)");
         cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
@@ -63,8 +64,13 @@ fn bpf_linker() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (found: {:?})", version.trim());
-    cmd::run(Command::new("cargo").args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"]))
-        .context("installing bpf-linker")
+    cmd::run(Command::new("cargo").args([
+        "install",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        "--locked",
+        "--force",
+    ]))
+    .context("installing bpf-linker")
 }
 
 fn debian_packages() -> anyhow::Result<()> {
@@ -78,10 +84,12 @@ fn debian_packages() -> anyhow::Result<()> {
     }
     cmd::run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))
         .context("apt-get update")?;
-    cmd::run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
     .with_context(|| format!("installing {}", missing.join(" ")))?;
     let still: Vec<&str> = missing.into_iter().filter(|p| !dpkg_installed(p)).collect();
     if !still.is_empty() {

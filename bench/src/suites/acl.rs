@@ -75,8 +75,20 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
     test_run_cost(ctx, &mut results)?;
     forwarding(ctx, &mut results)?;
     let summaries = results.summaries();
-    chart::line_chart(&ctx.out.join("acl.svg"), "eBPF ACL cost per packet (BPF_PROG_TEST_RUN)", "ns_per_packet", &summaries, true)?;
-    chart::line_chart(&ctx.out.join("acl-forwarding.svg"), "Forwarded UDP packets through the gateway", "kpps", &summaries, true)?;
+    chart::line_chart(
+        &ctx.out.join("acl.svg"),
+        "eBPF ACL cost per packet (BPF_PROG_TEST_RUN)",
+        "ns_per_packet",
+        &summaries,
+        true,
+    )?;
+    chart::line_chart(
+        &ctx.out.join("acl-forwarding.svg"),
+        "Forwarded UDP packets through the gateway",
+        "kpps",
+        &summaries,
+        true,
+    )?;
     Ok(results)
 }
 
@@ -86,7 +98,10 @@ fn test_run_cost(ctx: &Ctx, results: &mut Results) -> anyhow::Result<()> {
     for n in RULE_COUNTS {
         let mut dp = Dataplane::load_unpinned().context("loading the dataplane")?;
         let report = dp.install_policy(&policy(n))?;
-        ctx.progress("acl", format!("{n} rules installed in {:.1} ms ({} entries)", report.elapsed.as_secs_f64() * 1e3, report.entries));
+        ctx.progress(
+            "acl",
+            format!("{n} rules installed in {:.1} ms ({} entries)", report.elapsed.as_secs_f64() * 1e3, report.entries),
+        );
         results.push("install", n, "install_ms", report.elapsed.as_secs_f64() * 1e3, "ms", 0);
         planes.push((n, dp));
     }
@@ -174,7 +189,8 @@ pub(crate) fn rx_packets(host: &Host, ifname: &str) -> anyhow::Result<u64> {
 
 /// nftables rules, one per line.
 fn nft_lines(p: &CompiledPolicy) -> String {
-    let mut s = String::from("table ip bench {\n chain filter_fwd {\n  type filter hook forward priority 0; policy drop;\n");
+    let mut s =
+        String::from("table ip bench {\n chain filter_fwd {\n  type filter hook forward priority 0; policy drop;\n");
     for r in &p.rules {
         s.push_str(&format!("  ip saddr {} ip daddr {} udp dport {} accept\n", r.src[0], r.dst[0], r.ports.first));
     }
@@ -184,7 +200,9 @@ fn nft_lines(p: &CompiledPolicy) -> String {
 
 /// The same rules as one set lookup.
 fn nft_set(p: &CompiledPolicy) -> String {
-    let mut s = String::from("table ip bench {\n set allowed {\n  type ipv4_addr . ipv4_addr . inet_service; flags interval;\n  elements = {\n");
+    let mut s = String::from(
+        "table ip bench {\n set allowed {\n  type ipv4_addr . ipv4_addr . inet_service; flags interval;\n  elements = {\n",
+    );
     let elems: Vec<String> =
         p.rules.iter().map(|r| format!("   {} . {} . {}", r.src[0], r.dst[0], r.ports.first)).collect();
     s.push_str(&elems.join(",\n"));
@@ -247,7 +265,10 @@ fn forwarding(ctx: &Ctx, results: &mut Results) -> anyhow::Result<()> {
                 nft_flush(&lab.gw)?;
                 results.push(variant, n, "kpps", got / 1e3, "kpps", run);
                 results.push(variant, n, "offered_kpps", offered / 1e3, "kpps", run);
-                ctx.progress("acl", format!("run {run} {n} rules {variant}: {:.0} kpps of {:.0} offered", got / 1e3, offered / 1e3));
+                ctx.progress(
+                    "acl",
+                    format!("run {run} {n} rules {variant}: {:.0} kpps of {:.0} offered", got / 1e3, offered / 1e3),
+                );
             }
         }
     }

@@ -76,7 +76,10 @@ struct Sample {
 
 fn apply(bin: &Path, host: &Host, config: &Path, state: &Path) -> anyhow::Result<(f64, f64)> {
     let start = Instant::now();
-    let out = host.exec(bin.to_str().unwrap(), ["apply", "--config", config.to_str().unwrap(), "--state", state.to_str().unwrap()])?;
+    let out = host.exec(
+        bin.to_str().unwrap(),
+        ["apply", "--config", config.to_str().unwrap(), "--state", state.to_str().unwrap()],
+    )?;
     let cli_ms = start.elapsed().as_secs_f64() * 1e3;
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("apply report")?;
     let agent_ms = report["duration"].as_f64().context("no duration in report")? * 1e3;
@@ -159,7 +162,13 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
     }
     let summaries = results.summaries();
     std::fs::create_dir_all(&ctx.out)?;
-    chart::line_chart(&ctx.out.join("agent.svg"), "mesh-agent: time to apply a node view", "agent_ms", &summaries, true)?;
+    chart::line_chart(
+        &ctx.out.join("agent.svg"),
+        "mesh-agent: time to apply a node view",
+        "agent_ms",
+        &summaries,
+        true,
+    )?;
     chart::line_chart(&ctx.out.join("agent-rss.svg"), "mesh-agent: RSS after applying", "rss_mib", &summaries, true)?;
     Ok(results)
 }

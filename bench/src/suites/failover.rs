@@ -52,6 +52,10 @@ fn agent_binary() -> anyhow::Result<PathBuf> {
     let release = dir.file_name().is_some_and(|n| n == "release");
     let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cargo.args(["build", "-q", "-p", "mesh-agent", "--bin", "mesh-agent"]);
+    // Into this binary's target directory, wherever that is.
+    if let Some(target_dir) = dir.parent() {
+        cargo.arg("--target-dir").arg(target_dir);
+    }
     if release {
         cargo.arg("--release");
     }
@@ -76,7 +80,11 @@ impl Control {
             let ok_tx = ready_tx.clone();
             let run = move || -> Result<(), String> {
                 host.enter_current_thread().map_err(|e| e.to_string())?;
-                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| e.to_string())?;
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
                 rt.block_on(async move {
                     let config = mesh_control::config::Config {
                         listen: CONTROL.parse().map_err(|e: std::net::AddrParseError| e.to_string())?,
@@ -125,7 +133,8 @@ struct Env {
 impl Env {
     fn admin<T>(&self, f: impl AsyncFnOnce(&mut Admin) -> anyhow::Result<T>) -> anyhow::Result<T> {
         self.rt.block_on(async {
-            let mut a = AdminServiceClient::new(mesh_control::client::connect_unix(&self.dir.join("admin.sock")).await?);
+            let mut a =
+                AdminServiceClient::new(mesh_control::client::connect_unix(&self.dir.join("admin.sock")).await?);
             f(&mut a).await
         })
     }
@@ -158,7 +167,9 @@ struct Gateway {
 impl Gateway {
     fn start(&mut self, bin: &Path) -> anyhow::Result<()> {
         let log = File::options().create(true).append(true).open(&self.log)?;
-        let mut cmd = self.host.command(bin.to_str().context("path")?, ["run", "--config", self.config.to_str().context("path")?]);
+        let mut cmd = self
+            .host
+            .command(bin.to_str().context("path")?, ["run", "--config", self.config.to_str().context("path")?]);
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         self.agent = Some(self.host.spawn_command(cmd)?);
         Ok(())
@@ -246,7 +257,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
     let mut wan_ports = Vec::new();
     let names = ["nycgw1", "fsngw1", "fsngw2"];
     let mut gw_hosts = Vec::new();
-    for (name, a) in [("ctl", "192.0.2.100"), ("nycgw1", "192.0.2.11"), ("fsngw1", "192.0.2.21"), ("fsngw2", "192.0.2.22")] {
+    for (name, a) in
+        [("ctl", "192.0.2.100"), ("nycgw1", "192.0.2.11"), ("fsngw1", "192.0.2.21"), ("fsngw2", "192.0.2.22")]
+    {
         let h = if name == "ctl" { ctl.clone() } else { lab.host(name)? };
         wan_ports.push(wan.plug(&h, "eth0")?);
         h.addr("eth0", &format!("{a}/24"))?;
@@ -270,7 +283,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
     gw_hosts[2].addr("lan0", "198.18.20.2/24")?;
     db.addr("eth0", "198.18.20.20/24")?;
 
-    let env = Env { rt: tokio::runtime::Builder::new_current_thread().enable_all().build()?, dir: work.path().join("control") };
+    let env = Env {
+        rt: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        dir: work.path().join("control"),
+    };
     let _control = Control::start(&ctl, &env.dir)?;
     let key = env.admin(async |a| {
         a.set_policy(pb::PolicyDocument { text: policy(None), generation: 0 }).await?;
@@ -294,7 +310,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
     for (i, (name, h)) in names.iter().zip(&gw_hosts).enumerate() {
         let dir = work.path().join(name);
         std::fs::create_dir_all(&dir)?;
-        let (underlay, lan) = [("192.0.2.11", "198.18.10.0/24"), ("192.0.2.21", "198.18.20.0/24"), ("192.0.2.22", "198.18.20.0/24")][i];
+        let (underlay, lan) =
+            [("192.0.2.11", "198.18.10.0/24"), ("192.0.2.21", "198.18.20.0/24"), ("192.0.2.22", "198.18.20.0/24")][i];
         let config = format!(
             "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{state}\"\n\
              enforcement = \"ebpf\"\nbpf_pin_dir = \"{bpf}\"\nkeep_dataplane_on_exit = false\n\
@@ -308,7 +325,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
             key = key_file.display(),
         );
         std::fs::write(dir.join("agent.toml"), config)?;
-        let mut g = Gateway { host: h.clone(), config: dir.join("agent.toml"), log: dir.join("agent.log"), agent: None };
+        let mut g =
+            Gateway { host: h.clone(), config: dir.join("agent.toml"), log: dir.join("agent.log"), agent: None };
         g.start(&bin)?;
         if i == 1 {
             wait_for("fsngw1 primary", Duration::from_secs(30), || env.primary("198.18.20.0/24") == "fsngw1")?;
@@ -321,8 +339,11 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
     env.admin(async |a| {
         for r in a.list_routes(pb::Empty {}).await?.into_inner().routes {
             let priority = if r.node_name == "fsngw2" { 10 } else { 0 };
-            a.set_route_priority(pb::SetRoutePriorityRequest { route: Some(pb::RouteRef { node_id: r.node_id, prefix: r.prefix }), priority })
-                .await?;
+            a.set_route_priority(pb::SetRoutePriorityRequest {
+                route: Some(pb::RouteRef { node_id: r.node_id, prefix: r.prefix }),
+                priority,
+            })
+            .await?;
         }
         Ok(())
     })?;
@@ -370,12 +391,16 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
         std::thread::sleep(Duration::from_millis(200));
         anyhow::ensure!(probe.received() == 0, "port 9001 should be denied before the change");
         let t0 = Instant::now();
-        env.admin(async |a| Ok(a.set_policy(pb::PolicyDocument { text: policy(Some(9001)), generation: 0 }).await.map(|_| ())?))?;
+        env.admin(async |a| {
+            Ok(a.set_policy(pb::PolicyDocument { text: policy(Some(9001)), generation: 0 }).await.map(|_| ())?)
+        })?;
         wait_for("the new policy enforced", Duration::from_secs(30), || probe.received() > 0)?;
         let first = probe.first_since(t0).context("no arrival")?;
         results.push("policy-change", "allow", "enforcement", first.duration_since(t0).as_secs_f64() * 1e3, "ms", run);
         drop(probe);
-        env.admin(async |a| Ok(a.set_policy(pb::PolicyDocument { text: policy(None), generation: 0 }).await.map(|_| ())?))?;
+        env.admin(async |a| {
+            Ok(a.set_policy(pb::PolicyDocument { text: policy(None), generation: 0 }).await.map(|_| ())?)
+        })?;
         std::thread::sleep(Duration::from_millis(500));
     }
     drop(flow);
@@ -390,6 +415,11 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
         .into_iter()
         .map(|s| crate::Summary { param: s.variant.clone(), variant: "mesh".into(), metric: "ms".into(), ..s })
         .collect();
-    chart::bar_chart(&ctx.out.join("failover.svg"), "Failover outage and policy enforcement (median, min-max)", "ms", &by_case)?;
+    chart::bar_chart(
+        &ctx.out.join("failover.svg"),
+        "Failover outage and policy enforcement (median, min-max)",
+        "ms",
+        &by_case,
+    )?;
     Ok(results)
 }

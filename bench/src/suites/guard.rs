@@ -56,7 +56,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
                 _ => None,
             };
             let before = udp_in_datagrams(&gw)?;
-            let (offered, _) = super::acl::flood(&tx, &gw, "eth0", Ipv4Addr::new(192, 0, 2, 10), dst, initiation(), secs)?;
+            let (offered, _) =
+                super::acl::flood(&tx, &gw, "eth0", Ipv4Addr::new(192, 0, 2, 10), dst, initiation(), secs)?;
             // What reached the UDP layer (and would reach the crypto).
             let delivered = (udp_in_datagrams(&gw)? - before) as f64 / secs;
             let dropped = match &dp {
@@ -75,11 +76,22 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
             results.push(variant, "flood", "delivered_kpps", delivered / 1e3, "kpps", run);
             ctx.progress(
                 "guard",
-                format!("run {run} {variant}: offered {:.0} kpps, dropped {:.0}, reached UDP {:.1}", offered / 1e3, dropped / 1e3, delivered / 1e3),
+                format!(
+                    "run {run} {variant}: offered {:.0} kpps, dropped {:.0}, reached UDP {:.1}",
+                    offered / 1e3,
+                    dropped / 1e3,
+                    delivered / 1e3
+                ),
             );
         }
     }
-    chart::line_chart(&ctx.out.join("guard.svg"), "Unknown-source WireGuard flood", "dropped_kpps", &results.summaries(), false)?;
+    chart::line_chart(
+        &ctx.out.join("guard.svg"),
+        "Unknown-source WireGuard flood",
+        "dropped_kpps",
+        &results.summaries(),
+        false,
+    )?;
     Ok(results)
 }
 

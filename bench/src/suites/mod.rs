@@ -26,7 +26,11 @@ pub const SUITES: &[Suite] = &[
     Suite { name: "acl", about: acl::ABOUT, run: acl::run },
     Suite { name: "guard", about: guard::ABOUT, run: guard::run },
     Suite { name: "agent", about: agent::ABOUT, run: agent::run },
-    Suite { name: "push", about: "policy change to the last agent's ack, N simulated agents over gRPC", run: push::run },
+    Suite {
+        name: "push",
+        about: "policy change to the last agent's ack, N simulated agents over gRPC",
+        run: push::run,
+    },
     Suite { name: "failover", about: failover::ABOUT, run: failover::run },
     Suite { name: "tunnel", about: "WireGuard tunnel throughput per engine (iperf3 TCP/UDP)", run: tunnel::run },
 ];

@@ -183,7 +183,11 @@ async fn run_n(ctx: &Ctx, results: &mut Results, n: usize, fd_limit: u64) -> any
         admin.set_policy(pb::PolicyDocument { text: policy(n, BASE_PORT + i as u32), generation: 0 }).await?;
         let deadline = Instant::now() + Duration::from_secs(600);
         while progress.acked[i].load(Ordering::Relaxed) < n {
-            anyhow::ensure!(Instant::now() < deadline, "change {i}: only {} of {n} acked", progress.acked[i].load(Ordering::Relaxed));
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "change {i}: only {} of {n} acked",
+                progress.acked[i].load(Ordering::Relaxed)
+            );
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
         let last = progress.last[i].lock().unwrap().unwrap_or_else(Instant::now);
@@ -223,7 +227,13 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
     }
     let summaries = results.summaries();
     std::fs::create_dir_all(&ctx.out)?;
-    chart::line_chart(&ctx.out.join("push.svg"), "policy change to last agent ack", "change_to_last_ack_ms", &summaries, true)?;
+    chart::line_chart(
+        &ctx.out.join("push.svg"),
+        "policy change to last agent ack",
+        "change_to_last_ack_ms",
+        &summaries,
+        true,
+    )?;
     Ok(results)
 }
 

@@ -139,7 +139,14 @@ fn measure(
         if !engine_pids.is_empty() {
             let cpu_s = (cpu_after - cpu_before) as f64 / ticks_per_second();
             if cpu_s > 0.0 {
-                results.push(variant, load.param, "gbit_per_cpu_s", gbit * f64::from(seconds) / cpu_s, "Gbit/CPU-s", run);
+                results.push(
+                    variant,
+                    load.param,
+                    "gbit_per_cpu_s",
+                    gbit * f64::from(seconds) / cpu_s,
+                    "Gbit/CPU-s",
+                    run,
+                );
             }
         }
         ctx.progress(SUITE, format_args!("  {variant} {}: {gbit:.3} Gbit/s", load.param));
@@ -282,8 +289,7 @@ fn rand_suffix() -> u64 {
 }
 
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 /// utime + stime of a process, in clock ticks (0 once it is gone).

@@ -26,12 +26,15 @@ pub struct Local {
 pub struct ConvertError(String);
 
 fn key(bytes: &[u8], what: &str) -> Result<PublicKey, ConvertError> {
-    let arr: [u8; 32] = bytes.try_into().map_err(|_| ConvertError(format!("{what}: public key of {} bytes", bytes.len())))?;
+    let arr: [u8; 32] =
+        bytes.try_into().map_err(|_| ConvertError(format!("{what}: public key of {} bytes", bytes.len())))?;
     Ok(PublicKey(arr))
 }
 
 fn net(s: &str) -> Result<IpNet, ConvertError> {
-    s.parse::<IpNet>().or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from)).map_err(|_| ConvertError(format!("bad CIDR {s:?}")))
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| ConvertError(format!("bad CIDR {s:?}")))
 }
 
 /// Converts a control view. Routes: every peer's allowed IPs (its overlay
@@ -102,7 +105,13 @@ mod tests {
     fn converts_peers_routes_and_policy() {
         let v = pb::NodeView {
             generation: 7,
-            self_: Some(pb::Node { id: 1, ipv4: "100.64.0.1".into(), ipv6: "fd7a:6d65:7368::1".into(), wireguard_public_key: pk(), ..Default::default() }),
+            self_: Some(pb::Node {
+                id: 1,
+                ipv4: "100.64.0.1".into(),
+                ipv6: "fd7a:6d65:7368::1".into(),
+                wireguard_public_key: pk(),
+                ..Default::default()
+            }),
             peers: vec![pb::Peer {
                 node_id: 2,
                 name: "gw-fsn".into(),
@@ -136,14 +145,21 @@ mod tests {
         assert_eq!(n.peers[0].endpoint, Some("192.0.2.2:51820".parse().unwrap()));
         assert_eq!(n.peers[0].persistent_keepalive, Some(25));
         let routes: Vec<String> = n.routes.iter().map(ToString::to_string).collect();
-        assert_eq!(routes, ["100.64.0.2/32", "198.18.20.0/24", "198.18.30.0/24", "fd7a:6d65:7368::2/128"], "own LAN is not routed into the overlay");
+        assert_eq!(
+            routes,
+            ["100.64.0.2/32", "198.18.20.0/24", "198.18.30.0/24", "fd7a:6d65:7368::2/128"],
+            "own LAN is not routed into the overlay"
+        );
         assert_eq!(n.policy.rules.len(), 1);
         n.validate(&PublicKey(v.self_.as_ref().unwrap().wireguard_public_key.clone().try_into().unwrap())).unwrap();
     }
 
     #[test]
     fn bad_key_is_refused() {
-        let v = pb::NodeView { self_: Some(pb::Node { wireguard_public_key: vec![1, 2], ..Default::default() }), ..Default::default() };
+        let v = pb::NodeView {
+            self_: Some(pb::Node { wireguard_public_key: vec![1, 2], ..Default::default() }),
+            ..Default::default()
+        };
         assert!(node_view(&v, &Local::default()).is_err());
     }
 }

@@ -70,9 +70,13 @@ impl ControlState {
         s.push_str(&format!("mesh_agent_control_connected {}\n", u8::from(self.connected)));
         if let Some(t) = self.key_expiry_unix {
             s.push_str("# HELP mesh_agent_key_expiry_timestamp_seconds When this node's key expires at control.\n");
-            s.push_str(&format!("# TYPE mesh_agent_key_expiry_timestamp_seconds gauge\nmesh_agent_key_expiry_timestamp_seconds {t}\n"));
+            s.push_str(&format!(
+                "# TYPE mesh_agent_key_expiry_timestamp_seconds gauge\nmesh_agent_key_expiry_timestamp_seconds {t}\n"
+            ));
         }
-        s.push_str("# HELP mesh_agent_route_primary The primary gateway of each prefix in control's order (1 per prefix).\n");
+        s.push_str(
+            "# HELP mesh_agent_route_primary The primary gateway of each prefix in control's order (1 per prefix).\n",
+        );
         s.push_str("# TYPE mesh_agent_route_primary gauge\n");
         for (prefix, gw) in &self.primaries {
             s.push_str(&format!("mesh_agent_route_primary{{prefix=\"{prefix}\",gateway=\"{gw}\"}} 1\n"));
@@ -90,7 +94,8 @@ impl ControlState {
         };
         if let Ok(mut st) = shared.lock() {
             st.key_expiry_unix = me.map(|m| m.key_expiry_unix).filter(|&t| t != 0);
-            st.primaries = v.routes.iter().filter_map(|r| Some((r.prefix.clone(), name(*r.gateways.first()?)))).collect();
+            st.primaries =
+                v.routes.iter().filter_map(|r| Some((r.prefix.clone(), name(*r.gateways.first()?)))).collect();
         }
     }
 }
@@ -120,7 +125,10 @@ fn err<E: Into<Box<dyn std::error::Error + Send + Sync>>>(what: &str) -> impl Fn
 
 impl Credential {
     fn pin(&self) -> Result<[u8; 32], SessionError> {
-        hex::decode(&self.ca_pin).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| SessionError("bad CA pin in the credential".into()))
+        hex::decode(&self.ca_pin)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| SessionError("bad CA pin in the credential".into()))
     }
 
     /// Reads the stored credential, if any.
@@ -150,7 +158,8 @@ impl Credential {
 
 fn hostname(cc: &ControlConfig) -> String {
     cc.hostname.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "mesh-agent".into(), |h| h.trim().to_owned())
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "mesh-agent".into(), |h| h.trim().to_owned())
     })
 }
 
@@ -161,7 +170,9 @@ fn enrollment_key(cc: &ControlConfig) -> Result<String, SessionError> {
     let path = cc.enrollment_key_file.as_ref().ok_or_else(|| {
         SessionError("not enrolled yet and no control.enrollment_key or control.enrollment_key_file configured".into())
     })?;
-    std::fs::read_to_string(path).map(|k| k.trim().to_owned()).map_err(|e| SessionError(format!("{}: {e}", path.display())))
+    std::fs::read_to_string(path)
+        .map(|k| k.trim().to_owned())
+        .map_err(|e| SessionError(format!("{}: {e}", path.display())))
 }
 
 /// The stored credential, or a new one from enrolling with the key.
@@ -171,7 +182,8 @@ async fn credential(config: &Config, cc: &ControlConfig, public_key: PublicKey) 
         return Ok(c);
     }
     let key = enrollment_key(cc)?;
-    let parsed = EnrollmentKeyText::parse(&key).ok_or_else(|| SessionError("the enrollment key is malformed".into()))?;
+    let parsed =
+        EnrollmentKeyText::parse(&key).ok_or_else(|| SessionError("the enrollment key is malformed".into()))?;
     let pin = parsed.ca_pin.ok_or_else(|| SessionError("the enrollment key carries no CA pin".into()))?;
     let channel = client::connect(&cc.address, &Trust::Pin(pin)).await.map_err(err("connecting to control"))?;
     let resp = AgentServiceClient::new(channel)
@@ -188,7 +200,13 @@ async fn credential(config: &Config, cc: &ControlConfig, public_key: PublicKey) 
         .into_inner();
     let node = resp.node.ok_or_else(|| SessionError("enrollment: no node in the answer".into()))?;
     let cred = resp.credential.ok_or_else(|| SessionError("enrollment: no credential in the answer".into()))?;
-    let c = Credential { node_id: node.id, name: node.name, token: cred.token, ca_pin: hex::encode(pin), expires_unix: cred.expires_unix };
+    let c = Credential {
+        node_id: node.id,
+        name: node.name,
+        token: cred.token,
+        ca_pin: hex::encode(pin),
+        expires_unix: cred.expires_unix,
+    };
     c.save(&path)?;
     tracing::info!(node = c.node_id, name = %c.name, state = ?node.state, "enrolled with control");
     Ok(c)
@@ -202,7 +220,11 @@ fn now_secs() -> i64 {
 /// The health report from the agent's status: per-peer handshake age and
 /// the health of the routes this node advertises.
 #[must_use]
-pub fn health_report(status: &Status, view: Option<&pb::NodeView>, route_health: &[(String, bool, String)]) -> pb::HealthReport {
+pub fn health_report(
+    status: &Status,
+    view: Option<&pb::NodeView>,
+    route_health: &[(String, bool, String)],
+) -> pb::HealthReport {
     let now = now_secs();
     let ids: std::collections::BTreeMap<Vec<u8>, u64> =
         view.map(|v| v.peers.iter().map(|p| (p.wireguard_public_key.clone(), p.node_id)).collect()).unwrap_or_default();
@@ -218,7 +240,10 @@ pub fn health_report(status: &Status, view: Option<&pb::NodeView>, route_health:
     let (rx, tx) = status.peers.iter().fold((0, 0), |(r, t), p| (r + p.rx_bytes, t + p.tx_bytes));
     pb::HealthReport {
         peers,
-        routes: route_health.iter().map(|(p, h, d)| pb::RouteHealth { prefix: p.clone(), healthy: *h, detail: d.clone() }).collect(),
+        routes: route_health
+            .iter()
+            .map(|(p, h, d)| pb::RouteHealth { prefix: p.clone(), healthy: *h, detail: d.clone() })
+            .collect(),
         counters: Some(pb::DataplaneCounters { rx_bytes: rx, tx_bytes: tx, ..Default::default() }),
     }
 }
@@ -283,7 +308,8 @@ async fn session(
     if let Ok(mut st) = shared.lock() {
         st.connected = true;
     }
-    let local = convert::Local { advertised: cc.advertise_routes.clone(), persistent_keepalive: cc.persistent_keepalive };
+    let local =
+        convert::Local { advertised: cc.advertise_routes.clone(), persistent_keepalive: cc.persistent_keepalive };
     let mut current: Option<pb::NodeView> = None;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(cc.health_interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

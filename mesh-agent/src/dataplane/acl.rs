@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use aya::{
     Ebpf,
-    maps::{Array, Map, MapError, PerCpuArray, PerCpuValues, lpm_trie::{Key, LpmTrie}},
+    maps::{
+        Array, Map, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use mesh_common::{
     acl::{AclConfig, AclVerdict, DstKey4, DstKey6, MssEvent, PolicyKey, PolicyValue, SlotMeta, names},
@@ -138,8 +141,7 @@ pub(crate) fn install(ebpf: &mut Ebpf, tables: &AclTables) -> Result<InstallRepo
     let meta = SlotMeta { generation: tables.generation, rule_count: tables.rule_ids.len() as u32, valid: 1 };
     set_slot_meta(ebpf, slot, meta)?;
 
-    let mut active =
-        Array::<_, u32>::try_from(map_mut(ebpf, names::ACTIVE)?).map_err(map_err("opening ACL_ACTIVE"))?;
+    let mut active = Array::<_, u32>::try_from(map_mut(ebpf, names::ACTIVE)?).map_err(map_err("opening ACL_ACTIVE"))?;
     active.set(0, slot, 0).map_err(map_err("switching ACL_ACTIVE"))?;
 
     Ok(InstallReport {
@@ -220,4 +222,3 @@ pub(crate) fn update_config(ebpf: &mut Ebpf, change: impl FnOnce(&mut AclConfig)
 pub(crate) fn init_config(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
     update_config(ebpf, |_| {})
 }
-

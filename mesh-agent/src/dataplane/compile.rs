@@ -26,7 +26,8 @@ use std::collections::HashMap;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mesh_common::acl::{
-    MAX_CIDRS, MAX_DST_ENTRIES, MAX_POLICY_ENTRIES, MAX_RULES, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_PROTO, PolicyKey, PolicyValue,
+    MAX_CIDRS, MAX_DST_ENTRIES, MAX_POLICY_ENTRIES, MAX_RULES, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_PROTO, PolicyKey,
+    PolicyValue,
 };
 use mesh_policy::{CompiledPolicy, PolicyError, Proto, RuleId};
 
@@ -104,13 +105,15 @@ impl Side {
     fn covered(&self, net: &IpNet) -> std::ops::Range<u32> {
         match net.trunc() {
             IpNet::V4(n) => {
-                let start = self.v4.binary_search_by_key(&(n.network(), n.prefix_len()), |m| (m.network(), m.prefix_len()));
+                let start =
+                    self.v4.binary_search_by_key(&(n.network(), n.prefix_len()), |m| (m.network(), m.prefix_len()));
                 let start = start.expect("every rule CIDR is a class");
                 let end = start + self.v4[start..].iter().take_while(|m| n.contains(*m)).count();
                 (start as u32 + 1)..(end as u32 + 1)
             }
             IpNet::V6(n) => {
-                let start = self.v6.binary_search_by_key(&(n.network(), n.prefix_len()), |m| (m.network(), m.prefix_len()));
+                let start =
+                    self.v6.binary_search_by_key(&(n.network(), n.prefix_len()), |m| (m.network(), m.prefix_len()));
                 let start = start.expect("every rule CIDR is a class");
                 let end = start + self.v6[start..].iter().take_while(|m| n.contains(*m)).count();
                 let base = self.v4.len() as u32 + 1;
@@ -399,7 +402,8 @@ mod tests {
                 .collect(),
         };
         assert_eq!(compile(&too_many), Err(CompileError::TooManyRules(MAX_RULES as usize + 1)));
-        let bad = CompiledPolicy { generation: 1, rules: vec![rule(1, &[], &["100.64.0.2/32"], Proto::Any, PortRange::ANY)] };
+        let bad =
+            CompiledPolicy { generation: 1, rules: vec![rule(1, &[], &["100.64.0.2/32"], Proto::Any, PortRange::ANY)] };
         assert!(matches!(compile(&bad), Err(CompileError::Invalid(_))));
     }
 }

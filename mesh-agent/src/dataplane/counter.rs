@@ -5,9 +5,7 @@
 use aya::{
     Ebpf,
     maps::PerCpuArray,
-    programs::{
-        SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode, tc,
-    },
+    programs::{SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode, tc},
 };
 use mesh_common::counter::{COUNTER_MAP, CounterSlot, PacketCount};
 

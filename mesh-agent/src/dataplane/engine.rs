@@ -20,12 +20,11 @@ use mesh_policy::CompiledPolicy;
 
 use super::{
     DataplaneError, EBPF_OBJECT,
-    program_mut,
     acl::InstallReport,
     compile,
     counters::Counters,
     guard::{self, GuardSettings},
-    sys,
+    program_mut, sys,
 };
 
 /// ACL program for interfaces whose frames start at the IP header.
@@ -162,7 +161,9 @@ impl Dataplane {
                 let old = SchedClassifierLink::try_from(old).map_err(|e| link_err(&what, e))?;
                 let id = prog.attach_to_link(old).map_err(|source| DataplaneError::Program { what, source })?;
                 // The pin still names the same link, now running this program.
-                let link = prog.take_link(id).map_err(|source| DataplaneError::Program { what: "keeping the link".into(), source })?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| DataplaneError::Program { what: "keeping the link".into(), source })?;
                 drop(FdLink::try_from(link));
                 tracing::info!(ifname, hook, prog = prog_name, "adopted pinned attachment");
                 continue;
@@ -174,7 +175,8 @@ impl Dataplane {
                 .attach(ifname, direction)
                 .map_err(|source| DataplaneError::Program { what: what.clone(), source })?;
             if let Some(pin) = pin {
-                let link = prog.take_link(id).map_err(|source| DataplaneError::Program { what: what.clone(), source })?;
+                let link =
+                    prog.take_link(id).map_err(|source| DataplaneError::Program { what: what.clone(), source })?;
                 match FdLink::try_from(link) {
                     Ok(fd) => {
                         fd.pin(&pin).map_err(|e| link_err(&what, e))?;
@@ -182,7 +184,11 @@ impl Dataplane {
                     Err(_) => {
                         // A netlink filter (old kernel): it stays attached
                         // after we exit as long as we do not detach it.
-                        tracing::warn!(ifname, hook, "no bpf_link on this kernel: the TC filter is not pinned but persists");
+                        tracing::warn!(
+                            ifname,
+                            hook,
+                            "no bpf_link on this kernel: the TC filter is not pinned but persists"
+                        );
                     }
                 }
             }
@@ -218,7 +224,9 @@ impl Dataplane {
         {
             let old = XdpLink::try_from(old).map_err(|e| link_err(&what, e))?;
             let id = prog.attach_to_link(old).map_err(|source| DataplaneError::Program { what, source })?;
-            let link = prog.take_link(id).map_err(|source| DataplaneError::Program { what: "keeping the link".into(), source })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| DataplaneError::Program { what: "keeping the link".into(), source })?;
             drop(FdLink::try_from(link));
             tracing::info!(ifname, prog = prog_name, "adopted pinned XDP attachment");
             return Ok(());

@@ -5,7 +5,10 @@ use std::{collections::HashSet, net::IpAddr};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapError, PerCpuArray, lpm_trie::{Key, LpmTrie}},
+    maps::{
+        Array, HashMap, MapError, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use ipnet::IpNet;
 use mesh_common::{
@@ -72,7 +75,8 @@ pub(crate) fn guard_addr(ip: IpAddr) -> GuardAddr {
 }
 
 fn read_config(ebpf: &Ebpf) -> Result<GuardConfig, DataplaneError> {
-    let config = Array::<_, GuardConfig>::try_from(map(ebpf, names::CONFIG)?).map_err(map_err("opening GUARD_CONFIG"))?;
+    let config =
+        Array::<_, GuardConfig>::try_from(map(ebpf, names::CONFIG)?).map_err(map_err("opening GUARD_CONFIG"))?;
     config.get(&0, 0).map_err(map_err("reading GUARD_CONFIG"))
 }
 
@@ -136,10 +140,13 @@ fn write_allow(ebpf: &mut Ebpf, rules: &[AllowRule]) -> Result<(), DataplaneErro
         LpmTrie::<_, AllowKey, u8>::try_from(map_mut(ebpf, names::ALLOW)?).map_err(map_err("opening GUARD_ALLOW"))?;
     let wanted: Vec<Key<AllowKey>> = rules.iter().map(allow_key).collect();
     let ident = |k: &Key<AllowKey>| (k.prefix_len(), k.data());
-    let wanted_ids: HashSet<_> = wanted.iter().map(|k| {
-        let (p, d) = ident(k);
-        (p, d.proto, d.port, d.addr)
-    }).collect();
+    let wanted_ids: HashSet<_> = wanted
+        .iter()
+        .map(|k| {
+            let (p, d) = ident(k);
+            (p, d.proto, d.port, d.addr)
+        })
+        .collect();
     for key in &wanted {
         trie.insert(key, 1, 0).map_err(map_err("writing GUARD_ALLOW"))?;
     }

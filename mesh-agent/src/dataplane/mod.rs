@@ -34,14 +34,14 @@ pub use counters::{Counters, RuleCounter};
 pub use engine::{Dataplane, PROG_ACL_ETH, PROG_ACL_IP, PROG_GUARD, PROG_PASS_TC, PROG_PASS_XDP};
 pub use error::DataplaneError;
 pub use guard::{AllowRule, GuardSettings};
-/// The policy types `install_policy` takes, re-exported for callers that do
-/// not depend on `mesh-policy` themselves (benchmarks).
-pub use mesh_policy::{CompiledPolicy, PortRange, Proto, Rule};
 pub use mesh_common::{
     acl::{AclVerdict, MssEvent},
     counter::PacketCount,
     guard::GuardVerdict,
 };
+/// The policy types `install_policy` takes, re-exported for callers that do
+/// not depend on `mesh-policy` themselves (benchmarks).
+pub use mesh_policy::{CompiledPolicy, PortRange, Proto, Rule};
 
 /// The eBPF object built by build.rs from the `mesh-ebpf` crate.
 pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));

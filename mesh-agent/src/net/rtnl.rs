@@ -90,7 +90,9 @@ impl Rtnl {
     fn address_messages(&mut self, index: u32) -> Result<Vec<AddressMessage>, NetError> {
         let h = self.handle.clone();
         self.rt
-            .block_on(async move { h.address().get().set_link_index_filter(index).execute().try_collect::<Vec<_>>().await })
+            .block_on(
+                async move { h.address().get().set_link_index_filter(index).execute().try_collect::<Vec<_>>().await },
+            )
             .map_err(|e| nl_err("listing addresses", e))
     }
 
@@ -98,8 +100,18 @@ impl Rtnl {
         let h = self.handle.clone();
         self.rt
             .block_on(async move {
-                let mut all = h.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute().try_collect::<Vec<_>>().await?;
-                let v6 = h.route().get(RouteMessageBuilder::<Ipv6Addr>::new().build()).execute().try_collect::<Vec<_>>().await?;
+                let mut all = h
+                    .route()
+                    .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                    .execute()
+                    .try_collect::<Vec<_>>()
+                    .await?;
+                let v6 = h
+                    .route()
+                    .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+                    .execute()
+                    .try_collect::<Vec<_>>()
+                    .await?;
                 all.extend(v6);
                 Ok(all)
             })
@@ -128,7 +140,9 @@ fn address_of(msg: &AddressMessage) -> Option<IpNet> {
         .attributes
         .iter()
         .find_map(|a| if let AddressAttribute::Local(ip) = a { Some(*ip) } else { None })
-        .or_else(|| msg.attributes.iter().find_map(|a| if let AddressAttribute::Address(ip) = a { Some(*ip) } else { None }))?;
+        .or_else(|| {
+            msg.attributes.iter().find_map(|a| if let AddressAttribute::Address(ip) = a { Some(*ip) } else { None })
+        })?;
     IpNet::new(ip, msg.header.prefix_len).ok()
 }
 
@@ -172,7 +186,11 @@ impl NetOps for Rtnl {
             Ok(msgs) => Ok(msgs.into_iter().next().map(|m| LinkState {
                 index: m.header.index,
                 up: m.header.flags.contains(LinkFlags::Up),
-                mtu: m.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(v) = a { Some(*v) } else { None }).unwrap_or(0),
+                mtu: m
+                    .attributes
+                    .iter()
+                    .find_map(|a| if let LinkAttribute::Mtu(v) = a { Some(*v) } else { None })
+                    .unwrap_or(0),
             })),
             Err(e) => match nl_err(format!("reading link {name}"), e) {
                 err if err.errno() == Some(ENODEV) => Ok(None),

@@ -225,8 +225,13 @@ impl Applier {
                 return Err(ApplyError::NotConverged { remaining: rest.changes });
             }
         }
-        let report = Report { generation: view.generation, backend: self.wg.kind(), changes, duration: start.elapsed() };
-        tracing::debug!(generation = view.generation, duration_ms = report.duration.as_secs_f64() * 1e3, "reconcile: converged");
+        let report =
+            Report { generation: view.generation, backend: self.wg.kind(), changes, duration: start.elapsed() };
+        tracing::debug!(
+            generation = view.generation,
+            duration_ms = report.duration.as_secs_f64() * 1e3,
+            "reconcile: converged"
+        );
         Ok(report)
     }
 
@@ -241,7 +246,11 @@ impl Applier {
             Some(l) => l.index,
             None => {
                 let link = self.net.link(&ifname).map_err(step(Step::Ensure))?;
-                link.ok_or_else(|| ApplyError::Step { step: Step::Ensure, source: format!("link {ifname} does not exist").into() })?.index
+                link.ok_or_else(|| ApplyError::Step {
+                    step: Step::Ensure,
+                    source: format!("link {ifname} does not exist").into(),
+                })?
+                .index
             }
         };
         if let Some(mtu) = plan.mtu {

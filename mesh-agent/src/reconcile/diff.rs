@@ -220,7 +220,8 @@ mod tests {
     #[test]
     fn from_nothing_everything_is_added_then_nothing() {
         let (a, b) = (SecretKey::generate().public_key(), SecretKey::generate().public_key());
-        let v = view(vec![peer(a, &["100.64.0.2/32"]), peer(b, &["100.64.0.3/32", "198.18.20.0/24"])], &["198.18.20.0/24"]);
+        let v =
+            view(vec![peer(a, &["100.64.0.2/32"]), peer(b, &["100.64.0.3/32", "198.18.20.0/24"])], &["198.18.20.0/24"]);
         let d = Desired::new(&v, &local());
         let mut actual = Actual::default();
         let plan = converge(&d, &mut actual);
@@ -234,11 +235,17 @@ mod tests {
 
     #[test]
     fn peer_add_remove_update() {
-        let (a, b, c) =
-            (SecretKey::generate().public_key(), SecretKey::generate().public_key(), SecretKey::generate().public_key());
+        let (a, b, c) = (
+            SecretKey::generate().public_key(),
+            SecretKey::generate().public_key(),
+            SecretKey::generate().public_key(),
+        );
         let l = local();
         let mut actual = Actual::default();
-        converge(&Desired::new(&view(vec![peer(a, &["100.64.0.2/32"]), peer(b, &["100.64.0.3/32"])], &[]), &l), &mut actual);
+        converge(
+            &Desired::new(&view(vec![peer(a, &["100.64.0.2/32"]), peer(b, &["100.64.0.3/32"])], &[]), &l),
+            &mut actual,
+        );
 
         // b removed, c added, a gets a keepalive and another allowed IP.
         let mut pa = peer(a, &["100.64.0.2/32", "198.18.30.0/24"]);
@@ -252,7 +259,13 @@ mod tests {
         assert_eq!(actual.wg.peers[&a].persistent_keepalive, Some(25));
 
         // Keepalive off again is an update that sends 0.
-        let plan = converge(&Desired::new(&view(vec![peer(a, &["100.64.0.2/32", "198.18.30.0/24"]), peer(c, &["100.64.0.4/32"])], &[]), &l), &mut actual);
+        let plan = converge(
+            &Desired::new(
+                &view(vec![peer(a, &["100.64.0.2/32", "198.18.30.0/24"]), peer(c, &["100.64.0.4/32"])], &[]),
+                &l,
+            ),
+            &mut actual,
+        );
         assert_eq!(plan.wg.peers.len(), 1);
         assert_eq!(plan.wg.peers[0].persistent_keepalive, Some(0));
     }
@@ -262,15 +275,30 @@ mod tests {
         let (a, b) = (SecretKey::generate().public_key(), SecretKey::generate().public_key());
         let l = local();
         let mut actual = Actual::default();
-        converge(&Desired::new(&view(vec![peer(a, &["100.64.0.2/32", "198.18.20.0/24"]), peer(b, &["100.64.0.3/32"])], &[]), &l), &mut actual);
+        converge(
+            &Desired::new(
+                &view(vec![peer(a, &["100.64.0.2/32", "198.18.20.0/24"]), peer(b, &["100.64.0.3/32"])], &[]),
+                &l,
+            ),
+            &mut actual,
+        );
         // The site subnet fails over from a to b.
-        let plan = converge(&Desired::new(&view(vec![peer(a, &["100.64.0.2/32"]), peer(b, &["100.64.0.3/32", "198.18.20.0/24"])], &[]), &l), &mut actual);
+        let plan = converge(
+            &Desired::new(
+                &view(vec![peer(a, &["100.64.0.2/32"]), peer(b, &["100.64.0.3/32", "198.18.20.0/24"])], &[]),
+                &l,
+            ),
+            &mut actual,
+        );
         assert_eq!(plan.changes.peers_updated, 2);
         assert!(actual.wg.peers[&b].allowed_ips.contains(&net("198.18.20.0/24")));
         assert!(!actual.wg.peers[&a].allowed_ips.contains(&net("198.18.20.0/24")));
         // Moving it onto a brand-new peer while removing the old one.
         let c = SecretKey::generate().public_key();
-        converge(&Desired::new(&view(vec![peer(a, &["100.64.0.2/32"]), peer(c, &["198.18.20.0/24"])], &[]), &l), &mut actual);
+        converge(
+            &Desired::new(&view(vec![peer(a, &["100.64.0.2/32"]), peer(c, &["198.18.20.0/24"])], &[]), &l),
+            &mut actual,
+        );
         assert_eq!(actual.wg.peers.len(), 2);
     }
 
@@ -279,7 +307,10 @@ mod tests {
         let a = SecretKey::generate().public_key();
         let l = local();
         let mut actual = Actual::default();
-        converge(&Desired::new(&view(vec![peer(a, &["198.18.20.0/24"])], &["198.18.20.0/24", "198.18.30.0/24"]), &l), &mut actual);
+        converge(
+            &Desired::new(&view(vec![peer(a, &["198.18.20.0/24"])], &["198.18.20.0/24", "198.18.30.0/24"]), &l),
+            &mut actual,
+        );
         let mut v = view(vec![peer(a, &["198.18.20.0/24"])], &["198.18.20.0/24", "fd7a:6d65:7368:20::/64"]);
         v.addresses = vec![net("100.64.0.9/32")];
         let plan = converge(&Desired::new(&v, &l), &mut actual);

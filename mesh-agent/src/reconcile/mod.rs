@@ -19,7 +19,7 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use apply::{ApplyError, Applier, Report, Step};
+pub use apply::{Applier, ApplyError, Report, Step};
 pub use diff::{ENDPOINT_STICKY, diff};
 pub use enforcer::{EnforcerError, PolicyDigest, PolicyEnforcer};
 
@@ -97,12 +97,15 @@ impl Desired {
                 .peers
                 .iter()
                 .map(|p| {
-                    (p.public_key, DesiredPeer {
-                        endpoint: p.endpoint,
-                        allowed_ips: p.allowed_ips.iter().map(IpNet::trunc).collect(),
-                        persistent_keepalive: p.persistent_keepalive.filter(|&k| k != 0),
-                        preshared_key: p.preshared_key.clone(),
-                    })
+                    (
+                        p.public_key,
+                        DesiredPeer {
+                            endpoint: p.endpoint,
+                            allowed_ips: p.allowed_ips.iter().map(IpNet::trunc).collect(),
+                            persistent_keepalive: p.persistent_keepalive.filter(|&k| k != 0),
+                            preshared_key: p.preshared_key.clone(),
+                        },
+                    )
                 })
                 .collect(),
             routes: view.routes.iter().map(IpNet::trunc).collect(),

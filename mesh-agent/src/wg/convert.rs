@@ -48,11 +48,7 @@ fn peer_from_wgc(p: PeerInfo, now: SystemTime) -> WgPeer {
         allowed_ips: p.config.allowed_ips.iter().filter_map(allowed_to_net).collect(),
         persistent_keepalive: p.config.persistent_keepalive_interval.filter(|&k| k != 0),
         preshared_key: p.config.preshared_key.filter(|k| k.0 != [0; 32]).map(|k| SecretKey::from_bytes(k.0)),
-        last_handshake: p
-            .stats
-            .last_handshake_time
-            .filter(|t| *t > SystemTime::UNIX_EPOCH)
-            .map(|t| t.min(now)),
+        last_handshake: p.stats.last_handshake_time.filter(|t| *t > SystemTime::UNIX_EPOCH).map(|t| t.min(now)),
         rx_bytes: p.stats.rx_bytes,
         tx_bytes: p.stats.tx_bytes,
     }

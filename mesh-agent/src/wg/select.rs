@@ -86,7 +86,9 @@ pub fn select(mode: BackendMode, probe: impl FnOnce() -> KernelProbe) -> Result<
         },
         BackendMode::Auto => match probe() {
             KernelProbe::Available => sel(BackendKind::Kernel, "auto: the kernel has WireGuard"),
-            KernelProbe::Unsupported => sel(BackendKind::Userspace, "auto: no kernel WireGuard (EOPNOTSUPP), using the userspace engine"),
+            KernelProbe::Unsupported => {
+                sel(BackendKind::Userspace, "auto: no kernel WireGuard (EOPNOTSUPP), using the userspace engine")
+            }
             // Not knowing is not "no WireGuard": an agent without
             // CAP_NET_ADMIN could not run userspace WireGuard either.
             KernelProbe::Failed(e) => Err(SelectError::ProbeFailed(e)),
@@ -101,7 +103,8 @@ static PROBE_SEQ: AtomicU32 = AtomicU32::new(0);
 #[must_use]
 pub fn probe_kernel() -> KernelProbe {
     const EOPNOTSUPP: i32 = 95;
-    let name = format!("wgp{:x}{:x}", std::process::id() & 0xff_ffff, PROBE_SEQ.fetch_add(1, Ordering::Relaxed) & 0xfff);
+    let name =
+        format!("wgp{:x}{:x}", std::process::id() & 0xff_ffff, PROBE_SEQ.fetch_add(1, Ordering::Relaxed) & 0xfff);
     let mut rtnl = match Rtnl::new() {
         Ok(r) => r,
         Err(e) => return KernelProbe::Failed(e.to_string()),

@@ -118,7 +118,8 @@ impl UserspaceWg {
             let dev = tun::AsyncDevice::new(dev).map_err(|e| format!("TUN device: {e}"))?;
             let tun = TunDevice::from_tun_device(dev).map_err(|e| format!("TUN device: {e}"))?;
             let uapi = UapiServer::default_unix_socket(&ifname, None, None).map_err(|e| format!("UAPI socket: {e}"))?;
-            let udp = UdpSocketFactory { recv_buffer_size: opts.udp_recv_buffer, send_buffer_size: opts.udp_send_buffer };
+            let udp =
+                UdpSocketFactory { recv_buffer_size: opts.udp_recv_buffer, send_buffer_size: opts.udp_send_buffer };
             DeviceBuilder::new()
                 .with_udp(udp)
                 .with_ip(tun)

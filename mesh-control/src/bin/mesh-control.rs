@@ -53,9 +53,10 @@ async fn main() -> anyhow::Result<()> {
                 // Shown once, stored only hashed; also written for root.
                 let path = config.data_dir.join("admin-token");
                 if config.database_url.is_none() {
-                    use std::os::unix::fs::OpenOptionsExt as _;
                     use std::io::Write as _;
-                    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&path)?;
+                    use std::os::unix::fs::OpenOptionsExt as _;
+                    let mut f =
+                        std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&path)?;
                     writeln!(f, "{token}")?;
                     tracing::info!(path = %path.display(), "first start: admin token written");
                 } else {

@@ -246,7 +246,9 @@ async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
         client::connect_unix(sock).await?
     } else {
         let trust = match (&cli.ca_pin, &cli.ca_file) {
-            (Some(pin), _) => Trust::Pin(hex::decode(pin)?.try_into().map_err(|_| anyhow::anyhow!("a CA pin is 32 bytes"))?),
+            (Some(pin), _) => {
+                Trust::Pin(hex::decode(pin)?.try_into().map_err(|_| anyhow::anyhow!("a CA pin is 32 bytes"))?)
+            }
             (None, Some(f)) => Trust::CaPem(std::fs::read_to_string(f)?),
             (None, None) => bail!("give --ca-pin or --ca-file to trust control's CA (or --socket)"),
         };
@@ -279,7 +281,17 @@ async fn main() -> anyhow::Result<()> {
                 );
             } else {
                 table(
-                    &["NODES", "PENDING", "ONLINE", "EXPIRED", "EXPIRING SOON", "AGENTS", "POLICY GEN", "ROUTES", "STORE"],
+                    &[
+                        "NODES",
+                        "PENDING",
+                        "ONLINE",
+                        "EXPIRED",
+                        "EXPIRING SOON",
+                        "AGENTS",
+                        "POLICY GEN",
+                        "ROUTES",
+                        "STORE",
+                    ],
                     vec![vec![
                         s.nodes_total.to_string(),
                         s.nodes_pending.to_string(),
@@ -303,9 +315,10 @@ async fn main() -> anyhow::Result<()> {
                     return Ok(());
                 }
                 NodeCmd::Approve { node } => a.approve_node(node_ref(node)).await?.into_inner(),
-                NodeCmd::Tag { node, tags } => {
-                    a.set_node_tags(pb::SetNodeTagsRequest { node: Some(node_ref(node)), tags: tags.clone() }).await?.into_inner()
-                }
+                NodeCmd::Tag { node, tags } => a
+                    .set_node_tags(pb::SetNodeTagsRequest { node: Some(node_ref(node)), tags: tags.clone() })
+                    .await?
+                    .into_inner(),
                 NodeCmd::Expire { node } => a.expire_node_key(node_ref(node)).await?.into_inner(),
                 NodeCmd::Rotate { node } => a.rotate_node_key(node_ref(node)).await?.into_inner(),
                 NodeCmd::Remove { node } => {
@@ -424,7 +437,8 @@ async fn main() -> anyhow::Result<()> {
             PolicyCmd::Validate { file } | PolicyCmd::Test { file } => {
                 let r = a.validate_policy(policy_file(file).await?).await?.into_inner();
                 if j {
-                    let problems: Vec<_> = r.problems.iter().map(|p| json!({"line": p.line, "message": p.message})).collect();
+                    let problems: Vec<_> =
+                        r.problems.iter().map(|p| json!({"line": p.line, "message": p.message})).collect();
                     println!("{}", json!({"ok": r.ok, "tests_passed": r.tests_passed, "problems": problems}));
                 } else if r.ok {
                     println!("ok: {} test checks passed", r.tests_passed);
@@ -462,7 +476,14 @@ async fn main() -> anyhow::Result<()> {
             }
             PolicyCmd::Apply { file } => {
                 let p = a.set_policy(policy_file(file).await?).await?.into_inner();
-                println!("{}", if j { json!({"generation": p.generation}).to_string() } else { format!("applied: generation {}", p.generation) });
+                println!(
+                    "{}",
+                    if j {
+                        json!({"generation": p.generation}).to_string()
+                    } else {
+                        format!("applied: generation {}", p.generation)
+                    }
+                );
             }
         },
         Cmd::Audit { action, actor, subject, limit, follow } => {

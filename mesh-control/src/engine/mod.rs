@@ -102,7 +102,9 @@ pub struct Engine {
 /// Unix seconds now.
 #[must_use]
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
 }
 
 impl Engine {
@@ -379,7 +381,11 @@ impl Engine {
     async fn collect_ephemeral(&self) {
         let now = now();
         let snap = self.snapshot();
-        for n in snap.nodes.iter().filter(|n| n.ephemeral && !n.online && now - n.last_seen >= self.cfg.ephemeral_offline_secs) {
+        for n in snap
+            .nodes
+            .iter()
+            .filter(|n| n.ephemeral && !n.online && now - n.last_seen >= self.cfg.ephemeral_offline_secs)
+        {
             tracing::info!(node = n.id, name = %n.name, "removing ephemeral node offline too long");
             if let Err(e) = self.store.remove_node(n.id, "control", now).await {
                 tracing::warn!(node = n.id, error = %e, "could not remove ephemeral node");

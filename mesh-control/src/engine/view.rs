@@ -115,8 +115,10 @@ pub fn compute(input: &ViewInput<'_>, selector: &mut RouteSelector) -> Views {
             }
         })
         .collect();
-    let route_msgs: Vec<pb::RouteAssignment> =
-        routes.iter().map(|(p, order)| pb::RouteAssignment { prefix: p.to_string(), gateways: order.clone() }).collect();
+    let route_msgs: Vec<pb::RouteAssignment> = routes
+        .iter()
+        .map(|(p, order)| pb::RouteAssignment { prefix: p.to_string(), gateways: order.clone() })
+        .collect();
 
     let mut nodes = BTreeMap::new();
     for (i, n) in active.iter().enumerate() {
@@ -186,10 +188,12 @@ pub fn apply(view: &mut pb::NodeView, d: &pb::NodeViewDelta) -> Result<(), Strin
     if let Some(s) = &d.self_ {
         view.self_ = Some(s.clone());
     }
-    view.peers.retain(|p| !d.removed_peers.contains(&p.node_id) && !d.upsert_peers.iter().any(|u| u.node_id == p.node_id));
+    view.peers
+        .retain(|p| !d.removed_peers.contains(&p.node_id) && !d.upsert_peers.iter().any(|u| u.node_id == p.node_id));
     view.peers.extend(d.upsert_peers.iter().cloned());
     view.peers.sort_by_key(|p| p.node_id);
-    view.routes.retain(|r| !d.removed_routes.contains(&r.prefix) && !d.upsert_routes.iter().any(|u| u.prefix == r.prefix));
+    view.routes
+        .retain(|r| !d.removed_routes.contains(&r.prefix) && !d.upsert_routes.iter().any(|u| u.prefix == r.prefix));
     view.routes.extend(d.upsert_routes.iter().cloned());
     view.routes.sort_by_key(|r| r.prefix.parse::<IpNet>().ok());
     if d.mtu != 0 {

@@ -49,7 +49,9 @@ fn node_is(policy: &Policy, node: &InventoryNode, target: &Target) -> bool {
         Target::Any => true,
         Target::Tag(t) => node.tags.iter().any(|x| x == t),
         Target::User(u) => !node.user.is_empty() && node.user == *u,
-        Target::Group(g) => policy.groups.get(g).is_some_and(|users| users.iter().any(|u| *u == node.user && !u.is_empty())),
+        Target::Group(g) => {
+            policy.groups.get(g).is_some_and(|users| users.iter().any(|u| *u == node.user && !u.is_empty()))
+        }
         Target::Host(_) | Target::Cidr(_) => false,
     }
 }
@@ -448,8 +450,5 @@ pub fn diff(
 /// Whether an `autoApprovers` entry lets `node` advertise `prefix`.
 #[must_use]
 pub fn auto_approved(policy: &Policy, node: &InventoryNode, prefix: IpNet) -> bool {
-    policy
-        .auto_approvers
-        .iter()
-        .any(|(net, who)| net.contains(&prefix) && who.iter().any(|t| node_is(policy, node, t)))
+    policy.auto_approvers.iter().any(|(net, who)| net.contains(&prefix) && who.iter().any(|t| node_is(policy, node, t)))
 }

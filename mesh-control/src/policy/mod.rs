@@ -8,7 +8,10 @@ pub mod model;
 #[cfg(test)]
 mod tests;
 
-pub use compile::{Inventory, InventoryNode, accepts, auto_approved, compile, compile_for_dataplane, connectivity, diff, rule_text, run_tests};
+pub use compile::{
+    Inventory, InventoryNode, accepts, auto_approved, compile, compile_for_dataplane, connectivity, diff, rule_text,
+    run_tests,
+};
 pub use model::{DEFAULT_POLICY, Policy, Problem, ProblemKind, Target};
 
 /// Parses `text` and runs its tests against `inv`: the whole check a

@@ -256,7 +256,10 @@ impl Cx {
                 "hosts" => {
                     for (name, nline, addr) in self.object("hosts", v) {
                         if name.contains(':') || name.contains('@') || name == "*" || name.is_empty() {
-                            self.push(*nline, ProblemKind::BadName { name: name.clone(), why: "host names have no ':' or '@'" });
+                            self.push(
+                                *nline,
+                                ProblemKind::BadName { name: name.clone(), why: "host names have no ':' or '@'" },
+                            );
                         }
                         if let Some(a) = self.string(name, addr) {
                             match parse_cidr(&a.text) {
@@ -464,10 +467,7 @@ fn line_of_key(members: &[(String, u32, Spanned)], section: &str, key: &str) -> 
 /// Parses `1.2.3.4`, `1.2.3.0/24`, `fd00::1` or `fd00::/48`.
 #[must_use]
 pub fn parse_cidr(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>()
-        .map(|n| n.trunc())
-        .ok()
-        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+    s.parse::<IpNet>().map(|n| n.trunc()).ok().or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
 }
 
 fn parse_ports(s: &str) -> Option<Vec<PortRange>> {

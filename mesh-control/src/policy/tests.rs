@@ -144,21 +144,65 @@ fn problems(text: &str) -> Vec<Problem> {
 #[test]
 fn every_validation_error_names_line_and_problem() {
     let cases: Vec<(&str, u32, ProblemKind)> = vec![
-        ("{\n\"acls\": [\n{\"action\": \"accept\",, }]}", 3, ProblemKind::Syntax("expected a quoted key or '}' in object".into())),
+        (
+            "{\n\"acls\": [\n{\"action\": \"accept\",, }]}",
+            3,
+            ProblemKind::Syntax("expected a quoted key or '}' in object".into()),
+        ),
         ("{\n\"acl\": []}", 2, ProblemKind::UnknownField("acl".into())),
-        ("{\"acls\":\n{}}", 2, ProblemKind::WrongType { field: "acls".into(), expected: "an array", found: "an object" }),
+        (
+            "{\"acls\":\n{}}",
+            2,
+            ProblemKind::WrongType { field: "acls".into(), expected: "an array", found: "an object" },
+        ),
         ("{\"acls\": [\n{\"action\": \"accept\", \"dst\": [\"*:*\"]}]}", 2, ProblemKind::MissingField("src")),
-        ("{\"acls\": [{\"action\": \"accept\",\n \"src\": [\"group:nope\"], \"dst\": [\"*:*\"]}]}", 2, ProblemKind::UnknownGroup("group:nope".into())),
-        ("{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"],\n\n \"dst\": [\"tag:db:5432\"]}]}", 3, ProblemKind::UnknownTag("tag:db".into())),
-        ("{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"],\n \"dst\": [\"dbhost:5432\"]}]}", 2, ProblemKind::UnknownHost("dbhost".into())),
-        ("{\"groups\": {\n\"netops\": []}}", 2, ProblemKind::BadName { name: "netops".into(), why: "must be group:<name>" }),
+        (
+            "{\"acls\": [{\"action\": \"accept\",\n \"src\": [\"group:nope\"], \"dst\": [\"*:*\"]}]}",
+            2,
+            ProblemKind::UnknownGroup("group:nope".into()),
+        ),
+        (
+            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"],\n\n \"dst\": [\"tag:db:5432\"]}]}",
+            3,
+            ProblemKind::UnknownTag("tag:db".into()),
+        ),
+        (
+            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"],\n \"dst\": [\"dbhost:5432\"]}]}",
+            2,
+            ProblemKind::UnknownHost("dbhost".into()),
+        ),
+        (
+            "{\"groups\": {\n\"netops\": []}}",
+            2,
+            ProblemKind::BadName { name: "netops".into(), why: "must be group:<name>" },
+        ),
         ("{\"hosts\": {\"a\":\n \"10.0.0.0/33\"}}", 2, ProblemKind::BadCidr("10.0.0.0/33".into())),
-        ("{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"],\n \"dst\": [\"*\"]}]}", 2, ProblemKind::BadDestination("*".into(), "needs :ports (e.g. tag:db:5432 or host:*)")),
-        ("{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"],\n \"dst\": [\"*:90-80\"]}]}", 2, ProblemKind::BadDestination("*:90-80".into(), "ports must be *, N, N-M or a comma list")),
-        ("{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"],\n \"proto\": \"tcpx\"}]}", 2, ProblemKind::BadProto("tcpx".into())),
-        ("{\"acls\": [{\n\"action\": \"deny\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}]}", 2, ProblemKind::BadAction("deny".into())),
+        (
+            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"],\n \"dst\": [\"*\"]}]}",
+            2,
+            ProblemKind::BadDestination("*".into(), "needs :ports (e.g. tag:db:5432 or host:*)"),
+        ),
+        (
+            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"],\n \"dst\": [\"*:90-80\"]}]}",
+            2,
+            ProblemKind::BadDestination("*:90-80".into(), "ports must be *, N, N-M or a comma list"),
+        ),
+        (
+            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"],\n \"proto\": \"tcpx\"}]}",
+            2,
+            ProblemKind::BadProto("tcpx".into()),
+        ),
+        (
+            "{\"acls\": [{\n\"action\": \"deny\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}]}",
+            2,
+            ProblemKind::BadAction("deny".into()),
+        ),
         ("{\"tagOwners\": {\n\"tag:a\": [\"group:ghost\"]}}", 2, ProblemKind::UnknownGroup("group:ghost".into())),
-        ("{\"autoApprovers\": {\"routes\": {\n\"198.18.10.0/24\": [\"tag:nope\"]}}}", 2, ProblemKind::UnknownTag("tag:nope".into())),
+        (
+            "{\"autoApprovers\": {\"routes\": {\n\"198.18.10.0/24\": [\"tag:nope\"]}}}",
+            2,
+            ProblemKind::UnknownTag("tag:nope".into()),
+        ),
     ];
     for (text, line, kind) in cases {
         let got = problems(text);
@@ -190,7 +234,9 @@ fn tests_pass_fail_and_name_their_line() {
     let errs = check(&bad, &inv).unwrap_err();
     assert_eq!(errs.len(), 1);
     assert_eq!(errs[0].line, 7);
-    assert!(matches!(&errs[0].kind, ProblemKind::TestFailed(m) if m.contains("tag:db -> tag:app:5432: expected accept")));
+    assert!(
+        matches!(&errs[0].kind, ProblemKind::TestFailed(m) if m.contains("tag:db -> tag:app:5432: expected accept"))
+    );
 }
 
 #[test]
@@ -240,7 +286,8 @@ fn dataplane_rules_for_site_to_site() {
 }"#,
     )
     .unwrap();
-    let inv = vec![node(1, "100.64.0.1", &[], "", &["198.18.10.0/24"]), node(2, "100.64.0.2", &[], "", &["198.18.20.0/24"])];
+    let inv =
+        vec![node(1, "100.64.0.1", &[], "", &["198.18.10.0/24"]), node(2, "100.64.0.2", &[], "", &["198.18.20.0/24"])];
     let pairs = compile::connectivity(&p, &inv);
     assert_eq!(pairs, vec![(vec![0], vec![1])], "the nyc gateway reaches the fsn gateway");
     let out = compile::compile_for_dataplane(&p, &inv, 1);

@@ -55,11 +55,9 @@ impl AdminApi {
 
     fn find_node(&self, r: &pb::NodeRef) -> Result<NodeRecord, ApiError> {
         let snap = self.engine.snapshot();
-        snap.nodes
-            .iter()
-            .find(|n| if r.id != 0 { n.id == r.id } else { n.name == r.name })
-            .cloned()
-            .ok_or_else(|| ApiError::NotFound(format!("node {}", if r.id != 0 { r.id.to_string() } else { r.name.clone() })))
+        snap.nodes.iter().find(|n| if r.id != 0 { n.id == r.id } else { n.name == r.name }).cloned().ok_or_else(|| {
+            ApiError::NotFound(format!("node {}", if r.id != 0 { r.id.to_string() } else { r.name.clone() }))
+        })
     }
 
     fn node_msg(&self, n: &NodeRecord) -> pb::Node {

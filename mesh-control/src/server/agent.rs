@@ -68,7 +68,8 @@ impl AgentApi {
         if req.hostname.is_empty() || req.hostname.len() > 63 {
             return Err(ApiError::InvalidArgument("hostname must be 1-63 characters".into()));
         }
-        let routes = req.advertised_routes.iter().map(|r| cidr(r).map(|n| (n, false))).collect::<Result<Vec<_>, _>>()?;
+        let routes =
+            req.advertised_routes.iter().map(|r| cidr(r).map(|n| (n, false))).collect::<Result<Vec<_>, _>>()?;
         let (token, hash) = auth::new_credential();
         let new = NewNode {
             hostname: req.hostname.clone(),

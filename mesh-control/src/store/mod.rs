@@ -17,9 +17,7 @@ use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
 
-pub use records::{
-    AuditFilter, AuditRecord, KeyRecord, NodeRecord, NodeState, PolicyRecord, RouteRecord, Snapshot,
-};
+pub use records::{AuditFilter, AuditRecord, KeyRecord, NodeRecord, NodeState, PolicyRecord, RouteRecord, Snapshot};
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -246,7 +244,11 @@ impl Store {
     /// writes fails with SQLITE_BUSY when another writer committed in
     /// between, and the busy timeout cannot help it.
     async fn write_tx(&self) -> Result<Transaction<'static, Any>> {
-        Ok(if self.backend == "sqlite" { self.pool.begin_with("BEGIN IMMEDIATE").await? } else { self.pool.begin().await? })
+        Ok(if self.backend == "sqlite" {
+            self.pool.begin_with("BEGIN IMMEDIATE").await?
+        } else {
+            self.pool.begin().await?
+        })
     }
 
     /// `sqlite` or `postgres`.
@@ -288,7 +290,9 @@ impl Store {
     /// A value of the `meta` table, set to `init()` if absent (first caller
     /// wins, so replicas starting together agree on one CA).
     pub async fn meta_get_or_init(&self, key: &str, init: impl FnOnce() -> String) -> Result<String> {
-        if let Some(row) = sqlx::query("SELECT value FROM meta WHERE key = $1").bind(key).fetch_optional(&self.pool).await? {
+        if let Some(row) =
+            sqlx::query("SELECT value FROM meta WHERE key = $1").bind(key).fetch_optional(&self.pool).await?
+        {
             return Ok(row.try_get(0)?);
         }
         sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
@@ -327,7 +331,12 @@ impl Store {
 
     /// Every enrollment key.
     pub async fn list_keys(&self) -> Result<Vec<KeyRecord>> {
-        sqlx::query("SELECT * FROM enrollment_keys ORDER BY created, id").fetch_all(&self.pool).await?.iter().map(key_row).collect()
+        sqlx::query("SELECT * FROM enrollment_keys ORDER BY created, id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(key_row)
+            .collect()
     }
 
     /// Revokes a key.
@@ -395,10 +404,11 @@ impl Store {
             return Err(refuse());
         }
         // Consume a one-off key atomically: only one enrollment sees uses = 0.
-        let consumed = sqlx::query("UPDATE enrollment_keys SET uses = uses + 1 WHERE id = $1 AND (reusable = 1 OR uses = 0)")
-            .bind(key_id)
-            .execute(&mut *tx)
-            .await?;
+        let consumed =
+            sqlx::query("UPDATE enrollment_keys SET uses = uses + 1 WHERE id = $1 AND (reusable = 1 OR uses = 0)")
+                .bind(key_id)
+                .execute(&mut *tx)
+                .await?;
         if consumed.rows_affected() != 1 {
             return Err(refuse());
         }
@@ -538,7 +548,13 @@ impl Store {
     }
 
     /// Records an agent stream opening or closing, and its endpoints.
-    pub async fn set_presence(&self, id: u64, online: bool, endpoints: Option<Vec<String>>, now: i64) -> Result<NodeRecord> {
+    pub async fn set_presence(
+        &self,
+        id: u64,
+        online: bool,
+        endpoints: Option<Vec<String>>,
+        now: i64,
+    ) -> Result<NodeRecord> {
         let action = if online { "node.online" } else { "node.offline" };
         self.update_node(id, &format!("node/{id}"), action, now, |n| {
             n.online = online;
@@ -565,12 +581,7 @@ impl Store {
 
     /// Replaces the set of prefixes node `id` advertises; new ones are
     /// approved when `auto` says so, kept ones keep their state.
-    pub async fn set_advertised(
-        &self,
-        id: u64,
-        prefixes: &[(IpNet, bool)],
-        now: i64,
-    ) -> Result<()> {
+    pub async fn set_advertised(&self, id: u64, prefixes: &[(IpNet, bool)], now: i64) -> Result<()> {
         let mut tx = self.write_tx().await?;
         let existing: Vec<RouteRecord> = sqlx::query("SELECT * FROM routes WHERE node_id = $1")
             .bind(i(id))
@@ -599,8 +610,16 @@ impl Store {
         if changed {
             let after: Vec<String> = prefixes.iter().map(|(p, _)| p.to_string()).collect();
             let before: Vec<String> = existing.iter().map(|r| r.prefix.to_string()).collect();
-            audit(&mut tx, now, &format!("node/{id}"), "route.advertise", &format!("node/{id}"), json(&before), json(&after))
-                .await?;
+            audit(
+                &mut tx,
+                now,
+                &format!("node/{id}"),
+                "route.advertise",
+                &format!("node/{id}"),
+                json(&before),
+                json(&after),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(())

@@ -112,13 +112,15 @@ async fn enrollment_keys_nodes_and_audit() {
         assert!(exp.expired(32));
         let found = store.node_by_credential(&h(b"gw-c")).await.unwrap().unwrap();
         assert_eq!(found.id, c.id);
-        let entries = store.audit(&AuditFilter { subject: format!("node/{}", a.id), ..Default::default() }).await.unwrap();
+        let entries =
+            store.audit(&AuditFilter { subject: format!("node/{}", a.id), ..Default::default() }).await.unwrap();
         let actions: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
         assert_eq!(actions, vec!["node.enroll", "node.approve", "node.set_tags", "node.expire_key"], "{kind}");
         let tags = &entries[2];
         assert!(tags.before.contains("tag:gw") && tags.after.contains("tag:db"), "{kind}: {tags:?}");
         assert!(!tags.after.contains("credential"), "secrets never reach the audit log");
-        let limited = store.audit(&AuditFilter { action_prefix: "key.".into(), limit: 2, ..Default::default() }).await.unwrap();
+        let limited =
+            store.audit(&AuditFilter { action_prefix: "key.".into(), limit: 2, ..Default::default() }).await.unwrap();
         assert_eq!(limited.len(), 2);
         assert!(limited[0].id < limited[1].id);
         let revoked = store.revoke_key("many", "admin:t", 40).await.unwrap();
@@ -146,8 +148,11 @@ async fn routes_policy_and_version() {
         store.set_advertised(n.id, &[(nyc, false), (fsn, true)], 5).await.unwrap();
         store.set_route_health(n.id, &fsn, false, 6).await.unwrap();
         let snap = store.snapshot().await.unwrap();
-        let r: Vec<(String, bool, bool, i32, bool)> =
-            snap.routes.iter().map(|r| (r.prefix.to_string(), r.approved, r.auto_approved, r.priority, r.healthy)).collect();
+        let r: Vec<(String, bool, bool, i32, bool)> = snap
+            .routes
+            .iter()
+            .map(|r| (r.prefix.to_string(), r.approved, r.auto_approved, r.priority, r.healthy))
+            .collect();
         assert_eq!(
             r,
             vec![("198.18.10.0/24".into(), true, false, 5, true), ("198.18.20.0/24".into(), true, true, 0, false)],
@@ -182,7 +187,9 @@ async fn one_off_key_is_used_once_under_concurrency() {
         let never = |_: &KeyRecord, _: &IpNet| false;
         let tries = (0..6).map(|n| {
             let store = store.clone();
-            async move { store.enroll("race", &crate::auth::sha256_hex(b"race"), &new_node(&format!("h{n}")), never, 2).await }
+            async move {
+                store.enroll("race", &crate::auth::sha256_hex(b"race"), &new_node(&format!("h{n}")), never, 2).await
+            }
         });
         let results = futures::future::join_all(tries).await;
         assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{}: {results:?}", store.backend());

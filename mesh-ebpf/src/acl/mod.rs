@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use mesh_common::{
     acl::{
-        AclConfig, AclVerdict, DstKey4, DstKey6, FlowKey, FlowValue, MAX_CIDRS, MAX_DST_ENTRIES, MAX_FLOWS, MAX_POLICY_ENTRIES, MAX_RULES,
-        POLICY_PREFIX_FULL, PolicyKey, PolicyValue, SlotMeta,
+        AclConfig, AclVerdict, DstKey4, DstKey6, FlowKey, FlowValue, MAX_CIDRS, MAX_DST_ENTRIES, MAX_FLOWS,
+        MAX_POLICY_ENTRIES, MAX_RULES, POLICY_PREFIX_FULL, PolicyKey, PolicyValue, SlotMeta,
     },
     counter::PacketCount,
 };

@@ -51,12 +51,7 @@ fn rewrite(ctx: &TcContext, l4_off: usize, limit: u16) -> MssEvent {
     let load_len = (opaque.wrapping_sub(1) & (BUF - 1)) + 1;
     // SAFETY: `buf` has room for `load_len` (1..=BUF) bytes.
     let rc = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const _,
-            (l4_off + 20) as u32,
-            buf.as_mut_ptr() as *mut _,
-            load_len as u32,
-        )
+        bpf_skb_load_bytes(ctx.skb.skb as *const _, (l4_off + 20) as u32, buf.as_mut_ptr() as *mut _, load_len as u32)
     };
     if rc != 0 {
         return MssEvent::NoOption;

@@ -115,7 +115,10 @@ mod tests {
     fn package_names_from_ids() {
         assert_eq!(package_name("path+file:///work/main/mesh-agent#0.1.0").as_deref(), Some("mesh-agent"));
         assert_eq!(package_name("path+file:///work/main/proto#mesh-proto@0.1.0").as_deref(), Some("mesh-proto"));
-        assert_eq!(package_name("registry+https://github.com/rust-lang/crates.io-index#anyhow@1.0.100").as_deref(), Some("anyhow"));
+        assert_eq!(
+            package_name("registry+https://github.com/rust-lang/crates.io-index#anyhow@1.0.100").as_deref(),
+            Some("anyhow")
+        );
         assert_eq!(package_name("nonsense"), None);
     }
 
@@ -124,7 +127,12 @@ mod tests {
         let test = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/mesh-lab#0.1.0","target":{"kind":["test"],"name":"lab"},"executable":"/t/debug/deps/lab-1"}"#;
         assert_eq!(
             Artifact::parse(test),
-            Some(Artifact { package: "mesh-lab".into(), name: "lab".into(), kind: "test".into(), executable: "/t/debug/deps/lab-1".into() })
+            Some(Artifact {
+                package: "mesh-lab".into(),
+                name: "lab".into(),
+                kind: "test".into(),
+                executable: "/t/debug/deps/lab-1".into()
+            })
         );
         let lib = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/mesh-lab#0.1.0","target":{"kind":["lib"],"name":"mesh_lab"},"executable":null}"#;
         assert_eq!(Artifact::parse(lib), None);

@@ -32,8 +32,14 @@ enum Node {
     Dir,
     Symlink(PathBuf),
     /// A host file copied in (`perm` from the host unless overridden).
-    File { source: PathBuf, perm: u32 },
-    Data { bytes: Vec<u8>, perm: u32 },
+    File {
+        source: PathBuf,
+        perm: u32,
+    },
+    Data {
+        bytes: Vec<u8>,
+        perm: u32,
+    },
 }
 
 /// The guest's file tree, keyed by absolute guest path; written in path
@@ -251,10 +257,10 @@ mod tests {
     #[test]
     fn ldd_output_to_paths() {
         let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
-        assert_eq!(parse_ldd(text).unwrap(), vec![
-            PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
-            PathBuf::from("/lib64/ld-linux-x86-64.so.2")
-        ]);
+        assert_eq!(
+            parse_ldd(text).unwrap(),
+            vec![PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
+        );
         assert!(parse_ldd("\tlibnope.so.1 => not found\n").is_err());
     }
 
@@ -276,18 +282,21 @@ mod tests {
         let out = dir.join("a.cpio");
         tree.write(&out).unwrap();
         let names = names(&std::fs::read(&out).unwrap());
-        assert_eq!(names, [
-            "bin",
-            "lib",
-            "usr",
-            "usr/bin",
-            "usr/bin/other",
-            "usr/bin/tool",
-            "usr/lib",
-            "usr/lib/modules",
-            "usr/lib/modules/m.ko",
-            "TRAILER!!!"
-        ]);
+        assert_eq!(
+            names,
+            [
+                "bin",
+                "lib",
+                "usr",
+                "usr/bin",
+                "usr/bin/other",
+                "usr/bin/tool",
+                "usr/lib",
+                "usr/lib/modules",
+                "usr/lib/modules/m.ko",
+                "TRAILER!!!"
+            ]
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

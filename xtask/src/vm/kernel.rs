@@ -113,10 +113,7 @@ fn module_name(file: &str) -> String {
 
 /// Sorts `6.1.0-56-cloud-amd64` after `6.1.0-9-cloud-amd64`.
 fn version_key(release: &str) -> Vec<(u64, String)> {
-    release
-        .split(['.', '-'])
-        .map(|part| (part.parse().unwrap_or(0), part.to_owned()))
-        .collect()
+    release.split(['.', '-']).map(|part| (part.parse().unwrap_or(0), part.to_owned())).collect()
 }
 
 #[cfg(test)]

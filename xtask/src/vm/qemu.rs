@@ -46,7 +46,8 @@ pub(crate) fn boot(
         .stderr(Stdio::inherit());
     let line = cmd::describe(&command);
     eprintln!("xtask: $ {line}");
-    let mut child = command.spawn().with_context(|| format!("could not start `{line}` (is qemu-system-x86 installed?)"))?;
+    let mut child =
+        command.spawn().with_context(|| format!("could not start `{line}` (is qemu-system-x86 installed?)"))?;
     let stdout = child.stdout.take().context("qemu's stdout")?;
 
     // A reader thread, so a silent hung guest still meets the timeout.

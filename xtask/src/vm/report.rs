@@ -43,16 +43,14 @@ impl Report {
                     self.booted = Some(release.unwrap_or("").to_owned());
                     self.booted_at = Some(at);
                 }
-                (Some("run"), Some(name), None) => {
-                    self.binaries.push(BinaryResult {
-                        name: name.to_owned(),
-                        exit: None,
-                        passed: 0,
-                        failed: 0,
-                        took: None,
-                        started: at,
-                    })
-                }
+                (Some("run"), Some(name), None) => self.binaries.push(BinaryResult {
+                    name: name.to_owned(),
+                    exit: None,
+                    passed: 0,
+                    failed: 0,
+                    took: None,
+                    started: at,
+                }),
                 (Some("exit"), Some(name), Some(code)) => {
                     if let Some(b) = self.binaries.iter_mut().rev().find(|b| b.name == name) {
                         b.exit = Some(code.trim().parse().unwrap_or(-1));
@@ -100,7 +98,9 @@ impl Report {
             (VmExit::Reported(code), None) if u32::from(code) == u32::from(FATAL) => {
                 Some("the guest reported a fatal error".to_owned())
             }
-            (VmExit::Reported(code), None) if u32::from(code) != failed_binaries || self.done != Some(failed_binaries) => {
+            (VmExit::Reported(code), None)
+                if u32::from(code) != failed_binaries || self.done != Some(failed_binaries) =>
+            {
                 Some(format!(
                     "the VM's exit code says {code} binaries failed, its console says {failed_binaries} (lost output?)"
                 ))
