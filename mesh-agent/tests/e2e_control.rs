@@ -17,21 +17,15 @@
 //! ```
 
 use std::{
-    fs::File,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::Stdio,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use mesh_control::client::connect_unix;
-use mesh_lab::{Host, Lab, Process};
+use mesh_lab::{Host, Lab};
 use mesh_proto::v1 as pb;
-use mesh_proto::v1::admin_service_client::AdminServiceClient;
-
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
-const CONTROL: &str = "192.0.2.100:7443";
 
 const POLICY_V1: &str = r#"{
   "tagOwners": {"tag:gw": []},
@@ -54,147 +48,12 @@ const POLICY_V2: &str = r#"{
   ],
 }"#;
 
-/// mesh-control running on its own thread inside the `ctl` namespace.
-struct Control {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+mod e2e_support;
 
-impl Control {
-    fn start(host: &Host, dir: &Path) -> Self {
-        let host = host.clone();
-        let dir = dir.to_owned();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            host.enter_current_thread().unwrap();
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-            rt.block_on(async move {
-                let config = mesh_control::config::Config {
-                    listen: CONTROL.parse().unwrap(),
-                    tls_names: vec!["192.0.2.100".into()],
-                    data_dir: dir.clone(),
-                    metrics_listen: None,
-                    admin_socket: Some(dir.join("admin.sock")),
-                    poll_interval_ms: 100,
-                    hold_down_secs: 2,
-                    ..mesh_control::config::Config::default()
-                };
-                let running = mesh_control::run::start(&config).await.expect("control starts");
-                ready_tx.send(()).unwrap();
-                let _ = stopped.await;
-                running.shutdown();
-            });
-            rt.shutdown_timeout(Duration::from_secs(2));
-        });
-        ready_rx.recv_timeout(Duration::from_secs(30)).expect("control ready");
-        Self { stop: Some(stop), thread: Some(thread) }
-    }
+use e2e_support::{Admin, BpfFs, Control, Gateway, Tuning, admin, rt, wait_for};
 
-    fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-type Admin = AdminServiceClient<tonic::transport::Channel>;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
-async fn admin(dir: &Path) -> Admin {
-    AdminServiceClient::new(connect_unix(&dir.join("admin.sock")).await.unwrap())
-}
-
-/// A bpffs mounted outside /sys (`ip netns exec` remounts /sys, which
-/// would hide pins under /sys/fs/bpf from the agents).
-struct BpfFs(tempfile::TempDir);
-
-impl BpfFs {
-    fn mount() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).output().unwrap();
-        assert!(out.status.success(), "mount bpffs: {}", String::from_utf8_lossy(&out.stderr));
-        Self(dir)
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
-struct Gateway {
-    host: Host,
-    dir: tempfile::TempDir,
-    agent: Option<Process>,
-}
-
-impl Gateway {
-    fn new(host: Host, ifname: &str, bpf: &Path, key: &str, underlay: &str, lan: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("enroll.key"), key).unwrap();
-        let config = format!(
-            "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{state}\"\n\
-             enforcement = \"{enf}\"\nbpf_pin_dir = \"{bpf}\"\nkeep_dataplane_on_exit = false\n\
-             reconcile_interval_secs = 1\nretry_interval_secs = 0.5\nlog = \"info,mesh_agent=debug\"\n\
-             metrics_listen = \"127.0.0.1:9300\"\n\
-             [control]\naddress = \"{CONTROL}\"\nenrollment_key_file = \"{key}\"\nhostname = \"{name}\"\n\
-             advertise_routes = [\"{lan}\"]\nendpoints = [\"{underlay}:51820\"]\nhealth_interval_secs = 1\n\
-             max_backoff_secs = 1\npersistent_keepalive = 5\n",
-            state = dir.path().join("state").display(),
-            bpf = bpf.display(),
-            key = dir.path().join("enroll.key").display(),
-            name = host.name(),
-            enf = std::env::var("E2E_ENFORCEMENT").unwrap_or_else(|_| "ebpf".into()),
-        );
-        std::fs::write(dir.path().join("agent.toml"), config).unwrap();
-        Self { host, dir, agent: None }
-    }
-
-    fn start(&mut self) {
-        let log = File::options().create(true).append(true).open(self.dir.path().join("agent.log")).unwrap();
-        let config = self.dir.path().join("agent.toml");
-        let mut cmd = self.host.command(BIN, ["run", "--config", config.to_str().unwrap()]);
-        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        self.agent = Some(self.host.spawn_command(cmd).unwrap());
-    }
-
-    fn stop(&mut self) {
-        if let Some(a) = self.agent.take() {
-            let status = a.terminate().unwrap();
-            assert!(status.success(), "agent on {} exited with {status}; log:\n{}", self.host.name(), self.log());
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-
-    fn credential(&self) -> PathBuf {
-        self.dir.path().join("state/control.json")
-    }
-}
-
-fn wait_for(what: &str, logs: &dyn Fn() -> String, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < Duration::from_secs(40), "timed out waiting for {what}\n{}", logs());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
+/// Agents serve metrics (checked with promtool); health every second.
+const TUNING: Tuning = Tuning { metrics_listen: Some("127.0.0.1:9300"), health_interval_secs: 1.0 };
 
 fn ping(from: &Host, to: &str) -> bool {
     from.exec_unchecked("ping", ["-c", "1", "-W", "1", to]).unwrap().status.success()
@@ -273,7 +132,7 @@ fn agents_follow_control_and_survive_its_restart() {
     echo_servers(&db, &["198.18.20.20:5432", "198.18.20.20:7000"]);
 
     let ctl_dir = tempfile::tempdir().unwrap();
-    let mut control = Control::start(&ctl, ctl_dir.path());
+    let mut control = Control::start(&ctl, ctl_dir.path(), 2);
     let rt = rt();
     let (k_nyc, k_fsn) = rt.block_on(async {
         let mut a = admin(ctl_dir.path()).await;
@@ -282,8 +141,10 @@ fn agents_follow_control_and_survive_its_restart() {
     });
 
     let bpf = BpfFs::mount();
-    let mut nyc = Gateway::new(gw_nyc, &lab.unique_ifname("wg"), bpf.0.path(), &k_nyc, "192.0.2.1", "198.18.10.0/24");
-    let mut fsn = Gateway::new(gw_fsn, &lab.unique_ifname("wg"), bpf.0.path(), &k_fsn, "192.0.2.2", "198.18.20.0/24");
+    let mut nyc =
+        Gateway::new(gw_nyc, &lab.unique_ifname("wg"), bpf.0.path(), &k_nyc, "192.0.2.1", "198.18.10.0/24", &TUNING);
+    let mut fsn =
+        Gateway::new(gw_fsn, &lab.unique_ifname("wg"), bpf.0.path(), &k_fsn, "192.0.2.2", "198.18.20.0/24", &TUNING);
     nyc.start();
     fsn.start();
     let (log_nyc, log_fsn) = (nyc.dir.path().join("agent.log"), fsn.dir.path().join("agent.log"));
@@ -380,7 +241,7 @@ fn agents_follow_control_and_survive_its_restart() {
         let store = mesh_control::store::Store::open(&url).await.unwrap();
         store.set_policy(POLICY_V2, "test", chrono_now()).await.unwrap();
     });
-    let mut control = Control::start(&ctl, ctl_dir.path());
+    let mut control = Control::start(&ctl, ctl_dir.path(), 2);
     wait_for("the agents converge on policy v2", &logs, || tcp(&app, "198.18.20.20:7000"));
     assert!(tcp(&app, "198.18.20.20:5432"));
     assert!(ping(&app, "198.18.20.20"));

@@ -11,10 +11,8 @@
 //! gateways (a VIP or VRRP on the LAN) is not part of the mesh yet.
 
 use std::{
-    fs::File,
     net::{SocketAddr, UdpSocket},
     path::{Path, PathBuf},
-    process::Stdio,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -22,13 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_control::client::connect_unix;
-use mesh_lab::{Host, Lab, Process};
+use mesh_lab::{Host, Lab};
 use mesh_proto::v1 as pb;
-use mesh_proto::v1::admin_service_client::AdminServiceClient;
-
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
-const CONTROL: &str = "192.0.2.100:7443";
 
 const POLICY: &str = r#"{
   "tagOwners": {"tag:gw": []},
@@ -40,143 +33,12 @@ const POLICY: &str = r#"{
   ],
 }"#;
 
-/// mesh-control running on its own thread inside the `ctl` namespace.
-struct Control {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+mod e2e_support;
 
-impl Control {
-    fn start(host: &Host, dir: &Path) -> Self {
-        let host = host.clone();
-        let dir = dir.to_owned();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            host.enter_current_thread().unwrap();
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-            rt.block_on(async move {
-                let config = mesh_control::config::Config {
-                    listen: CONTROL.parse().unwrap(),
-                    tls_names: vec!["192.0.2.100".into()],
-                    data_dir: dir.clone(),
-                    metrics_listen: None,
-                    admin_socket: Some(dir.join("admin.sock")),
-                    poll_interval_ms: 100,
-                    hold_down_secs: 3,
-                    ..mesh_control::config::Config::default()
-                };
-                let running = mesh_control::run::start(&config).await.expect("control starts");
-                ready_tx.send(()).unwrap();
-                let _ = stopped.await;
-                running.shutdown();
-            });
-            rt.shutdown_timeout(Duration::from_secs(2));
-        });
-        ready_rx.recv_timeout(Duration::from_secs(30)).expect("control ready");
-        Self { stop: Some(stop), thread: Some(thread) }
-    }
+use e2e_support::{Admin, BpfFs, Control, Gateway, Tuning, admin, rt, wait_for};
 
-    fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-type Admin = AdminServiceClient<tonic::transport::Channel>;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
-async fn admin(dir: &Path) -> Admin {
-    AdminServiceClient::new(connect_unix(&dir.join("admin.sock")).await.unwrap())
-}
-
-/// A bpffs mounted outside /sys (`ip netns exec` remounts /sys, which
-/// would hide pins under /sys/fs/bpf from the agents).
-struct BpfFs(tempfile::TempDir);
-
-impl BpfFs {
-    fn mount() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).output().unwrap();
-        assert!(out.status.success(), "mount bpffs: {}", String::from_utf8_lossy(&out.stderr));
-        Self(dir)
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
-struct Gateway {
-    host: Host,
-    dir: tempfile::TempDir,
-    agent: Option<Process>,
-}
-
-impl Gateway {
-    fn new(host: Host, ifname: &str, bpf: &Path, key: &str, underlay: &str, lan: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("enroll.key"), key).unwrap();
-        let config = format!(
-            "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{state}\"\n\
-             enforcement = \"{enf}\"\nbpf_pin_dir = \"{bpf}\"\nkeep_dataplane_on_exit = false\n\
-             reconcile_interval_secs = 1\nretry_interval_secs = 0.5\nlog = \"info,mesh_agent=debug\"\n\
-             [control]\naddress = \"{CONTROL}\"\nenrollment_key_file = \"{key}\"\nhostname = \"{name}\"\n\
-             advertise_routes = [\"{lan}\"]\nendpoints = [\"{underlay}:51820\"]\nhealth_interval_secs = 0.2\n\
-             max_backoff_secs = 1\npersistent_keepalive = 5\n",
-            state = dir.path().join("state").display(),
-            bpf = bpf.display(),
-            key = dir.path().join("enroll.key").display(),
-            name = host.name(),
-            enf = std::env::var("E2E_ENFORCEMENT").unwrap_or_else(|_| "ebpf".into()),
-        );
-        std::fs::write(dir.path().join("agent.toml"), config).unwrap();
-        Self { host, dir, agent: None }
-    }
-
-    fn start(&mut self) {
-        let log = File::options().create(true).append(true).open(self.dir.path().join("agent.log")).unwrap();
-        let config = self.dir.path().join("agent.toml");
-        let mut cmd = self.host.command(BIN, ["run", "--config", config.to_str().unwrap()]);
-        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        self.agent = Some(self.host.spawn_command(cmd).unwrap());
-    }
-
-    fn stop(&mut self) {
-        if let Some(a) = self.agent.take() {
-            let status = a.terminate().unwrap();
-            assert!(status.success(), "agent on {} exited with {status}; log:\n{}", self.host.name(), self.log());
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-}
-
-fn wait_for(what: &str, logs: &dyn Fn() -> String, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < Duration::from_secs(40), "timed out waiting for {what}\n{}", logs());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
+/// Frequent health reports: a LAN loss reaches control quickly.
+const TUNING: Tuning = Tuning { metrics_listen: None, health_interval_secs: 0.2 };
 async fn key(a: &mut Admin) -> String {
     a.create_enrollment_key(pb::CreateEnrollmentKeyRequest {
         reusable: true,
@@ -296,7 +158,7 @@ fn failover_on_gateway_loss_and_on_lan_loss_with_hold_down() {
     db.addr("eth0", "198.18.20.20/24").unwrap();
 
     let ctl_dir = tempfile::tempdir().unwrap();
-    let _control = Control::start(&ctl, ctl_dir.path());
+    let _control = Control::start(&ctl, ctl_dir.path(), 3);
     let rt = rt();
     let k = rt.block_on(async {
         let mut a = admin(ctl_dir.path()).await;
@@ -304,7 +166,9 @@ fn failover_on_gateway_loss_and_on_lan_loss_with_hold_down() {
         key(&mut a).await
     });
     let bpf = BpfFs::mount();
-    let mk = |h: &Host, u: &str, lan: &str| Gateway::new(h.clone(), &lab.unique_ifname("wg"), bpf.0.path(), &k, u, lan);
+    let mk = |h: &Host, u: &str, lan: &str| {
+        Gateway::new(h.clone(), &lab.unique_ifname("wg"), bpf.0.path(), &k, u, lan, &TUNING)
+    };
     let mut gn = mk(&nyc, "192.0.2.11", "198.18.10.0/24");
     let mut g1 = mk(&f1, "192.0.2.21", "198.18.20.0/24");
     let mut g2 = mk(&f2, "192.0.2.22", "198.18.20.0/24");

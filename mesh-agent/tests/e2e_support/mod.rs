@@ -1,0 +1,173 @@
+//! What the end-to-end tests share: mesh-control on a thread inside a lab
+//! namespace, gateways running `mesh-agent run` against it, a bpffs outside
+//! /sys, and polling with the agents' logs on timeout.
+#![allow(dead_code, unreachable_pub, reason = "each test file uses part of it")]
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use mesh_control::client::connect_unix;
+use mesh_lab::{Host, Process};
+use mesh_proto::v1::admin_service_client::AdminServiceClient;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
+pub const CONTROL: &str = "192.0.2.100:7443";
+
+/// Gateway settings that differ between the tests.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// `metrics_listen` of the agent, if it serves metrics.
+    pub metrics_listen: Option<&'static str>,
+    /// Seconds between health reports to control.
+    pub health_interval_secs: f64,
+}
+
+/// mesh-control running on its own thread inside the `ctl` namespace.
+pub struct Control {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Control {
+    /// Starts control with fail-back hold-down `hold_down_secs`.
+    pub fn start(host: &Host, dir: &Path, hold_down_secs: i64) -> Self {
+        let host = host.clone();
+        let dir = dir.to_owned();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            host.enter_current_thread().unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let config = mesh_control::config::Config {
+                    listen: CONTROL.parse().unwrap(),
+                    tls_names: vec!["192.0.2.100".into()],
+                    data_dir: dir.clone(),
+                    metrics_listen: None,
+                    admin_socket: Some(dir.join("admin.sock")),
+                    poll_interval_ms: 100,
+                    hold_down_secs,
+                    ..mesh_control::config::Config::default()
+                };
+                let running = mesh_control::run::start(&config).await.expect("control starts");
+                ready_tx.send(()).unwrap();
+                let _ = stopped.await;
+                running.shutdown();
+            });
+            rt.shutdown_timeout(Duration::from_secs(2));
+        });
+        ready_rx.recv_timeout(Duration::from_secs(30)).expect("control ready");
+        Self { stop: Some(stop), thread: Some(thread) }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub type Admin = AdminServiceClient<tonic::transport::Channel>;
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+pub async fn admin(dir: &Path) -> Admin {
+    AdminServiceClient::new(connect_unix(&dir.join("admin.sock")).await.unwrap())
+}
+
+/// A bpffs mounted outside /sys (`ip netns exec` remounts /sys, which
+/// would hide pins under /sys/fs/bpf from the agents).
+pub struct BpfFs(pub tempfile::TempDir);
+
+impl BpfFs {
+    pub fn mount() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).output().unwrap();
+        assert!(out.status.success(), "mount bpffs: {}", String::from_utf8_lossy(&out.stderr));
+        Self(dir)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+pub struct Gateway {
+    pub host: Host,
+    pub dir: tempfile::TempDir,
+    pub agent: Option<Process>,
+}
+
+impl Gateway {
+    /// Writes the agent's config; `tuning` holds what the tests set differently.
+    pub fn new(host: Host, ifname: &str, bpf: &Path, key: &str, underlay: &str, lan: &str, tuning: &Tuning) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("enroll.key"), key).unwrap();
+        let config = format!(
+            "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{state}\"\n\
+             enforcement = \"{enf}\"\nbpf_pin_dir = \"{bpf}\"\nkeep_dataplane_on_exit = false\n\
+             reconcile_interval_secs = 1\nretry_interval_secs = 0.5\nlog = \"info,mesh_agent=debug\"\n\
+             {metrics}\
+             [control]\naddress = \"{CONTROL}\"\nenrollment_key_file = \"{key}\"\nhostname = \"{name}\"\n\
+             advertise_routes = [\"{lan}\"]\nendpoints = [\"{underlay}:51820\"]\nhealth_interval_secs = {health}\n\
+             max_backoff_secs = 1\npersistent_keepalive = 5\n",
+            state = dir.path().join("state").display(),
+            bpf = bpf.display(),
+            key = dir.path().join("enroll.key").display(),
+            name = host.name(),
+            enf = std::env::var("E2E_ENFORCEMENT").unwrap_or_else(|_| "ebpf".into()),
+            metrics = tuning.metrics_listen.map(|m| format!("metrics_listen = \"{m}\"\n")).unwrap_or_default(),
+            health = tuning.health_interval_secs,
+        );
+        std::fs::write(dir.path().join("agent.toml"), config).unwrap();
+        Self { host, dir, agent: None }
+    }
+
+    pub fn start(&mut self) {
+        let log = File::options().create(true).append(true).open(self.dir.path().join("agent.log")).unwrap();
+        let config = self.dir.path().join("agent.toml");
+        let mut cmd = self.host.command(BIN, ["run", "--config", config.to_str().unwrap()]);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        self.agent = Some(self.host.spawn_command(cmd).unwrap());
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(a) = self.agent.take() {
+            let status = a.terminate().unwrap();
+            assert!(status.success(), "agent on {} exited with {status}; log:\n{}", self.host.name(), self.log());
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn credential(&self) -> PathBuf {
+        self.dir.path().join("state/control.json")
+    }
+}
+
+pub fn wait_for(what: &str, logs: &dyn Fn() -> String, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(40), "timed out waiting for {what}\n{}", logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
