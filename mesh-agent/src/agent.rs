@@ -331,12 +331,13 @@ impl Agent {
             .map_err(|source| AgentError::Io { what: "building the runtime".into(), source })?;
         let served = rt.block_on(async {
             let shared = crate::control::SharedControlState::default();
+            let probes = crate::probe::SharedProbe::default();
             if let Some(addr) = config.metrics_listen {
-                let control = config.control.is_some().then(|| shared.clone());
+                let control = config.control.is_some().then(|| (shared.clone(), probes.clone()));
                 tokio::spawn(crate::metrics::serve(addr, WorkerHandle(tx.clone()), control));
             }
             if config.control.is_some() {
-                tokio::spawn(crate::control::run(config, public_key, WorkerHandle(tx.clone()), shared));
+                tokio::spawn(crate::control::run(config, public_key, WorkerHandle(tx.clone()), shared, probes));
             } else {
                 tracing::info!("no [control] configured: views come through `mesh-agent apply` only");
             }

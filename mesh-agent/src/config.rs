@@ -83,6 +83,58 @@ pub struct Config {
     /// stream and applies what control sends. Without it the agent only
     /// takes views through `mesh-agent apply`.
     pub control: Option<ControlConfig>,
+    /// Health probes between agents over the overlay, and local failover.
+    pub probe: ProbeConfig,
+}
+
+/// Health probes and local failover (the `[probe]` table).
+///
+/// Every agent answers a small UDP echo on `port` of its overlay addresses
+/// and probes its peers: gateways it routes a prefix through every
+/// `gateway_interval_secs`, others every `peer_interval_secs`. A probe not
+/// answered within `timeout_secs` is lost; `down_after` consecutive losses
+/// make a peer down, and every prefix routed through it moves to the next
+/// gateway in control's order at once. A gateway that was skipped is
+/// preferred again only after `failback_hold_secs` of health.
+///
+/// ```toml
+/// [probe]
+/// port = 51900
+/// gateway_interval_secs = 0.2
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// UDP port of the echo on the overlay (0 turns probing and local
+    /// failover off). The agent opens it in the ACL between mesh nodes'
+    /// overlay addresses.
+    pub port: u16,
+    /// Seconds between probes to a gateway this node routes through.
+    pub gateway_interval_secs: f64,
+    /// Seconds between probes to other peers.
+    pub peer_interval_secs: f64,
+    /// Seconds after which an unanswered probe counts as lost.
+    pub timeout_secs: f64,
+    /// Consecutive lost probes that make a peer down.
+    pub down_after: u32,
+    /// Probes over which loss and RTT percentiles are computed.
+    pub window: usize,
+    /// Seconds a skipped gateway must be healthy before it is preferred again.
+    pub failback_hold_secs: f64,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            port: 51900,
+            gateway_interval_secs: 0.2,
+            peer_interval_secs: 2.0,
+            timeout_secs: 0.3,
+            down_after: 2,
+            window: 50,
+            failback_hold_secs: 30.0,
+        }
+    }
 }
 
 /// How the agent reaches mesh-control (the `[control]` table).
@@ -117,6 +169,15 @@ pub struct ControlConfig {
     pub health_interval_secs: f64,
     /// Longest wait between two reconnection attempts, seconds.
     pub max_backoff_secs: f64,
+    /// Per advertised route, targets inside the site that prove this
+    /// gateway can reach it (`"tcp:198.18.10.20:5432"`, `"icmp:198.18.10.20"`):
+    /// the route is healthy while any target answers. A route without
+    /// targets is healthy while an up interface has an address inside it.
+    pub reachability: std::collections::BTreeMap<ipnet::IpNet, Vec<crate::reach::Target>>,
+    /// Seconds between two reachability checks.
+    pub reachability_interval_secs: f64,
+    /// Seconds a reachability target has to answer.
+    pub reachability_timeout_secs: f64,
 }
 
 impl Default for ControlConfig {
@@ -131,6 +192,9 @@ impl Default for ControlConfig {
             persistent_keepalive: 25,
             health_interval_secs: 5.0,
             max_backoff_secs: 5.0,
+            reachability: std::collections::BTreeMap::new(),
+            reachability_interval_secs: 0.2,
+            reachability_timeout_secs: 0.5,
         }
     }
 }
@@ -156,6 +220,7 @@ impl Default for Config {
             log: "info".into(),
             metrics_listen: None,
             control: None,
+            probe: ProbeConfig::default(),
         }
     }
 }
@@ -209,13 +274,39 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("{name} = {v} is outside 0.05..=86400")));
             }
         }
+        let p = &self.probe;
+        for (name, v) in [
+            ("probe.gateway_interval_secs", p.gateway_interval_secs),
+            ("probe.peer_interval_secs", p.peer_interval_secs),
+            ("probe.timeout_secs", p.timeout_secs),
+        ] {
+            if !(0.01..=3600.0).contains(&v) {
+                return Err(ConfigError::Invalid(format!("{name} = {v} is outside 0.01..=3600")));
+            }
+        }
+        if !(0.0..=86_400.0).contains(&p.failback_hold_secs) {
+            return Err(ConfigError::Invalid(format!(
+                "probe.failback_hold_secs = {} is outside 0..=86400",
+                p.failback_hold_secs
+            )));
+        }
+        if p.down_after == 0 || p.window == 0 || p.window > 10_000 {
+            return Err(ConfigError::Invalid("probe.down_after must be >= 1 and probe.window in 1..=10000".into()));
+        }
         if let Some(c) = &self.control {
+            if let Some(p) = c.reachability.keys().find(|p| !c.advertise_routes.contains(p)) {
+                return Err(ConfigError::Invalid(format!(
+                    "control.reachability names {p}, which is not in control.advertise_routes"
+                )));
+            }
             if c.address.is_empty() {
                 return Err(ConfigError::Invalid("control.address is empty".into()));
             }
             for (name, v) in [
                 ("control.health_interval_secs", c.health_interval_secs),
                 ("control.max_backoff_secs", c.max_backoff_secs),
+                ("control.reachability_interval_secs", c.reachability_interval_secs),
+                ("control.reachability_timeout_secs", c.reachability_timeout_secs),
             ] {
                 if !(0.05..=3600.0).contains(&v) {
                     return Err(ConfigError::Invalid(format!("{name} = {v} is outside 0.05..=3600")));

@@ -14,6 +14,8 @@ pub mod enforce;
 pub mod keys;
 pub mod metrics;
 pub mod net;
+pub mod probe;
+pub mod reach;
 pub mod reconcile;
 pub mod state;
 pub mod status;

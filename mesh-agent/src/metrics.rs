@@ -5,10 +5,11 @@ use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::{agent::WorkerHandle, control::SharedControlState};
+use crate::{agent::WorkerHandle, control::SharedControlState, probe::SharedProbe};
 
-/// Serves `GET /metrics` on `addr` until the runtime stops.
-pub async fn serve(addr: SocketAddr, worker: WorkerHandle, control: Option<SharedControlState>) {
+/// Serves `GET /metrics` on `addr` until the runtime stops. With a control
+/// session, its facts and the probes' statistics are included.
+pub async fn serve(addr: SocketAddr, worker: WorkerHandle, control: Option<(SharedControlState, SharedProbe)>) {
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -29,8 +30,13 @@ pub async fn serve(addr: SocketAddr, worker: WorkerHandle, control: Option<Share
                 match worker.status().await {
                     Some(s) => {
                         let mut text = s.prometheus();
-                        if let Some(c) = control.as_ref().and_then(|c| c.lock().ok().map(|c| c.prometheus())) {
-                            text.push_str(&c);
+                        if let Some((c, p)) = &control {
+                            if let Ok(c) = c.lock() {
+                                text.push_str(&c.prometheus());
+                            }
+                            if let Ok(p) = p.lock() {
+                                text.push_str(&p.prometheus());
+                            }
                         }
                         ("200 OK", text)
                     }

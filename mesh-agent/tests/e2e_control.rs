@@ -5,7 +5,10 @@
 //! policy allows. Then control stops: the mesh keeps forwarding and
 //! enforcing; a policy change is written to control's store meanwhile;
 //! control comes back, the agents reconnect and enforce the new policy. A
-//! restarted agent uses its stored credential (its key is spent).
+//! restarted agent uses its stored credential (its key is spent). The
+//! agents probe each other and control shows the figures. Finally a policy
+//! change while a TCP conversation runs: the conversation (its rule stays)
+//! goes on, new flows follow the new policy.
 //!
 //! Lab:
 //! ```text
@@ -37,6 +40,18 @@ const POLICY_V1: &str = r#"{
   ],
 }"#;
 
+/// V2 without ICMP and without TCP 7000: the change made while traffic
+/// flows. (Without a `proto`, an entry with ports also admits ICMP, as in
+/// Tailscale's policy language: TCP only, to see ICMP go.)
+const POLICY_V3: &str = r#"{
+  "tagOwners": {"tag:gw": []},
+  "hosts": {"app-nyc": "198.18.10.10/32", "db-fsn": "198.18.20.20/32"},
+  "autoApprovers": {"routes": {"198.18.10.0/24": ["tag:gw"], "198.18.20.0/24": ["tag:gw"]}},
+  "acls": [
+    {"action": "accept", "src": ["app-nyc"], "dst": ["db-fsn:5432"], "proto": "tcp"},
+  ],
+}"#;
+
 /// V1 plus TCP 7000: the change made while control is down.
 const POLICY_V2: &str = r#"{
   "tagOwners": {"tag:gw": []},
@@ -53,7 +68,7 @@ mod e2e_support;
 use e2e_support::{Admin, BpfFs, Control, Gateway, Tuning, admin, rt, wait_for};
 
 /// Agents serve metrics (checked with promtool); health every second.
-const TUNING: Tuning = Tuning { metrics_listen: Some("127.0.0.1:9300"), health_interval_secs: 1.0 };
+const TUNING: Tuning = Tuning { metrics_listen: Some("127.0.0.1:9300"), health_interval_secs: 1.0, extra: "" };
 
 fn ping(from: &Host, to: &str) -> bool {
     from.exec_unchecked("ping", ["-c", "1", "-W", "1", to]).unwrap().status.success()
@@ -91,6 +106,53 @@ fn echo_servers(db: &Host, addrs: &[&'static str]) {
                 });
             }
         });
+    }
+}
+
+/// One long TCP conversation: a message every 10 ms, each echo awaited;
+/// counts round trips and keeps the first error.
+struct Conversation {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    trips: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Conversation {
+    fn start(from: &Host, to: &str) -> Self {
+        use std::sync::{Arc, Mutex, atomic::*};
+        let addr: SocketAddr = to.parse().unwrap();
+        let mut s = from.run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let (stop, trips, error) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(None)));
+        let (st, tr, er) = (stop.clone(), trips.clone(), error.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8];
+            while !st.load(Ordering::Relaxed) {
+                let r = s.write_all(b"12345678").and_then(|()| s.read_exact(&mut buf));
+                if let Err(e) = r {
+                    *er.lock().unwrap() = Some(e.to_string());
+                    return;
+                }
+                tr.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Self { stop, trips, error }
+    }
+
+    fn round_trips(&self) -> u64 {
+        self.trips.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn error(&self) -> Option<String> {
+        self.error.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Conversation {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -180,6 +242,25 @@ fn agents_follow_control_and_survive_its_restart() {
         nodes.len() == 2 && nodes.iter().all(|n| n.online && n.acked_generation > 0)
     });
 
+    // The agents probe each other over the overlay and report it: control
+    // shows per-peer RTT and loss, the backend, and each route's role.
+    wait_for("probe figures at control", &logs, || {
+        let st = rt.block_on(async {
+            admin(ctl_dir.path()).await.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner()
+        });
+        st.peers.iter().any(|l| {
+            let h = l.health.unwrap_or_default();
+            l.from_name == "gwnyc" && l.to_name == "gwfsn" && h.probe_up && h.probe_rtt_p50_ms >= 0.0
+        })
+    });
+    let nodes = rt.block_on(async {
+        admin(ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
+    });
+    assert!(nodes.iter().all(|n| n.backend == "userspace"), "{nodes:?}");
+    let routes =
+        rt.block_on(async { admin(ctl_dir.path()).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes });
+    assert!(routes.iter().all(|r| r.rank == 0 && r.primary), "one gateway per site: all primary\n{routes:?}");
+
     // The metrics endpoint: Prometheus text that promtool accepts.
     let body = nyc
         .host
@@ -203,6 +284,9 @@ fn agents_follow_control_and_survive_its_restart() {
         "mesh_agent_control_connected 1",
         "mesh_agent_key_expiry_timestamp_seconds ",
         "mesh_agent_route_primary{prefix=\"198.18.20.0/24\",gateway=\"gwfsn\"} 1",
+        "mesh_agent_peer_rtt_seconds_bucket{peer=\"gwfsn\",le=\"+Inf\"}",
+        "mesh_agent_peer_probe_loss_ratio{peer=\"gwfsn\"}",
+        "mesh_agent_peer_probe_up{peer=\"gwfsn\"} 1",
     ] {
         assert!(metrics.contains(m), "{m} missing:\n{metrics}");
     }
@@ -251,6 +335,28 @@ fn agents_follow_control_and_survive_its_restart() {
         admin(ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
     });
     assert_eq!(nodes.len(), 2, "{nodes:?}");
+
+    // A policy change while traffic flows: an established connection of a
+    // rule that stays is not cut; new flows follow the new policy.
+    let flow = Conversation::start(&app, "198.18.20.20:5432");
+    wait_for("the conversation to run", &logs, || flow.round_trips() > 20);
+    let changed = std::time::Instant::now();
+    rt.block_on(async {
+        admin(ctl_dir.path()).await.set_policy(pb::PolicyDocument { text: POLICY_V3.into(), generation: 0 }).await
+    })
+    .unwrap();
+    wait_for("ICMP denied by policy v3", &logs, || !ping(&app, "198.18.20.20"));
+    println!(
+        "policy change to the first denied new flow: {} ms (ping timeout included)",
+        changed.elapsed().as_millis()
+    );
+    assert!(!tcp(&app, "198.18.20.20:7000"), "TCP 7000 left the policy");
+    assert!(tcp(&app, "198.18.20.20:5432"), "new flows of a kept rule pass");
+    let before = flow.round_trips();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(flow.round_trips() > before + 20, "the established conversation goes on\n{}", logs());
+    assert_eq!(flow.error(), None, "the established conversation was not cut");
+    drop(flow);
 
     nyc.stop();
     fsn.stop();

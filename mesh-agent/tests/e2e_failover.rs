@@ -7,6 +7,10 @@
 //! the first gateway comes back, the route fails back only after control's
 //! hold-down.
 //!
+//! (3) With control stopped, the primary is killed again: the nyc agent's
+//! own probes move the prefix, the flow resumes, and once control is back
+//! the switch is in its audit log.
+//!
 //! The flow is one-way on purpose: the return path from a site LAN to its
 //! gateways (a VIP or VRRP on the LAN) is not part of the mesh yet.
 
@@ -37,8 +41,10 @@ mod e2e_support;
 
 use e2e_support::{Admin, BpfFs, Control, Gateway, Tuning, admin, rt, wait_for};
 
-/// Frequent health reports: a LAN loss reaches control quickly.
-const TUNING: Tuning = Tuning { metrics_listen: None, health_interval_secs: 0.2 };
+/// Frequent health reports: a LAN loss reaches control quickly. The local
+/// fail-back hold-down is as short as control's.
+const TUNING: Tuning =
+    Tuning { metrics_listen: None, health_interval_secs: 0.2, extra: "[probe]\nfailback_hold_secs = 3\n" };
 async fn key(a: &mut Admin) -> String {
     a.create_enrollment_key(pb::CreateEnrollmentKeyRequest {
         reusable: true,
@@ -158,7 +164,7 @@ fn failover_on_gateway_loss_and_on_lan_loss_with_hold_down() {
     db.addr("eth0", "198.18.20.20/24").unwrap();
 
     let ctl_dir = tempfile::tempdir().unwrap();
-    let _control = Control::start(&ctl, ctl_dir.path(), 3);
+    let mut control = Control::start(&ctl, ctl_dir.path(), 3);
     let rt = rt();
     let k = rt.block_on(async {
         let mut a = admin(ctl_dir.path()).await;
@@ -240,6 +246,41 @@ fn failover_on_gateway_loss_and_on_lan_loss_with_hold_down() {
         rt.block_on(async { admin(ctl_dir.path()).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes });
     assert!(routes.iter().any(|r| r.node_name == "fsngw1" && !r.healthy), "{routes:?}");
     println!("failover outage, primary lost its LAN: {} ms", out2.as_millis());
+
+    // 3. Without control: fsn-gw1 gets its LAN back and the route fails
+    //    back (both hold-downs); then control stops and fsn-gw1 dies. The
+    //    nyc agent's own probes move the prefix to fsn-gw2.
+    lfsn.set_port(&f1_lan, true).unwrap();
+    wait_for("fail-back to fsn-gw1 after its LAN is back", &logs, || {
+        primary(&rt, ctl_dir.path(), "198.18.20.0/24") == "fsngw1"
+    });
+    let resumed = flow.received();
+    wait_for("the flow through fsn-gw1 again", &logs, || flow.received() > resumed + 200);
+    control.stop();
+    let cut = Instant::now();
+    g1.agent.take().unwrap().child().kill().unwrap();
+    wan.set_port(&wan_ports[2], false).unwrap();
+    lfsn.set_port(&f1_lan, false).unwrap();
+    let out3 = outage(&flow, cut, &logs);
+    println!("failover outage, primary killed while control is down (agent probes): {} ms", out3.as_millis());
+    assert!(gn.log().contains("route failover (local)"), "the nyc agent switched on its own\n{}", logs());
+
+    // Control comes back: the nyc agent reports the switch, control audits
+    // it, next to its own primary changes.
+    let control = Control::start(&ctl, ctl_dir.path(), 3);
+    wait_for("the local failover in control's audit log", &logs, || {
+        let entries = rt.block_on(async {
+            let req = pb::ListAuditRequest { action_prefix: "route.failover".into(), ..Default::default() };
+            admin(ctl_dir.path()).await.list_audit(req).await.unwrap().into_inner().entries
+        });
+        entries.iter().any(|e| e.subject == "route/198.18.20.0/24" && e.after.contains("lost"))
+    });
+    let primaries = rt.block_on(async {
+        let req = pb::ListAuditRequest { action_prefix: "route.primary".into(), ..Default::default() };
+        admin(ctl_dir.path()).await.list_audit(req).await.unwrap().into_inner().entries
+    });
+    assert!(primaries.len() >= 4, "control audits each primary change: {primaries:?}");
+    drop(control);
 
     drop(flow);
     gn.stop();

@@ -55,6 +55,15 @@ pub fn render(engine: &Engine) -> String {
         "# HELP mesh_control_pushes_total Node view generations published.\n# TYPE mesh_control_pushes_total counter"
     );
     let _ = writeln!(s, "mesh_control_pushes_total {pushes}");
+    let _ = writeln!(
+        s,
+        "# HELP mesh_control_route_primary_changes_total Changes of a prefix's primary gateway.\n# TYPE mesh_control_route_primary_changes_total counter"
+    );
+    let _ = writeln!(
+        s,
+        "mesh_control_route_primary_changes_total {}",
+        engine.metrics.primary_changes.load(std::sync::atomic::Ordering::Relaxed)
+    );
     let h = engine.metrics.latency();
     let _ = writeln!(
         s,

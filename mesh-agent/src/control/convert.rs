@@ -1,7 +1,10 @@
 //! mesh-control's node view (`mesh.v1.NodeView`) to the agent's
 //! [`NodeView`]: pure, so it is tested without a network.
 
-use std::{collections::BTreeSet, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
 
 use ipnet::IpNet;
 use mesh_proto::v1 as pb;
@@ -18,7 +21,17 @@ pub struct Local {
     pub advertised: Vec<IpNet>,
     /// Persistent keepalive for every peer (0: none).
     pub persistent_keepalive: u16,
+    /// The probe port opened between mesh nodes' overlay addresses (0: none).
+    pub probe_port: u16,
+    /// Prefixes this node routes through another gateway than control's
+    /// primary (local failover), by node id.
+    pub overrides: BTreeMap<IpNet, u64>,
 }
+
+/// Id of the rule the agent adds to let health probes through the ACL
+/// (control's rule ids never reach it: they index ACL entries in the high
+/// 16 bits).
+pub const PROBE_RULE_ID: u32 = u32::MAX;
 
 /// A control view the agent cannot use.
 #[derive(Debug, thiserror::Error)]
@@ -55,10 +68,28 @@ pub fn node_view(v: &pb::NodeView, local: &Local) -> Result<NodeView, ConvertErr
             own.insert(net(&r.prefix)?.trunc());
         }
     }
+    let assigned: BTreeSet<IpNet> =
+        v.routes.iter().map(|r| net(&r.prefix).map(|n| n.trunc())).collect::<Result<_, _>>()?;
+    // Local failover: each overridden prefix moves to its new gateway,
+    // provided that gateway is one of this view's peers.
+    let overrides: BTreeMap<IpNet, u64> = local
+        .overrides
+        .iter()
+        .map(|(p, gw)| (p.trunc(), *gw))
+        .filter(|(p, gw)| assigned.contains(p) && !own.contains(p) && v.peers.iter().any(|x| x.node_id == *gw))
+        .collect();
     let mut peers = Vec::with_capacity(v.peers.len());
     let mut routes = BTreeSet::new();
+    let mut overlay = Vec::new();
     for p in &v.peers {
-        let allowed_ips = p.allowed_ips.iter().map(|s| net(s)).collect::<Result<Vec<_>, _>>()?;
+        let mut allowed_ips = p
+            .allowed_ips
+            .iter()
+            .map(|s| net(s))
+            .filter(|n| n.as_ref().map_or(true, |n| !overrides.contains_key(&n.trunc())))
+            .collect::<Result<Vec<_>, _>>()?;
+        allowed_ips.extend(overrides.iter().filter(|(_, gw)| **gw == p.node_id).map(|(prefix, _)| *prefix));
+        overlay.extend(allowed_ips.iter().filter(|n| !assigned.contains(&n.trunc())).copied());
         routes.extend(allowed_ips.iter().map(IpNet::trunc).filter(|n| !own.contains(n)));
         let endpoint = p.endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok());
         peers.push(PeerView {
@@ -76,10 +107,21 @@ pub fn node_view(v: &pb::NodeView, local: &Local) -> Result<NodeView, ConvertErr
             routes.insert(n);
         }
     }
-    let policy = match &v.policy {
+    let mut policy = match &v.policy {
         Some(p) => mesh_control::engine::convert::policy_from_proto(p).map_err(|e| ConvertError(e.to_string()))?,
         None => mesh_policy::CompiledPolicy::default(),
     };
+    if local.probe_port != 0 && !overlay.is_empty() && !addresses.is_empty() {
+        // Health probes must pass whatever the operator's policy says.
+        let nodes: Vec<IpNet> = addresses.iter().chain(&overlay).copied().collect();
+        policy.rules.push(mesh_policy::Rule {
+            id: PROBE_RULE_ID,
+            src: nodes.clone(),
+            dst: nodes,
+            proto: mesh_policy::Proto::Udp,
+            ports: mesh_policy::PortRange::single(local.probe_port),
+        });
+    }
     Ok(NodeView {
         generation: v.generation,
         public_key: Some(key(&me.wireguard_public_key, "self")?),
@@ -90,6 +132,43 @@ pub fn node_view(v: &pb::NodeView, local: &Local) -> Result<NodeView, ConvertErr
         routes: routes.into_iter().collect(),
         policy,
     })
+}
+
+/// The probe plan of a view: every peer at its first overlay address
+/// (IPv4 preferred), fast for the gateways of the prefixes this node routes
+/// into the overlay, and those prefixes with control's gateway order.
+#[must_use]
+pub fn probe_plan(v: &pb::NodeView, local: &Local) -> crate::probe::Plan {
+    let me = v.self_.as_ref().map_or(0, |m| m.id);
+    let advertised: BTreeSet<IpNet> = local.advertised.iter().map(IpNet::trunc).collect();
+    let routes: Vec<(IpNet, Vec<u64>)> = v
+        .routes
+        .iter()
+        .filter(|r| !r.gateways.contains(&me) && !r.gateways.is_empty())
+        .filter_map(|r| Some((net(&r.prefix).ok()?.trunc(), r.gateways.clone())))
+        .filter(|(p, _)| !advertised.contains(p))
+        .collect();
+    let assigned: BTreeSet<IpNet> = v.routes.iter().filter_map(|r| net(&r.prefix).ok().map(|n| n.trunc())).collect();
+    let targets = v
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let overlay: Vec<IpNet> = p
+                .allowed_ips
+                .iter()
+                .filter_map(|s| net(s).ok())
+                .filter(|n| n.prefix_len() == n.max_prefix_len() && !assigned.contains(&n.trunc()))
+                .collect();
+            let addr = overlay.iter().find(|n| n.addr().is_ipv4()).or_else(|| overlay.first())?.addr();
+            Some(crate::probe::Target {
+                node_id: p.node_id,
+                name: if p.name.is_empty() { format!("node-{}", p.node_id) } else { p.name.clone() },
+                addr,
+                fast: routes.iter().any(|(_, gws)| gws.contains(&p.node_id)),
+            })
+        })
+        .collect();
+    crate::probe::Plan { targets, routes }
 }
 
 #[cfg(test)]
@@ -138,7 +217,7 @@ mod tests {
                 }],
             }),
         };
-        let n = node_view(&v, &Local { advertised: vec![], persistent_keepalive: 25 }).unwrap();
+        let n = node_view(&v, &Local { persistent_keepalive: 25, ..Local::default() }).unwrap();
         assert_eq!(n.generation, 7);
         assert!(n.forwarding, "a gateway of a prefix forwards");
         assert_eq!(n.addresses.len(), 2);
@@ -152,6 +231,78 @@ mod tests {
         );
         assert_eq!(n.policy.rules.len(), 1);
         n.validate(&PublicKey(v.self_.as_ref().unwrap().wireguard_public_key.clone().try_into().unwrap())).unwrap();
+    }
+
+    /// A node routing 198.18.20.0/24 through gateway 2 (primary) or 3.
+    fn two_gateways() -> pb::NodeView {
+        let peer = |id: u64, name: &str, ips: &[&str]| pb::Peer {
+            node_id: id,
+            name: name.into(),
+            wireguard_public_key: pk(),
+            endpoints: vec![],
+            allowed_ips: ips.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        pb::NodeView {
+            generation: 9,
+            self_: Some(pb::Node {
+                id: 1,
+                ipv4: "100.64.0.1".into(),
+                wireguard_public_key: pk(),
+                ..Default::default()
+            }),
+            peers: vec![
+                peer(2, "fsn-gw1", &["100.64.0.2/32", "198.18.20.0/24"]),
+                peer(3, "fsn-gw2", &["100.64.0.3/32", "fd7a:6d65:7368::3/128"]),
+                peer(4, "", &["fd7a:6d65:7368::4/128"]),
+            ],
+            routes: vec![
+                pb::RouteAssignment { prefix: "198.18.20.0/24".into(), gateways: vec![2, 3] },
+                pb::RouteAssignment { prefix: "198.18.10.0/24".into(), gateways: vec![1] },
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn overrides_move_a_prefix_and_probes_are_let_through() {
+        let v = two_gateways();
+        let p: IpNet = "198.18.20.0/24".parse().unwrap();
+        let mut local = Local { probe_port: 51900, ..Local::default() };
+        let n = node_view(&v, &local).unwrap();
+        assert!(n.peers[0].allowed_ips.contains(&p));
+        let probe = n.policy.rules.iter().find(|r| r.id == PROBE_RULE_ID).expect("probe rule");
+        assert_eq!(probe.ports, mesh_policy::PortRange::single(51900));
+        assert_eq!(probe.src.len(), 5, "self plus every peer overlay address: {probe:?}");
+        assert!(!probe.src.contains(&p), "site prefixes are not opened");
+        n.policy.validate().unwrap();
+
+        local.overrides.insert(p, 3);
+        let n = node_view(&v, &local).unwrap();
+        assert!(!n.peers[0].allowed_ips.contains(&p));
+        assert!(n.peers[1].allowed_ips.contains(&p));
+        assert!(n.routes.contains(&p));
+        // An override naming a node that is not a peer is ignored.
+        local.overrides.insert(p, 99);
+        let n = node_view(&v, &local).unwrap();
+        assert!(n.peers[0].allowed_ips.contains(&p));
+        local.probe_port = 0;
+        assert!(node_view(&v, &local).unwrap().policy.rules.is_empty());
+    }
+
+    #[test]
+    fn probe_plan_targets_and_routes() {
+        let plan = probe_plan(&two_gateways(), &Local::default());
+        assert_eq!(plan.routes, vec![("198.18.20.0/24".parse().unwrap(), vec![2, 3])], "own prefix left out");
+        let t: Vec<(u64, String, String, bool)> =
+            plan.targets.iter().map(|t| (t.node_id, t.name.clone(), t.addr.to_string(), t.fast)).collect();
+        assert_eq!(
+            t,
+            vec![
+                (2, "fsn-gw1".into(), "100.64.0.2".into(), true),
+                (3, "fsn-gw2".into(), "100.64.0.3".into(), true),
+                (4, "node-4".into(), "fd7a:6d65:7368::4".into(), false),
+            ]
+        );
     }
 
     #[test]

@@ -10,10 +10,14 @@
 pub mod convert;
 
 use std::{
+    collections::{BTreeMap, VecDeque},
     io::Write as _,
     path::Path,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+
+use ipnet::IpNet;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use mesh_control::{
     auth::EnrollmentKeyText,
@@ -29,6 +33,8 @@ use crate::{
     agent::WorkerHandle,
     config::{Config, ControlConfig},
     keys::PublicKey,
+    probe::{self, ProbeState, SharedProbe, stats::Reach},
+    reach::{self, RouteHealth},
     status::Status,
 };
 
@@ -84,7 +90,9 @@ impl ControlState {
         s
     }
 
-    fn update(shared: &SharedControlState, v: &pb::NodeView) {
+    /// Records the view's facts; `overrides` are the local failover's
+    /// choices, which replace control's primary in the metric.
+    fn update(shared: &SharedControlState, v: &pb::NodeView, overrides: &BTreeMap<IpNet, u64>) {
         let me = v.self_.as_ref();
         let name = |id: u64| {
             if me.is_some_and(|m| m.id == id) {
@@ -94,8 +102,14 @@ impl ControlState {
         };
         if let Ok(mut st) = shared.lock() {
             st.key_expiry_unix = me.map(|m| m.key_expiry_unix).filter(|&t| t != 0);
-            st.primaries =
-                v.routes.iter().filter_map(|r| Some((r.prefix.clone(), name(*r.gateways.first()?)))).collect();
+            st.primaries = v
+                .routes
+                .iter()
+                .filter_map(|r| {
+                    let local = r.prefix.parse::<IpNet>().ok().and_then(|p| overrides.get(&p.trunc()).copied());
+                    Some((r.prefix.clone(), name(local.or_else(|| r.gateways.first().copied())?)))
+                })
+                .collect();
         }
     }
 }
@@ -217,16 +231,22 @@ fn now_secs() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// The health report from the agent's status: per-peer handshake age and
-/// the health of the routes this node advertises.
+fn ms(d: Option<Duration>) -> f64 {
+    d.map_or(-1.0, |d| d.as_secs_f64() * 1e3)
+}
+
+/// The health report from the agent's status and probes: per-peer
+/// handshake age, traffic, probe RTT and loss; the health of the routes
+/// this node advertises; the backend.
 #[must_use]
 pub fn health_report(
     status: &Status,
     view: Option<&pb::NodeView>,
-    route_health: &[(String, bool, String)],
+    routes: &[RouteHealth],
+    probes: &ProbeState,
 ) -> pb::HealthReport {
     let now = now_secs();
-    let ids: std::collections::BTreeMap<Vec<u8>, u64> =
+    let ids: BTreeMap<Vec<u8>, u64> =
         view.map(|v| v.peers.iter().map(|p| (p.wireguard_public_key.clone(), p.node_id)).collect()).unwrap_or_default();
     let peers = status
         .peers
@@ -234,47 +254,114 @@ pub fn health_report(
         .filter_map(|p| {
             let id = *ids.get(p.public_key.0.as_slice())?;
             let age = p.last_handshake_unix.map_or(-1, |t| (now - i64::try_from(t).unwrap_or(now)).max(0) * 1000);
-            Some(pb::PeerHealth { node_id: id, handshake_age_ms: age, probe_rtt_ms: 0.0, probe_loss: 0.0 })
+            let mut h = pb::PeerHealth {
+                node_id: id,
+                handshake_age_ms: age,
+                probe_rtt_ms: -1.0,
+                probe_loss: 0.0,
+                probe_rtt_p50_ms: -1.0,
+                probe_rtt_p95_ms: -1.0,
+                probe_up: false,
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+            };
+            if let Some(e) = probes.peers.get(&id) {
+                h.probe_rtt_ms = ms(e.stats.last_rtt());
+                h.probe_loss = e.stats.loss_ratio();
+                h.probe_rtt_p50_ms = ms(e.stats.quantile(0.5));
+                h.probe_rtt_p95_ms = ms(e.stats.quantile(0.95));
+                h.probe_up = e.stats.reach() == Reach::Up;
+            }
+            Some(h)
         })
         .collect();
     let (rx, tx) = status.peers.iter().fold((0, 0), |(r, t), p| (r + p.rx_bytes, t + p.tx_bytes));
     pb::HealthReport {
         peers,
-        routes: route_health
+        routes: routes
             .iter()
-            .map(|(p, h, d)| pb::RouteHealth { prefix: p.clone(), healthy: *h, detail: d.clone() })
+            .map(|r| pb::RouteHealth { prefix: r.prefix.to_string(), healthy: r.healthy, detail: r.detail.clone() })
             .collect(),
         counters: Some(pb::DataplaneCounters { rx_bytes: rx, tx_bytes: tx, ..Default::default() }),
+        backend: status.backend.as_ref().map(|b| b.kind.to_string()).unwrap_or_default(),
     }
 }
 
-/// Whether an advertised route can be served: the node has an interface
-/// address inside it on an interface that is up (a gateway that lost its
-/// LAN link reports the route unhealthy).
-fn route_health(cc: &ControlConfig) -> Vec<(String, bool, String)> {
-    cc.advertise_routes
-        .iter()
-        .map(|p| {
-            let healthy = lan_up(p);
-            let detail = if healthy { "LAN interface up" } else { "no up interface with an address in the prefix" };
-            (p.to_string(), healthy, detail.to_owned())
-        })
-        .collect()
+/// The report of a local switch, stamped now.
+fn failover_report(e: probe::failover::Event) -> pb::FailoverReport {
+    let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0));
+    pb::FailoverReport {
+        prefix: e.prefix.to_string(),
+        from_node: e.from,
+        to_node: e.to,
+        reason: e.reason,
+        at_unix_ms: at,
+    }
 }
 
-/// Whether an up, running interface has an address inside `prefix`.
-fn lan_up(prefix: &ipnet::IpNet) -> bool {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return true };
-    addrs.into_iter().any(|ifa| {
-        let up = ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
-            && ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_RUNNING);
-        let ip = ifa.address.as_ref().and_then(|a| {
-            a.as_sockaddr_in()
-                .map(|s| std::net::IpAddr::V4(s.ip()))
-                .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())))
-        });
-        up && ip.is_some_and(|ip| prefix.contains(&ip))
-    })
+/// A view from control for the feeder, with where to say how applying it went.
+struct Feed {
+    view: pb::NodeView,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// The view feeder: owns the last view from control and the local
+/// failover's overrides, and applies their combination through the
+/// reconcile worker whenever either changes. It outlives sessions, so local
+/// failover keeps working while control is away.
+struct Feeder {
+    worker: WorkerHandle,
+    local: convert::Local,
+    plan: watch::Sender<probe::Plan>,
+    shared: SharedControlState,
+}
+
+impl Feeder {
+    async fn apply(&self, v: &pb::NodeView, overrides: &BTreeMap<IpNet, u64>) -> Result<(), String> {
+        ControlState::update(&self.shared, v, overrides);
+        let local = convert::Local { overrides: overrides.clone(), ..self.local.clone() };
+        let nv = convert::node_view(v, &local).map_err(|e| e.to_string())?;
+        self.worker.apply(nv).await.map(|_| ())
+    }
+
+    async fn run(self, mut views: mpsc::Receiver<Feed>, mut overrides: watch::Receiver<BTreeMap<IpNet, u64>>) {
+        let mut current: Option<pb::NodeView> = None;
+        loop {
+            tokio::select! {
+                feed = views.recv() => {
+                    let Some(Feed { view, reply }) = feed else { return };
+                    self.plan.send_replace(convert::probe_plan(&view, &self.local));
+                    let o = overrides.borrow_and_update().clone();
+                    let _ = reply.send(self.apply(&view, &o).await);
+                    current = Some(view);
+                }
+                r = overrides.changed() => {
+                    if r.is_err() {
+                        // No prober: only views from now on.
+                        std::future::pending::<()>().await;
+                    }
+                    let o = overrides.borrow_and_update().clone();
+                    if let Some(v) = &current {
+                        match self.apply(v, &o).await {
+                            Ok(()) => tracing::info!(generation = v.generation, overrides = ?o, "applied local failover"),
+                            Err(e) => tracing::error!(error = %e, "local failover not applied"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a session shares with the long-lived parts of the control module.
+struct Links {
+    feed: mpsc::Sender<Feed>,
+    events: mpsc::Receiver<probe::failover::Event>,
+    /// Failover reports not yet delivered to control.
+    unsent: VecDeque<pb::FailoverReport>,
+    routes: watch::Receiver<Vec<RouteHealth>>,
+    probes: SharedProbe,
+    shared: SharedControlState,
 }
 
 /// One session: credential, stream, apply/ack until the stream breaks.
@@ -285,7 +372,7 @@ async fn session(
     public_key: PublicKey,
     worker: &WorkerHandle,
     got_view: &mut bool,
-    shared: &SharedControlState,
+    links: &mut Links,
 ) -> Result<(), SessionError> {
     let cred = credential(config, cc, public_key).await?;
     let channel = client::connect(&cc.address, &Trust::Pin(cred.pin()?)).await.map_err(err("connecting to control"))?;
@@ -305,16 +392,18 @@ async fn session(
     .await?;
     let mut stream = client.sync(ReceiverStream::new(rx)).await.map_err(err("opening the sync stream"))?.into_inner();
     tracing::info!(node = cred.node_id, address = %cc.address, "sync stream open");
-    if let Ok(mut st) = shared.lock() {
+    if let Ok(mut st) = links.shared.lock() {
         st.connected = true;
     }
-    let local =
-        convert::Local { advertised: cc.advertise_routes.clone(), persistent_keepalive: cc.persistent_keepalive };
+    // Switches made while control was away.
+    while let Some(r) = links.unsent.pop_front() {
+        send(pb::sync_request::Msg::Failover(r)).await?;
+    }
     let mut current: Option<pb::NodeView> = None;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(cc.health_interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let report_now = tokio::select! {
             msg = stream.message() => {
                 let msg = msg.map_err(err("sync stream"))?.ok_or_else(|| SessionError("control ended the stream".into()))?;
                 let kind = match msg.msg {
@@ -329,38 +418,87 @@ async fn session(
                 };
                 *got_view = true;
                 let Some(v) = current.as_ref() else { continue };
-                ControlState::update(shared, v);
                 let generation = v.generation;
                 let started = Instant::now();
-                let result = match convert::node_view(v, &local) {
-                    Ok(nv) => worker.apply(nv).await.map(|_| ()),
-                    Err(e) => Err(e.to_string()),
-                };
+                let (reply, result) = oneshot::channel();
+                links.feed.send(Feed { view: v.clone(), reply }).await.map_err(|_| SessionError("the view feeder stopped".into()))?;
+                let result = result.await.unwrap_or_else(|_| Err("the view feeder stopped".into()));
                 match &result {
                     Ok(()) => tracing::info!(generation, kind, ms = started.elapsed().as_secs_f64() * 1e3, "applied view from control"),
                     Err(e) => tracing::error!(generation, kind, error = %e, "view from control not applied"),
                 }
                 send(pb::sync_request::Msg::Ack(pb::Ack { generation, error: result.err().unwrap_or_default() })).await?;
+                false
             }
-            _ = tick.tick() => {
-                let Some(st) = worker.status().await else { return Err(SessionError("the reconcile worker stopped".into())) };
-                let report = health_report(&st, current.as_ref(), &route_health(cc));
-                send(pb::sync_request::Msg::Health(report)).await?;
+            Some(e) = links.events.recv() => {
+                let report = failover_report(e);
+                if let Err(err) = send(pb::sync_request::Msg::Failover(report.clone())).await {
+                    links.unsent.push_back(report);
+                    return Err(err);
+                }
+                false
             }
+            r = links.routes.changed() => {
+                // A route's health changed: tell control now, not at the next tick.
+                r.is_ok()
+            }
+            _ = tick.tick() => true,
+        };
+        if report_now {
+            let Some(st) = worker.status().await else {
+                return Err(SessionError("the reconcile worker stopped".into()));
+            };
+            let probes = links.probes.lock().map(|p| p.clone()).unwrap_or_default();
+            let routes = links.routes.borrow_and_update().clone();
+            send(pb::sync_request::Msg::Health(health_report(&st, current.as_ref(), &routes, &probes))).await?;
         }
     }
 }
 
-/// Runs forever: sessions with control, reconnecting with exponential
-/// backoff (capped at `max_backoff_secs`, with jitter) in between.
-pub async fn run(config: Config, public_key: PublicKey, worker: WorkerHandle, shared: SharedControlState) {
+/// Runs forever: the reachability checks, the prober, the view feeder, and
+/// sessions with control, reconnecting with exponential backoff (capped at
+/// `max_backoff_secs`, with jitter) in between.
+pub async fn run(
+    config: Config,
+    public_key: PublicKey,
+    worker: WorkerHandle,
+    shared: SharedControlState,
+    probes: SharedProbe,
+) {
     let Some(cc) = config.control.clone() else { return };
+    let routes = reach::spawn(
+        cc.advertise_routes.clone(),
+        cc.reachability.clone(),
+        Duration::from_secs_f64(cc.reachability_interval_secs),
+        Duration::from_secs_f64(cc.reachability_timeout_secs),
+    );
+    let (plan_tx, plan_rx) = watch::channel(probe::Plan::default());
+    let (overrides_tx, overrides_rx) = watch::channel(BTreeMap::new());
+    let (events_tx, events_rx) = mpsc::channel(256);
+    if config.probe.port == 0 {
+        tracing::warn!("probe.port = 0: no health probes and no local failover");
+        drop(overrides_tx);
+    } else {
+        let out = probe::Outputs { overrides: overrides_tx, events: events_tx, shared: probes.clone() };
+        tokio::spawn(probe::run(config.probe.clone(), plan_rx, routes.clone(), out));
+    }
+    let (feed_tx, feed_rx) = mpsc::channel(4);
+    let local = convert::Local {
+        advertised: cc.advertise_routes.clone(),
+        persistent_keepalive: cc.persistent_keepalive,
+        probe_port: config.probe.port,
+        overrides: BTreeMap::new(),
+    };
+    let feeder = Feeder { worker: worker.clone(), local, plan: plan_tx, shared: shared.clone() };
+    tokio::spawn(feeder.run(feed_rx, overrides_rx));
+    let mut links =
+        Links { feed: feed_tx, events: events_rx, unsent: VecDeque::new(), routes, probes, shared: shared.clone() };
     let min = Duration::from_millis(100);
     let max = Duration::from_secs_f64(cc.max_backoff_secs);
     let mut backoff = min;
     loop {
         let mut got_view = false;
-        match session(&config, &cc, public_key, &worker, &mut got_view, &shared).await {
+        match session(&config, &cc, public_key, &worker, &mut got_view, &mut links).await {
             Ok(()) => {}
             Err(e) => tracing::warn!(error = %e, "control session ended; keeping the last applied view"),
         }
@@ -373,7 +511,14 @@ pub async fn run(config: Config, public_key: PublicKey, worker: WorkerHandle, sh
         // Jitter (0-25 %) so a fleet does not reconnect in lockstep after a control restart.
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let wait = backoff + backoff.mul_f64(f64::from(nanos % 1000) / 4000.0);
-        tokio::time::sleep(wait).await;
+        // Meanwhile, local switches queue up for the next session (bounded).
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(e)) = tokio::time::timeout_at(deadline, links.events.recv()).await {
+            if links.unsent.len() >= 256 {
+                links.unsent.pop_front();
+            }
+            links.unsent.push_back(failover_report(e));
+        }
         backoff = (backoff * 2).min(max);
     }
 }

@@ -24,6 +24,8 @@ pub struct Tuning {
     pub metrics_listen: Option<&'static str>,
     /// Seconds between health reports to control.
     pub health_interval_secs: f64,
+    /// More TOML appended to the agent's configuration (tables such as `[probe]`).
+    pub extra: &'static str,
 }
 
 /// mesh-control running on its own thread inside the `ctl` namespace.
@@ -127,7 +129,7 @@ impl Gateway {
              {metrics}\
              [control]\naddress = \"{CONTROL}\"\nenrollment_key_file = \"{key}\"\nhostname = \"{name}\"\n\
              advertise_routes = [\"{lan}\"]\nendpoints = [\"{underlay}:51820\"]\nhealth_interval_secs = {health}\n\
-             max_backoff_secs = 1\npersistent_keepalive = 5\n",
+             max_backoff_secs = 1\npersistent_keepalive = 5\n{extra}",
             state = dir.path().join("state").display(),
             bpf = bpf.display(),
             key = dir.path().join("enroll.key").display(),
@@ -135,6 +137,7 @@ impl Gateway {
             enf = std::env::var("E2E_ENFORCEMENT").unwrap_or_else(|_| "ebpf".into()),
             metrics = tuning.metrics_listen.map(|m| format!("metrics_listen = \"{m}\"\n")).unwrap_or_default(),
             health = tuning.health_interval_secs,
+            extra = tuning.extra,
         );
         std::fs::write(dir.path().join("agent.toml"), config).unwrap();
         Self { host, dir, agent: None }

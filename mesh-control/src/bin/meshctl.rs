@@ -241,6 +241,142 @@ fn print_nodes(nodes: &[pb::Node], json_out: bool) {
     );
 }
 
+fn route_json(r: &pb::Route) -> serde_json::Value {
+    json!({"prefix": r.prefix, "node_id": r.node_id, "node": r.node_name, "approved": r.approved,
+        "auto_approved": r.auto_approved, "priority": r.priority, "healthy": r.healthy, "primary": r.primary,
+        "rank": r.rank})
+}
+
+/// "primary", "backup 1", ... or "-" outside the order.
+fn rank(r: &pb::Route) -> String {
+    match r.rank {
+        0 => "primary".into(),
+        n if n > 0 => format!("backup {n}"),
+        _ => "-".into(),
+    }
+}
+
+fn print_routes(routes: &[pb::Route], json_out: bool) {
+    if json_out {
+        println!("{}", serde_json::Value::Array(routes.iter().map(route_json).collect()));
+        return;
+    }
+    table(
+        &["PREFIX", "NODE", "APPROVED", "PRIORITY", "HEALTHY", "ROLE"],
+        routes
+            .iter()
+            .map(|r| {
+                let approved = if r.auto_approved { "auto".to_owned() } else { r.approved.to_string() };
+                vec![
+                    r.prefix.clone(),
+                    format!("{} ({})", r.node_name, r.node_id),
+                    approved,
+                    r.priority.to_string(),
+                    r.healthy.to_string(),
+                    rank(r),
+                ]
+            })
+            .collect(),
+    );
+}
+
+/// Milliseconds as text, "-" when unknown (negative).
+fn millis(v: f64) -> String {
+    if v < 0.0 { "-".into() } else { format!("{v:.2}") }
+}
+
+/// Control's summary, the nodes, the routes with their failover roles, and
+/// per pair of nodes what the agents' probes measured.
+fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_out: bool) {
+    if json_out {
+        let peers: Vec<_> = s
+            .peers
+            .iter()
+            .map(|l| {
+                let h = l.health.unwrap_or_default();
+                json!({"from": l.from_name, "from_id": l.from_node, "to": l.to_name, "to_id": l.to_node,
+                    "rtt_ms": h.probe_rtt_ms, "rtt_p50_ms": h.probe_rtt_p50_ms, "rtt_p95_ms": h.probe_rtt_p95_ms,
+                    "loss": h.probe_loss, "up": h.probe_up, "handshake_age_ms": h.handshake_age_ms,
+                    "rx_bytes": h.rx_bytes, "tx_bytes": h.tx_bytes, "report_age_secs": l.report_age_secs})
+            })
+            .collect();
+        let nodes: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                let mut v = node_json(n);
+                v["backend"] = json!(n.backend);
+                v
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"nodes_total": s.nodes_total, "nodes_pending": s.nodes_pending, "nodes_online": s.nodes_online,
+                "nodes_expired": s.nodes_expired, "nodes_expiring_soon": s.nodes_expiring_soon,
+                "agents_connected": s.agents_connected, "policy_generation": s.policy_generation,
+                "routes_active": s.routes_active, "store": s.store, "ca_pin": s.ca_pin,
+                "software": s.capabilities.as_ref().map(|c| c.software.clone()),
+                "nodes": nodes, "routes": routes.iter().map(route_json).collect::<Vec<_>>(), "peers": peers})
+        );
+        return;
+    }
+    table(
+        &["NODES", "PENDING", "ONLINE", "EXPIRED", "EXPIRING SOON", "AGENTS", "POLICY GEN", "ROUTES", "STORE"],
+        vec![vec![
+            s.nodes_total.to_string(),
+            s.nodes_pending.to_string(),
+            s.nodes_online.to_string(),
+            s.nodes_expired.to_string(),
+            s.nodes_expiring_soon.to_string(),
+            s.agents_connected.to_string(),
+            s.policy_generation.to_string(),
+            s.routes_active.to_string(),
+            s.store.clone(),
+        ]],
+    );
+    println!("CA pin: {}\n", s.ca_pin);
+    table(
+        &["NODE", "IPV4", "STATE", "ONLINE", "BACKEND", "KEY EXPIRY"],
+        nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    format!("{} ({})", n.name, n.id),
+                    n.ipv4.clone(),
+                    state(n),
+                    if n.online { "yes" } else { "no" }.into(),
+                    if n.backend.is_empty() { "-".into() } else { n.backend.clone() },
+                    time(n.key_expiry_unix),
+                ]
+            })
+            .collect(),
+    );
+    println!();
+    print_routes(routes, false);
+    println!();
+    table(
+        &["FROM", "TO", "UP", "RTT ms", "P50 ms", "P95 ms", "LOSS", "HANDSHAKE", "REPORTED"],
+        s.peers
+            .iter()
+            .map(|l| {
+                let h = l.health.unwrap_or_default();
+                let handshake =
+                    if h.handshake_age_ms < 0 { "never".into() } else { format!("{}s ago", h.handshake_age_ms / 1000) };
+                vec![
+                    l.from_name.clone(),
+                    l.to_name.clone(),
+                    if h.probe_up { "yes" } else { "no" }.into(),
+                    millis(h.probe_rtt_ms),
+                    millis(h.probe_rtt_p50_ms),
+                    millis(h.probe_rtt_p95_ms),
+                    format!("{:.0}%", h.probe_loss * 100.0),
+                    handshake,
+                    format!("{}s ago", l.report_age_secs),
+                ]
+            })
+            .collect(),
+    );
+}
+
 async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
     let channel = if let Some(sock) = &cli.socket {
         client::connect_unix(sock).await?
@@ -270,42 +406,9 @@ async fn main() -> anyhow::Result<()> {
     match &cli.cmd {
         Cmd::Status => {
             let s = a.get_status(pb::GetStatusRequest {}).await?.into_inner();
-            if j {
-                println!(
-                    "{}",
-                    json!({"nodes_total": s.nodes_total, "nodes_pending": s.nodes_pending, "nodes_online": s.nodes_online,
-                        "nodes_expired": s.nodes_expired, "nodes_expiring_soon": s.nodes_expiring_soon,
-                        "agents_connected": s.agents_connected, "policy_generation": s.policy_generation,
-                        "routes_active": s.routes_active, "store": s.store, "ca_pin": s.ca_pin,
-                        "software": s.capabilities.map(|c| c.software)})
-                );
-            } else {
-                table(
-                    &[
-                        "NODES",
-                        "PENDING",
-                        "ONLINE",
-                        "EXPIRED",
-                        "EXPIRING SOON",
-                        "AGENTS",
-                        "POLICY GEN",
-                        "ROUTES",
-                        "STORE",
-                    ],
-                    vec![vec![
-                        s.nodes_total.to_string(),
-                        s.nodes_pending.to_string(),
-                        s.nodes_online.to_string(),
-                        s.nodes_expired.to_string(),
-                        s.nodes_expiring_soon.to_string(),
-                        s.agents_connected.to_string(),
-                        s.policy_generation.to_string(),
-                        s.routes_active.to_string(),
-                        s.store,
-                    ]],
-                );
-                println!("CA pin: {}", s.ca_pin);
-            }
+            let nodes = a.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+            let routes = a.list_routes(pb::Empty {}).await?.into_inner().routes;
+            print_status(&s, &nodes, &routes, j);
         }
         Cmd::Nodes { cmd } => {
             let node = match cmd.as_ref().unwrap_or(&NodeCmd::List) {
@@ -398,32 +501,7 @@ async fn main() -> anyhow::Result<()> {
                     .into_inner(),
                 ],
             };
-            if j {
-                let v: Vec<_> = routes
-                    .iter()
-                    .map(|r| json!({"prefix": r.prefix, "node_id": r.node_id, "node": r.node_name, "approved": r.approved,
-                        "auto_approved": r.auto_approved, "priority": r.priority, "healthy": r.healthy, "primary": r.primary}))
-                    .collect();
-                println!("{}", serde_json::Value::Array(v));
-            } else {
-                table(
-                    &["PREFIX", "NODE", "APPROVED", "PRIORITY", "HEALTHY", "PRIMARY"],
-                    routes
-                        .iter()
-                        .map(|r| {
-                            let approved = if r.auto_approved { "auto".to_owned() } else { r.approved.to_string() };
-                            vec![
-                                r.prefix.clone(),
-                                format!("{} ({})", r.node_name, r.node_id),
-                                approved,
-                                r.priority.to_string(),
-                                r.healthy.to_string(),
-                                if r.primary { "*" } else { "" }.into(),
-                            ]
-                        })
-                        .collect(),
-                );
-            }
+            print_routes(&routes, j);
         }
         Cmd::Policy { cmd } => match cmd {
             PolicyCmd::Get => {

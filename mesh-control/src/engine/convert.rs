@@ -40,6 +40,7 @@ pub fn node(n: &NodeRecord, now: i64, volatile: bool) -> pb::Node {
         advertised_routes: Vec::new(),
         user: n.owner.clone(),
         acked_generation: 0,
+        backend: String::new(),
     }
 }
 

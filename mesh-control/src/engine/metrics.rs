@@ -14,6 +14,8 @@ pub struct Metrics {
     pub pushes: AtomicU64,
     /// Refreshes run.
     pub refreshes: AtomicU64,
+    /// Changes of a prefix's primary gateway.
+    pub primary_changes: AtomicU64,
     latency: Mutex<Histogram>,
 }
 

@@ -81,7 +81,20 @@ struct State {
     slots: HashMap<u64, watch::Sender<Option<Arc<Published>>>>,
     acked: HashMap<u64, u64>,
     streams: HashMap<u64, usize>,
-    health: HashMap<u64, pb::HealthReport>,
+    health: HashMap<u64, (Instant, pb::HealthReport)>,
+    /// Failover reports per node in the current minute (rate limit).
+    failover_reports: HashMap<u64, (Instant, u32)>,
+}
+
+/// A prefix whose primary gateway changed in a recompute.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrimaryChange {
+    /// The prefix.
+    pub prefix: IpNet,
+    /// The primary before (none: the prefix was not routed).
+    pub from: Option<u64>,
+    /// The primary now (none: no gateway serves it any more).
+    pub to: Option<u64>,
 }
 
 /// The engine (shared by the gRPC services through an `Arc`).
@@ -209,7 +222,34 @@ impl Engine {
 
     /// Keeps a node's latest health report (for metrics and status).
     pub fn record_health(&self, node: u64, report: pb::HealthReport) {
-        self.lock().health.insert(node, report);
+        self.lock().health.insert(node, (Instant::now(), report));
+    }
+
+    /// Whether one more failover report of `node` may be audited: at most
+    /// 60 a minute, so a misbehaving agent cannot flood the audit log.
+    pub fn allow_failover_report(&self, node: u64) -> bool {
+        let mut st = self.lock();
+        let e = st.failover_reports.entry(node).or_insert((Instant::now(), 0));
+        if e.0.elapsed() >= Duration::from_secs(60) {
+            *e = (Instant::now(), 0);
+        }
+        e.1 += 1;
+        e.1 <= 60
+    }
+
+    /// The WireGuard backend a node last reported.
+    #[must_use]
+    pub fn backend(&self, node: u64) -> Option<String> {
+        self.lock().health.get(&node).map(|(_, r)| r.backend.clone()).filter(|b| !b.is_empty())
+    }
+
+    /// The latest health report of every node that sent one, with its age.
+    #[must_use]
+    pub fn health_reports(&self) -> Vec<(u64, Duration, pb::HealthReport)> {
+        let st = self.lock();
+        let mut v: Vec<_> = st.health.iter().map(|(id, (at, r))| (*id, at.elapsed(), r.clone())).collect();
+        v.sort_by_key(|(id, _, _)| *id);
+        v
     }
 
     /// Sum of the dataplane counters of the latest health reports.
@@ -217,7 +257,7 @@ impl Engine {
     pub fn counters_total(&self) -> pb::DataplaneCounters {
         let st = self.lock();
         let mut t = pb::DataplaneCounters::default();
-        for c in st.health.values().filter_map(|h| h.counters.as_ref()) {
+        for c in st.health.values().filter_map(|(_, h)| h.counters.as_ref()) {
             t.accepted_packets += c.accepted_packets;
             t.denied_packets += c.denied_packets;
             t.mss_clamped += c.mss_clamped;
@@ -269,13 +309,36 @@ impl Engine {
         }
         let covers = self.requested.load(Ordering::SeqCst);
         let snap = self.store.snapshot().await?;
-        self.recompute(Arc::new(snap));
+        let changes = self.recompute(Arc::new(snap));
+        for c in &changes {
+            let json = |g: Option<u64>| g.map_or_else(|| "{}".to_owned(), |g| format!("{{\"primary\":{g}}}"));
+            tracing::info!(prefix = %c.prefix, from = ?c.from, to = ?c.to, "route primary changed");
+            self.metrics.primary_changes.fetch_add(1, Ordering::Relaxed);
+            // The audit entry is history, not state: a failure to write it
+            // must not fail the refresh that already published the views.
+            if let Err(e) = self
+                .store
+                .record_event(
+                    "control",
+                    "route.primary",
+                    &format!("route/{}", c.prefix),
+                    json(c.from),
+                    json(c.to),
+                    now(),
+                )
+                .await
+            {
+                tracing::error!(error = %e, prefix = %c.prefix, "could not audit a primary change");
+            }
+        }
         self.completed.store(covers, Ordering::SeqCst);
         self.audit_changed();
         Ok(())
     }
 
-    fn recompute(&self, snap: Arc<Snapshot>) {
+    /// Recomputes every view from `snap`; returns the prefixes whose
+    /// primary gateway changed.
+    fn recompute(&self, snap: Arc<Snapshot>) -> Vec<PrimaryChange> {
         let started = Instant::now();
         let now = now();
         let mut st = self.lock();
@@ -340,10 +403,24 @@ impl Engine {
                 tx.send_replace(None);
             }
         }
+        let mut primaries = Vec::new();
+        for (prefix, order) in &views.routes {
+            let (from, to) = (st.routes.get(prefix).and_then(|o| o.first()).copied(), order.first().copied());
+            // The first computation after a start is not a change.
+            if from != to && st.snap.version != 0 {
+                primaries.push(PrimaryChange { prefix: *prefix, from, to });
+            }
+        }
+        for (prefix, order) in &st.routes {
+            if !views.routes.contains_key(prefix) && st.snap.version != 0 {
+                primaries.push(PrimaryChange { prefix: *prefix, from: order.first().copied(), to: None });
+            }
+        }
         st.routes = views.routes;
         st.snap = snap;
         self.metrics.record_refresh(changed, started.elapsed());
         tracing::debug!(changed, elapsed_ms = started.elapsed().as_millis() as u64, "views recomputed");
+        primaries
     }
 
     /// Runs forever: picks up other replicas' changes, re-evaluates route

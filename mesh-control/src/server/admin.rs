@@ -63,6 +63,7 @@ impl AdminApi {
     fn node_msg(&self, n: &NodeRecord) -> pb::Node {
         let mut m = convert::node(n, now(), true);
         m.acked_generation = self.engine.acked(n.id);
+        m.backend = self.engine.backend(n.id).unwrap_or_default();
         m.advertised_routes =
             self.engine.snapshot().routes.iter().filter(|r| r.node_id == n.id).map(|r| r.prefix.to_string()).collect();
         m
@@ -72,6 +73,29 @@ impl AdminApi {
         self.engine.refresh().await?;
         let fresh = self.engine.snapshot().nodes.iter().find(|x| x.id == n.id).cloned().unwrap_or(n);
         Ok(self.node_msg(&fresh))
+    }
+
+    /// Per pair of nodes, the latest probe figures the first one reported.
+    fn peer_links(&self) -> Vec<pb::PeerLink> {
+        let snap = self.engine.snapshot();
+        let name = |id: u64| snap.nodes.iter().find(|n| n.id == id).map(|n| n.name.clone()).unwrap_or_default();
+        self.engine
+            .health_reports()
+            .into_iter()
+            .flat_map(|(from, age, report)| {
+                let from_name = name(from);
+                let age = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+                report.peers.into_iter().map(move |h| (from, from_name.clone(), age, h))
+            })
+            .map(|(from, from_name, age, h)| pb::PeerLink {
+                from_node: from,
+                from_name,
+                to_node: h.node_id,
+                to_name: name(h.node_id),
+                health: Some(h),
+                report_age_secs: age,
+            })
+            .collect()
     }
 
     fn routes(&self) -> Vec<pb::Route> {
@@ -88,6 +112,11 @@ impl AdminApi {
                 priority: r.priority,
                 healthy: r.healthy,
                 primary: order.get(&r.prefix).and_then(|g| g.first()) == Some(&r.node_id),
+                rank: order
+                    .get(&r.prefix)
+                    .and_then(|g| g.iter().position(|id| *id == r.node_id))
+                    .and_then(|i| i32::try_from(i).ok())
+                    .unwrap_or(-1),
             })
             .collect()
     }
@@ -171,6 +200,7 @@ impl AdminService for AdminApi {
             routes_active: self.engine.route_order().len() as u64,
             store: self.engine.store().backend().into(),
             ca_pin: hex::encode(self.ca_pin),
+            peers: self.peer_links(),
         }))
     }
 

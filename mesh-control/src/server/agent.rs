@@ -163,6 +163,32 @@ impl AgentApi {
                 self.engine.refresh().await?;
                 Ok(())
             }
+            Msg::Failover(f) => {
+                let prefix = cidr(&f.prefix)?;
+                if !self.engine.allow_failover_report(node) {
+                    tracing::warn!(node, %prefix, "failover report over the rate limit; not audited");
+                    return Ok(());
+                }
+                // The reason is the agent's text: bounded before it is stored.
+                let reason: String = f.reason.chars().take(200).collect();
+                tracing::info!(node, %prefix, from = f.from_node, to = f.to_node, %reason, "agent failed a route over locally");
+                let before = serde_json::json!({ "gateway": f.from_node }).to_string();
+                let after = serde_json::json!({ "gateway": f.to_node, "reason": reason, "at_unix_ms": f.at_unix_ms })
+                    .to_string();
+                self.engine
+                    .store()
+                    .record_event(
+                        &format!("node/{node}"),
+                        "route.failover",
+                        &format!("route/{prefix}"),
+                        before,
+                        after,
+                        now(),
+                    )
+                    .await?;
+                self.engine.audit_changed();
+                Ok(())
+            }
         }
     }
 }

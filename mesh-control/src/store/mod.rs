@@ -688,6 +688,23 @@ impl Store {
         self.update_route(node, prefix, &format!("node/{node}"), "route.health", now, |r| r.healthy = healthy).await
     }
 
+    /// Records an event that changes no record (a prefix's primary gateway
+    /// moved, an agent failed a route over locally) in the audit log.
+    pub async fn record_event(
+        &self,
+        actor: &str,
+        action: &str,
+        subject: &str,
+        before: String,
+        after: String,
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        audit(&mut tx, now, actor, action, subject, before, after).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     // ---- policy ----------------------------------------------------------
 
     /// Makes `text` the active policy; returns its generation.

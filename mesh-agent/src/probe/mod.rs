@@ -1,0 +1,342 @@
+//! Health probes between agents over the overlay, and local failover.
+//!
+//! Every agent answers a small UDP echo ([`wire`]) on the probe port of its
+//! overlay addresses and probes its peers: the gateways it routes a prefix
+//! through several times a second, other peers every few seconds. From the
+//! answers it keeps per-peer RTT, loss and reachability ([`stats`]) for the
+//! metrics endpoint and the health reports to control, and decides which
+//! gateway each prefix goes through ([`failover`]): a gateway whose probes
+//! are lost, or which answers that it cannot reach the prefix, is skipped at
+//! once, without waiting for control. The decision is published as
+//! overrides of control's primaries, applied by the control module's view
+//! feeder, and every switch is queued as an event for control's audit log.
+
+pub mod failover;
+pub mod stats;
+pub mod wire;
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use tokio::{
+    net::UdpSocket,
+    sync::{mpsc, watch},
+};
+
+use crate::{config::ProbeConfig, reach::RouteHealth};
+use stats::{PeerStats, Reach};
+
+/// A peer to probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Its node id at control.
+    pub node_id: u64,
+    /// Its name (metrics labels, logs).
+    pub name: String,
+    /// Its overlay address.
+    pub addr: IpAddr,
+    /// Probed at the gateway rate (this node routes a prefix through it).
+    pub fast: bool,
+}
+
+/// What to probe and which routes to decide, from the current view.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The peers.
+    pub targets: Vec<Target>,
+    /// Prefixes this node routes into the overlay, with control's gateway
+    /// order (primary first).
+    pub routes: Vec<(IpNet, Vec<u64>)>,
+}
+
+/// Probe results of one peer.
+#[derive(Clone, Debug)]
+pub struct PeerEntry {
+    /// Its name.
+    pub name: String,
+    /// The probed address.
+    pub addr: IpAddr,
+    /// The statistics.
+    pub stats: PeerStats,
+}
+
+/// What the prober knows, for metrics and health reports.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeState {
+    /// Per node id.
+    pub peers: BTreeMap<u64, PeerEntry>,
+    /// The gateway each routed prefix currently goes through.
+    pub effective: BTreeMap<IpNet, u64>,
+    /// Local switches per prefix since the start.
+    pub switches: BTreeMap<IpNet, u64>,
+    /// Datagrams on the probe port that were not probe messages.
+    pub bad_packets: u64,
+    /// Whether the probe socket is open.
+    pub listening: bool,
+}
+
+/// [`ProbeState`] shared with the metrics endpoint and the control session.
+pub type SharedProbe = Arc<Mutex<ProbeState>>;
+
+/// Escapes a Prometheus label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+impl ProbeState {
+    /// Prometheus text: per-peer RTT histogram, loss, reachability, probe
+    /// totals, and local route switches.
+    #[must_use]
+    pub fn prometheus(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# HELP mesh_agent_peer_rtt_seconds Round-trip time of answered probes over the overlay.");
+        let _ = writeln!(s, "# TYPE mesh_agent_peer_rtt_seconds histogram");
+        for p in self.peers.values() {
+            let peer = label(&p.name);
+            let (rows, sum, count) = p.stats.histogram();
+            for (le, n) in rows {
+                let _ = writeln!(s, "mesh_agent_peer_rtt_seconds_bucket{{peer=\"{peer}\",le=\"{le}\"}} {n}");
+            }
+            let _ = writeln!(s, "mesh_agent_peer_rtt_seconds_sum{{peer=\"{peer}\"}} {sum}");
+            let _ = writeln!(s, "mesh_agent_peer_rtt_seconds_count{{peer=\"{peer}\"}} {count}");
+        }
+        let mut gauge = |name: &str, help: &str, f: &dyn Fn(&PeerEntry) -> f64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for p in self.peers.values() {
+                let _ = writeln!(s, "{name}{{peer=\"{}\"}} {}", label(&p.name), f(p));
+            }
+        };
+        gauge("mesh_agent_peer_probe_loss_ratio", "Share of lost probes over the recent window.", &|p| {
+            p.stats.loss_ratio()
+        });
+        gauge(
+            "mesh_agent_peer_probe_up",
+            "1 if the last probe was answered, 0 if the peer is down, -1 unknown.",
+            &|p| match p.stats.reach() {
+                Reach::Up => 1.0,
+                Reach::Down => 0.0,
+                Reach::Unknown => -1.0,
+            },
+        );
+        for (name, help, pick) in [
+            ("mesh_agent_peer_probes_answered_total", "Probes answered.", 0),
+            ("mesh_agent_peer_probes_lost_total", "Probes lost.", 1),
+        ] {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            for p in self.peers.values() {
+                let (a, l) = p.stats.totals();
+                let _ = writeln!(s, "{name}{{peer=\"{}\"}} {}", label(&p.name), if pick == 0 { a } else { l });
+            }
+        }
+        let _ = writeln!(
+            s,
+            "# HELP mesh_agent_route_local_failovers_total Switches of a prefix's gateway decided by this agent's probes.\n# TYPE mesh_agent_route_local_failovers_total counter"
+        );
+        for (prefix, n) in &self.switches {
+            let _ = writeln!(s, "mesh_agent_route_local_failovers_total{{prefix=\"{prefix}\"}} {n}");
+        }
+        let _ = writeln!(
+            s,
+            "# HELP mesh_agent_probe_bad_packets_total Datagrams on the probe port that were not probe messages.\n# TYPE mesh_agent_probe_bad_packets_total counter\nmesh_agent_probe_bad_packets_total {}",
+            self.bad_packets
+        );
+        s
+    }
+}
+
+/// Where the prober sends its decisions.
+#[derive(Debug)]
+pub struct Outputs {
+    /// Prefixes routed through another gateway than control's primary.
+    pub overrides: watch::Sender<BTreeMap<IpNet, u64>>,
+    /// Every switch, for control's audit log.
+    pub events: mpsc::Sender<failover::Event>,
+    /// Statistics for metrics and health reports.
+    pub shared: SharedProbe,
+}
+
+struct Peer {
+    name: String,
+    addr: IpAddr,
+    fast: bool,
+    stats: PeerStats,
+    next_send: Instant,
+    pending: VecDeque<(u64, Instant)>,
+    /// Route health from its last reply.
+    routes: Vec<(IpNet, bool)>,
+}
+
+/// The probe socket: dual-stack when IPv6 is available.
+async fn bind(port: u16) -> std::io::Result<UdpSocket> {
+    match UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)).await {
+        Ok(s) => Ok(s),
+        Err(_) => UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).await,
+    }
+}
+
+/// Maps an address to the socket's family (v4-mapped on a dual-stack one).
+fn dest(sock_v6: bool, addr: IpAddr, port: u16) -> SocketAddr {
+    match addr {
+        IpAddr::V4(a) if sock_v6 => SocketAddr::new(IpAddr::V6(a.to_ipv6_mapped()), port),
+        _ => SocketAddr::new(addr, port),
+    }
+}
+
+/// The prober: answers probes, sends its own, decides local failover.
+/// Runs until `plan`'s sender is dropped.
+pub async fn run(
+    cfg: ProbeConfig,
+    mut plan: watch::Receiver<Plan>,
+    health: watch::Receiver<Vec<RouteHealth>>,
+    out: Outputs,
+) {
+    let sock = loop {
+        match bind(cfg.port).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::error!(port = cfg.port, error = %e, "cannot open the probe port; retrying in 5 s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let v6 = sock.local_addr().is_ok_and(|a| a.is_ipv6());
+    tracing::info!(port = cfg.port, "probe responder listening");
+    let secs = Duration::from_secs_f64;
+    let (fast, slow, timeout) = (secs(cfg.gateway_interval_secs), secs(cfg.peer_interval_secs), secs(cfg.timeout_secs));
+    let mut selector = failover::Selector::new(secs(cfg.failback_hold_secs));
+    let mut peers: BTreeMap<u64, Peer> = BTreeMap::new();
+    let mut by_addr: HashMap<IpAddr, u64> = HashMap::new();
+    let mut routes: Vec<(IpNet, Vec<u64>)> = Vec::new();
+    let mut state = ProbeState { listening: true, ..ProbeState::default() };
+    // Sequence numbers start at a random point: a stale or forged reply
+    // does not match a pending probe.
+    let mut seq: u64 = rand::random();
+    let mut tick = tokio::time::interval(fast.min(Duration::from_millis(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = vec![0u8; 2048];
+    let mut refresh_plan = true;
+    loop {
+        if refresh_plan {
+            refresh_plan = false;
+            let p = plan.borrow_and_update().clone();
+            let mut next = BTreeMap::new();
+            for t in p.targets {
+                let (stats, routes) = match peers.remove(&t.node_id) {
+                    Some(old) if old.addr == t.addr => (old.stats, old.routes),
+                    _ => (PeerStats::new(cfg.window, cfg.down_after), Vec::new()),
+                };
+                next.insert(
+                    t.node_id,
+                    Peer {
+                        name: t.name,
+                        addr: t.addr,
+                        fast: t.fast,
+                        stats,
+                        next_send: Instant::now(),
+                        pending: VecDeque::new(),
+                        routes,
+                    },
+                );
+            }
+            peers = next;
+            by_addr = peers.iter().map(|(id, p)| (p.addr, *id)).collect();
+            routes = p.routes;
+        }
+        tokio::select! {
+            r = sock.recv_from(&mut buf) => {
+                let Ok((n, src)) = r else { continue };
+                let src_ip = src.ip().to_canonical();
+                let Some(&node) = by_addr.get(&src_ip) else {
+                    // Only mesh peers are answered: nothing to reflect at others.
+                    state.bad_packets += 1;
+                    continue;
+                };
+                match wire::Message::decode(&buf[..n]) {
+                    Err(e) => {
+                        state.bad_packets += 1;
+                        tracing::debug!(%src, error = %e, "not a probe message");
+                    }
+                    Ok(wire::Message::Request { seq }) => {
+                        let routes = health.borrow().iter().map(|h| (h.prefix, h.healthy)).collect();
+                        let reply = wire::Message::Reply { seq, routes }.encode();
+                        if let Err(e) = sock.send_to(&reply, src).await {
+                            tracing::debug!(%src, error = %e, "probe reply not sent");
+                        }
+                    }
+                    Ok(wire::Message::Reply { seq, routes }) => {
+                        let now = Instant::now();
+                        if let Some(p) = peers.get_mut(&node)
+                            && let Some(i) = p.pending.iter().position(|(s, _)| *s == seq)
+                            && let Some((_, sent)) = p.pending.remove(i)
+                        {
+                            p.stats.answered(now.duration_since(sent));
+                            p.routes = routes;
+                        }
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                for p in peers.values_mut() {
+                    while let Some(&(_, sent)) = p.pending.front() && now.duration_since(sent) >= timeout {
+                        p.pending.pop_front();
+                        p.stats.lost();
+                    }
+                    if now >= p.next_send {
+                        seq = seq.wrapping_add(1);
+                        let msg = wire::Message::Request { seq }.encode();
+                        // A send error (no route yet) is a lost probe like any other.
+                        let _ = sock.send_to(&msg, dest(v6, p.addr, cfg.port)).await;
+                        p.pending.push_back((seq, now));
+                        p.next_send = now + if p.fast { fast } else { slow };
+                    }
+                }
+                let decision = selector.evaluate(now, &routes, |gw, prefix| {
+                    let p = peers.get(&gw)?;
+                    if p.stats.reach() == Reach::Down {
+                        return Some(format!("probes to {} lost", p.name));
+                    }
+                    p.routes
+                        .iter()
+                        .any(|(r, healthy)| r.trunc() == prefix.trunc() && !healthy)
+                        .then(|| format!("{} reports {prefix} unreachable", p.name))
+                });
+                for e in &decision.events {
+                    let name = |id: u64| peers.get(&id).map_or_else(|| format!("node-{id}"), |p| p.name.clone());
+                    tracing::warn!(prefix = %e.prefix, from = %name(e.from), to = %name(e.to), reason = %e.reason, "route failover (local)");
+                    *state.switches.entry(e.prefix).or_default() += 1;
+                    if out.events.try_send(e.clone()).is_err() {
+                        tracing::warn!("failover event queue full; control will not see this switch in its audit log");
+                    }
+                }
+                out.overrides.send_if_modified(|cur| {
+                    let changed = *cur != decision.overrides;
+                    if changed {
+                        cur.clone_from(&decision.overrides);
+                    }
+                    changed
+                });
+                state.effective = decision.effective;
+                state.peers = peers
+                    .iter()
+                    .map(|(id, p)| (*id, PeerEntry { name: p.name.clone(), addr: p.addr, stats: p.stats.clone() }))
+                    .collect();
+                if let Ok(mut s) = out.shared.lock() {
+                    s.clone_from(&state);
+                }
+            }
+            r = plan.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                refresh_plan = true;
+            }
+        }
+    }
+}

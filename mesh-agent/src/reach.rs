@@ -1,0 +1,276 @@
+//! Reachability of the site routes this gateway advertises: a gateway that
+//! is up but has lost its LAN must say so, or traffic keeps flowing into a
+//! black hole. Each advertised prefix is checked against its configured
+//! targets (a TCP connection, accepted or refused, or an ICMP echo); a
+//! prefix without targets is healthy while an up interface has an address
+//! inside it.
+//!
+//! The checks run on their own thread (they block, with timeouts) and
+//! publish the result on a `watch` channel read by the control session
+//! (health reports) and the probe responder (probe replies).
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr, TcpStream},
+    str::FromStr,
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// One reachability target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Target {
+    /// A TCP connection to this address is accepted or refused (a refusal
+    /// also proves the host answers).
+    Tcp(SocketAddr),
+    /// An ICMP (or ICMPv6) echo to this address is answered.
+    Icmp(IpAddr),
+}
+
+impl FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(a) = s.strip_prefix("tcp:") {
+            return a.parse().map(Self::Tcp).map_err(|_| format!("{s:?}: expected tcp:IP:PORT (tcp:[IPv6]:PORT)"));
+        }
+        if let Some(a) = s.strip_prefix("icmp:") {
+            return a.parse().map(Self::Icmp).map_err(|_| format!("{s:?}: expected icmp:IP"));
+        }
+        Err(format!("{s:?}: a reachability target is tcp:IP:PORT or icmp:IP"))
+    }
+}
+
+impl TryFrom<String> for Target {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Target> for String {
+    fn from(t: Target) -> Self {
+        t.to_string()
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+            Self::Icmp(a) => write!(f, "icmp:{a}"),
+        }
+    }
+}
+
+/// The health of one advertised route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteHealth {
+    /// The prefix.
+    pub prefix: IpNet,
+    /// Whether this gateway can serve it.
+    pub healthy: bool,
+    /// What the check saw.
+    pub detail: String,
+}
+
+/// Checks a target once.
+fn check(target: &Target, timeout: Duration) -> Result<(), String> {
+    match target {
+        Target::Tcp(a) => match TcpStream::connect_timeout(a, timeout) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+            Err(e) => Err(format!("{target}: {e}")),
+        },
+        Target::Icmp(a) => icmp_echo(*a, timeout).map_err(|e| format!("{target}: {e}")),
+    }
+}
+
+/// One ICMP echo over a raw socket (the agent runs as root); the kernel
+/// fills the ICMPv6 checksum, ours is computed for ICMPv4.
+fn icmp_echo(addr: IpAddr, timeout: Duration) -> std::io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let (domain, proto, request, reply) = match addr {
+        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8),
+        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128, 129),
+    };
+    let sock = Socket::new(domain, Type::RAW, Some(proto))?;
+    static SEQ: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+    #[expect(clippy::cast_possible_truncation, reason = "an ICMP identifier is 16 bits")]
+    let id = (std::process::id() as u16) ^ 0x6d65;
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut pkt = [request, 0, 0, 0, 0, 0, 0, 0, b'm', b'e', b's', b'h'];
+    pkt[4..6].copy_from_slice(&id.to_be_bytes());
+    pkt[6..8].copy_from_slice(&seq.to_be_bytes());
+    if addr.is_ipv4() {
+        let c = inet_checksum(&pkt);
+        pkt[2..4].copy_from_slice(&c.to_be_bytes());
+    }
+    sock.send_to(&pkt, &SocketAddr::new(addr, 0).into())?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        sock.set_read_timeout(Some(left))?;
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            Err(e) => return Err(e),
+        };
+        // SAFETY: recv_from initialised the first `n` bytes.
+        let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+        // IPv4 raw sockets deliver the IP header; IPv6 ones do not.
+        let icmp = match addr {
+            IpAddr::V4(_) => data.get(usize::from(data.first().copied().unwrap_or(0) & 0x0f) * 4..).unwrap_or(&[]),
+            IpAddr::V6(_) => &data[..],
+        };
+        let from_ip = from.as_socket().map(|s| s.ip());
+        if from_ip == Some(addr) && icmp.len() >= 8 && icmp[0] == reply && icmp[4..6] == id.to_be_bytes() {
+            return Ok(());
+        }
+    }
+}
+
+/// The Internet checksum (RFC 1071).
+fn inet_checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits above")]
+    let folded = sum as u16;
+    !folded
+}
+
+/// Whether an up, running interface has an address inside `prefix`.
+#[must_use]
+pub fn lan_up(prefix: &IpNet) -> bool {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return true };
+    addrs.into_iter().any(|ifa| {
+        let up = ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
+            && ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_RUNNING);
+        let ip = ifa.address.as_ref().and_then(|a| {
+            a.as_sockaddr_in().map(|s| IpAddr::V4(s.ip())).or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+        });
+        up && ip.is_some_and(|ip| prefix.contains(&ip))
+    })
+}
+
+/// Checks every advertised prefix once.
+#[must_use]
+pub fn check_all(
+    advertised: &[IpNet],
+    targets: &std::collections::BTreeMap<IpNet, Vec<Target>>,
+    timeout: Duration,
+) -> Vec<RouteHealth> {
+    advertised
+        .iter()
+        .map(|prefix| {
+            let (healthy, detail) = match targets.get(prefix).filter(|t| !t.is_empty()) {
+                None if lan_up(prefix) => (true, "LAN interface up".to_owned()),
+                None => (false, "no up interface with an address in the prefix".to_owned()),
+                Some(ts) => {
+                    let mut errors = Vec::new();
+                    let ok = ts.iter().find(|t| match check(t, timeout) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            errors.push(e);
+                            false
+                        }
+                    });
+                    match ok {
+                        Some(t) => (true, format!("{t} answers")),
+                        None => (false, format!("no target answers: {}", errors.join("; "))),
+                    }
+                }
+            };
+            RouteHealth { prefix: *prefix, healthy, detail }
+        })
+        .collect()
+}
+
+/// Starts the checking thread; the receiver sees every change (the first
+/// result is there before this returns, so nothing starts out "healthy" by
+/// default).
+pub fn spawn(
+    advertised: Vec<IpNet>,
+    targets: std::collections::BTreeMap<IpNet, Vec<Target>>,
+    interval: Duration,
+    timeout: Duration,
+) -> tokio::sync::watch::Receiver<Vec<RouteHealth>> {
+    let first = check_all(&advertised, &targets, timeout);
+    let (tx, rx) = tokio::sync::watch::channel(first);
+    if advertised.is_empty() {
+        return rx;
+    }
+    let spawned = std::thread::Builder::new().name("reachability".into()).spawn(move || {
+        loop {
+            std::thread::sleep(interval);
+            let now = check_all(&advertised, &targets, timeout);
+            let changed = tx.send_if_modified(|cur| {
+                if *cur == now {
+                    return false;
+                }
+                for (old, new) in cur.iter().zip(&now) {
+                    if old.healthy != new.healthy {
+                        tracing::warn!(prefix = %new.prefix, healthy = new.healthy, detail = %new.detail, "advertised route health changed");
+                    }
+                }
+                *cur = now;
+                true
+            });
+            if !changed && tx.is_closed() {
+                return;
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "could not start the reachability checks; routes stay as first checked");
+    }
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_print() {
+        for s in ["tcp:198.18.10.20:5432", "tcp:[fd00::1]:22", "icmp:198.18.10.20", "icmp:fd00::1"] {
+            let t: Target = s.parse().unwrap();
+            assert_eq!(t.to_string(), s);
+        }
+        for bad in ["198.18.10.20", "tcp:198.18.10.20", "icmp:host", "udp:1.2.3.4:5"] {
+            assert!(bad.parse::<Target>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn checksum_of_a_known_echo() {
+        // Echo request id 0x0001 seq 0x0001, no payload: checksum 0xf7fd.
+        assert_eq!(inet_checksum(&[8, 0, 0, 0, 0, 1, 0, 1]), 0xf7fd);
+    }
+
+    #[test]
+    fn loopback_targets() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = Target::Tcp(l.local_addr().unwrap());
+        assert_eq!(check(&open, Duration::from_secs(1)), Ok(()));
+        drop(l);
+        // Refused still proves the host is there.
+        assert_eq!(check(&open, Duration::from_secs(1)), Ok(()));
+        assert_eq!(check(&Target::Icmp("127.0.0.1".parse().unwrap()), Duration::from_secs(1)), Ok(()));
+        let lo: IpNet = "127.0.0.0/8".parse().unwrap();
+        let h = check_all(&[lo], &std::collections::BTreeMap::new(), Duration::from_secs(1));
+        assert!(h[0].healthy, "{h:?}");
+    }
+}
