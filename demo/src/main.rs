@@ -196,6 +196,32 @@ fn run_agent(config: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The gateways' probe RTT medians (ms) as a matrix, from control's status.
+fn print_probe_matrix(links: &[pb::PeerLink]) {
+    let mut names: Vec<&str> = links.iter().flat_map(|l| [l.from_name.as_str(), l.to_name.as_str()]).collect();
+    names.sort_unstable();
+    names.dedup();
+    println!("gateway probe RTT p50 in ms (row probes column; from the agents' reports to control):");
+    print!("{:<9}", "");
+    for n in &names {
+        print!(" {n:>8}");
+    }
+    println!();
+    for from in &names {
+        print!("{from:<9}");
+        for to in &names {
+            let cell = links
+                .iter()
+                .find(|l| l.from_name == *from && l.to_name == *to)
+                .and_then(|l| l.health)
+                .map_or_else(|| "-".to_owned(), |h| format!("{:.2}", h.probe_rtt_p50_ms));
+            print!(" {cell:>8}");
+        }
+        println!();
+    }
+    println!();
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let result = match &args.cmd {
@@ -375,6 +401,24 @@ fn demo(args: &Args) -> anyhow::Result<()> {
             rows.push(row);
         }
     }
+
+    // The gateways probe each other over the overlay and report to control:
+    // every gateway sees every other one up (what `meshctl status` shows).
+    let links = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let st = control::admin(&ctl_dir).await?.get_status(pb::GetStatusRequest {}).await?.into_inner();
+            anyhow::Ok(st.peers)
+        })
+    };
+    let all_up = wait_for("every gateway's probes to see every other gateway", Duration::from_secs(20), || {
+        links(&rt).is_ok_and(|l| {
+            l.iter().filter(|l| l.health.is_some_and(|h| h.probe_up && h.probe_rtt_p50_ms >= 0.0)).count()
+                >= gateways.len() * (gateways.len() - 1)
+        })
+    })
+    .is_ok();
+    check("every gateway's probes see every other gateway up", all_up);
+    print_probe_matrix(&links(&rt)?);
 
     // Failover: a continuous flow app-nyc -> db-fsn while fsn's primary
     // gateway is killed (process and links).
