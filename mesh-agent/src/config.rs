@@ -351,4 +351,29 @@ mod tests {
         let bad = Config { interface: "a-very-long-interface".into(), ..Config::default() };
         assert!(bad.check().is_err());
     }
+
+    #[test]
+    fn probe_and_reachability_tables() {
+        let text = "[control]\naddress = \"192.0.2.100:7443\"\nadvertise_routes = [\"198.18.20.0/24\"]\n\
+                    [control.reachability]\n\"198.18.20.0/24\" = [\"tcp:198.18.20.20:5432\", \"icmp:198.18.20.20\"]\n\
+                    [probe]\ngateway_interval_secs = 0.1\nfailback_hold_secs = 5\n";
+        let c: Config = toml::from_str(text).unwrap();
+        c.check().unwrap();
+        assert_eq!(c.probe.gateway_interval_secs, 0.1);
+        assert_eq!(c.probe.port, 51900, "defaults fill the rest");
+        let r = &c.control.as_ref().unwrap().reachability;
+        assert_eq!(r.values().next().unwrap().len(), 2);
+        // A bad target names itself.
+        let e = toml::from_str::<Config>(&text.replace("icmp:198.18.20.20", "ping:x")).unwrap_err();
+        assert!(e.to_string().contains("ping:x"), "{e}");
+        // Targets for a route that is not advertised are refused.
+        let e = toml::from_str::<Config>(&text.replace("\"198.18.20.0/24\" = [", "\"198.18.30.0/24\" = ["))
+            .unwrap()
+            .check()
+            .unwrap_err();
+        assert!(e.to_string().contains("198.18.30.0/24"), "{e}");
+        let mut bad = c;
+        bad.probe.down_after = 0;
+        assert!(bad.check().is_err());
+    }
 }

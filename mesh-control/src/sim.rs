@@ -176,6 +176,11 @@ impl SyncSession {
         self.send(pb::sync_request::Msg::Routes(pb::RouteAdvertisement { prefixes })).await
     }
 
+    /// Reports a local failover.
+    pub async fn failover(&self, report: pb::FailoverReport) -> Result<(), SimError> {
+        self.send(pb::sync_request::Msg::Failover(report)).await
+    }
+
     async fn send(&self, msg: pb::sync_request::Msg) -> Result<(), SimError> {
         self.tx.send(pb::SyncRequest { msg: Some(msg) }).await.map_err(|_| SimError::Bad("stream closed".into()))
     }

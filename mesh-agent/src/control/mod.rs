@@ -395,6 +395,12 @@ async fn session(
     if let Ok(mut st) = links.shared.lock() {
         st.connected = true;
     }
+    // The configured routes, every session: a changed `advertise_routes`
+    // takes effect at the next start, not only at enrollment.
+    send(pb::sync_request::Msg::Routes(pb::RouteAdvertisement {
+        prefixes: cc.advertise_routes.iter().map(ToString::to_string).collect(),
+    }))
+    .await?;
     // Switches made while control was away.
     while let Some(r) = links.unsent.pop_front() {
         send(pb::sync_request::Msg::Failover(r)).await?;
