@@ -315,7 +315,14 @@ fn agents_follow_control_and_survive_its_restart() {
     assert!(tcp(&app, "198.18.20.20:5432"));
     assert!(!tcp(&app, "198.18.20.20:7000"), "still enforced without control");
     // A restarted agent comes back on its persisted view, without control.
+    // Its credential is made to look past half its lifetime: it renews it
+    // once control is back.
     nyc.stop();
+    let mut cred: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(nyc.credential()).unwrap()).unwrap();
+    let (old_token, expires) = (cred["token"].clone(), cred["expires_unix"].as_i64().unwrap());
+    cred["renewed_unix"] = serde_json::json!(expires - 2 * (expires - chrono_now()) - 10);
+    std::fs::write(nyc.credential(), cred.to_string()).unwrap();
     nyc.start();
     wait_for("restarted agent forwards without control", &logs, || ping(&app, "198.18.20.20"));
 
@@ -335,6 +342,12 @@ fn agents_follow_control_and_survive_its_restart() {
         admin(ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
     });
     assert_eq!(nodes.len(), 2, "{nodes:?}");
+    wait_for("the nyc credential renewed", &logs, || {
+        let cred: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(nyc.credential()).unwrap()).unwrap();
+        cred["token"] != old_token
+    });
+    assert!(nyc.log().contains("credential renewed"));
 
     // A policy change while traffic flows: an established connection of a
     // rule that stays is not cut; new flows follow the new policy.

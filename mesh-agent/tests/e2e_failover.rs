@@ -257,6 +257,15 @@ fn failover_on_gateway_loss_and_on_lan_loss_with_hold_down() {
     let resumed = flow.received();
     wait_for("the flow through fsn-gw1 again", &logs, || flow.received() > resumed + 200);
     control.stop();
+    // The nyc agent restarts meanwhile: it knows the gateway order from the
+    // control view it saved.
+    let answered = |g: &Gateway| g.log().matches("peer answers probes peer=fsngw1").count();
+    let before = answered(&gn);
+    gn.stop();
+    gn.start();
+    wait_for("the restarted nyc agent probing fsn-gw1", &logs, || answered(&gn) > before);
+    let resumed = flow.received();
+    wait_for("the flow after the nyc restart", &logs, || flow.received() > resumed + 100);
     let cut = Instant::now();
     g1.agent.take().unwrap().child().kill().unwrap();
     wan.set_port(&wan_ports[2], false).unwrap();

@@ -52,6 +52,9 @@ pub struct Credential {
     pub ca_pin: String,
     /// Expiry of the credential (unix seconds).
     pub expires_unix: i64,
+    /// When it was issued or last renewed (unix seconds; 0: unknown).
+    #[serde(default)]
+    pub renewed_unix: i64,
 }
 
 /// What the control session knows that the reconcile worker does not, for
@@ -138,6 +141,15 @@ fn err<E: Into<Box<dyn std::error::Error + Send + Sync>>>(what: &str) -> impl Fn
 }
 
 impl Credential {
+    /// Whether to renew now: less than half of the lifetime left (a day
+    /// when the lifetime is unknown). An expired credential cannot be
+    /// renewed: control refuses it, and re-enrollment is the operator's call.
+    #[must_use]
+    pub fn renewal_due(&self, now: i64) -> bool {
+        let lifetime = if self.renewed_unix > 0 { self.expires_unix - self.renewed_unix } else { 2 * 86_400 };
+        self.expires_unix - now < lifetime / 2
+    }
+
     fn pin(&self) -> Result<[u8; 32], SessionError> {
         hex::decode(&self.ca_pin)
             .ok()
@@ -220,6 +232,7 @@ async fn credential(config: &Config, cc: &ControlConfig, public_key: PublicKey) 
         token: cred.token,
         ca_pin: hex::encode(pin),
         expires_unix: cred.expires_unix,
+        renewed_unix: now_secs(),
     };
     c.save(&path)?;
     tracing::info!(node = c.node_id, name = %c.name, state = ?node.state, "enrolled with control");
@@ -314,6 +327,9 @@ struct Feeder {
     local: convert::Local,
     plan: watch::Sender<probe::Plan>,
     shared: SharedControlState,
+    /// Where the last view from control is kept, so that an agent restarted
+    /// while control is away still knows each prefix's gateway order.
+    saved: std::path::PathBuf,
 }
 
 impl Feeder {
@@ -324,15 +340,44 @@ impl Feeder {
         self.worker.apply(nv).await.map(|_| ())
     }
 
+    /// The view saved by the last run, if any (a broken file is logged and
+    /// ignored: control sends a new one).
+    fn load(&self) -> Option<pb::NodeView> {
+        use prost::Message as _;
+        let bytes = std::fs::read(&self.saved).ok()?;
+        pb::NodeView::decode(bytes.as_slice())
+            .inspect_err(
+                |e| tracing::warn!(path = %self.saved.display(), error = %e, "ignoring the saved control view"),
+            )
+            .ok()
+    }
+
+    fn save(&self, v: &pb::NodeView) {
+        use prost::Message as _;
+        let tmp = self.saved.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, v.encode_to_vec()).and_then(|()| std::fs::rename(&tmp, &self.saved)) {
+            tracing::warn!(path = %self.saved.display(), error = %e, "could not save the control view");
+        }
+    }
+
     async fn run(self, mut views: mpsc::Receiver<Feed>, mut overrides: watch::Receiver<BTreeMap<IpNet, u64>>) {
-        let mut current: Option<pb::NodeView> = None;
+        // The worker re-applies the last applied view by itself; the saved
+        // control view only feeds the prober and later overrides.
+        let mut current = self.load();
+        if let Some(v) = &current {
+            self.plan.send_replace(convert::probe_plan(v, &self.local));
+        }
         loop {
             tokio::select! {
                 feed = views.recv() => {
                     let Some(Feed { view, reply }) = feed else { return };
                     self.plan.send_replace(convert::probe_plan(&view, &self.local));
                     let o = overrides.borrow_and_update().clone();
-                    let _ = reply.send(self.apply(&view, &o).await);
+                    let result = self.apply(&view, &o).await;
+                    if result.is_ok() {
+                        self.save(&view);
+                    }
+                    let _ = reply.send(result);
                     current = Some(view);
                 }
                 r = overrides.changed() => {
@@ -364,6 +409,23 @@ struct Links {
     shared: SharedControlState,
 }
 
+/// Renews the credential with control (same WireGuard key) and stores it.
+async fn renew(
+    channel: &mesh_control::client::Channel,
+    cred: &mut Credential,
+    path: &Path,
+) -> Result<(), SessionError> {
+    let mut client = AgentServiceClient::with_interceptor(channel.clone(), Bearer(Some(cred.token.clone())));
+    let resp = client.renew(pb::RenewRequest::default()).await.map_err(err("renewing the credential"))?.into_inner();
+    let c = resp.credential.ok_or_else(|| SessionError("renewal: no credential in the answer".into()))?;
+    cred.token = c.token;
+    cred.expires_unix = c.expires_unix;
+    cred.renewed_unix = now_secs();
+    cred.save(path)?;
+    tracing::info!(node = cred.node_id, expires_unix = cred.expires_unix, "credential renewed");
+    Ok(())
+}
+
 /// One session: credential, stream, apply/ack until the stream breaks.
 /// `got_view` is set once control sent something (to reset the backoff).
 async fn session(
@@ -374,9 +436,13 @@ async fn session(
     got_view: &mut bool,
     links: &mut Links,
 ) -> Result<(), SessionError> {
-    let cred = credential(config, cc, public_key).await?;
+    let mut cred = credential(config, cc, public_key).await?;
     let channel = client::connect(&cc.address, &Trust::Pin(cred.pin()?)).await.map_err(err("connecting to control"))?;
-    let mut client = AgentServiceClient::with_interceptor(channel, Bearer(Some(cred.token.clone())));
+    let cred_path = config.control_credential_path();
+    if cred.renewal_due(now_secs()) {
+        renew(&channel, &mut cred, &cred_path).await?;
+    }
+    let mut client = AgentServiceClient::with_interceptor(channel.clone(), Bearer(Some(cred.token.clone())));
     let status = worker.status().await.ok_or_else(|| SessionError("the reconcile worker stopped".into()))?;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let send = |msg| {
@@ -406,6 +472,7 @@ async fn session(
         send(pb::sync_request::Msg::Failover(r)).await?;
     }
     let mut current: Option<pb::NodeView> = None;
+    let mut rotation_warned = false;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(cc.health_interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -424,6 +491,10 @@ async fn session(
                 };
                 *got_view = true;
                 let Some(v) = current.as_ref() else { continue };
+                if !rotation_warned && v.self_.as_ref().is_some_and(|m| m.key_rotation_requested) {
+                    rotation_warned = true;
+                    tracing::warn!("control asks for a key rotation; this agent renews its credential but does not rotate its WireGuard key yet");
+                }
                 let generation = v.generation;
                 let started = Instant::now();
                 let (reply, result) = oneshot::channel();
@@ -448,7 +519,15 @@ async fn session(
                 // A route's health changed: tell control now, not at the next tick.
                 r.is_ok()
             }
-            _ = tick.tick() => true,
+            _ = tick.tick() => {
+                if cred.renewal_due(now_secs()) {
+                    // A failure is retried at the next tick; the stream goes on.
+                    if let Err(e) = renew(&channel, &mut cred, &cred_path).await {
+                        tracing::warn!(error = %e, "credential renewal failed");
+                    }
+                }
+                true
+            }
         };
         if report_now {
             let Some(st) = worker.status().await else {
@@ -495,7 +574,13 @@ pub async fn run(
         probe_port: config.probe.port,
         overrides: BTreeMap::new(),
     };
-    let feeder = Feeder { worker: worker.clone(), local, plan: plan_tx, shared: shared.clone() };
+    let feeder = Feeder {
+        worker: worker.clone(),
+        local,
+        plan: plan_tx,
+        shared: shared.clone(),
+        saved: config.state_dir.join("control-view.pb"),
+    };
     tokio::spawn(feeder.run(feed_rx, overrides_rx));
     let mut links =
         Links { feed: feed_tx, events: events_rx, unsent: VecDeque::new(), routes, probes, shared: shared.clone() };
@@ -526,5 +611,28 @@ pub async fn run(
             links.unsent.push_back(failover_report(e));
         }
         backoff = (backoff * 2).min(max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_at_half_life() {
+        let c = |renewed_unix, expires_unix| Credential {
+            node_id: 1,
+            name: "n".into(),
+            token: "t".into(),
+            ca_pin: String::new(),
+            expires_unix,
+            renewed_unix,
+        };
+        // Issued at 1000 for 1000 s: due from 1500 on.
+        assert!(!c(1000, 2000).renewal_due(1499));
+        assert!(c(1000, 2000).renewal_due(1501));
+        // Unknown lifetime (older credential files): due within a day.
+        assert!(!c(0, 100_000 + 86_401).renewal_due(100_000));
+        assert!(c(0, 100_000 + 86_399).renewal_due(100_000));
     }
 }

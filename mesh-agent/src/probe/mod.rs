@@ -275,8 +275,12 @@ pub async fn run(
                             && let Some(i) = p.pending.iter().position(|(s, _)| *s == seq)
                             && let Some((_, sent)) = p.pending.remove(i)
                         {
+                            let was = p.stats.reach();
                             p.stats.answered(now.duration_since(sent));
                             p.routes = routes;
+                            if was != Reach::Up {
+                                tracing::info!(peer = %p.name, addr = %p.addr, "peer answers probes");
+                            }
                         }
                     }
                 }
@@ -286,7 +290,11 @@ pub async fn run(
                 for p in peers.values_mut() {
                     while let Some(&(_, sent)) = p.pending.front() && now.duration_since(sent) >= timeout {
                         p.pending.pop_front();
+                        let was = p.stats.reach();
                         p.stats.lost();
+                        if was != Reach::Down && p.stats.reach() == Reach::Down {
+                            tracing::warn!(peer = %p.name, addr = %p.addr, "peer stopped answering probes");
+                        }
                     }
                     if now >= p.next_send {
                         seq = seq.wrapping_add(1);
