@@ -362,11 +362,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
         let n = flow.received();
         wait_for("the flow after fail-back", Duration::from_secs(30), || flow.received() > n + 100)
     };
-    for run in 0..runs {
-        // 1. Primary killed, process and links.
-        ctx.progress(SUITE, format!("run {run}: primary killed"));
+    // Kills fsn's primary (process, WAN and LAN links); the outage in ms.
+    let kill_primary = |gw: &mut Gateway| -> anyhow::Result<f64> {
         let cut = Instant::now();
-        if let Some(mut a) = gws[1].agent.take() {
+        if let Some(mut a) = gw.agent.take() {
             a.child().kill()?;
             let _ = a.child().wait();
         }
@@ -374,10 +373,19 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
         lfsn.set_port(&f1_lan, false)?;
         let n = flow.received();
         wait_for("the flow through the backup", Duration::from_secs(30), || flow.received() > n + 100)?;
-        results.push("primary-killed", "fsn", "outage", flow.longest_gap_since(cut).as_secs_f64() * 1e3, "ms", run);
+        Ok(flow.longest_gap_since(cut).as_secs_f64() * 1e3)
+    };
+    let revive_primary = |gw: &mut Gateway| -> anyhow::Result<()> {
         wan.set_port(&wan_ports[2], true)?;
         lfsn.set_port(&f1_lan, true)?;
-        gws[1].start(&bin)?;
+        gw.start(&bin)
+    };
+    for run in 0..runs {
+        // 1. Primary killed, process and links.
+        ctx.progress(SUITE, format!("run {run}: primary killed"));
+        let gap = kill_primary(&mut gws[1])?;
+        results.push("primary-killed", "fsn", "outage", gap, "ms", run);
+        revive_primary(&mut gws[1])?;
         fail_back(&flow)?;
 
         // 2. Primary up, LAN lost.
@@ -394,20 +402,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
         // probes can move the prefix.
         ctx.progress(SUITE, format!("run {run}: primary killed, control down"));
         drop(control.take());
-        let cut = Instant::now();
-        if let Some(mut a) = gws[1].agent.take() {
-            a.child().kill()?;
-            let _ = a.child().wait();
-        }
-        wan.set_port(&wan_ports[2], false)?;
-        lfsn.set_port(&f1_lan, false)?;
-        let n = flow.received();
-        wait_for("the flow through the backup", Duration::from_secs(30), || flow.received() > n + 100)?;
-        let gap = flow.longest_gap_since(cut).as_secs_f64() * 1e3;
+        let gap = kill_primary(&mut gws[1])?;
         results.push("primary-killed-control-down", "fsn", "outage", gap, "ms", run);
-        wan.set_port(&wan_ports[2], true)?;
-        lfsn.set_port(&f1_lan, true)?;
-        gws[1].start(&bin)?;
+        revive_primary(&mut gws[1])?;
         control = Some(Control::start(&ctl, &env.dir)?);
         fail_back(&flow)?;
 
