@@ -289,7 +289,7 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     for (r, db) in REGIONS.iter().zip(&dbs) {
         let addrs =
             [5432, 22].iter().map(|p| format!("{}:{p}", r.db()).parse()).collect::<Result<Vec<SocketAddr>, _>>()?;
-        smoke::echo_servers(db, addrs)?;
+        mesh_lab::traffic::echo_servers(db, &addrs)?;
     }
 
     println!("== starting mesh-control at {}", control::ADDRESS);
@@ -385,8 +385,8 @@ fn demo(args: &Args) -> anyhow::Result<()> {
                 p50: smoke::quantile(&rtts, 0.5),
                 p95: smoke::quantile(&rtts, 0.95),
                 loss: 1.0 - f64::from(u32::try_from(rtts.len()).unwrap_or(0)) / 20.0,
-                db_5432: smoke::tcp(app, db(5432)?),
-                db_22: smoke::tcp(app, db(22)?),
+                db_5432: mesh_lab::traffic::tcp_echo(app, db(5432)?),
+                db_22: mesh_lab::traffic::tcp_echo(app, db(22)?),
             };
             if i == 0 {
                 check(&format!("app-nyc -> db-{}:5432 succeeds", r.name), row.db_5432);
@@ -423,7 +423,7 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     // Failover: a continuous flow app-nyc -> db-fsn while fsn's primary
     // gateway is killed (process and links).
     println!("== failover: killing fsn's primary gateway (fsn_gw1) under a continuous flow app-nyc -> db-fsn");
-    let flow = smoke::Flow::start(&apps[0], &dbs[1], format!("{}:9000", REGIONS[1].db()).parse()?)?;
+    let flow = mesh_lab::traffic::UdpFlow::start(&apps[0], &dbs[1], format!("{}:9000", REGIONS[1].db()).parse()?)?;
     wait_for("the failover flow", Duration::from_secs(20), || flow.received() > 100)?;
     let victim = gateways.iter_mut().find(|g| g.name == "fsn_gw1").context("fsn_gw1")?;
     let cut = Instant::now();

@@ -21,7 +21,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::Path,
     process::Stdio,
     time::Duration,
@@ -74,39 +74,9 @@ fn ping(from: &Host, to: &str) -> bool {
     from.exec_unchecked("ping", ["-c", "1", "-W", "1", to]).unwrap().status.success()
 }
 
-/// A TCP exchange from `from` to `to`: connect (1 s), send, read the echo.
+/// A TCP echo exchange from `from` to `to`.
 fn tcp(from: &Host, to: &str) -> bool {
-    let addr: SocketAddr = to.parse().unwrap();
-    from.run(move || {
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else { return false };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"ping").is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 4];
-        s.read_exact(&mut buf).is_ok() && &buf == b"ping"
-    })
-    .unwrap()
-}
-
-/// Echo servers on `db` (threads that live as long as the test).
-fn echo_servers(db: &Host, addrs: &[&'static str]) {
-    for &addr in addrs {
-        let listener = db.run(move || TcpListener::bind(addr).unwrap()).unwrap();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut s) = conn else { continue };
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 64];
-                    while let Ok(n) = s.read(&mut buf) {
-                        if n == 0 || s.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-    }
+    mesh_lab::traffic::tcp_echo(from, to.parse().unwrap())
 }
 
 /// One long TCP conversation: a message every 10 ms, each echo awaited;
@@ -191,7 +161,8 @@ fn agents_follow_control_and_survive_its_restart() {
         h.addr("eth0", &format!("{h_addr}/24")).unwrap();
         h.route_via("198.18.0.0/16", gw_addr).unwrap();
     }
-    echo_servers(&db, &["198.18.20.20:5432", "198.18.20.20:7000"]);
+    mesh_lab::traffic::echo_servers(&db, &["198.18.20.20:5432".parse().unwrap(), "198.18.20.20:7000".parse().unwrap()])
+        .unwrap();
 
     let ctl_dir = tempfile::tempdir().unwrap();
     let mut control = Control::start(&ctl, ctl_dir.path(), 2);

@@ -15,16 +15,11 @@
 //! gateways (a VIP or VRRP on the LAN) is not part of the mesh yet.
 
 use std::{
-    net::{SocketAddr, UdpSocket},
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
-use mesh_lab::{Host, Lab};
+use mesh_lab::{Host, Lab, traffic::UdpFlow};
 use mesh_proto::v1 as pb;
 
 const POLICY: &str = r#"{
@@ -58,68 +53,6 @@ async fn key(a: &mut Admin) -> String {
     .secret
 }
 
-/// A continuous UDP flow (one datagram every 2 ms) from `from` to `to`;
-/// the receiver keeps arrival times.
-struct Flow {
-    stop: Arc<AtomicBool>,
-    arrivals: Arc<Mutex<Vec<Instant>>>,
-}
-
-impl Flow {
-    fn start(from: &Host, to_host: &Host, to: SocketAddr) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let arrivals = Arc::new(Mutex::new(Vec::new()));
-        let rx = to_host.run(move || UdpSocket::bind(to).unwrap()).unwrap();
-        rx.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let tx = from.run(|| UdpSocket::bind("0.0.0.0:0").unwrap()).unwrap();
-        {
-            let (stop, arrivals) = (stop.clone(), arrivals.clone());
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 64];
-                while !stop.load(Ordering::Relaxed) {
-                    if rx.recv(&mut buf).is_ok() {
-                        arrivals.lock().unwrap().push(Instant::now());
-                    }
-                }
-            });
-        }
-        {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut seq = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let _ = tx.send_to(&seq.to_be_bytes(), to);
-                    seq += 1;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            });
-        }
-        Self { stop, arrivals }
-    }
-
-    fn received(&self) -> usize {
-        self.arrivals.lock().unwrap().len()
-    }
-
-    /// The longest gap between two arrivals after `since`.
-    fn longest_gap_since(&self, since: Instant) -> Duration {
-        let a = self.arrivals.lock().unwrap();
-        let mut prev = since;
-        let mut worst = Duration::ZERO;
-        for t in a.iter().filter(|t| **t >= since) {
-            worst = worst.max(t.duration_since(prev));
-            prev = *t;
-        }
-        worst
-    }
-}
-
-impl Drop for Flow {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 fn primary(rt: &tokio::runtime::Runtime, dir: &Path, prefix: &str) -> String {
     rt.block_on(async {
         let routes = admin(dir).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes;
@@ -128,7 +61,7 @@ fn primary(rt: &tokio::runtime::Runtime, dir: &Path, prefix: &str) -> String {
 }
 
 /// Flow resumes after the break; returns the outage.
-fn outage(flow: &Flow, cut: Instant, logs: &dyn Fn() -> String) -> Duration {
+fn outage(flow: &UdpFlow, cut: Instant, logs: &dyn Fn() -> String) -> Duration {
     let before = flow.received();
     wait_for("the flow to resume through the backup", logs, || flow.received() > before + 200);
     flow.longest_gap_since(cut)
@@ -207,7 +140,7 @@ fn failover_on_gateway_loss_and_on_lan_loss_with_hold_down() {
             .unwrap();
         }
     });
-    let flow = Flow::start(&app, &db, "198.18.20.20:9000".parse().unwrap());
+    let flow = UdpFlow::start(&app, &db, "198.18.20.20:9000".parse().unwrap()).unwrap();
     wait_for("the flow through fsn-gw1", &logs, || flow.received() > 100);
 
     // 1. fsn-gw1 dies: process killed, links down.

@@ -13,6 +13,7 @@
 mod cmd;
 mod host;
 mod lab;
+pub mod traffic;
 
 pub use cmd::{CmdError, Process};
 pub use host::Host;

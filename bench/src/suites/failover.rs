@@ -8,18 +8,13 @@
 
 use std::{
     fs::File,
-    net::{SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use mesh_lab::{Host, Lab, Process};
+use mesh_lab::{Host, Lab, Process, traffic::UdpFlow};
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::admin_service_client::AdminServiceClient;
 
@@ -177,64 +172,6 @@ impl Gateway {
     }
 }
 
-/// A one-way UDP flow; the receiver keeps arrival times.
-struct Flow {
-    stop: Arc<AtomicBool>,
-    arrivals: Arc<Mutex<Vec<Instant>>>,
-}
-
-impl Flow {
-    fn start(from: &Host, to_host: &Host, to: SocketAddr) -> anyhow::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let arrivals = Arc::new(Mutex::new(Vec::new()));
-        let rx = to_host.run(move || UdpSocket::bind(to))??;
-        rx.set_read_timeout(Some(Duration::from_millis(100)))?;
-        let tx = from.run(|| UdpSocket::bind("0.0.0.0:0"))??;
-        let (s, a) = (stop.clone(), arrivals.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            while !s.load(Ordering::Relaxed) {
-                if rx.recv(&mut buf).is_ok() {
-                    a.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Instant::now());
-                }
-            }
-        });
-        let s = stop.clone();
-        std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let _ = tx.send_to(b"flow", to);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        Ok(Self { stop, arrivals })
-    }
-
-    fn received(&self) -> usize {
-        self.arrivals.lock().map_or(0, |a| a.len())
-    }
-
-    fn first_since(&self, since: Instant) -> Option<Instant> {
-        self.arrivals.lock().ok()?.iter().copied().find(|t| *t >= since)
-    }
-
-    fn longest_gap_since(&self, since: Instant) -> Duration {
-        let Ok(a) = self.arrivals.lock() else { return Duration::MAX };
-        let mut prev = since;
-        let mut worst = Duration::ZERO;
-        for t in a.iter().filter(|t| **t >= since) {
-            worst = worst.max(t.duration_since(prev));
-            prev = *t;
-        }
-        worst
-    }
-}
-
-impl Drop for Flow {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
     let start = Instant::now();
     while !f() {
@@ -349,11 +286,11 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
         }
         Ok(())
     })?;
-    let flow = Flow::start(&app, &db, "198.18.20.20:9000".parse()?)?;
+    let flow = UdpFlow::start(&app, &db, "198.18.20.20:9000".parse()?)?;
     wait_for("the flow", Duration::from_secs(30), || flow.received() > 100)?;
 
     let mut results = Results::new(SUITE, None);
-    let fail_back = |flow: &Flow| -> anyhow::Result<()> {
+    let fail_back = |flow: &UdpFlow| -> anyhow::Result<()> {
         wait_for("fail-back", Duration::from_secs(30), || env.primary("198.18.20.0/24") == "fsngw1")?;
         // The nyc agent's own hold-down runs from its first answered probe,
         // about when control's starts: let it pass too, so the next case
@@ -411,7 +348,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
         // 4. Policy change to enforcement: a flow to a denied port starts
         // arriving once the new policy is in force on both gateways.
         ctx.progress(SUITE, format!("run {run}: policy change"));
-        let probe = Flow::start(&app, &db, "198.18.20.20:9001".parse()?)?;
+        let probe = UdpFlow::start(&app, &db, "198.18.20.20:9001".parse()?)?;
         std::thread::sleep(Duration::from_millis(200));
         anyhow::ensure!(probe.received() == 0, "port 9001 should be denied before the change");
         let t0 = Instant::now();
