@@ -10,7 +10,7 @@ use std::{
 use ipnet::IpNet;
 use mesh_policy::CompiledPolicy;
 
-use super::{EnforcerError, PolicyDigest, PolicyEnforcer};
+use super::{Actual, EnforcerError, PolicyDigest, PolicyEnforcer};
 use crate::{
     net::{Forwarding, LinkState, NetError, NetOps},
     wg::{BackendKind, WgDevice, WgError, WgPeer, WgUpdate, WireGuard},
@@ -19,23 +19,28 @@ use crate::{
 /// Everything the fakes hold.
 #[derive(Debug, Default)]
 pub struct FakeState {
-    /// The overlay link.
-    pub link: Option<LinkState>,
-    /// The WireGuard device.
-    pub wg: WgDevice,
-    /// Link addresses.
-    pub addresses: BTreeSet<IpNet>,
-    /// The agent's routes.
-    pub routes: BTreeSet<IpNet>,
-    /// Forwarding switches.
-    pub forwarding: Forwarding,
-    /// Policy in force.
-    pub policy: Option<PolicyDigest>,
+    /// What is in place (read back as it is; fields reachable through
+    /// `Deref`).
+    pub actual: Actual,
     /// Operations that fail while listed (`"wg.apply"`, `"replace_route"`,
     /// `"enforce"`, ... : the method names).
     pub fail: BTreeSet<&'static str>,
     /// Every mutating operation, in order.
     pub log: Vec<&'static str>,
+}
+
+impl std::ops::Deref for FakeState {
+    type Target = Actual;
+
+    fn deref(&self) -> &Actual {
+        &self.actual
+    }
+}
+
+impl std::ops::DerefMut for FakeState {
+    fn deref_mut(&mut self) -> &mut Actual {
+        &mut self.actual
+    }
 }
 
 /// The shared state.
