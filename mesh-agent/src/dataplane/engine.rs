@@ -47,6 +47,7 @@ fn pinned_maps() -> Vec<&'static str> {
         acl::names::ACTIVE,
         acl::names::CONFIG,
         acl::names::SLOT_META,
+        acl::names::LENS,
         acl::names::FLOWS,
         acl::names::VERDICTS,
         acl::names::MSS_STATS,

@@ -20,6 +20,7 @@
 //! `mesh_common::guard`. The policy-to-map compiler is [`compile`] (pure).
 
 mod acl;
+mod batch;
 pub mod compile;
 mod counter;
 mod counters;
