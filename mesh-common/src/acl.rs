@@ -3,9 +3,15 @@
 //!
 //! # How a packet is decided (cilium `policy.h` style)
 //!
-//! 1. **Flow table** (`ACL_FLOWS`, LRU hash, key [`FlowKey`] built from the
-//!    packet as it is): a hit that has not expired accepts the packet as a
-//!    reply of an accepted flow (`AcceptEstablished`).
+//! 1. **Flow table** (`ACL_FLOWS2`, LRU hash, key [`FlowKey`] built from the
+//!    packet as it is): a [`FlowKind::Reply`] entry that has not expired
+//!    accepts the packet as a reply of an accepted flow
+//!    (`AcceptEstablished`). A [`FlowKind::Forward`] entry that has not
+//!    expired and was made under the policy active now (its `active` word
+//!    equals `ACL_ACTIVE[0]`) accepts the packet with the rule it records
+//!    (`AcceptRule`, counted to that rule): the policy would decide the same,
+//!    as the decision depends only on fields of the flow key. Any other case
+//!    goes on to the policy (steps 2-4).
 //! 2. **Source identity**: the source address is looked up in
 //!    `SRCH4_<slot>` / `SRCH6_<slot>` (hash maps, key [`SrcKey4`] /
 //!    [`SrcKey6`] = prefix length and the address masked to it) once per
@@ -47,16 +53,20 @@
 //! replaces LPM tries, whose lookup walks a trie that deepens with the
 //! number of entries.
 //!
-//! On accept, the reverse of the packet's flow key is written to the flow
-//! table, so the replies pass (step 1) even if a new policy no longer allows
-//! the flow. A new policy applies to new flows and to every packet that is
-//! not a reply.
+//! On accept, the packet's flow key is written as a forward entry and the
+//! reverse key as a reply entry, so the replies pass (step 1) even if a new
+//! policy no longer allows the flow. A new policy applies to new flows and
+//! to every packet that is not a reply (forward entries of the old policy
+//! no longer answer). Later packets of an accepted flow refresh the reply
+//! entry at most once a second, so it may expire up to a second before its
+//! timeout.
 //!
 //! # Double buffering
 //!
 //! Each policy map exists twice (`_0`, `_1`), and `ACL_LENS` holds one
-//! [`SlotLens`] per slot. `ACL_ACTIVE[0]` names the slot the program reads;
-//! it reads it once per packet, so a packet sees one whole policy. The agent
+//! [`SlotLens`] per slot. `ACL_ACTIVE[0]` names the slot the program reads
+//! (bit 0; the bits above count installs, so that every install changes the
+//! word); it reads it once per packet, so a packet sees one whole policy. The agent
 //! empties and fills the inactive slot (hash maps: batch syscalls, thousands
 //! of entries per call), writes its lengths, then flips `ACL_ACTIVE`.
 //!
@@ -284,10 +294,30 @@ pub struct FlowKey {
 pub struct FlowValue {
     /// `bpf_ktime_get_ns()` after which the entry is stale.
     pub expires_ns: u64,
+    /// Forward entries: the expiry last written into the replies' entry
+    /// (refreshed at most once a second). 0 for reply entries.
+    pub reverse_until_ns: u64,
     /// Index of the rule that accepted the flow's first packet.
     pub rule_index: u32,
-    /// Policy slot that accepted it.
-    pub slot: u32,
+    /// `ACL_ACTIVE[0]` when the flow was accepted: a forward entry is used
+    /// only while that word is unchanged, i.e. under the same policy.
+    pub active: u32,
+    /// A [`FlowKind`].
+    pub kind: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// What a flow-table entry stands for.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowKind {
+    /// The replies of an accepted flow (keyed by the reverse flow key).
+    Reply = 0,
+    /// An accepted flow itself (keyed by its own flow key): its later
+    /// packets take the rule recorded here instead of the policy lookups,
+    /// as long as the policy that accepted it is active.
+    Forward = 1,
 }
 
 /// `ACL_CONFIG[0]`: settings the agent may change at any time.
@@ -393,14 +423,15 @@ pub const fn mss_v6(mtu: u32) -> u32 {
 
 /// Map names (the two policy slots append `_0` / `_1`).
 pub mod names {
-    /// Active slot (`Array<u32>`, one entry).
+    /// Active slot in bit 0, install count above (`Array<u32>`, one entry).
     pub const ACTIVE: &str = "ACL_ACTIVE";
     /// [`super::AclConfig`] (`Array`, one entry).
     pub const CONFIG: &str = "ACL_CONFIG";
     /// [`super::SlotMeta`] per slot (`Array`, two entries).
     pub const SLOT_META: &str = "SLOT_META";
-    /// Flow table (`LruHashMap<FlowKey, FlowValue>`).
-    pub const FLOWS: &str = "ACL_FLOWS";
+    /// Flow table (`LruHashMap<FlowKey, FlowValue>`; "2": the value grew,
+    /// so an agent adopting older pins starts a fresh table).
+    pub const FLOWS: &str = "ACL_FLOWS2";
     /// Verdict counters (`PerCpuArray<PacketCount>`).
     pub const VERDICTS: &str = "ACL_VERDICTS";
     /// MSS counters (`PerCpuArray<u64>`).

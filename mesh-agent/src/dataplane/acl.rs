@@ -145,7 +145,11 @@ pub(crate) fn install(ebpf: &mut Ebpf, tables: &AclTables) -> Result<InstallRepo
     set_slot_meta(ebpf, slot, meta)?;
 
     let mut active = Array::<_, u32>::try_from(map_mut(ebpf, names::ACTIVE)?).map_err(map_err("opening ACL_ACTIVE"))?;
-    active.set(0, slot, 0).map_err(map_err("switching ACL_ACTIVE"))?;
+    // Bit 0 is the slot; the bits above count installs, so that the word
+    // changes with every install and flows remembered under the previous
+    // policy stop answering for it (see `mesh_common::acl`).
+    let epoch = (active.get(&0, 0).map_err(map_err("reading ACL_ACTIVE"))? >> 1).wrapping_add(1);
+    active.set(0, (epoch << 1) | slot, 0).map_err(map_err("switching ACL_ACTIVE"))?;
 
     Ok(InstallReport {
         generation: tables.generation,

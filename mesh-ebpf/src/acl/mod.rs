@@ -15,9 +15,9 @@ use aya_ebpf::{
 };
 use mesh_common::{
     acl::{
-        AclConfig, AclVerdict, DstKey4, DstKey6, FlowKey, FlowValue, LENS4, LENS6, LEVEL_ANY_PROTO, MAX_CIDRS,
-        MAX_DST_ENTRIES, MAX_FLOWS, MAX_POLICY_ENTRIES, MAX_RULES, PORT_LEVELS, PolicyKey, PolicyValue, SlotLens,
-        SlotMeta, SrcKey4, SrcKey6,
+        AclConfig, AclVerdict, DstKey4, DstKey6, FlowKey, FlowKind, FlowValue, LENS4, LENS6, LEVEL_ANY_PROTO,
+        MAX_CIDRS, MAX_DST_ENTRIES, MAX_FLOWS, MAX_POLICY_ENTRIES, MAX_RULES, PORT_LEVELS, PolicyKey, PolicyValue,
+        SlotLens, SlotMeta, SrcKey4, SrcKey6,
     },
     counter::PacketCount,
 };
@@ -39,7 +39,7 @@ static ACL_CONFIG: Array<AclConfig> = Array::with_max_entries(1, 0);
 static SLOT_META: Array<SlotMeta> = Array::with_max_entries(2, 0);
 #[map(name = "ACL_LENS")]
 static ACL_LENS: Array<SlotLens> = Array::with_max_entries(2, 0);
-#[map(name = "ACL_FLOWS")]
+#[map(name = "ACL_FLOWS2")]
 static ACL_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 #[map(name = "ACL_VERDICTS")]
 static ACL_VERDICTS: PerCpuArray<PacketCount> = PerCpuArray::with_max_entries(AclVerdict::COUNT, 0);
@@ -118,54 +118,114 @@ fn decide(p: &Packet, len: u64, config: &AclConfig) -> AclVerdict {
     let timeout_s = if p.proto == parse::PROTO_TCP { config.tcp_timeout_s } else { config.other_timeout_s };
     let now = unsafe { bpf_ktime_get_ns() };
     let expires_ns = now + u64::from(timeout_s) * NS_PER_S;
+    // The active policy, read once: slot in bit 0, install epoch above.
+    let active = ACL_ACTIVE.get(0).copied().unwrap_or(0);
 
-    // 1. A reply of an accepted flow.
-    let key = flow_key(p);
-    if let Some(flow) = ACL_FLOWS.get_ptr_mut(&key) {
-        // SAFETY: a pointer into the map value, valid for this program run;
-        // concurrent writers only ever store a later expiry.
-        let flow = unsafe { &mut *flow };
-        if flow.expires_ns > now {
-            flow.expires_ns = expires_ns;
-            return AclVerdict::AcceptEstablished;
+    // 1. A reply of an accepted flow, or a later packet of a flow the
+    //    active policy accepted.
+    match flow_check(p, active, now, expires_ns) {
+        FLOW_REPLY => return AclVerdict::AcceptEstablished,
+        NO_RULE => {}
+        rule_index => {
+            count_rule(active & 1, rule_index, len);
+            return AclVerdict::AcceptRule;
         }
     }
 
-    // 2-4. The active policy, read once.
-    let slot = ACL_ACTIVE.get(0).copied().unwrap_or(0) & 1;
-    let rule_index = lookup_active(p, slot, len);
+    // 2-4. The active policy.
+    let rule_index = if active & 1 == 0 { lookup::<0>(p) } else { lookup::<1>(p) };
     if rule_index == NO_RULE {
         let reply_like = (p.proto == parse::PROTO_TCP && p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_ACK)
             || (p.echo && parse::echo_reply_type(p.family, p.icmp_type).is_none());
         return if reply_like { AclVerdict::DropNoFlow } else { AclVerdict::DropNoRule };
     }
-
-    // Accepted: let the replies in.
-    if let Some(reverse) = reverse_key(p) {
-        let value = FlowValue { expires_ns, rule_index, slot };
-        match ACL_FLOWS.get_ptr_mut(&reverse) {
-            // SAFETY: as above.
-            Some(existing) => unsafe { (*existing).expires_ns = expires_ns },
-            None => {
-                // A full LRU evicts the least recently used flow; an error
-                // here only means this flow's replies will need a rule.
-                let _ = ACL_FLOWS.insert(&reverse, &value, 0);
-            }
-        }
-    }
+    count_rule(active & 1, rule_index, len);
+    flow_accept(p, rule_index, active, expires_ns);
     AclVerdict::AcceptRule
 }
 
-/// Steps 2-4 on slot `slot`: the index of the deciding rule, [`NO_RULE`]
-/// to deny.
+/// Bumps rule `rule_index`'s counter in slot `slot`.
 #[inline(always)]
-fn lookup_active(p: &Packet, slot: u32, len: u64) -> u32 {
-    let rule_index = if slot == 0 { lookup::<0>(p) } else { lookup::<1>(p) };
-    if rule_index != NO_RULE {
-        let stats = if slot == 0 { &RULE_STATS_0 } else { &RULE_STATS_1 };
-        count(stats, rule_index, len);
+fn count_rule(slot: u32, rule_index: u32, len: u64) {
+    count(if slot == 0 { &RULE_STATS_0 } else { &RULE_STATS_1 }, rule_index, len);
+}
+
+/// [`flow_check`]'s "a reply of an accepted flow".
+const FLOW_REPLY: u32 = u32::MAX - 1;
+
+/// Step 1 on the packet's own flow key: [`FLOW_REPLY`] for a reply of an
+/// accepted flow, the rule index for a later packet of a flow that the
+/// policy active now (`active`, the `ACL_ACTIVE` word) accepted, else
+/// [`NO_RULE`]. Refreshes what it finds. Out of line, like everything that
+/// holds flow keys, to keep them off the frame the MSS rewrite stacks on.
+#[inline(never)]
+fn flow_check(p: &Packet, active: u32, now: u64, expires_ns: u64) -> u32 {
+    let key = flow_key(p);
+    let Some(flow) = ACL_FLOWS.get_ptr_mut(&key) else { return NO_RULE };
+    // SAFETY: a pointer into the map value, valid for this program run;
+    // concurrent writers store the same kind of values.
+    let flow = unsafe { &mut *flow };
+    if flow.expires_ns <= now {
+        return NO_RULE;
+    }
+    if flow.kind == FlowKind::Reply as u32 {
+        flow.expires_ns = expires_ns;
+        return FLOW_REPLY;
+    }
+    // A forward entry answers only for the policy that made it: after a
+    // swap the packet is decided again.
+    if flow.active != active {
+        return NO_RULE;
+    }
+    flow.expires_ns = expires_ns;
+    let rule_index = flow.rule_index;
+    // Keep the replies' entry alive, at most once a second per flow (it
+    // then expires up to a second early, and an entry the LRU evicted comes
+    // back within a second).
+    if flow.reverse_until_ns + NS_PER_S < expires_ns {
+        flow.reverse_until_ns = expires_ns;
+        refresh_reverse(p, rule_index, active, expires_ns);
     }
     rule_index
+}
+
+/// A packet the policy accepted: remember its flow (so that its later
+/// packets skip the policy while it stays active) and let the replies in.
+#[inline(never)]
+fn flow_accept(p: &Packet, rule_index: u32, active: u32, expires_ns: u64) {
+    let forward = FlowValue {
+        expires_ns,
+        reverse_until_ns: expires_ns,
+        rule_index,
+        active,
+        kind: FlowKind::Forward as u32,
+        pad: 0,
+    };
+    // A full LRU evicts the least recently used flow; an error here only
+    // means the next packet is decided by the policy again.
+    let _ = ACL_FLOWS.insert(&flow_key(p), &forward, 0);
+    refresh_reverse(p, rule_index, active, expires_ns);
+}
+
+/// Writes or refreshes the entry the replies of `p`'s flow will find.
+#[inline(always)]
+fn refresh_reverse(p: &Packet, rule_index: u32, active: u32, expires_ns: u64) {
+    let Some(reverse) = reverse_key(p) else { return };
+    match ACL_FLOWS.get_ptr_mut(&reverse) {
+        // SAFETY: as in `flow_check`.
+        Some(existing) if unsafe { (*existing).kind } == FlowKind::Reply as u32 => unsafe {
+            (*existing).expires_ns = expires_ns;
+        },
+        // Absent, or the other direction's forward entry: the reverse
+        // direction is now a reply (as it would have been before forward
+        // entries existed).
+        _ => {
+            let value =
+                FlowValue { expires_ns, reverse_until_ns: 0, rule_index, active, kind: FlowKind::Reply as u32, pad: 0 };
+            // As in `flow_accept`: an error only costs this flow's replies.
+            let _ = ACL_FLOWS.insert(&reverse, &value, 0);
+        }
+    }
 }
 
 /// Two native-order halves of an address (IPv4: the first four bytes), the
