@@ -2,13 +2,13 @@
 //! precedence: `mesh_common::acl`). Pure: no kernel, tested without root.
 //!
 //! - Every distinct source CIDR gets a class number (IPv4 and IPv6 share one
-//!   numbering so classes never collide in the decision trie); so does every
+//!   numbering so classes never collide in the decision map); so does every
 //!   distinct destination CIDR.
 //! - A rule's source CIDR `C` *applies to* every source class whose CIDR lies
 //!   inside `C`: an address whose longest source match is such a class is in
 //!   `C`.
 //! - For each source class, the destination CIDRs of the rules that apply to
-//!   it go into the destination trie under that class. A destination CIDR
+//!   it go into the destination map under that class. A destination CIDR
 //!   `D` of such a rule covers every one of those CIDRs inside `D`.
 //! - Each (source class, covered destination class) then gets decision
 //!   entries per protocol and aligned port block. Where entries of several
@@ -18,7 +18,7 @@
 //! - [`SlotLens`] lists the prefix lengths and port levels in use, longest
 //!   first, which is the order the program probes them in.
 //!
-//! Size: the destination trie holds, per source class, the destination CIDRs
+//! Size: the destination map holds, per source class, the destination CIDRs
 //! that apply to it; decision entries multiply only where destination CIDRs
 //! that apply to one source class nest. `* -> *` plus N host-to-host rules
 //! is O(N). Many wide, overlapping rules can still reach the limits
