@@ -3,48 +3,72 @@
 //!
 //! # How a packet is decided (cilium `policy.h` style)
 //!
-//! 1. **Flow table** (`ACL_FLOWS`, LRU hash, key [`FlowKey`] built from the
-//!    packet as it is): a hit that has not expired accepts the packet as a
-//!    reply of an accepted flow (`AcceptEstablished`).
-//! 2. **Source identity**: `SRC4_<slot>` / `SRC6_<slot>` (LPM tries, key = the
-//!    address, big-endian) give the packet's source *class*: the number of the
-//!    longest policy source CIDR that contains it. Because CIDRs nest or are
-//!    disjoint, the longest match fixes the whole chain of source CIDRs that
-//!    contain the address, so one lookup identifies the complete set. No
-//!    match: default deny.
-//! 3. **Destination identity, per source**: `DST4_<slot>` / `DST6_<slot>`
-//!    (LPM tries, key [`DstKey4`] / [`DstKey6`] = `source class | address`,
-//!    prefix length 32 + the CIDR's) give the class of the longest
-//!    destination CIDR *among the rules that apply to that source class*.
-//!    Keying destinations by source keeps a policy like `* -> *` plus N
-//!    host rules at O(N) entries instead of the N x N cross product a global
-//!    destination class would need. No match: default deny.
-//! 4. **Decision**: `POLICY_<slot>`, an LPM trie over [`PolicyKey`]
-//!    (`src class | dst class | protocol | destination port`, exact fields
-//!    first, wildcardable last). Entries have prefix length
-//!    - 64: both classes, any protocol, any port (`Proto::Any`);
-//!    - 72: plus the protocol, any port (ICMP, other protocols, or a full
-//!      port range);
-//!    - 72 + n: plus the first `n` bits of the port (a port range is split
-//!      into at most 30 aligned blocks).
+//! 1. **Flow table** (`ACL_FLOWS2`, LRU hash, key [`FlowKey`] built from the
+//!    packet as it is): a [`FlowKind::Reply`] entry that has not expired
+//!    accepts the packet as a reply of an accepted flow
+//!    (`AcceptEstablished`). A [`FlowKind::Forward`] entry that has not
+//!    expired and was made under the policy active now (its `active` word
+//!    equals `ACL_ACTIVE[0]`) accepts the packet with the rule it records
+//!    (`AcceptRule`, counted to that rule): the policy would decide the same,
+//!    as the decision depends only on fields of the flow key. Any other case
+//!    goes on to the policy (steps 2-4).
+//! 2. **Source identity**: the source address is looked up in
+//!    `SRCH4_<slot>` / `SRCH6_<slot>` (hash maps, key [`SrcKey4`] /
+//!    [`SrcKey6`] = prefix length and the address masked to it) once per
+//!    prefix length the policy's source CIDRs use ([`SlotLens`], longest
+//!    first); the first hit is the longest matching source CIDR and gives
+//!    the packet's source *class*. Because CIDRs nest or are disjoint, the
+//!    longest match fixes the whole chain of source CIDRs that contain the
+//!    address, so one class identifies the complete set. No match: default
+//!    deny.
+//! 3. **Destination identity, per source**: the same over the destination's
+//!    prefix lengths in `DSTH4_<slot>` / `DSTH6_<slot>` (key [`DstKey4`] /
+//!    [`DstKey6`] = source class, prefix length, masked address) gives the
+//!    class of the longest destination CIDR *among the rules that apply to
+//!    that source class*. Keying destinations by source keeps a policy like
+//!    `* -> *` plus N host rules at O(N) entries instead of the N x N cross
+//!    product a global destination class would need. No match: default deny.
+//! 4. **Decision**: `DECIDE_<slot>`, a hash map over [`PolicyKey`]
+//!    (`src class, dst class, protocol, level, destination port masked to
+//!    the level`). The level of an entry is
+//!    - 0..=16: one protocol, the first `level` bits of the port (a port
+//!      range is split into at most 30 aligned blocks; level 0 is "any
+//!      port", which is also how ICMP and portless protocols are stored);
+//!    - [`LEVEL_ANY_PROTO`]: any protocol and port (`Proto::Any`; protocol
+//!      and port are zero in the key).
 //!
-//!    The longest matching entry wins; its value is the index of the *first*
-//!    rule (in policy order) that matches every packet reaching this entry,
-//!    which is the rule whose counter is bumped. A miss is default deny.
+//!    The program tries the port levels the policy uses ([`SlotLens`]),
+//!    most specific first, then the any-protocol entry if the policy has
+//!    one; the first hit wins. Its value is the index of the *first* rule
+//!    (in policy order) that matches every packet reaching this entry,
+//!    which is the rule whose counter is bumped. No hit: default deny.
 //!
-//! So a packet costs at most one hash and three LPM lookups whatever the rule
-//! count; the rule count only changes how many entries the tries hold.
+//! So a packet costs one flow-table lookup plus one hash lookup per prefix
+//! length in use on each side and per port level in use; none of that grows
+//! with the rule count, which only changes how many entries the hash maps
+//! hold (a typical policy of host and site CIDRs with single ports costs
+//! two or three source/destination probes and one decision probe). The
+//! worst case, a policy using every prefix length, is 33 (IPv4) or 129
+//! (IPv6) probes per side, still independent of the rule count. This
+//! replaces LPM tries, whose lookup walks a trie that deepens with the
+//! number of entries.
 //!
-//! On accept, the reverse of the packet's flow key is written to the flow
-//! table, so the replies pass (step 1) even if a new policy no longer allows
-//! the flow. A new policy applies to new flows and to every packet that is
-//! not a reply.
+//! On accept, the packet's flow key is written as a forward entry and the
+//! reverse key as a reply entry, so the replies pass (step 1) even if a new
+//! policy no longer allows the flow. A new policy applies to new flows and
+//! to every packet that is not a reply (forward entries of the old policy
+//! no longer answer). Later packets of an accepted flow refresh the reply
+//! entry at most once a second, so it may expire up to a second before its
+//! timeout.
 //!
 //! # Double buffering
 //!
-//! Each policy map exists twice (`_0`, `_1`). `ACL_ACTIVE[0]` names the slot
-//! the program reads; it reads it once per packet, so a packet sees one whole
-//! policy. The agent fills the inactive slot, then flips `ACL_ACTIVE`.
+//! Each policy map exists twice (`_0`, `_1`), and `ACL_LENS` holds one
+//! [`SlotLens`] per slot. `ACL_ACTIVE[0]` names the slot the program reads
+//! (bit 0; the bits above count installs, so that every install changes the
+//! word); it reads it once per packet, so a packet sees one whole policy. The agent
+//! empties and fills the inactive slot (hash maps: batch syscalls, thousands
+//! of entries per call), writes its lengths, then flips `ACL_ACTIVE`.
 //!
 //! # Verdicts of odd packets
 //!
@@ -59,60 +83,180 @@
 
 /// Largest number of rules in one policy (size of the per-rule counters).
 pub const MAX_RULES: u32 = 16_384;
-/// Largest number of decision entries per slot (`POLICY_<slot>`).
+/// Largest number of decision entries per slot (`DECIDE_<slot>`).
+///
+/// Hash maps size their bucket array for the maximum (16 bytes a bucket),
+/// so the limits are what a big policy needs, not more.
 pub const MAX_POLICY_ENTRIES: u32 = 1 << 20;
 /// Largest number of distinct source CIDRs per family.
 pub const MAX_CIDRS: u32 = 1 << 16;
 /// Largest number of (source class, destination CIDR) entries per family.
-pub const MAX_DST_ENTRIES: u32 = 1 << 20;
+pub const MAX_DST_ENTRIES: u32 = 1 << 18;
 /// Flow-table size (LRU: the least recently used flows are evicted).
 pub const MAX_FLOWS: u32 = 1 << 17;
 
-/// Prefix length of a decision entry for any protocol and port.
-pub const POLICY_PREFIX_ANY_PROTO: u32 = 64;
-/// Prefix length of a decision entry for one protocol and any port.
-pub const POLICY_PREFIX_PROTO: u32 = 72;
-/// Prefix length of a decision entry for one protocol and one port.
-pub const POLICY_PREFIX_FULL: u32 = 88;
+/// Decision level of the any-protocol, any-port entry (levels 0..=16 are
+/// the port prefix bits of a one-protocol entry).
+pub const LEVEL_ANY_PROTO: u8 = 0xff;
+/// Number of IPv4 prefix lengths (0..=32).
+pub const LENS4: usize = 33;
+/// Number of IPv6 prefix lengths (0..=128).
+pub const LENS6: usize = 129;
+/// Number of port levels (0..=16 prefix bits).
+pub const PORT_LEVELS: usize = 17;
 
-/// Key data of `POLICY_<slot>` (LPM): compared bit by bit from the first byte,
-/// so the numbers are stored big-endian.
+/// Key of `SRCH4_<slot>`: an IPv4 source CIDR.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PolicyKey {
-    /// Source class (big-endian), never 0.
-    pub src_class: [u8; 4],
-    /// Destination class (big-endian), never 0.
-    pub dst_class: [u8; 4],
-    /// IP protocol number (ICMPv6 is 58).
-    pub proto: u8,
-    /// Destination port (big-endian; 0 for protocols without ports).
-    pub port: [u8; 2],
-    /// Zero; never covered by a prefix.
-    pub pad: u8,
-}
-
-/// Key data of `DST4_<slot>` (LPM): the source class, then the address.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct DstKey4 {
-    /// Source class (big-endian), always fully matched.
-    pub src_class: [u8; 4],
-    /// Destination address.
+pub struct SrcKey4 {
+    /// Prefix length (0..=32).
+    pub prefix_len: u32,
+    /// The address with the bits past `prefix_len` zero.
     pub addr: [u8; 4],
 }
 
-/// Key data of `DST6_<slot>` (LPM): the source class, then the address.
+/// Key of `SRCH6_<slot>`: an IPv6 source CIDR.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct DstKey6 {
-    /// Source class (big-endian), always fully matched.
-    pub src_class: [u8; 4],
-    /// Destination address.
+pub struct SrcKey6 {
+    /// Prefix length (0..=128).
+    pub prefix_len: u32,
+    /// The address with the bits past `prefix_len` zero.
     pub addr: [u8; 16],
 }
 
-/// Value of `POLICY_<slot>`: which rule decided.
+/// Key of `DSTH4_<slot>`: an IPv4 destination CIDR under a source class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DstKey4 {
+    /// Source class.
+    pub src_class: u32,
+    /// Prefix length (0..=32).
+    pub prefix_len: u32,
+    /// The address with the bits past `prefix_len` zero.
+    pub addr: [u8; 4],
+}
+
+/// Key of `DSTH6_<slot>`: an IPv6 destination CIDR under a source class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DstKey6 {
+    /// Source class.
+    pub src_class: u32,
+    /// Prefix length (0..=128).
+    pub prefix_len: u32,
+    /// The address with the bits past `prefix_len` zero.
+    pub addr: [u8; 16],
+}
+
+/// Key of `DECIDE_<slot>` (hash map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    /// Source class, never 0.
+    pub src_class: u32,
+    /// Destination class, never 0.
+    pub dst_class: u32,
+    /// Destination port masked to `level` bits (network order; zero for
+    /// level 0 and [`LEVEL_ANY_PROTO`]).
+    pub port: [u8; 2],
+    /// IP protocol number (ICMPv6 is 58); zero for [`LEVEL_ANY_PROTO`].
+    pub proto: u8,
+    /// Port prefix bits (0..=16), or [`LEVEL_ANY_PROTO`].
+    pub level: u8,
+}
+
+/// `ACL_LENS[slot]`: which prefix lengths and port levels the slot's
+/// entries use, so the program probes only those (longest first), with the
+/// matching masks. The masks are precomputed here rather than derived from
+/// the lengths in the program, which would take branches in every probe.
+/// Masks are stored as native integers read from the big-endian mask bytes
+/// (`u64::from_ne_bytes`), so ANDing them with an address read the same way
+/// masks it byte for byte on any host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotLens {
+    /// Network masks of `src6` (two halves each).
+    pub src6_mask: [[u64; 2]; LENS6],
+    /// Network masks of `dst6`.
+    pub dst6_mask: [[u64; 2]; LENS6],
+    /// Network masks of `src4`.
+    pub src4_mask: [u32; LENS4],
+    /// Network masks of `dst4`.
+    pub dst4_mask: [u32; LENS4],
+    /// Port masks of `ports`, as numbers (the port is masked as a number).
+    pub ports_mask: [u16; PORT_LEVELS],
+    /// IPv4 source prefix lengths, longest first (`n_src4` valid).
+    pub src4: [u8; LENS4],
+    /// IPv4 destination prefix lengths, longest first (`n_dst4` valid).
+    pub dst4: [u8; LENS4],
+    /// IPv6 source prefix lengths, longest first (`n_src6` valid).
+    pub src6: [u8; LENS6],
+    /// IPv6 destination prefix lengths, longest first (`n_dst6` valid).
+    pub dst6: [u8; LENS6],
+    /// One-protocol port levels, most specific first (`n_ports` valid).
+    pub ports: [u8; PORT_LEVELS],
+    /// Valid entries of `src4`.
+    pub n_src4: u8,
+    /// Valid entries of `dst4`.
+    pub n_dst4: u8,
+    /// Valid entries of `src6`.
+    pub n_src6: u8,
+    /// Valid entries of `dst6`.
+    pub n_dst6: u8,
+    /// Valid entries of `ports`.
+    pub n_ports: u8,
+    /// 1 when the slot has any-protocol entries.
+    pub any_proto: u8,
+    /// Zero (no implicit padding: the size is a multiple of 8).
+    pub pad: [u8; 3],
+}
+
+const _: () = assert!(size_of::<SlotLens>().is_multiple_of(8), "SlotLens must have no trailing padding");
+
+impl SlotLens {
+    /// No lengths: every lookup misses (default deny).
+    pub const EMPTY: Self = Self {
+        src6_mask: [[0; 2]; LENS6],
+        dst6_mask: [[0; 2]; LENS6],
+        src4_mask: [0; LENS4],
+        dst4_mask: [0; LENS4],
+        ports_mask: [0; PORT_LEVELS],
+        src4: [0; LENS4],
+        dst4: [0; LENS4],
+        src6: [0; LENS6],
+        dst6: [0; LENS6],
+        ports: [0; PORT_LEVELS],
+        n_src4: 0,
+        n_dst4: 0,
+        n_src6: 0,
+        n_dst6: 0,
+        n_ports: 0,
+        any_proto: 0,
+        pad: [0; 3],
+    };
+}
+
+impl Default for SlotLens {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+/// The first `len` bits set, the rest clear, as `N` big-endian bytes.
+#[must_use]
+pub fn prefix_mask<const N: usize>(len: u8) -> [u8; N] {
+    let mut m = [0u8; N];
+    let mut left = usize::from(len);
+    for b in &mut m {
+        let bits = left.min(8);
+        *b = if bits == 0 { 0 } else { 0xffu8 << (8 - bits) };
+        left -= bits;
+    }
+    m
+}
+
+/// Value of `DECIDE_<slot>`: which rule decided.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyValue {
@@ -150,10 +294,30 @@ pub struct FlowKey {
 pub struct FlowValue {
     /// `bpf_ktime_get_ns()` after which the entry is stale.
     pub expires_ns: u64,
+    /// Forward entries: the expiry last written into the replies' entry
+    /// (refreshed at most once a second). 0 for reply entries.
+    pub reverse_until_ns: u64,
     /// Index of the rule that accepted the flow's first packet.
     pub rule_index: u32,
-    /// Policy slot that accepted it.
-    pub slot: u32,
+    /// `ACL_ACTIVE[0]` when the flow was accepted: a forward entry is used
+    /// only while that word is unchanged, i.e. under the same policy.
+    pub active: u32,
+    /// A [`FlowKind`].
+    pub kind: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// What a flow-table entry stands for.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowKind {
+    /// The replies of an accepted flow (keyed by the reverse flow key).
+    Reply = 0,
+    /// An accepted flow itself (keyed by its own flow key): its later
+    /// packets take the rule recorded here instead of the policy lookups,
+    /// as long as the policy that accepted it is active.
+    Forward = 1,
 }
 
 /// `ACL_CONFIG[0]`: settings the agent may change at any time.
@@ -259,28 +423,35 @@ pub const fn mss_v6(mtu: u32) -> u32 {
 
 /// Map names (the two policy slots append `_0` / `_1`).
 pub mod names {
-    /// Active slot (`Array<u32>`, one entry).
+    /// Active slot in bit 0, install count above (`Array<u32>`, one entry).
     pub const ACTIVE: &str = "ACL_ACTIVE";
     /// [`super::AclConfig`] (`Array`, one entry).
     pub const CONFIG: &str = "ACL_CONFIG";
     /// [`super::SlotMeta`] per slot (`Array`, two entries).
     pub const SLOT_META: &str = "SLOT_META";
-    /// Flow table (`LruHashMap<FlowKey, FlowValue>`).
-    pub const FLOWS: &str = "ACL_FLOWS";
+    /// Flow table (`LruHashMap<FlowKey, FlowValue>`; "2": the value grew,
+    /// so an agent adopting older pins starts a fresh table).
+    pub const FLOWS: &str = "ACL_FLOWS2";
     /// Verdict counters (`PerCpuArray<PacketCount>`).
     pub const VERDICTS: &str = "ACL_VERDICTS";
     /// MSS counters (`PerCpuArray<u64>`).
     pub const MSS_STATS: &str = "MSS_STATS";
-    /// IPv4 source classes per slot.
-    pub const SRC4: [&str; 2] = ["SRC4_0", "SRC4_1"];
-    /// IPv6 source classes per slot.
-    pub const SRC6: [&str; 2] = ["SRC6_0", "SRC6_1"];
+    /// [`super::SlotLens`] per slot (`Array`, two entries).
+    pub const LENS: &str = "ACL_LENS";
+    // The hash maps below replaced LPM tries of the same role; the names
+    // changed with the type so that an agent adopting the pins of an older
+    // one creates fresh maps (then empty: default deny until it installs)
+    // instead of reusing a trie with another key layout.
+    /// IPv4 source classes per slot (`HashMap<SrcKey4, u32>`).
+    pub const SRC4: [&str; 2] = ["SRCH4_0", "SRCH4_1"];
+    /// IPv6 source classes per slot (`HashMap<SrcKey6, u32>`).
+    pub const SRC6: [&str; 2] = ["SRCH6_0", "SRCH6_1"];
     /// IPv4 destination classes per source class, per slot.
-    pub const DST4: [&str; 2] = ["DST4_0", "DST4_1"];
+    pub const DST4: [&str; 2] = ["DSTH4_0", "DSTH4_1"];
     /// IPv6 destination classes per source class, per slot.
-    pub const DST6: [&str; 2] = ["DST6_0", "DST6_1"];
-    /// Decision tries per slot.
-    pub const POLICY: [&str; 2] = ["POLICY_0", "POLICY_1"];
+    pub const DST6: [&str; 2] = ["DSTH6_0", "DSTH6_1"];
+    /// Decision maps per slot (`HashMap<PolicyKey, PolicyValue>`).
+    pub const POLICY: [&str; 2] = ["DECIDE_0", "DECIDE_1"];
     /// Per-rule counters per slot (`PerCpuArray<PacketCount>`).
     pub const RULE_STATS: [&str; 2] = ["RULE_STATS_0", "RULE_STATS_1"];
     /// Rule index to rule id per slot (`Array<u32>`).
@@ -293,6 +464,9 @@ mod pod {
     // (sizes are multiples of the alignment and fields are laid out densely),
     // every bit pattern valid.
     unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::SrcKey4 {}
+    unsafe impl aya::Pod for super::SrcKey6 {}
+    unsafe impl aya::Pod for super::SlotLens {}
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::DstKey4 {}
     unsafe impl aya::Pod for super::DstKey6 {}

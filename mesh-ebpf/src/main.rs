@@ -6,6 +6,7 @@
 mod acl;
 mod counter;
 mod guard;
+mod traffic;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,21 +1,24 @@
 //! Writing compiled policies into the ACL's maps (double-buffered, see
 //! `mesh_common::acl`) and reading the ACL's counters.
 
-use std::time::{Duration, Instant};
+use std::{
+    os::fd::{AsFd as _, BorrowedFd},
+    time::{Duration, Instant},
+};
 
 use aya::{
     Ebpf,
-    maps::{
-        Array, Map, MapError, PerCpuArray, PerCpuValues,
-        lpm_trie::{Key, LpmTrie},
-    },
+    maps::{Array, Map, MapError, PerCpuArray, PerCpuValues},
 };
 use mesh_common::{
-    acl::{AclConfig, AclVerdict, DstKey4, DstKey6, MssEvent, PolicyKey, PolicyValue, SlotMeta, names},
+    acl::{
+        AclConfig, AclVerdict, DstKey4, DstKey6, MssEvent, PolicyKey, PolicyValue, SlotLens, SlotMeta, SrcKey4,
+        SrcKey6, names,
+    },
     counter::PacketCount,
 };
 
-use super::{DataplaneError, compile::AclTables, counters::RuleCounter};
+use super::{DataplaneError, batch, compile::AclTables, counters::RuleCounter};
 
 /// What an install did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,85 +67,89 @@ fn set_slot_meta(ebpf: &mut Ebpf, slot: u32, value: SlotMeta) -> Result<(), Data
     meta.set(slot, value, 0).map_err(map_err("writing SLOT_META"))
 }
 
-/// Empties an LPM trie (keys first: deleting while walking restarts walks).
-fn clear_trie<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneError> {
-    let mut trie = LpmTrie::<_, K, V>::try_from(map_mut(ebpf, name)?).map_err(map_err(format!("opening {name}")))?;
-    let keys: Vec<Key<K>> = trie.keys().collect::<Result<_, _>>().map_err(map_err(format!("listing {name}")))?;
-    for key in &keys {
-        trie.remove(key).map_err(map_err(format!("clearing {name}")))?;
-    }
-    Ok(())
+/// The file descriptor of map `name`.
+fn map_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<BorrowedFd<'a>, DataplaneError> {
+    Ok(match map(ebpf, name)? {
+        Map::HashMap(m) | Map::Array(m) | Map::PerCpuArray(m) => m.fd().as_fd(),
+        _ => return Err(DataplaneError::Usage(format!("{name}: not a hash or array map"))),
+    })
 }
 
-fn fill_trie<K: aya::Pod, V: aya::Pod>(
-    ebpf: &mut Ebpf,
+fn batch_err(what: String) -> impl FnOnce(std::io::Error) -> DataplaneError {
+    move |source| DataplaneError::Io { what, source }
+}
+
+/// Empties the hash map `name` (batch deletes).
+fn clear_hash<K: aya::Pod, V: aya::Pod>(ebpf: &Ebpf, name: &'static str) -> Result<usize, DataplaneError> {
+    batch::clear::<K, V>(map_fd(ebpf, name)?).map_err(batch_err(format!("clearing {name}")))
+}
+
+/// Writes `entries` into the hash map `name` (one batch update).
+fn fill_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &Ebpf,
     name: &'static str,
-    entries: impl Iterator<Item = (u32, K, V)>,
+    entries: impl Iterator<Item = (K, V)>,
 ) -> Result<(), DataplaneError> {
-    let mut trie = LpmTrie::<_, K, V>::try_from(map_mut(ebpf, name)?).map_err(map_err(format!("opening {name}")))?;
-    for (prefix, key, value) in entries {
-        trie.insert(&Key::new(prefix, key), value, 0).map_err(map_err(format!("writing {name}")))?;
-    }
-    Ok(())
+    let (keys, values): (Vec<K>, Vec<V>) = entries.unzip();
+    batch::update(map_fd(ebpf, name)?, &keys, &values, 1).map_err(batch_err(format!("writing {name}")))
 }
 
 /// Writes `tables` into the inactive slot and switches to it. A packet reads
 /// the active slot once, so it sees either the old or the new policy whole.
 /// The slot being written was last active one install ago: packets still
 /// inside it finished long before (a packet takes microseconds; an install
-/// is a syscall round trip per entry).
+/// takes at least several syscalls).
 pub(crate) fn install(ebpf: &mut Ebpf, tables: &AclTables) -> Result<InstallReport, DataplaneError> {
     let start = Instant::now();
     let slot = 1 - active_slot(ebpf)?;
     let s = slot as usize;
     set_slot_meta(ebpf, slot, SlotMeta::default())?;
+    set_slot_lens(ebpf, slot, SlotLens::EMPTY)?;
 
-    clear_trie::<[u8; 4], u32>(ebpf, names::SRC4[s])?;
-    clear_trie::<DstKey4, u32>(ebpf, names::DST4[s])?;
-    clear_trie::<[u8; 16], u32>(ebpf, names::SRC6[s])?;
-    clear_trie::<DstKey6, u32>(ebpf, names::DST6[s])?;
-    clear_trie::<PolicyKey, PolicyValue>(ebpf, names::POLICY[s])?;
+    clear_hash::<SrcKey4, u32>(ebpf, names::SRC4[s])?;
+    clear_hash::<DstKey4, u32>(ebpf, names::DST4[s])?;
+    clear_hash::<SrcKey6, u32>(ebpf, names::SRC6[s])?;
+    clear_hash::<DstKey6, u32>(ebpf, names::DST6[s])?;
+    clear_hash::<PolicyKey, PolicyValue>(ebpf, names::POLICY[s])?;
 
-    let v4 = |t: &[(ipnet::Ipv4Net, u32)]| {
-        t.iter().map(|(n, c)| (u32::from(n.prefix_len()), n.network().octets(), *c)).collect::<Vec<_>>()
-    };
-    let v6 = |t: &[(ipnet::Ipv6Net, u32)]| {
-        t.iter().map(|(n, c)| (u32::from(n.prefix_len()), n.network().octets(), *c)).collect::<Vec<_>>()
-    };
-    fill_trie(ebpf, names::SRC4[s], v4(&tables.src4).into_iter())?;
+    let src4 = tables
+        .src4
+        .iter()
+        .map(|(n, c)| (SrcKey4 { prefix_len: u32::from(n.prefix_len()), addr: n.network().octets() }, *c));
+    fill_hash(ebpf, names::SRC4[s], src4)?;
+    let src6 = tables
+        .src6
+        .iter()
+        .map(|(n, c)| (SrcKey6 { prefix_len: u32::from(n.prefix_len()), addr: n.network().octets() }, *c));
+    fill_hash(ebpf, names::SRC6[s], src6)?;
     let dst4 = tables.dst4.iter().map(|(sc, n, dc)| {
-        (32 + u32::from(n.prefix_len()), DstKey4 { src_class: sc.to_be_bytes(), addr: n.network().octets() }, *dc)
+        (DstKey4 { src_class: *sc, prefix_len: u32::from(n.prefix_len()), addr: n.network().octets() }, *dc)
     });
-    fill_trie(ebpf, names::DST4[s], dst4)?;
-    fill_trie(ebpf, names::SRC6[s], v6(&tables.src6).into_iter())?;
+    fill_hash(ebpf, names::DST4[s], dst4)?;
     let dst6 = tables.dst6.iter().map(|(sc, n, dc)| {
-        (32 + u32::from(n.prefix_len()), DstKey6 { src_class: sc.to_be_bytes(), addr: n.network().octets() }, *dc)
+        (DstKey6 { src_class: *sc, prefix_len: u32::from(n.prefix_len()), addr: n.network().octets() }, *dc)
     });
-    fill_trie(ebpf, names::DST6[s], dst6)?;
-    fill_trie(ebpf, names::POLICY[s], tables.policy.iter().copied())?;
+    fill_hash(ebpf, names::DST6[s], dst6)?;
+    fill_hash(ebpf, names::POLICY[s], tables.policy.iter().copied())?;
 
-    {
-        let mut ids = Array::<_, u32>::try_from(map_mut(ebpf, names::RULE_IDS[s])?)
-            .map_err(map_err(format!("opening {}", names::RULE_IDS[s])))?;
-        for (i, id) in tables.rule_ids.iter().enumerate() {
-            ids.set(i as u32, id, 0).map_err(map_err(format!("writing {}", names::RULE_IDS[s])))?;
-        }
-    }
-    {
-        let cpus = aya::util::nr_cpus().map_err(|(what, source)| DataplaneError::Io { what: what.into(), source })?;
-        let mut stats = PerCpuArray::<_, PacketCount>::try_from(map_mut(ebpf, names::RULE_STATS[s])?)
-            .map_err(map_err(format!("opening {}", names::RULE_STATS[s])))?;
-        for i in 0..tables.rule_ids.len() as u32 {
-            let zeros = PerCpuValues::try_from(vec![PacketCount::default(); cpus])
-                .map_err(|source| DataplaneError::Io { what: "building per-CPU zeros".into(), source })?;
-            stats.set(i, zeros, 0).map_err(map_err(format!("resetting {}", names::RULE_STATS[s])))?;
-        }
-    }
+    let indexes: Vec<u32> = (0..tables.rule_ids.len() as u32).collect();
+    batch::update(map_fd(ebpf, names::RULE_IDS[s])?, &indexes, &tables.rule_ids, 1)
+        .map_err(batch_err(format!("writing {}", names::RULE_IDS[s])))?;
+    let cpus = aya::util::nr_cpus().map_err(|(what, source)| DataplaneError::Io { what: what.into(), source })?;
+    let zeros = vec![PacketCount::default(); indexes.len() * cpus];
+    batch::update(map_fd(ebpf, names::RULE_STATS[s])?, &indexes, &zeros, cpus)
+        .map_err(batch_err(format!("resetting {}", names::RULE_STATS[s])))?;
+
+    set_slot_lens(ebpf, slot, tables.lens)?;
     let meta = SlotMeta { generation: tables.generation, rule_count: tables.rule_ids.len() as u32, valid: 1 };
     set_slot_meta(ebpf, slot, meta)?;
 
     let mut active = Array::<_, u32>::try_from(map_mut(ebpf, names::ACTIVE)?).map_err(map_err("opening ACL_ACTIVE"))?;
-    active.set(0, slot, 0).map_err(map_err("switching ACL_ACTIVE"))?;
+    // Bit 0 is the slot; the bits above count installs, so that the word
+    // changes with every install and flows remembered under the previous
+    // policy stop answering for it (see `mesh_common::acl`).
+    let epoch = (active.get(&0, 0).map_err(map_err("reading ACL_ACTIVE"))? >> 1).wrapping_add(1);
+    active.set(0, (epoch << 1) | slot, 0).map_err(map_err("switching ACL_ACTIVE"))?;
 
     Ok(InstallReport {
         generation: tables.generation,
@@ -152,6 +159,11 @@ pub(crate) fn install(ebpf: &mut Ebpf, tables: &AclTables) -> Result<InstallRepo
         cidrs: tables.src4.len() + tables.src6.len() + tables.dst4.len() + tables.dst6.len(),
         elapsed: start.elapsed(),
     })
+}
+
+fn set_slot_lens(ebpf: &mut Ebpf, slot: u32, value: SlotLens) -> Result<(), DataplaneError> {
+    let mut lens = Array::<_, SlotLens>::try_from(map_mut(ebpf, names::LENS)?).map_err(map_err("opening ACL_LENS"))?;
+    lens.set(slot, value, 0).map_err(map_err("writing ACL_LENS"))
 }
 
 /// Generation of the active policy, `None` if none was installed.

@@ -2,20 +2,23 @@
 //! precedence: `mesh_common::acl`). Pure: no kernel, tested without root.
 //!
 //! - Every distinct source CIDR gets a class number (IPv4 and IPv6 share one
-//!   numbering so classes never collide in the decision trie); so does every
+//!   numbering so classes never collide in the decision map); so does every
 //!   distinct destination CIDR.
 //! - A rule's source CIDR `C` *applies to* every source class whose CIDR lies
 //!   inside `C`: an address whose longest source match is such a class is in
 //!   `C`.
 //! - For each source class, the destination CIDRs of the rules that apply to
-//!   it go into the destination trie under that class. A destination CIDR
+//!   it go into the destination map under that class. A destination CIDR
 //!   `D` of such a rule covers every one of those CIDRs inside `D`.
 //! - Each (source class, covered destination class) then gets decision
 //!   entries per protocol and aligned port block. Where entries of several
 //!   rules coincide or nest, each keeps the smallest rule index among the
-//!   rules covering it, so the longest match names the first matching rule.
+//!   rules covering it, so the most specific entry names the first matching
+//!   rule.
+//! - [`SlotLens`] lists the prefix lengths and port levels in use, longest
+//!   first, which is the order the program probes them in.
 //!
-//! Size: the destination trie holds, per source class, the destination CIDRs
+//! Size: the destination map holds, per source class, the destination CIDRs
 //! that apply to it; decision entries multiply only where destination CIDRs
 //! that apply to one source class nest. `* -> *` plus N host-to-host rules
 //! is O(N). Many wide, overlapping rules can still reach the limits
@@ -26,8 +29,8 @@ use std::collections::HashMap;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mesh_common::acl::{
-    MAX_CIDRS, MAX_DST_ENTRIES, MAX_POLICY_ENTRIES, MAX_RULES, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_PROTO, PolicyKey,
-    PolicyValue,
+    LEVEL_ANY_PROTO, MAX_CIDRS, MAX_DST_ENTRIES, MAX_POLICY_ENTRIES, MAX_RULES, PolicyKey, PolicyValue, SlotLens,
+    prefix_mask,
 };
 use mesh_policy::{CompiledPolicy, PolicyError, Proto, RuleId};
 
@@ -44,8 +47,10 @@ pub struct AclTables {
     pub dst4: Vec<(u32, Ipv4Net, u32)>,
     /// (source class, IPv6 destination CIDR) -> destination class.
     pub dst6: Vec<(u32, Ipv6Net, u32)>,
-    /// Decision entries: (prefix length, key, value).
-    pub policy: Vec<(u32, PolicyKey, PolicyValue)>,
+    /// Decision entries.
+    pub policy: Vec<(PolicyKey, PolicyValue)>,
+    /// Prefix lengths and port levels in use, longest first.
+    pub lens: SlotLens,
     /// Rule index -> rule id.
     pub rule_ids: Vec<RuleId>,
 }
@@ -228,20 +233,17 @@ pub fn compile(policy: &CompiledPolicy) -> Result<AclTables, CompileError> {
                 }
             }
         }
-        let prefix = match proto {
-            None => POLICY_PREFIX_ANY_PROTO,
-            Some(_) => POLICY_PREFIX_PROTO + u32::from(bits),
-        };
         let key = PolicyKey {
-            src_class: sc.to_be_bytes(),
-            dst_class: dc.to_be_bytes(),
-            proto: proto.unwrap_or(0),
+            src_class: sc,
+            dst_class: dc,
             port: port.to_be_bytes(),
-            pad: 0,
+            proto: proto.unwrap_or(0),
+            level: if proto.is_some() { bits } else { LEVEL_ANY_PROTO },
         };
-        policy_entries.push((prefix, key, PolicyValue { rule_index: first }));
+        policy_entries.push((key, PolicyValue { rule_index: first }));
     }
-    policy_entries.sort_by_key(|(p, k, _)| (k.src_class, k.dst_class, *p, k.proto, k.port));
+    policy_entries.sort_by_key(|(k, _)| (k.src_class, k.dst_class, k.level, k.proto, k.port));
+    let lens = slot_lens(&src, &dst4, &dst6, &policy_entries);
 
     Ok(AclTables {
         generation: policy.generation,
@@ -250,8 +252,59 @@ pub fn compile(policy: &CompiledPolicy) -> Result<AclTables, CompileError> {
         dst4,
         dst6,
         policy: policy_entries,
+        lens,
         rule_ids: policy.rules.iter().map(|r| r.id).collect(),
     })
+}
+
+/// The prefix lengths and port levels `entries` use, longest first.
+fn slot_lens(
+    src: &Side,
+    dst4: &[(u32, Ipv4Net, u32)],
+    dst6: &[(u32, Ipv6Net, u32)],
+    entries: &[(PolicyKey, PolicyValue)],
+) -> SlotLens {
+    /// Writes the distinct values of `lens` into `out`, largest first, and
+    /// returns how many there are.
+    fn fill(out: &mut [u8], lens: impl Iterator<Item = u8>) -> u8 {
+        let mut seen = [false; 256];
+        for l in lens {
+            seen[usize::from(l)] = true;
+        }
+        let mut n = 0;
+        for l in (0..=u8::MAX).rev().filter(|l| seen[usize::from(*l)]) {
+            out[n] = l;
+            n += 1;
+        }
+        n as u8
+    }
+    // Native integers read from the big-endian mask bytes (see SlotLens).
+    fn masks<T>(out: &mut [T], lens: &[u8], from: impl Fn(u8) -> T) {
+        for (m, l) in out.iter_mut().zip(lens) {
+            *m = from(*l);
+        }
+    }
+    let v4 = |l| u32::from_ne_bytes(prefix_mask(l));
+    let v6 = |l| {
+        let m: [u8; 16] = prefix_mask(l);
+        [u64::from_ne_bytes(m[..8].try_into().unwrap()), u64::from_ne_bytes(m[8..].try_into().unwrap())]
+    };
+    // Ports are compared as numbers, not bytes.
+    let port = |l| u16::from_be_bytes(prefix_mask(l));
+    let mut lens = SlotLens::EMPTY;
+    lens.n_src4 = fill(&mut lens.src4, src.v4.iter().map(Ipv4Net::prefix_len));
+    lens.n_src6 = fill(&mut lens.src6, src.v6.iter().map(Ipv6Net::prefix_len));
+    lens.n_dst4 = fill(&mut lens.dst4, dst4.iter().map(|(_, n, _)| n.prefix_len()));
+    lens.n_dst6 = fill(&mut lens.dst6, dst6.iter().map(|(_, n, _)| n.prefix_len()));
+    let levels = entries.iter().map(|(k, _)| k.level);
+    lens.n_ports = fill(&mut lens.ports, levels.clone().filter(|l| *l != LEVEL_ANY_PROTO));
+    lens.any_proto = u8::from(levels.clone().any(|l| l == LEVEL_ANY_PROTO));
+    masks(&mut lens.src4_mask, &lens.src4[..usize::from(lens.n_src4)], v4);
+    masks(&mut lens.dst4_mask, &lens.dst4[..usize::from(lens.n_dst4)], v4);
+    masks(&mut lens.src6_mask, &lens.src6[..usize::from(lens.n_src6)], v6);
+    masks(&mut lens.dst6_mask, &lens.dst6[..usize::from(lens.n_dst6)], v6);
+    masks(&mut lens.ports_mask, &lens.ports[..usize::from(lens.n_ports)], port);
+    lens
 }
 
 fn mask_port(port: u16, bits: u8) -> u16 {
@@ -350,20 +403,34 @@ mod tests {
         assert_eq!(t.src4.iter().map(|(_, c)| *c).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(t.src6.iter().map(|(_, c)| *c).collect::<Vec<_>>(), vec![3]);
         // Rule 0 covers src classes 1 and 2 (the /32 is inside the /10).
-        let tcp: Vec<_> = t.policy.iter().filter(|(_, k, _)| k.proto == 6).collect();
+        let tcp: Vec<_> = t.policy.iter().filter(|(k, _)| k.proto == 6).collect();
         assert_eq!(tcp.len(), 2);
-        assert!(tcp.iter().all(|(p, _, v)| *p == 88 && v.rule_index == 0));
+        assert!(tcp.iter().all(|(k, v)| k.level == 16 && v.rule_index == 0));
         // Rule 1 (any) from class 2 to v4 dst: value 1; the TCP 5432 entry
         // under it keeps rule 0, which comes first.
-        let any: Vec<_> = t.policy.iter().filter(|(p, _, _)| *p == 64).collect();
+        let any: Vec<_> = t.policy.iter().filter(|(k, _)| k.level == LEVEL_ANY_PROTO).collect();
         assert_eq!(any.len(), 1, "rule 101's v6 destination has no v6 source");
-        assert_eq!(any[0].2.rule_index, 1);
+        assert_eq!(any[0].1.rule_index, 1);
         // Destinations per source class: the /10 and the /32 see the /24;
         // the v6 source sees the /48.
         assert_eq!(t.dst4.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(t.dst6.len(), 1);
         // ICMP: protocols 1 and 58 from class 3 to the v6 dst class.
-        assert_eq!(t.policy.iter().filter(|(p, _, _)| *p == 72).count(), 2);
+        assert_eq!(t.policy.iter().filter(|(k, _)| k.level == 0).count(), 2);
+        // The lengths the program probes, longest first.
+        assert_eq!(&t.lens.src4[..usize::from(t.lens.n_src4)], &[32, 10]);
+        assert_eq!(&t.lens.src6[..usize::from(t.lens.n_src6)], &[48]);
+        assert_eq!(&t.lens.dst4[..usize::from(t.lens.n_dst4)], &[24]);
+        assert_eq!(&t.lens.dst6[..usize::from(t.lens.n_dst6)], &[48]);
+        assert_eq!(&t.lens.ports[..usize::from(t.lens.n_ports)], &[16, 0]);
+        assert_eq!(t.lens.any_proto, 1);
+        assert_eq!(
+            t.lens.src4_mask[..2].iter().map(|m| m.to_ne_bytes()).collect::<Vec<_>>(),
+            [[255, 255, 255, 255], [255, 192, 0, 0]]
+        );
+        assert_eq!(t.lens.ports_mask[..2], [u16::MAX, 0]);
+        assert_eq!(t.lens.src6_mask[0][0].to_ne_bytes(), [255, 255, 255, 255, 255, 255, 0, 0]);
+        assert_eq!(t.lens.src6_mask[0][1], 0);
     }
 
     #[test]
@@ -376,7 +443,7 @@ mod tests {
             ],
         };
         let t = compile(&policy).unwrap();
-        assert!(t.policy.iter().all(|(_, _, v)| v.rule_index == 0), "rule 1 matches everything rule 2 does");
+        assert!(t.policy.iter().all(|(_, v)| v.rule_index == 0), "rule 1 matches everything rule 2 does");
     }
 
     #[test]

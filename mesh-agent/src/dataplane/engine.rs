@@ -9,7 +9,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
+        SchedClassifier, TcAttachType, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
@@ -37,9 +37,16 @@ pub const PROG_GUARD: &str = "guard_xdp";
 pub const PROG_PASS_TC: &str = "pass_tc";
 /// Empty XDP program (benchmark baseline).
 pub const PROG_PASS_XDP: &str = "pass_xdp";
+/// XDP program that transmits every frame (the benchmarks' traffic
+/// generator, see [`Dataplane::transmit_frames`]).
+pub const PROG_TX_XDP: &str = "tx_xdp";
+
+/// Header bytes the generator restores per frame (Ethernet + IPv4 + UDP;
+/// `TEMPLATE_LEN` in mesh-ebpf src/traffic.rs).
+const GEN_TEMPLATE_LEN: usize = 42;
 
 const TC_PROGS: [&str; 3] = [PROG_ACL_IP, PROG_ACL_ETH, PROG_PASS_TC];
-const XDP_PROGS: [&str; 2] = [PROG_GUARD, PROG_PASS_XDP];
+const XDP_PROGS: [&str; 3] = [PROG_GUARD, PROG_PASS_XDP, PROG_TX_XDP];
 
 /// Every map the ACL and the guard share across restarts.
 fn pinned_maps() -> Vec<&'static str> {
@@ -47,6 +54,7 @@ fn pinned_maps() -> Vec<&'static str> {
         acl::names::ACTIVE,
         acl::names::CONFIG,
         acl::names::SLOT_META,
+        acl::names::LENS,
         acl::names::FLOWS,
         acl::names::VERDICTS,
         acl::names::MSS_STATS,
@@ -362,6 +370,49 @@ impl Dataplane {
     pub fn time_per_run(&self, prog: &'static str, frame: &[u8], repeat: u32) -> Result<f64, DataplaneError> {
         let r = self.test_run(prog, frame, None, repeat)?;
         Ok(r.duration.as_nanos() as f64)
+    }
+
+    /// Sends `count` copies of the Ethernet `frame` out of `ifname` (looked
+    /// up in the calling thread's network namespace) from inside the kernel:
+    /// [`PROG_TX_XDP`] run through BPF_PROG_TEST_RUN in live-frames mode
+    /// (Linux 5.18+), `batch` frames per round. Returns the time it took.
+    /// On a veth the frames arrive at the peer through its XDP path, so the
+    /// peer needs an XDP program attached (veth drops them otherwise).
+    /// A traffic generator for the benchmarks (like xdp-trafficgen).
+    pub fn transmit_frames(
+        &mut self,
+        ifname: &str,
+        frame: &[u8],
+        count: u32,
+        batch: u32,
+    ) -> Result<std::time::Duration, DataplaneError> {
+        let what = format!("transmitting frames out of {ifname}");
+        let index = sys::ifindex(ifname)?;
+        // The headers the generator restores before each send (pages are
+        // recycled with whatever the receiver left in them).
+        let mut template = [0u8; GEN_TEMPLATE_LEN];
+        let n = frame.len().min(GEN_TEMPLATE_LEN);
+        template[..n].copy_from_slice(&frame[..n]);
+        let map = self.ebpf.map_mut("GEN_TEMPLATE").ok_or(DataplaneError::MissingMap("GEN_TEMPLATE"))?;
+        let mut map = aya::maps::Array::<_, [u8; GEN_TEMPLATE_LEN]>::try_from(map)
+            .map_err(|source| DataplaneError::Map { what: "opening GEN_TEMPLATE".into(), source })?;
+        map.set(0, template, 0)
+            .map_err(|source| DataplaneError::Map { what: "writing GEN_TEMPLATE".into(), source })?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex.
+        let ctx: Vec<u8> = [0, frame.len() as u32, 0, index, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let p = self.ebpf.program(PROG_TX_XDP).ok_or(DataplaneError::MissingProgram(PROG_TX_XDP))?;
+        let x: &Xdp = p.try_into().map_err(|source| DataplaneError::Program { what: what.clone(), source })?;
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat: count,
+            attrs: TestRunAttrs::new().xdp_live_frames(batch),
+            ..TestRunOptions::default()
+        };
+        let start = std::time::Instant::now();
+        x.test_run(opts).map_err(|source| DataplaneError::Program { what, source })?;
+        Ok(start.elapsed())
     }
 
     fn test_run(

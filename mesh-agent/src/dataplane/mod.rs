@@ -20,6 +20,7 @@
 //! `mesh_common::guard`. The policy-to-map compiler is [`compile`] (pure).
 
 mod acl;
+mod batch;
 pub mod compile;
 mod counter;
 mod counters;
@@ -31,7 +32,7 @@ mod sys;
 pub use acl::InstallReport;
 pub use counter::{Counter, CounterAttach};
 pub use counters::{Counters, RuleCounter};
-pub use engine::{Dataplane, PROG_ACL_ETH, PROG_ACL_IP, PROG_GUARD, PROG_PASS_TC, PROG_PASS_XDP};
+pub use engine::{Dataplane, PROG_ACL_ETH, PROG_ACL_IP, PROG_GUARD, PROG_PASS_TC, PROG_PASS_XDP, PROG_TX_XDP};
 pub use error::DataplaneError;
 pub use guard::{AllowRule, GuardSettings};
 pub use mesh_common::{

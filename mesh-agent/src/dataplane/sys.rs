@@ -98,3 +98,13 @@ pub(crate) fn has_ethernet_header(ifname: &str) -> Result<bool, DataplaneError> 
     let family = unsafe { req.ifr_ifru.ifru_hwaddr.sa_family };
     Ok(matches!(family, ARPHRD_ETHER | ARPHRD_LOOPBACK))
 }
+
+/// Index of `ifname` in the calling thread's network namespace.
+pub(crate) fn ifindex(ifname: &str) -> Result<u32, DataplaneError> {
+    let what = || format!("looking up interface {ifname}");
+    let name = std::ffi::CString::new(ifname)
+        .map_err(|_| DataplaneError::Io { what: what(), source: io::Error::from(io::ErrorKind::InvalidInput) })?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 { Err(DataplaneError::Io { what: what(), source: io::Error::last_os_error() }) } else { Ok(index) }
+}

@@ -6,22 +6,30 @@ mod mss;
 mod parse;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
+    cty::c_void,
+    helpers::{bpf_ktime_get_ns, bpf_loop},
     macros::{classifier, map},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use mesh_common::{
     acl::{
-        AclConfig, AclVerdict, DstKey4, DstKey6, FlowKey, FlowValue, MAX_CIDRS, MAX_DST_ENTRIES, MAX_FLOWS,
-        MAX_POLICY_ENTRIES, MAX_RULES, POLICY_PREFIX_FULL, PolicyKey, PolicyValue, SlotMeta,
+        AclConfig, AclVerdict, DstKey4, DstKey6, FlowKey, FlowKind, FlowValue, LENS4, LENS6, LEVEL_ANY_PROTO,
+        MAX_CIDRS, MAX_DST_ENTRIES, MAX_FLOWS, MAX_POLICY_ENTRIES, MAX_RULES, PORT_LEVELS, PolicyKey, PolicyValue,
+        SlotLens, SlotMeta, SrcKey4, SrcKey6,
     },
     counter::PacketCount,
 };
 use parse::{Packet, TCP_FLAG_ACK, TCP_FLAG_SYN};
 
 const NS_PER_S: u64 = 1_000_000_000;
+/// The policy maps allocate entries on insert: a slot's capacity would
+/// otherwise be preallocated up front, twice, for policies that are mostly
+/// small.
+const NO_PREALLOC: u32 = BPF_F_NO_PREALLOC;
+/// [`lookup_active`]'s "no rule matched".
+const NO_RULE: u32 = u32::MAX;
 
 #[map(name = "ACL_ACTIVE")]
 static ACL_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
@@ -29,33 +37,35 @@ static ACL_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 static ACL_CONFIG: Array<AclConfig> = Array::with_max_entries(1, 0);
 #[map(name = "SLOT_META")]
 static SLOT_META: Array<SlotMeta> = Array::with_max_entries(2, 0);
-#[map(name = "ACL_FLOWS")]
+#[map(name = "ACL_LENS")]
+static ACL_LENS: Array<SlotLens> = Array::with_max_entries(2, 0);
+#[map(name = "ACL_FLOWS2")]
 static ACL_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 #[map(name = "ACL_VERDICTS")]
 static ACL_VERDICTS: PerCpuArray<PacketCount> = PerCpuArray::with_max_entries(AclVerdict::COUNT, 0);
 #[map(name = "MSS_STATS")]
 static MSS_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(mesh_common::acl::MssEvent::COUNT, 0);
 
-#[map(name = "SRC4_0")]
-static SRC4_0: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
-#[map(name = "SRC4_1")]
-static SRC4_1: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
-#[map(name = "DST4_0")]
-static DST4_0: LpmTrie<DstKey4, u32> = LpmTrie::with_max_entries(MAX_DST_ENTRIES, 0);
-#[map(name = "DST4_1")]
-static DST4_1: LpmTrie<DstKey4, u32> = LpmTrie::with_max_entries(MAX_DST_ENTRIES, 0);
-#[map(name = "SRC6_0")]
-static SRC6_0: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
-#[map(name = "SRC6_1")]
-static SRC6_1: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
-#[map(name = "DST6_0")]
-static DST6_0: LpmTrie<DstKey6, u32> = LpmTrie::with_max_entries(MAX_DST_ENTRIES, 0);
-#[map(name = "DST6_1")]
-static DST6_1: LpmTrie<DstKey6, u32> = LpmTrie::with_max_entries(MAX_DST_ENTRIES, 0);
-#[map(name = "POLICY_0")]
-static POLICY_0: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, 0);
-#[map(name = "POLICY_1")]
-static POLICY_1: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, 0);
+#[map(name = "SRCH4_0")]
+static SRC4_0: HashMap<SrcKey4, u32> = HashMap::with_max_entries(MAX_CIDRS, NO_PREALLOC);
+#[map(name = "SRCH4_1")]
+static SRC4_1: HashMap<SrcKey4, u32> = HashMap::with_max_entries(MAX_CIDRS, NO_PREALLOC);
+#[map(name = "DSTH4_0")]
+static DST4_0: HashMap<DstKey4, u32> = HashMap::with_max_entries(MAX_DST_ENTRIES, NO_PREALLOC);
+#[map(name = "DSTH4_1")]
+static DST4_1: HashMap<DstKey4, u32> = HashMap::with_max_entries(MAX_DST_ENTRIES, NO_PREALLOC);
+#[map(name = "SRCH6_0")]
+static SRC6_0: HashMap<SrcKey6, u32> = HashMap::with_max_entries(MAX_CIDRS, NO_PREALLOC);
+#[map(name = "SRCH6_1")]
+static SRC6_1: HashMap<SrcKey6, u32> = HashMap::with_max_entries(MAX_CIDRS, NO_PREALLOC);
+#[map(name = "DSTH6_0")]
+static DST6_0: HashMap<DstKey6, u32> = HashMap::with_max_entries(MAX_DST_ENTRIES, NO_PREALLOC);
+#[map(name = "DSTH6_1")]
+static DST6_1: HashMap<DstKey6, u32> = HashMap::with_max_entries(MAX_DST_ENTRIES, NO_PREALLOC);
+#[map(name = "DECIDE_0")]
+static POLICY_0: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(MAX_POLICY_ENTRIES, NO_PREALLOC);
+#[map(name = "DECIDE_1")]
+static POLICY_1: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(MAX_POLICY_ENTRIES, NO_PREALLOC);
 #[map(name = "RULE_STATS_0")]
 static RULE_STATS_0: PerCpuArray<PacketCount> = PerCpuArray::with_max_entries(MAX_RULES, 0);
 #[map(name = "RULE_STATS_1")]
@@ -66,16 +76,6 @@ static RULE_STATS_1: PerCpuArray<PacketCount> = PerCpuArray::with_max_entries(MA
 static RULE_IDS_0: Array<u32> = Array::with_max_entries(MAX_RULES, 0);
 #[map(name = "RULE_IDS_1")]
 static RULE_IDS_1: Array<u32> = Array::with_max_entries(MAX_RULES, 0);
-
-/// One policy slot's maps.
-struct Slot {
-    src4: &'static LpmTrie<[u8; 4], u32>,
-    dst4: &'static LpmTrie<DstKey4, u32>,
-    src6: &'static LpmTrie<[u8; 16], u32>,
-    dst6: &'static LpmTrie<DstKey6, u32>,
-    policy: &'static LpmTrie<PolicyKey, PolicyValue>,
-    stats: &'static PerCpuArray<PacketCount>,
-}
 
 /// ACL on an L3 device (WireGuard, TUN): the buffer starts at the IP header.
 #[classifier]
@@ -118,95 +118,309 @@ fn decide(p: &Packet, len: u64, config: &AclConfig) -> AclVerdict {
     let timeout_s = if p.proto == parse::PROTO_TCP { config.tcp_timeout_s } else { config.other_timeout_s };
     let now = unsafe { bpf_ktime_get_ns() };
     let expires_ns = now + u64::from(timeout_s) * NS_PER_S;
+    // The active policy, read once: slot in bit 0, install epoch above.
+    let active = ACL_ACTIVE.get(0).copied().unwrap_or(0);
 
-    // 1. A reply of an accepted flow.
-    let key = flow_key(p);
-    if let Some(flow) = ACL_FLOWS.get_ptr_mut(&key) {
-        // SAFETY: a pointer into the map value, valid for this program run;
-        // concurrent writers only ever store a later expiry.
-        let flow = unsafe { &mut *flow };
-        if flow.expires_ns > now {
-            flow.expires_ns = expires_ns;
-            return AclVerdict::AcceptEstablished;
+    // 1. A reply of an accepted flow, or a later packet of a flow the
+    //    active policy accepted.
+    match flow_check(p, active, now, expires_ns) {
+        FLOW_REPLY => return AclVerdict::AcceptEstablished,
+        NO_RULE => {}
+        rule_index => {
+            count_rule(active & 1, rule_index, len);
+            return AclVerdict::AcceptRule;
         }
     }
 
-    // 2-4. The active policy, read once.
-    let slot = ACL_ACTIVE.get(0).copied().unwrap_or(0);
-    let matched = if slot == 0 {
-        lookup(
-            &Slot {
-                src4: &SRC4_0,
-                dst4: &DST4_0,
-                src6: &SRC6_0,
-                dst6: &DST6_0,
-                policy: &POLICY_0,
-                stats: &RULE_STATS_0,
-            },
-            p,
-            len,
-        )
-    } else {
-        lookup(
-            &Slot {
-                src4: &SRC4_1,
-                dst4: &DST4_1,
-                src6: &SRC6_1,
-                dst6: &DST6_1,
-                policy: &POLICY_1,
-                stats: &RULE_STATS_1,
-            },
-            p,
-            len,
-        )
-    };
-    let Some(rule_index) = matched else {
+    // 2-4. The active policy.
+    let rule_index = if active & 1 == 0 { lookup::<0>(p) } else { lookup::<1>(p) };
+    if rule_index == NO_RULE {
         let reply_like = (p.proto == parse::PROTO_TCP && p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_ACK)
             || (p.echo && parse::echo_reply_type(p.family, p.icmp_type).is_none());
         return if reply_like { AclVerdict::DropNoFlow } else { AclVerdict::DropNoRule };
-    };
-
-    // Accepted: let the replies in.
-    if let Some(reverse) = reverse_key(p) {
-        let value = FlowValue { expires_ns, rule_index, slot };
-        match ACL_FLOWS.get_ptr_mut(&reverse) {
-            // SAFETY: as above.
-            Some(existing) => unsafe { (*existing).expires_ns = expires_ns },
-            None => {
-                // A full LRU evicts the least recently used flow; an error
-                // here only means this flow's replies will need a rule.
-                let _ = ACL_FLOWS.insert(&reverse, &value, 0);
-            }
-        }
     }
+    count_rule(active & 1, rule_index, len);
+    flow_accept(p, rule_index, active, expires_ns);
     AclVerdict::AcceptRule
 }
 
-/// Steps 2-4 on one slot: the index of the deciding rule, `None` to deny.
+/// Bumps rule `rule_index`'s counter in slot `slot`.
 #[inline(always)]
-fn lookup(slot: &Slot, p: &Packet, len: u64) -> Option<u32> {
-    let (src_class, dst_class) = if p.family == 4 {
-        let src = [p.src[0], p.src[1], p.src[2], p.src[3]];
-        let dst = [p.dst[0], p.dst[1], p.dst[2], p.dst[3]];
-        let src_class = *slot.src4.get(Key::new(32, src))?;
-        let key = DstKey4 { src_class: src_class.to_be_bytes(), addr: dst };
-        (src_class, *slot.dst4.get(Key::new(64, key))?)
-    } else {
-        let src_class = *slot.src6.get(Key::new(128, p.src))?;
-        let key = DstKey6 { src_class: src_class.to_be_bytes(), addr: p.dst };
-        (src_class, *slot.dst6.get(Key::new(160, key))?)
-    };
-    let port = if p.has_ports() { p.dport } else { [0, 0] };
-    let key = PolicyKey {
-        src_class: src_class.to_be_bytes(),
-        dst_class: dst_class.to_be_bytes(),
-        proto: p.proto,
-        port,
+fn count_rule(slot: u32, rule_index: u32, len: u64) {
+    count(if slot == 0 { &RULE_STATS_0 } else { &RULE_STATS_1 }, rule_index, len);
+}
+
+/// [`flow_check`]'s "a reply of an accepted flow".
+const FLOW_REPLY: u32 = u32::MAX - 1;
+
+/// Step 1 on the packet's own flow key: [`FLOW_REPLY`] for a reply of an
+/// accepted flow, the rule index for a later packet of a flow that the
+/// policy active now (`active`, the `ACL_ACTIVE` word) accepted, else
+/// [`NO_RULE`]. Refreshes what it finds. Out of line, like everything that
+/// holds flow keys, to keep them off the frame the MSS rewrite stacks on.
+#[inline(never)]
+fn flow_check(p: &Packet, active: u32, now: u64, expires_ns: u64) -> u32 {
+    let key = flow_key(p);
+    let Some(flow) = ACL_FLOWS.get_ptr_mut(&key) else { return NO_RULE };
+    // SAFETY: a pointer into the map value, valid for this program run;
+    // concurrent writers store the same kind of values.
+    let flow = unsafe { &mut *flow };
+    if flow.expires_ns <= now {
+        return NO_RULE;
+    }
+    if flow.kind == FlowKind::Reply as u32 {
+        flow.expires_ns = expires_ns;
+        return FLOW_REPLY;
+    }
+    // A forward entry answers only for the policy that made it: after a
+    // swap the packet is decided again.
+    if flow.active != active {
+        return NO_RULE;
+    }
+    flow.expires_ns = expires_ns;
+    let rule_index = flow.rule_index;
+    // Keep the replies' entry alive, at most once a second per flow (it
+    // then expires up to a second early, and an entry the LRU evicted comes
+    // back within a second).
+    if flow.reverse_until_ns + NS_PER_S < expires_ns {
+        flow.reverse_until_ns = expires_ns;
+        refresh_reverse(p, rule_index, active, expires_ns);
+    }
+    rule_index
+}
+
+/// A packet the policy accepted: remember its flow (so that its later
+/// packets skip the policy while it stays active) and let the replies in.
+#[inline(never)]
+fn flow_accept(p: &Packet, rule_index: u32, active: u32, expires_ns: u64) {
+    let forward = FlowValue {
+        expires_ns,
+        reverse_until_ns: expires_ns,
+        rule_index,
+        active,
+        kind: FlowKind::Forward as u32,
         pad: 0,
     };
-    let rule_index = slot.policy.get(Key::new(POLICY_PREFIX_FULL, key))?.rule_index;
-    count(slot.stats, rule_index, len);
-    Some(rule_index)
+    // A full LRU evicts the least recently used flow; an error here only
+    // means the next packet is decided by the policy again.
+    let _ = ACL_FLOWS.insert(&flow_key(p), &forward, 0);
+    refresh_reverse(p, rule_index, active, expires_ns);
+}
+
+/// Writes or refreshes the entry the replies of `p`'s flow will find.
+#[inline(always)]
+fn refresh_reverse(p: &Packet, rule_index: u32, active: u32, expires_ns: u64) {
+    let Some(reverse) = reverse_key(p) else { return };
+    match ACL_FLOWS.get_ptr_mut(&reverse) {
+        // SAFETY: as in `flow_check`.
+        Some(existing) if unsafe { (*existing).kind } == FlowKind::Reply as u32 => unsafe {
+            (*existing).expires_ns = expires_ns;
+        },
+        // Absent, or the other direction's forward entry: the reverse
+        // direction is now a reply (as it would have been before forward
+        // entries existed).
+        _ => {
+            let value =
+                FlowValue { expires_ns, reverse_until_ns: 0, rule_index, active, kind: FlowKind::Reply as u32, pad: 0 };
+            // As in `flow_accept`: an error only costs this flow's replies.
+            let _ = ACL_FLOWS.insert(&reverse, &value, 0);
+        }
+    }
+}
+
+/// Two native-order halves of an address (IPv4: the first four bytes), the
+/// form the masks in `SlotLens` are kept in.
+#[inline(always)]
+fn halves(a: &[u8; 16]) -> [u64; 2] {
+    [
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// The context of one probe loop (`bpf_loop`): the address, the source
+/// class (destination and decision probes), what was found.
+#[repr(C)]
+struct Probe {
+    addr: [u64; 2],
+    src_class: u32,
+    /// Destination class (decision probes) or the protocol/port word.
+    arg: u32,
+    /// The class or rule index found, `found_any` says whether.
+    found: u32,
+    found_any: u32,
+}
+
+/// Runs `round` for `rounds` rounds on `probe`; `bpf_loop` (Linux 5.17+)
+/// makes the verifier check a round once, where an open-coded loop of up to
+/// 129 rounds is checked round by round for every way into it.
+#[inline(always)]
+fn probe_loop(rounds: u8, round: extern "C" fn(u64, *mut c_void) -> i64, probe: &mut Probe) -> Option<u32> {
+    if rounds == 0 {
+        return None;
+    }
+    // SAFETY: `round` is a static function and `probe` lives across the call.
+    unsafe {
+        bpf_loop(u32::from(rounds), round as *mut c_void, core::ptr::from_mut(probe).cast(), 0);
+    }
+    let found = (probe.found_any != 0).then_some(probe.found);
+    probe.found_any = 0;
+    found
+}
+
+/// Steps 2-4 on the maps of slot `S`. Out of line: its probe context and
+/// `bpf_loop`'s bookkeeping then live in their own small stack frame, not
+/// in the caller's, which the MSS rewrite's frame is stacked on (512 bytes
+/// combined; one probe context is reused for the same reason).
+#[inline(never)]
+fn lookup<const S: u32>(p: &Packet) -> u32 {
+    let Some(lens) = ACL_LENS.get(S) else { return NO_RULE };
+    let v6 = p.family == 6;
+    let mut probe = Probe { addr: halves(&p.src), src_class: 0, arg: 0, found: 0, found_any: 0 };
+    let src_class = if v6 {
+        probe_loop(lens.n_src6, src6_round::<S>, &mut probe)
+    } else {
+        probe_loop(lens.n_src4, src4_round::<S>, &mut probe)
+    };
+    let Some(src_class) = src_class else { return NO_RULE };
+    probe.addr = halves(&p.dst);
+    probe.src_class = src_class;
+    let dst_class = if v6 {
+        probe_loop(lens.n_dst6, dst6_round::<S>, &mut probe)
+    } else {
+        probe_loop(lens.n_dst4, dst4_round::<S>, &mut probe)
+    };
+    let Some(dst_class) = dst_class else { return NO_RULE };
+    let port = if p.has_ports() { u16::from_be_bytes(p.dport) } else { 0 };
+    probe.addr = [u64::from((u32::from(p.proto) << 16) | u32::from(port)), 0];
+    probe.arg = dst_class;
+    if let Some(rule_index) = probe_loop(lens.n_ports, port_round::<S>, &mut probe) {
+        return rule_index;
+    }
+    if lens.any_proto == 0 {
+        return NO_RULE;
+    }
+    let map = if S == 0 { &POLICY_0 } else { &POLICY_1 };
+    let key = PolicyKey { src_class, dst_class, port: [0; 2], proto: 0, level: LEVEL_ANY_PROTO };
+    // SAFETY: a copy is taken at once; the agent never changes entries of a
+    // slot packets read.
+    unsafe { map.get(&key) }.map_or(NO_RULE, |v| v.rule_index)
+}
+
+/// Records a probe hit and stops the loop.
+#[inline(always)]
+fn hit(probe: &mut Probe, value: u32) -> i64 {
+    probe.found = value;
+    probe.found_any = 1;
+    1
+}
+
+/// The probe context behind `bpf_loop`'s pointer.
+#[inline(always)]
+fn probe_of<'a>(ctx: *mut c_void) -> &'a mut Probe {
+    // SAFETY: every loop is started by `probe_loop` with a `&mut Probe`.
+    unsafe { &mut *ctx.cast::<Probe>() }
+}
+
+/// Step 2, IPv4, round `i`: the `i`-th longest source prefix length in use.
+extern "C" fn src4_round<const S: u32>(i: u64, ctx: *mut c_void) -> i64 {
+    let probe = probe_of(ctx);
+    let (Some(lens), Ok(i)) = (ACL_LENS.get(S), usize::try_from(i)) else { return 1 };
+    if i >= LENS4 {
+        return 1;
+    }
+    let map = if S == 0 { &SRC4_0 } else { &SRC4_1 };
+    let addr = (probe.addr[0] as u32) & lens.src4_mask[i];
+    let key = SrcKey4 { prefix_len: u32::from(lens.src4[i]), addr: addr.to_ne_bytes() };
+    // SAFETY: as in `lookup`.
+    match unsafe { map.get(&key) } {
+        Some(c) => hit(probe, *c),
+        None => 0,
+    }
+}
+
+/// Step 3, IPv4, round `i`.
+extern "C" fn dst4_round<const S: u32>(i: u64, ctx: *mut c_void) -> i64 {
+    let probe = probe_of(ctx);
+    let (Some(lens), Ok(i)) = (ACL_LENS.get(S), usize::try_from(i)) else { return 1 };
+    if i >= LENS4 {
+        return 1;
+    }
+    let map = if S == 0 { &DST4_0 } else { &DST4_1 };
+    let addr = (probe.addr[0] as u32) & lens.dst4_mask[i];
+    let key = DstKey4 { src_class: probe.src_class, prefix_len: u32::from(lens.dst4[i]), addr: addr.to_ne_bytes() };
+    // SAFETY: as in `lookup`.
+    match unsafe { map.get(&key) } {
+        Some(c) => hit(probe, *c),
+        None => 0,
+    }
+}
+
+/// The two masked halves of an IPv6 address as key bytes.
+#[inline(always)]
+fn masked6(addr: &[u64; 2], mask: &[u64; 2]) -> [u8; 16] {
+    let (h, l) = ((addr[0] & mask[0]).to_ne_bytes(), (addr[1] & mask[1]).to_ne_bytes());
+    [h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7]]
+}
+
+/// Step 2, IPv6, round `i`.
+extern "C" fn src6_round<const S: u32>(i: u64, ctx: *mut c_void) -> i64 {
+    let probe = probe_of(ctx);
+    let (Some(lens), Ok(i)) = (ACL_LENS.get(S), usize::try_from(i)) else { return 1 };
+    if i >= LENS6 {
+        return 1;
+    }
+    let map = if S == 0 { &SRC6_0 } else { &SRC6_1 };
+    let key = SrcKey6 { prefix_len: u32::from(lens.src6[i]), addr: masked6(&probe.addr, &lens.src6_mask[i]) };
+    // SAFETY: as in `lookup`.
+    match unsafe { map.get(&key) } {
+        Some(c) => hit(probe, *c),
+        None => 0,
+    }
+}
+
+/// Step 3, IPv6, round `i`.
+extern "C" fn dst6_round<const S: u32>(i: u64, ctx: *mut c_void) -> i64 {
+    let probe = probe_of(ctx);
+    let (Some(lens), Ok(i)) = (ACL_LENS.get(S), usize::try_from(i)) else { return 1 };
+    if i >= LENS6 {
+        return 1;
+    }
+    let map = if S == 0 { &DST6_0 } else { &DST6_1 };
+    let key = DstKey6 {
+        src_class: probe.src_class,
+        prefix_len: u32::from(lens.dst6[i]),
+        addr: masked6(&probe.addr, &lens.dst6_mask[i]),
+    };
+    // SAFETY: as in `lookup`.
+    match unsafe { map.get(&key) } {
+        Some(c) => hit(probe, *c),
+        None => 0,
+    }
+}
+
+/// Step 4, round `i`: the `i`-th most specific port level in use.
+extern "C" fn port_round<const S: u32>(i: u64, ctx: *mut c_void) -> i64 {
+    let probe = probe_of(ctx);
+    let (Some(lens), Ok(i)) = (ACL_LENS.get(S), usize::try_from(i)) else { return 1 };
+    if i >= PORT_LEVELS {
+        return 1;
+    }
+    let map = if S == 0 { &POLICY_0 } else { &POLICY_1 };
+    let proto_port = probe.addr[0] as u32;
+    let port = (proto_port as u16) & lens.ports_mask[i];
+    let key = PolicyKey {
+        src_class: probe.src_class,
+        dst_class: probe.arg,
+        port: port.to_be_bytes(),
+        proto: (proto_port >> 16) as u8,
+        level: lens.ports[i],
+    };
+    // SAFETY: as in `lookup`.
+    match unsafe { map.get(&key) } {
+        Some(v) => hit(probe, v.rule_index),
+        None => 0,
+    }
 }
 
 /// The flow key of the packet as it is (see `FlowKey`).
