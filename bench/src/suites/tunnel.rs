@@ -175,7 +175,7 @@ impl Tunnel {
         let (lpub, rpub) = (pubkey(&lkey)?, pubkey(&rkey)?);
         configure(left, &lif, &lkey, &rpub, RIGHT_OVERLAY, RIGHT_UNDERLAY, LEFT_OVERLAY)?;
         configure(right, &rif, &rkey, &lpub, LEFT_OVERLAY, LEFT_UNDERLAY, RIGHT_OVERLAY)?;
-        left.exec("ping", ["-c1", "-W5", RIGHT_OVERLAY]).context("the tunnel does not pass a ping")?;
+        wait_ping(left, RIGHT_OVERLAY).context("the tunnel does not pass a ping")?;
         Ok(Self { left: lp, right: rp })
     }
 }
@@ -249,6 +249,18 @@ fn iperf3(client: &Host, server: &str, load: &Load, seconds: u32) -> anyhow::Res
         end["sum_received"]["bits_per_second"].as_f64().context("iperf3: no sum_received")?
     };
     Ok(bps / 1e9)
+}
+
+/// Pings until a reply, for up to ~20 s: the first handshake initiation
+/// may reach the peer before its socket is bound (then WireGuard retries
+/// only after 5 s), more so on a loaded machine.
+pub(super) fn wait_ping(host: &Host, addr: &str) -> anyhow::Result<()> {
+    for _ in 0..10 {
+        if host.exec_unchecked("ping", ["-c1", "-W2", addr])?.status.success() {
+            return Ok(());
+        }
+    }
+    bail!("no reply from {addr} through the tunnel")
 }
 
 fn wait_for_server(client: &Host, server: &str) -> anyhow::Result<()> {

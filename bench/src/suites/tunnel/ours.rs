@@ -87,7 +87,7 @@ pub(super) fn up(lab: &Lab, left: &Host, right: &Host, env: &[(&str, &str)]) -> 
     l.apply(left, &view(LEFT_OVERLAY, &rpub, RIGHT_UNDERLAY, RIGHT_OVERLAY))?;
     r.apply(right, &view(RIGHT_OVERLAY, &lpub, LEFT_UNDERLAY, LEFT_OVERLAY))?;
     let ours = Ours { sides: [(left.clone(), lif, l), (right.clone(), rif, r)] };
-    left.exec("ping", ["-c1", "-W5", RIGHT_OVERLAY]).context("our tunnel does not pass a ping")?;
+    super::wait_ping(left, RIGHT_OVERLAY).context("our tunnel does not pass a ping")?;
     Ok(ours)
 }
 

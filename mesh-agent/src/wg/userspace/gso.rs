@@ -6,9 +6,9 @@
 //! into the MTU-sized packets WireGuard encrypts, checksums complete.
 //!
 //! In the other direction, [`Coalescer`] merges the consecutive TCP segments
-//! of one flow that the tunnel decrypted into one GSO packet, so the
-//! receiving TCP stack walks one packet where it would have walked dozens
-//! (what GRO does on a NIC).
+//! (and equal-size UDP datagrams) of one flow that the tunnel decrypted into
+//! one GSO packet, so the receiving stack walks one packet where it would
+//! have walked dozens (what GRO does on a NIC).
 
 use super::checksum;
 
@@ -22,10 +22,15 @@ pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
 /// `VIRTIO_NET_HDR_GSO_TCPV6`.
 pub const GSO_TCPV6: u8 = 4;
+/// `VIRTIO_NET_HDR_GSO_UDP_L4` (USO: UDP datagrams cut at `gso_size`).
+pub const GSO_UDP_L4: u8 = 5;
 /// `VIRTIO_NET_HDR_GSO_ECN`, or-ed into the type.
 pub const GSO_ECN: u8 = 0x80;
 
 const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+/// Most datagrams merged into one USO packet (the kernel's `UDP_MAX_SEGMENTS`).
+const MAX_UDP_SEGMENTS: usize = 64;
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
@@ -123,37 +128,43 @@ fn ipv4_header_checksum(h: &mut [u8], ihl: usize) {
 /// NIC's TSO does.
 pub fn segment(hdr: &VnetHdr, pkt: &mut [u8], mut emit: impl FnMut(&[u8], &[u8])) -> Result<usize, GsoError> {
     let gso = hdr.gso_type & !GSO_ECN;
-    if gso == GSO_NONE || (gso == GSO_TCPV4 || gso == GSO_TCPV6) && pkt.len() <= usize::from(hdr.hdr_len) {
+    let udp = match gso {
+        GSO_TCPV4 | GSO_TCPV6 => false,
+        GSO_UDP_L4 => true,
+        _ if gso != GSO_NONE => return Err(GsoError::Unsupported(hdr.gso_type)),
+        _ => false,
+    };
+    if gso == GSO_NONE || pkt.len() <= usize::from(hdr.hdr_len) {
         complete_checksum(hdr, pkt)?;
         emit(pkt, &[]);
         return Ok(1);
     }
-    if gso != GSO_TCPV4 && gso != GSO_TCPV6 {
-        return Err(GsoError::Unsupported(hdr.gso_type));
-    }
-    let v6 = gso == GSO_TCPV6;
-    let version = pkt.first().ok_or(GsoError::Malformed("empty packet"))? >> 4;
-    if version != if v6 { 6 } else { 4 } {
+    let v6 = match pkt[0] >> 4 {
+        4 => false,
+        6 => true,
+        _ => return Err(GsoError::Malformed("not IPv4 or IPv6")),
+    };
+    if !udp && v6 != (gso == GSO_TCPV6) {
         return Err(GsoError::Malformed("GSO type does not match the IP version"));
     }
     let ip_hlen = if v6 { 40 } else { usize::from(pkt[0] & 0x0f) * 4 };
     let l4 = if hdr.flags & F_NEEDS_CSUM != 0 { usize::from(hdr.csum_start) } else { ip_hlen };
-    if l4 < ip_hlen || l4 + 20 > pkt.len() {
-        return Err(GsoError::Malformed("TCP header out of the packet"));
+    if l4 < ip_hlen || l4 + if udp { 8 } else { 20 } > pkt.len() {
+        return Err(GsoError::Malformed("L4 header out of the packet"));
     }
-    let tcp_hlen = usize::from(pkt[l4 + 12] >> 4) * 4;
-    let hdrs = l4 + tcp_hlen;
-    if tcp_hlen < 20 || hdrs > pkt.len() || hdrs > MAX_HEADERS {
-        return Err(GsoError::Malformed("TCP header length"));
+    let l4_hlen = if udp { 8 } else { usize::from(pkt[l4 + 12] >> 4) * 4 };
+    let hdrs = l4 + l4_hlen;
+    if l4_hlen < 8 || hdrs > pkt.len() || hdrs > MAX_HEADERS {
+        return Err(GsoError::Malformed("L4 header length"));
     }
     let mss = usize::from(hdr.gso_size);
     if mss == 0 {
         return Err(GsoError::Malformed("zero gso_size"));
     }
     let (headers, payload) = pkt.split_at(hdrs);
-    let seq0 = be32(headers, l4 + 4);
-    let flags0 = headers[l4 + 13];
+    let (seq0, flags0) = if udp { (0, 0) } else { (be32(headers, l4 + 4), headers[l4 + 13]) };
     let id0 = be16(headers, 4);
+    let (proto, csum_at) = if udp { (PROTO_UDP, l4 + 6) } else { (PROTO_TCP, l4 + 16) };
     let mut head = [0u8; MAX_HEADERS];
     let h = &mut head[..hdrs];
     let mut n = 0;
@@ -167,21 +178,26 @@ pub fn segment(hdr: &VnetHdr, pkt: &mut [u8], mut emit: impl FnMut(&[u8], &[u8])
             put16(h, 4, id0.wrapping_add(i as u16));
             ipv4_header_checksum(h, ip_hlen);
         }
-        h[l4 + 4..l4 + 8].copy_from_slice(&seq0.wrapping_add((i * mss) as u32).to_be_bytes());
-        let mut flags = flags0;
-        if !last {
-            flags &= !(TCP_FIN | TCP_PSH);
+        if udp {
+            put16(h, l4 + 4, (8 + chunk.len()) as u16);
+        } else {
+            h[l4 + 4..l4 + 8].copy_from_slice(&seq0.wrapping_add((i * mss) as u32).to_be_bytes());
+            let mut flags = flags0;
+            if !last {
+                flags &= !(TCP_FIN | TCP_PSH);
+            }
+            if i > 0 {
+                flags &= !TCP_CWR;
+            }
+            h[l4 + 13] = flags;
         }
-        if i > 0 {
-            flags &= !TCP_CWR;
-        }
-        h[l4 + 13] = flags;
-        put16(h, l4 + 16, 0);
+        put16(h, csum_at, 0);
         let (src, dst) = addrs(h, v6);
-        let mut acc = checksum::pseudo_header(src, dst, PROTO_TCP, tcp_hlen + chunk.len());
+        let mut acc = checksum::pseudo_header(src, dst, proto, l4_hlen + chunk.len());
         acc = checksum::sum(&h[l4..hdrs], acc);
         acc = checksum::sum(chunk, acc);
-        put16(h, l4 + 16, checksum::finish(acc));
+        let c = checksum::finish(acc);
+        put16(h, csum_at, if udp && c == 0 { 0xffff } else { c });
         emit(h, chunk);
         n += 1;
     }
@@ -210,10 +226,12 @@ fn complete_checksum(hdr: &VnetHdr, pkt: &mut [u8]) -> Result<(), GsoError> {
     Ok(())
 }
 
-/// What [`Coalescer`] needs of a TCP segment that may be merged.
+/// What [`Coalescer`] needs of a TCP segment or UDP datagram that may be
+/// merged.
 #[derive(Clone, Copy, Debug)]
 struct Seg {
     v6: bool,
+    udp: bool,
     ip_hlen: usize,
     hdrs: usize,
     seq: u32,
@@ -221,28 +239,38 @@ struct Seg {
     payload: usize,
 }
 
-/// Parses `pkt` as a mergeable TCP segment: plain IPv4 (no options, not a
-/// fragment) or IPv6 without extension headers, carrying data, with no flag
-/// but ACK and PSH.
+/// Parses `pkt` as a mergeable packet: plain IPv4 (no options, not a
+/// fragment) or IPv6 without extension headers, carrying data; TCP with no
+/// flag but ACK and PSH, or UDP.
 fn mergeable(pkt: &[u8]) -> Option<Seg> {
     let v6 = match pkt.first()? >> 4 {
         4 => false,
         6 => true,
         _ => return None,
     };
-    let (ip_hlen, total) = if v6 {
-        if pkt.len() < 40 || pkt[6] != PROTO_TCP {
+    let (ip_hlen, total, proto) = if v6 {
+        if pkt.len() < 40 {
             return None;
         }
-        (40, 40 + usize::from(be16(pkt, 4)))
+        (40, 40 + usize::from(be16(pkt, 4)), pkt[6])
     } else {
         // No IP options, no fragments (MF clear, offset zero).
-        if pkt.len() < 20 || pkt[0] & 0x0f != 5 || pkt[9] != PROTO_TCP || be16(pkt, 6) & 0x3fff != 0 {
+        if pkt.len() < 20 || pkt[0] & 0x0f != 5 || be16(pkt, 6) & 0x3fff != 0 {
             return None;
         }
-        (20, usize::from(be16(pkt, 2)))
+        (20, usize::from(be16(pkt, 2)), pkt[9])
     };
-    if total != pkt.len() || pkt.len() < ip_hlen + 20 {
+    if total != pkt.len() {
+        return None;
+    }
+    if proto == PROTO_UDP {
+        let hdrs = ip_hlen + 8;
+        if pkt.len() <= hdrs || usize::from(be16(pkt, ip_hlen + 4)) != pkt.len() - ip_hlen {
+            return None;
+        }
+        return Some(Seg { v6, udp: true, ip_hlen, hdrs, seq: 0, flags: 0, payload: pkt.len() - hdrs });
+    }
+    if proto != PROTO_TCP || pkt.len() < ip_hlen + 20 {
         return None;
     }
     let tcp_hlen = usize::from(pkt[ip_hlen + 12] >> 4) * 4;
@@ -251,7 +279,7 @@ fn mergeable(pkt: &[u8]) -> Option<Seg> {
     if tcp_hlen < 20 || hdrs >= pkt.len() || flags & !TCP_PSH != TCP_ACK {
         return None;
     }
-    Some(Seg { v6, ip_hlen, hdrs, seq: be32(pkt, ip_hlen + 4), flags, payload: pkt.len() - hdrs })
+    Some(Seg { v6, udp: false, ip_hlen, hdrs, seq: be32(pkt, ip_hlen + 4), flags, payload: pkt.len() - hdrs })
 }
 
 /// Whether two segments' headers agree on everything but what a GSO split
@@ -266,11 +294,10 @@ fn same_flow(a: &[u8], b: &[u8], s: &Seg) -> bool {
         // TOS; DF; TTL and protocol; addresses.
         a[1] == b[1] && a[6] == b[6] && a[8..10] == b[8..10] && a[12..20] == b[12..20]
     };
-    // Ports, then ACK number and data offset, then the options.
+    // Ports; for TCP, ACK number and data offset, then the options.
     ip_same
         && a[l4..l4 + 4] == b[l4..l4 + 4]
-        && a[l4 + 8..l4 + 13] == b[l4 + 8..l4 + 13]
-        && a[l4 + 20..s.hdrs] == b[l4 + 20..s.hdrs]
+        && (s.udp || a[l4 + 8..l4 + 13] == b[l4 + 8..l4 + 13] && a[l4 + 20..s.hdrs] == b[l4 + 20..s.hdrs])
 }
 
 /// One write to the TUN: a packet as it is, or TCP segments merged into a
@@ -298,6 +325,12 @@ impl Group {
         (self.members.len() > 1).then_some(&self.head[..])
     }
 
+    /// Whether this is merged UDP (USO).
+    #[must_use]
+    pub fn is_udp(&self) -> bool {
+        self.seg.is_some_and(|s| s.udp)
+    }
+
     /// Where a member's payload starts.
     #[must_use]
     pub fn payload_offset(&self) -> usize {
@@ -306,11 +339,14 @@ impl Group {
 }
 
 /// Plans the TUN writes of a batch of decrypted packets: consecutive TCP
-/// segments of one flow become one GSO write, everything else is written
-/// as it is. Order within a flow is kept; flows may be reordered among each
+/// segments of one flow become one GSO write, so do equal-size datagrams
+/// of one UDP flow (unless [`Coalescer::set_merge_udp`] turned that off);
+/// everything else is written as it is. Order within a flow is kept; flows may be reordered among each
 /// other. Reused across batches to keep its allocations.
 #[derive(Debug, Default)]
 pub struct Coalescer {
+    /// Leave UDP alone (the kernel refused a USO write).
+    no_udp: bool,
     groups: Vec<Group>,
     used: usize,
     /// Open group per flow: (lead packet index, group index).
@@ -318,6 +354,11 @@ pub struct Coalescer {
 }
 
 impl Coalescer {
+    /// Whether equal-size UDP datagrams of a flow are merged (USO).
+    pub fn set_merge_udp(&mut self, merge: bool) {
+        self.no_udp = !merge;
+    }
+
     /// Plans the writes of `packets`; the groups borrow nothing, their
     /// member indexes point into `packets`.
     pub fn plan<P: AsRef<[u8]>>(&mut self, packets: &[P]) -> &[Group] {
@@ -325,7 +366,7 @@ impl Coalescer {
         self.open.clear();
         for (i, p) in packets.iter().enumerate() {
             let pkt = p.as_ref();
-            let Some(seg) = mergeable(pkt) else {
+            let Some(seg) = mergeable(pkt).filter(|s| !(s.udp && self.no_udp)) else {
                 // Anything else ends a merge of its flow (a FIN after data,
                 // say, must not overtake it): close every open TCP group of
                 // the same addresses and ports, whatever the flags.
@@ -335,14 +376,19 @@ impl Coalescer {
             };
             let found = self.open.iter().position(|&(lead, gi)| {
                 let ls = self.groups[gi].seg.expect("open groups are TCP");
-                ls.v6 == seg.v6 && ls.hdrs == seg.hdrs && same_flow(packets[lead].as_ref(), pkt, &seg)
+                ls.v6 == seg.v6
+                    && ls.udp == seg.udp
+                    && ls.hdrs == seg.hdrs
+                    && same_flow(packets[lead].as_ref(), pkt, &seg)
             });
             if let Some(at) = found {
                 let gi = self.open[at].1;
                 let g = &mut self.groups[gi];
                 let gso = g.seg.expect("open groups are TCP").payload;
-                let fits = seg.hdrs + g.payload + seg.payload <= MAX_COALESCED;
-                if !g.closed && seg.seq == g.next_seq && seg.payload <= gso && fits {
+                let fits = seg.hdrs + g.payload + seg.payload <= MAX_COALESCED
+                    && (!seg.udp || g.members.len() < MAX_UDP_SEGMENTS);
+                let in_order = seg.udp || seg.seq == g.next_seq;
+                if !g.closed && in_order && seg.payload <= gso && fits {
                     g.members.push(i);
                     g.payload += seg.payload;
                     g.next_seq = seg.seq.wrapping_add(seg.payload as u32);
@@ -426,21 +472,31 @@ fn finish_group<P: AsRef<[u8]>>(g: &mut Group, packets: &[P]) {
         put16(h, 2, (seg.hdrs + g.payload) as u16);
         ipv4_header_checksum(h, seg.ip_hlen);
     }
-    // PSH comes from the last segment, like GRO.
-    h[l4 + 13] = (h[l4 + 13] & !TCP_PSH) | (last[l4 + 13] & TCP_PSH);
+    let (proto, csum_offset) = if seg.udp {
+        put16(h, l4 + 4, (8 + g.payload) as u16);
+        (PROTO_UDP, 6)
+    } else {
+        // PSH comes from the last segment, like GRO.
+        h[l4 + 13] = (h[l4 + 13] & !TCP_PSH) | (last[l4 + 13] & TCP_PSH);
+        (PROTO_TCP, 16)
+    };
     // A partial checksum: the pseudo-header sum, not complemented; the
     // kernel treats the packet as CHECKSUM_PARTIAL (already verified: the
     // tunnel authenticated every byte).
     let (src, dst) = addrs(h, seg.v6);
-    let pseudo = checksum::fold(checksum::pseudo_header(src, dst, PROTO_TCP, seg.hdrs - l4 + g.payload));
-    put16(h, l4 + 16, pseudo);
+    let pseudo = checksum::fold(checksum::pseudo_header(src, dst, proto, seg.hdrs - l4 + g.payload));
+    put16(h, l4 + csum_offset, pseudo);
     g.vnet = VnetHdr {
         flags: F_NEEDS_CSUM,
-        gso_type: if seg.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+        gso_type: match (seg.udp, seg.v6) {
+            (true, _) => GSO_UDP_L4,
+            (false, true) => GSO_TCPV6,
+            (false, false) => GSO_TCPV4,
+        },
         hdr_len: seg.hdrs as u16,
         gso_size: seg.payload as u16,
         csum_start: l4 as u16,
-        csum_offset: 16,
+        csum_offset: csum_offset as u16,
     }
     .encode();
 }

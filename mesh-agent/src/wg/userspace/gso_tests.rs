@@ -259,8 +259,8 @@ fn completes_partial_checksums_of_single_packets() {
 #[test]
 fn refuses_what_it_cannot_split() {
     let (mut hdr, pkt) = Tcp::v4().tso(&payload(3000, 0), 1000);
-    hdr.gso_type = 5; // UDP_L4: never enabled.
-    assert_eq!(run_segment(&hdr, &pkt), Err(GsoError::Unsupported(5)));
+    hdr.gso_type = 3; // UFO: never enabled.
+    assert_eq!(run_segment(&hdr, &pkt), Err(GsoError::Unsupported(3)));
     let (mut hdr, pkt) = Tcp::v4().tso(&payload(3000, 0), 1000);
     hdr.gso_type = GSO_TCPV6;
     assert!(matches!(run_segment(&hdr, &pkt), Err(GsoError::Malformed(_))));
@@ -411,4 +411,83 @@ fn reuse_across_batches_starts_clean() {
     assert_eq!(groups.len(), 1);
     assert_eq!(groups[0].head(), None);
     assert_eq!(groups[0].vnet, [0; VNET_HDR_LEN]);
+}
+
+/// A UDP datagram with a correct checksum.
+fn udp_packet(v6: bool, id: u16, sport: u16, body: &[u8]) -> Vec<u8> {
+    let t = Tcp { v6, id, ..Tcp::v4() };
+    let (s, d) = t.addrs();
+    let ulen = 8 + body.len();
+    let mut p = if v6 {
+        let mut h = vec![0x60, 0, 0, 0];
+        h.extend_from_slice(&(ulen as u16).to_be_bytes());
+        h.extend_from_slice(&[17, 64]);
+        h.extend_from_slice(&s);
+        h.extend_from_slice(&d);
+        h
+    } else {
+        let mut h = vec![0x45, 0];
+        h.extend_from_slice(&((20 + ulen) as u16).to_be_bytes());
+        h.extend_from_slice(&id.to_be_bytes());
+        h.extend_from_slice(&[0x40, 0, 64, 17, 0, 0]);
+        h.extend_from_slice(&s);
+        h.extend_from_slice(&d);
+        let c = !ref_sum(&[&h]);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h
+    };
+    let l4 = p.len();
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&5201u16.to_be_bytes());
+    p.extend_from_slice(&(ulen as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(body);
+    let mut c = !ref_sum(&[&pseudo(v6, &s, &d, 17, ulen), &p[l4..]]);
+    if c == 0 {
+        c = 0xffff;
+    }
+    p[l4 + 6..l4 + 8].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+#[test]
+fn merges_udp_datagrams_of_a_flow_and_round_trips() {
+    for v6 in [false, true] {
+        let sizes = [1372, 1372, 1372, 900];
+        let flow: Vec<Vec<u8>> =
+            sizes.iter().enumerate().map(|(i, &n)| udp_packet(v6, 50 + i as u16, 3000, &payload(n, i as u8))).collect();
+        let other = udp_packet(v6, 1, 3001, &payload(1372, 9));
+        let packets = vec![flow[0].clone(), other.clone(), flow[1].clone(), flow[2].clone(), flow[3].clone()];
+        let mut c = Coalescer::default();
+        let groups = c.plan(&packets);
+        assert_eq!(groups.iter().map(|g| g.members.clone()).collect::<Vec<_>>(), [vec![0, 2, 3, 4], vec![1]]);
+        assert!(groups[0].is_udp());
+        let writes = materialize(groups, &packets);
+        let (hdr, bytes) = &writes[0];
+        let l4 = if v6 { 40 } else { 20 };
+        assert_eq!((hdr.gso_type, hdr.gso_size, hdr.hdr_len, hdr.csum_offset), (GSO_UDP_L4, 1372, l4 + 8, 6));
+        assert_eq!(u16::from_be_bytes([bytes[l4 as usize + 4], bytes[l4 as usize + 5]]) as usize, 8 + 3 * 1372 + 900);
+        let segs = run_segment(hdr, bytes).unwrap();
+        assert!(segs.iter().all(|s| checksums_ok(s)));
+        assert_eq!(segs, flow, "v6 {v6}");
+        assert_eq!(writes[1], (VnetHdr::default(), other));
+
+        // Turned off: every datagram alone.
+        c.set_merge_udp(false);
+        assert_eq!(c.plan(&packets).len(), 5);
+    }
+}
+
+#[test]
+fn udp_merges_stop_at_a_short_datagram_and_at_64() {
+    let run = |packets: Vec<Vec<u8>>| {
+        let mut c = Coalescer::default();
+        c.plan(&packets).iter().map(|g| g.members.len()).collect::<Vec<_>>()
+    };
+    let mk = |sizes: &[usize]| -> Vec<Vec<u8>> {
+        sizes.iter().enumerate().map(|(i, &n)| udp_packet(false, i as u16, 3000, &payload(n, 0))).collect()
+    };
+    assert_eq!(run(mk(&[100, 50, 100])), [2, 1]);
+    assert_eq!(run(mk(&[100, 200])), [1, 1]);
+    assert_eq!(run(mk(&[10; 70])), [64, 6]);
 }

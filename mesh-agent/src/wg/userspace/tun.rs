@@ -1,12 +1,15 @@
 //! The engine's TUN device, opened by hand so it can carry offloads:
-//! `IFF_VNET_HDR` plus `TUNSETOFFLOAD(CSUM|TSO4|TSO6)` lets the kernel hand
-//! over 64 KiB TCP super-packets (one read instead of ~45) and take merged
-//! ones back (one write, and one walk of the receiving TCP stack, instead
-//! of ~45). The packet surgery lives in [`super::gso`]; this file is the
-//! syscalls.
+//! `IFF_VNET_HDR` plus `TUNSETOFFLOAD(CSUM|TSO4|TSO6[|USO4|USO6])` lets the
+//! kernel hand over 64 KiB TCP (and UDP GSO) super-packets, one read
+//! instead of ~45, and take merged ones back: one write, and one walk of
+//! the receiving stack, instead of ~45. Reads of ordinary packets land in
+//! the engine's packet buffers directly (no copy), and one `recv` gathers
+//! whatever is already queued. The packet surgery lives in [`super::gso`];
+//! this file is the syscalls.
 //!
 //! When the kernel refuses the offloads, the device is opened plain and
-//! behaves like gotatun's own TUN device (one packet per read and write).
+//! behaves like gotatun's own TUN device (one packet per read and write);
+//! when it refuses a merged UDP write (no USO), datagrams go one by one.
 
 use std::{
     ffi::CString,
@@ -98,13 +101,22 @@ fn open_fd(name: &str, vnet: bool) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Asks for checksum and TSO offloads, and USO (Linux 6.2+) where the
+/// kernel has it.
 fn set_offload(fd: &OwnedFd) -> io::Result<()> {
-    let features = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
-    // SAFETY: TUNSETOFFLOAD takes an integer argument.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(features)) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let base = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+    let set = |features: libc::c_uint| {
+        // SAFETY: TUNSETOFFLOAD takes an integer argument.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(features)) } < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    set(base | libc::TUN_F_USO4 | libc::TUN_F_USO6).or_else(|e| {
+        tracing::info!(error = %e, "no UDP segmentation offload on the TUN (Linux < 6.2?): TCP offloads only");
+        set(base)
+    })
 }
 
 fn ifreq(name: &str) -> io::Result<libc::ifreq> {
@@ -175,7 +187,9 @@ async fn writer(fd: Arc<AsyncFd<OwnedFd>>, mut rx: mpsc::Receiver<Packet<Ip>>, m
     let mut bytes: Vec<Packet<[u8]>> = Vec::with_capacity(WRITE_BATCH);
     let mut coalescer = Coalescer::default();
     let zero = [0u8; VNET_HDR_LEN];
+    let mut udp_refused = false;
     while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        coalescer.set_merge_udp(!udp_refused);
         bytes.extend(batch.drain(..).map(Packet::into_bytes));
         match mode {
             Mode::Plain => {
@@ -200,6 +214,10 @@ async fn writer(fd: Arc<AsyncFd<OwnedFd>>, mut rx: mpsc::Receiver<Packet<Ip>>, m
                         // segments one by one rather than lose them.
                         for &m in &g.members {
                             let _ = write_logged(&fd, &[&zero, bytes[m].as_ref()]).await;
+                        }
+                        if g.is_udp() && !udp_refused {
+                            tracing::warn!(error = %e, "the kernel refuses merged UDP (USO) on the TUN: writing datagrams one by one");
+                            udp_refused = true;
                         }
                     }
                 }
