@@ -6,6 +6,12 @@
 //! The engine runs on its own multi-threaded tokio runtime, apart from the
 //! agent's, so reconcile's blocking UAPI calls can never starve it.
 //!
+//! The fast path (on by default, each step falling back with a logged
+//! reason when the kernel refuses it): a TUN with vnet headers and TSO/
+//! checksum offloads ([`tun`], [`gso`]) and a UDP socket with GSO and forced
+//! buffer sizes ([`udp`]). `MESH_WG_TUN_OFFLOAD=0` and `MESH_WG_UDP_GSO=0`
+//! turn them off, to measure what each step brings.
+//!
 //! The TUN device is made persistent: when the agent exits, the interface
 //! with its addresses, routes and eBPF programs stays, and packets routed
 //! into it are dropped (not leaked to another route) until an agent opens it
@@ -16,11 +22,7 @@ use std::{
     time::SystemTime,
 };
 
-use gotatun::{
-    device::{Device, DeviceBuilder, uapi::UapiServer},
-    tun::{tun, tun_async_device::TunDevice},
-    udp::socket::UdpSocketFactory,
-};
+use gotatun::device::{Device, DeviceBuilder, uapi::UapiServer};
 use wireguard_control::{Backend, InterfaceName};
 
 use super::{BackendKind, WgDevice, WgError, WgUpdate, WireGuard, convert};
@@ -29,7 +31,17 @@ use crate::net::{NetOps as _, rtnl::Rtnl};
 /// Where UAPI sockets live (shared by every network namespace).
 pub const UAPI_DIR: &str = "/var/run/wireguard";
 
-type Engine = Device<(UdpSocketFactory, TunDevice, TunDevice)>;
+mod checksum;
+pub mod gso;
+mod tun;
+pub mod udp;
+
+type Engine = Device<(udp::GsoUdpFactory, tun::TunSend, tun::TunRecv)>;
+
+/// Whether the environment switch `name` leaves a fast-path step on.
+fn enabled(name: &str) -> bool {
+    !matches!(std::env::var(name).as_deref(), Ok("0" | "off" | "false" | "no"))
+}
 
 /// Options of the userspace engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -107,22 +119,18 @@ impl UserspaceWg {
         let ifname = self.ifname.clone();
         let opts = self.opts;
         let device = rt.block_on(async move {
-            let mut cfg = tun::Configuration::default();
-            cfg.tun_name(&ifname);
-            // Addresses, MTU and up are reconcile's job, over rtnetlink.
-            cfg.platform_config(|p| {
-                p.ensure_root_privileges(false);
-            });
-            let mut dev = tun::create(&cfg).map_err(|e| format!("TUN device: {e}"))?;
-            dev.persist().map_err(|e| format!("TUNSETPERSIST: {e}"))?;
-            let dev = tun::AsyncDevice::new(dev).map_err(|e| format!("TUN device: {e}"))?;
-            let tun = TunDevice::from_tun_device(dev).map_err(|e| format!("TUN device: {e}"))?;
+            let (tun_tx, tun_rx, mode) =
+                tun::open(&ifname, enabled("MESH_WG_TUN_OFFLOAD")).map_err(|e| format!("TUN device: {e}"))?;
+            tracing::info!(ifname = %ifname, ?mode, "TUN device open");
             let uapi = UapiServer::default_unix_socket(&ifname, None, None).map_err(|e| format!("UAPI socket: {e}"))?;
-            let udp =
-                UdpSocketFactory { recv_buffer_size: opts.udp_recv_buffer, send_buffer_size: opts.udp_send_buffer };
+            let udp = udp::GsoUdpFactory {
+                recv_buffer: opts.udp_recv_buffer,
+                send_buffer: opts.udp_send_buffer,
+                gso: enabled("MESH_WG_UDP_GSO"),
+            };
             DeviceBuilder::new()
                 .with_udp(udp)
-                .with_ip(tun)
+                .with_ip_pair(tun_tx, tun_rx)
                 .with_uapi(uapi)
                 .build()
                 .await

@@ -17,7 +17,7 @@ pub(super) struct Side {
 }
 
 impl Side {
-    fn start(host: &Host, ifname: &str) -> anyhow::Result<Self> {
+    fn start(host: &Host, ifname: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("agent.toml");
         std::fs::write(
@@ -30,6 +30,7 @@ impl Side {
         )?;
         let log = std::fs::File::create(dir.path().join("agent.log"))?;
         let mut command = host.command(agent_bin()?.to_str().unwrap(), ["run", "--config", config.to_str().unwrap()]);
+        command.envs(env.iter().copied());
         command.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let agent = host.spawn_command(command)?;
         let sock = dir.path().join("state/agent.sock");
@@ -75,17 +76,18 @@ impl Drop for Ours {
     }
 }
 
-/// Starts both agents and applies the two node views.
-pub(super) fn up(lab: &Lab, left: &Host, right: &Host) -> anyhow::Result<Ours> {
+/// Starts both agents (with `env`: the fast-path switches of the steps
+/// measured) and applies the two node views.
+pub(super) fn up(lab: &Lab, left: &Host, right: &Host, env: &[(&str, &str)]) -> anyhow::Result<Ours> {
     let (lif, rif) = (lab.unique_ifname("wgm"), lab.unique_ifname("wgm"));
-    let l = Side::start(left, &lif).context("starting mesh-agent (left)")?;
-    let r = Side::start(right, &rif).context("starting mesh-agent (right)")?;
+    let l = Side::start(left, &lif, env).context("starting mesh-agent (left)")?;
+    let r = Side::start(right, &rif, env).context("starting mesh-agent (right)")?;
     let lpub = l.cli(left, &["pubkey"])?;
     let rpub = r.cli(right, &["pubkey"])?;
     l.apply(left, &view(LEFT_OVERLAY, &rpub, RIGHT_UNDERLAY, RIGHT_OVERLAY))?;
     r.apply(right, &view(RIGHT_OVERLAY, &lpub, LEFT_UNDERLAY, LEFT_OVERLAY))?;
     let ours = Ours { sides: [(left.clone(), lif, l), (right.clone(), rif, r)] };
-    left.exec("ping", ["-c1", "-W5", RIGHT_OVERLAY]).context("our tunnel does not pass a ping")?;
+    super::wait_ping(left, RIGHT_OVERLAY).context("our tunnel does not pass a ping")?;
     Ok(ours)
 }
 

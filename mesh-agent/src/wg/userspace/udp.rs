@@ -1,0 +1,303 @@
+//! The engine's UDP transport: gotatun's socket (recvmmsg with UDP GRO on
+//! receive), plus UDP GSO on send: a run of equal-size datagrams to one
+//! peer leaves in one `sendmsg` with `UDP_SEGMENT`, so the underlay stack
+//! is walked once per run instead of once per datagram. Buffers are sized
+//! with `SO_*BUFFORCE` (we are root), past `net.core.[rw]mem_max`.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use gotatun::{
+    packet::Packet,
+    udp::{
+        UdpSend, UdpTransportFactory, UdpTransportFactoryParams,
+        socket::{UdpSocket, UdpSocketFactory},
+    },
+};
+use tokio::io::Interest;
+
+/// `UDP_SEGMENT` (linux/udp.h), missing from libc for glibc targets.
+const UDP_SEGMENT: libc::c_int = 103;
+/// Most datagrams in one GSO send (the kernel's `UDP_MAX_SEGMENTS` is 64).
+const MAX_SEGMENTS: usize = 64;
+/// Most bytes in one GSO send (an IPv4 datagram's limit, with headers).
+const MAX_GSO_BYTES: usize = 65000;
+/// Datagrams handed to [`UdpSend::send_many_to`] at once.
+const MAX_BATCH: usize = 256;
+
+/// Binds [`GsoUdpSend`] sockets.
+#[derive(Debug, Clone, Copy)]
+pub struct GsoUdpFactory {
+    /// `SO_RCVBUF(FORCE)`.
+    pub recv_buffer: Option<usize>,
+    /// `SO_SNDBUF(FORCE)`.
+    pub send_buffer: Option<usize>,
+    /// Use UDP GSO when the kernel has it.
+    pub gso: bool,
+}
+
+impl UdpTransportFactory for GsoUdpFactory {
+    type Send = GsoUdpSend;
+    type Recv = UdpSocket;
+
+    async fn bind(&mut self, params: &UdpTransportFactoryParams) -> io::Result<(GsoUdpSend, UdpSocket)> {
+        let mut inner = UdpSocketFactory { recv_buffer_size: self.recv_buffer, send_buffer_size: self.send_buffer };
+        let (tx, rx) = inner.bind(params).await?;
+        let fd = tx.as_fd().as_raw_fd();
+        for (opt, size) in [(libc::SO_RCVBUFFORCE, self.recv_buffer), (libc::SO_SNDBUFFORCE, self.send_buffer)] {
+            if let Some(size) = size
+                && let Err(e) = setsockopt_int(fd, libc::SOL_SOCKET, opt, size as libc::c_int)
+            {
+                tracing::debug!(error = %e, opt, "cannot force the UDP buffer size (not root?): the capped size stays");
+            }
+        }
+        let gso = self.gso && {
+            // Probing the option tells whether the kernel knows it (4.18+).
+            match getsockopt_int(fd, libc::SOL_UDP, UDP_SEGMENT) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "UDP GSO unavailable: one datagram per send");
+                    false
+                }
+            }
+        };
+        Ok((GsoUdpSend { inner: tx, gso: Arc::new(AtomicBool::new(gso)) }, rx))
+    }
+}
+
+fn setsockopt_int(fd: libc::c_int, level: libc::c_int, opt: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: passes a pointer to an int we own, with its size.
+    let r = unsafe {
+        libc::setsockopt(fd, level, opt, (&raw const value).cast(), size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+fn getsockopt_int(fd: libc::c_int, level: libc::c_int, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: passes a pointer to an int we own, with its size.
+    let r = unsafe { libc::getsockopt(fd, level, opt, (&raw mut value).cast(), &raw mut len) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(value) }
+}
+
+/// The sending half, with GSO when available.
+#[derive(Clone)]
+#[expect(missing_debug_implementations, reason = "gotatun's UdpSocket is not Debug")]
+pub struct GsoUdpSend {
+    inner: UdpSocket,
+    /// Cleared for good if the kernel refuses a GSO send.
+    gso: Arc<AtomicBool>,
+}
+
+/// Splits a batch into runs that can leave as one GSO send: same
+/// destination, same size, except the last of a run which may be shorter;
+/// at most [`MAX_SEGMENTS`] datagrams and [`MAX_GSO_BYTES`] bytes.
+/// Returns the run lengths, in order.
+#[must_use]
+pub fn gso_runs(packets: &[(usize, SocketAddr)]) -> Vec<usize> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < packets.len() {
+        let (size, dst) = packets[i];
+        let mut n = 1;
+        let mut bytes = size;
+        while i + n < packets.len() && n < MAX_SEGMENTS {
+            let (s, d) = packets[i + n];
+            if d != dst || s > size || bytes + s > MAX_GSO_BYTES || size == 0 {
+                break;
+            }
+            n += 1;
+            bytes += s;
+            if s < size {
+                break;
+            }
+        }
+        runs.push(n);
+        i += n;
+    }
+    runs
+}
+
+/// A socket address as the kernel takes it.
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all zeroes is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            let sin = unsafe { &mut *(&raw mut ss).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr = libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&raw mut ss).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr = libc::in6_addr { s6_addr: a.ip().octets() };
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_scope_id = a.scope_id();
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// Room for one `cmsghdr` carrying a `u16`, aligned as the kernel wants.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct CmsgBuf([u8; 24]);
+
+/// Sends runs `from..` of `packets` (split by `runs`) with one `sendmmsg`,
+/// one message per run, `UDP_SEGMENT` on runs of two or more. Returns how
+/// many runs the kernel took. Everything the kernel reads is built here,
+/// so no raw pointer outlives the call.
+fn sendmmsg_runs(fd: libc::c_int, packets: &[(Packet, SocketAddr)], runs: &[usize], from: usize) -> io::Result<usize> {
+    let skip: usize = runs[..from].iter().sum();
+    let packets = &packets[skip..];
+    let runs = &runs[from..];
+    let iovs: Vec<libc::iovec> = packets
+        .iter()
+        .map(|(p, _)| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
+        .collect();
+    let mut addrs: Vec<_> = Vec::with_capacity(runs.len());
+    let mut cmsgs = vec![CmsgBuf([0; 24]); runs.len()];
+    // SAFETY: a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+    debug_assert!(space <= size_of::<CmsgBuf>());
+    let mut first = 0;
+    for (run, cm) in runs.iter().zip(&mut cmsgs) {
+        addrs.push(sockaddr(&packets[first].1));
+        if *run > 1 {
+            let seg = packets[first].0.len() as u16;
+            // SAFETY: CMSG_* walk a buffer we own, sized for one u16 cmsg.
+            unsafe {
+                let mut mh: libc::msghdr = std::mem::zeroed();
+                mh.msg_control = cm.0.as_mut_ptr().cast();
+                mh.msg_controllen = space;
+                let c = libc::CMSG_FIRSTHDR(&mh);
+                (*c).cmsg_level = libc::SOL_UDP;
+                (*c).cmsg_type = UDP_SEGMENT;
+                (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
+            }
+        }
+        first += run;
+    }
+    let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
+    let mut first = 0;
+    for (i, run) in runs.iter().enumerate() {
+        // SAFETY: mmsghdr is plain old data; all zeroes is valid.
+        let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+        m.msg_hdr.msg_name = (&raw mut addrs[i].0).cast();
+        m.msg_hdr.msg_namelen = addrs[i].1;
+        m.msg_hdr.msg_iov = iovs[first..].as_ptr().cast_mut();
+        m.msg_hdr.msg_iovlen = *run;
+        if *run > 1 {
+            m.msg_hdr.msg_control = cmsgs[i].0.as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = space;
+        }
+        msgs.push(m);
+        first += run;
+    }
+    // SAFETY: every pointer in `msgs` points into `iovs`, `addrs`, `cmsgs`
+    // or `packets`, all alive until we return.
+    let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), msgs.len() as libc::c_uint, libc::MSG_DONTWAIT) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+impl GsoUdpSend {
+    /// Sends `packets` as GSO runs, with as few `sendmmsg` calls as the
+    /// socket buffer allows.
+    async fn send_gso(&self, packets: &[(Packet, SocketAddr)]) -> io::Result<()> {
+        let shape: Vec<(usize, SocketAddr)> = packets.iter().map(|(p, a)| (p.len(), *a)).collect();
+        let runs = gso_runs(&shape);
+        let socket = self.inner.socket();
+        let fd = socket.as_raw_fd();
+        let mut sent = 0;
+        while sent < runs.len() {
+            sent += socket.async_io(Interest::WRITABLE, || sendmmsg_runs(fd, packets, &runs, sent)).await?;
+        }
+        Ok(())
+    }
+}
+
+impl UdpSend for GsoUdpSend {
+    type SendManyBuf = ();
+
+    async fn send_to(&self, packet: Packet, destination: SocketAddr) -> io::Result<()> {
+        self.inner.send_to(packet, destination).await
+    }
+
+    fn max_number_of_packets_to_send(&self) -> usize {
+        MAX_BATCH
+    }
+
+    async fn send_many_to(&self, _buf: &mut (), packets: &mut Vec<(Packet, SocketAddr)>) -> io::Result<()> {
+        if self.gso.load(Ordering::Relaxed) {
+            match self.send_gso(packets).await {
+                Ok(()) => {
+                    packets.clear();
+                    return Ok(());
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) => {
+                    // Some of the batch may be gone already: resending it all
+                    // duplicates a few datagrams, which WireGuard's replay
+                    // window drops.
+                    tracing::warn!(error = %e, "UDP GSO send refused: one datagram per send from now on");
+                    self.gso.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // gotatun's own sendmmsg takes at most 100 at a time.
+        let mut buf = Default::default();
+        while !packets.is_empty() {
+            let mut chunk: Vec<_> = packets.drain(..packets.len().min(100)).collect();
+            self.inner.send_many_to(&mut buf, &mut chunk).await?;
+        }
+        Ok(())
+    }
+
+    fn local_addr(&self) -> io::Result<Option<SocketAddr>> {
+        self.inner.local_addr().map(Some)
+    }
+
+    fn set_fwmark(&self, mark: u32) -> io::Result<()> {
+        self.inner.set_fwmark(mark)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    #[test]
+    fn runs_break_on_destination_size_and_limits() {
+        let p = |n: usize, port: u16| (n, a(port));
+        // Equal sizes, then a shorter one ends the run.
+        assert_eq!(gso_runs(&[p(100, 1), p(100, 1), p(60, 1), p(100, 1)]), [3, 1]);
+        // A larger one starts a new run; another destination too.
+        assert_eq!(gso_runs(&[p(100, 1), p(120, 1), p(120, 2)]), [1, 1, 1]);
+        // At most 64 datagrams, and at most MAX_GSO_BYTES.
+        assert_eq!(gso_runs(&vec![p(10, 1); 130]), [64, 64, 2]);
+        let runs = gso_runs(&vec![p(1500, 1); 100]);
+        assert!(runs.iter().all(|&n| n * 1500 <= MAX_GSO_BYTES), "{runs:?}");
+        assert_eq!(runs.iter().sum::<usize>(), 100);
+        assert_eq!(gso_runs(&[]), Vec::<usize>::new());
+    }
+}
