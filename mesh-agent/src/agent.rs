@@ -96,6 +96,8 @@ pub fn backend(config: &Config, selection: &Selection) -> Result<Box<dyn WireGua
                 udp_recv_buffer: Some(config.udp_recv_buffer),
                 udp_send_buffer: Some(config.udp_send_buffer),
                 threads: config.engine_threads,
+                tun_offload: config.tun_offload,
+                udp_gso: config.udp_gso,
             },
         )?),
     })

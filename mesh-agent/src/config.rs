@@ -74,6 +74,12 @@ pub struct Config {
     pub udp_send_buffer: usize,
     /// Userspace engine: worker threads.
     pub engine_threads: usize,
+    /// Userspace engine: TUN offloads (`IFF_VNET_HDR`: TCP segmentation on
+    /// read, GRO-like merging on write). Off only to measure without them;
+    /// an old kernel that refuses them is detected and logged.
+    pub tun_offload: bool,
+    /// Userspace engine: UDP GSO (`UDP_SEGMENT`) on the underlay socket.
+    pub udp_gso: bool,
     /// Log filter (`tracing` env-filter syntax); `RUST_LOG` overrides it.
     pub log: String,
     /// Address of the Prometheus metrics endpoint (`GET /metrics`), e.g.
@@ -217,6 +223,8 @@ impl Default for Config {
             udp_recv_buffer: 4 << 20,
             udp_send_buffer: 4 << 20,
             engine_threads: 2,
+            tun_offload: true,
+            udp_gso: true,
             log: "info".into(),
             metrics_listen: None,
             control: None,

@@ -22,11 +22,11 @@ mod ours;
 
 /// Our engine's variants: the default (every fast-path step on) and, to
 /// show what each step brings in the same run, the steps turned off one
-/// after the other (the agent's `MESH_WG_*` switches).
-const OURS: &[(&str, &[(&str, &str)])] = &[
-    ("mesh-agent", &[]),
-    ("mesh-agent-no-udp-gso", &[("MESH_WG_UDP_GSO", "0")]),
-    ("mesh-agent-plain", &[("MESH_WG_UDP_GSO", "0"), ("MESH_WG_TUN_OFFLOAD", "0")]),
+/// after the other (the agent's `udp_gso` and `tun_offload` settings).
+const OURS: &[(&str, &str)] = &[
+    ("mesh-agent", ""),
+    ("mesh-agent-no-udp-gso", "udp_gso = false\n"),
+    ("mesh-agent-plain", "udp_gso = false\ntun_offload = false\n"),
 ];
 
 const SUITE: &str = "tunnel";
@@ -105,9 +105,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
         // Interleaved: every variant once per run, so drift shows as spread.
         ctx.progress(SUITE, format_args!("run {}/{runs}: veth", run + 1));
         measure(ctx, &left, &right, "veth", RIGHT_UNDERLAY, &[], seconds, run, &mut results)?;
-        for &(name, env) in OURS {
+        for &(name, knobs) in OURS {
             ctx.progress(SUITE, format_args!("run {}/{runs}: {name}", run + 1));
-            let ours = ours::up(&lab, &left, &right, env)?;
+            let ours = ours::up(&lab, &left, &right, knobs)?;
             let pids = ours.sides.each_ref().map(|(_, _, side)| side.agent.pid());
             measure(ctx, &left, &right, name, RIGHT_OVERLAY, &pids, seconds, run, &mut results)?;
         }

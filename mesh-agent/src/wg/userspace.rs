@@ -9,8 +9,8 @@
 //! The fast path (on by default, each step falling back with a logged
 //! reason when the kernel refuses it): a TUN with vnet headers and TSO/
 //! checksum offloads ([`tun`], [`gso`]) and a UDP socket with GSO and forced
-//! buffer sizes ([`udp`]). `MESH_WG_TUN_OFFLOAD=0` and `MESH_WG_UDP_GSO=0`
-//! turn them off, to measure what each step brings.
+//! buffer sizes ([`udp`]). The agent's `tun_offload = false` and
+//! `udp_gso = false` turn them off, to measure what each step brings.
 //!
 //! The TUN device is made persistent: when the agent exits, the interface
 //! with its addresses, routes and eBPF programs stays, and packets routed
@@ -39,12 +39,8 @@ pub mod udp;
 type Engine = Device<(udp::GsoUdpFactory, tun::TunSend, tun::TunRecv)>;
 
 /// Whether the environment switch `name` leaves a fast-path step on.
-fn enabled(name: &str) -> bool {
-    !matches!(std::env::var(name).as_deref(), Ok("0" | "off" | "false" | "no"))
-}
-
 /// Options of the userspace engine.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UserspaceOptions {
     /// `SO_RCVBUF` of the UDP socket (the receive side overflows first).
     pub udp_recv_buffer: Option<usize>,
@@ -52,6 +48,17 @@ pub struct UserspaceOptions {
     pub udp_send_buffer: Option<usize>,
     /// Worker threads of the engine's runtime.
     pub threads: usize,
+    /// TUN offloads (segmentation on read, merging on write).
+    pub tun_offload: bool,
+    /// UDP GSO on the underlay socket.
+    pub udp_gso: bool,
+}
+
+impl Default for UserspaceOptions {
+    /// The fast path: every offload on.
+    fn default() -> Self {
+        Self { udp_recv_buffer: None, udp_send_buffer: None, threads: 2, tun_offload: true, udp_gso: true }
+    }
 }
 
 struct Running {
@@ -120,13 +127,13 @@ impl UserspaceWg {
         let opts = self.opts;
         let device = rt.block_on(async move {
             let (tun_tx, tun_rx, mode) =
-                tun::open(&ifname, enabled("MESH_WG_TUN_OFFLOAD")).map_err(|e| format!("TUN device: {e}"))?;
+                tun::open(&ifname, opts.tun_offload).map_err(|e| format!("TUN device: {e}"))?;
             tracing::info!(ifname = %ifname, ?mode, "TUN device open");
             let uapi = UapiServer::default_unix_socket(&ifname, None, None).map_err(|e| format!("UAPI socket: {e}"))?;
             let udp = udp::GsoUdpFactory {
                 recv_buffer: opts.udp_recv_buffer,
                 send_buffer: opts.udp_send_buffer,
-                gso: enabled("MESH_WG_UDP_GSO"),
+                gso: opts.udp_gso,
             };
             DeviceBuilder::new()
                 .with_udp(udp)

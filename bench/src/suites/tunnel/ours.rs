@@ -17,20 +17,19 @@ pub(super) struct Side {
 }
 
 impl Side {
-    fn start(host: &Host, ifname: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+    fn start(host: &Host, ifname: &str, knobs: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("agent.toml");
         std::fs::write(
             &config,
             format!(
                 "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = {WG_PORT}\nstate_dir = \"{}\"\n\
-                 enforcement = \"off\"\nlog = \"warn\"\n",
+                 enforcement = \"off\"\nlog = \"warn\"\n{knobs}",
                 dir.path().join("state").display()
             ),
         )?;
         let log = std::fs::File::create(dir.path().join("agent.log"))?;
         let mut command = host.command(agent_bin()?.to_str().unwrap(), ["run", "--config", config.to_str().unwrap()]);
-        command.envs(env.iter().copied());
         command.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let agent = host.spawn_command(command)?;
         let sock = dir.path().join("state/agent.sock");
@@ -76,12 +75,12 @@ impl Drop for Ours {
     }
 }
 
-/// Starts both agents (with `env`: the fast-path switches of the steps
-/// measured) and applies the two node views.
-pub(super) fn up(lab: &Lab, left: &Host, right: &Host, env: &[(&str, &str)]) -> anyhow::Result<Ours> {
+/// Starts both agents (with `knobs`: configuration lines that turn the
+/// fast-path steps being measured off) and applies the two node views.
+pub(super) fn up(lab: &Lab, left: &Host, right: &Host, knobs: &str) -> anyhow::Result<Ours> {
     let (lif, rif) = (lab.unique_ifname("wgm"), lab.unique_ifname("wgm"));
-    let l = Side::start(left, &lif, env).context("starting mesh-agent (left)")?;
-    let r = Side::start(right, &rif, env).context("starting mesh-agent (right)")?;
+    let l = Side::start(left, &lif, knobs).context("starting mesh-agent (left)")?;
+    let r = Side::start(right, &rif, knobs).context("starting mesh-agent (right)")?;
     let lpub = l.cli(left, &["pubkey"])?;
     let rpub = r.cli(right, &["pubkey"])?;
     l.apply(left, &view(LEFT_OVERLAY, &rpub, RIGHT_UNDERLAY, RIGHT_OVERLAY))?;
