@@ -8,7 +8,7 @@ mod parse;
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
     cty::c_void,
-    helpers::{bpf_ktime_get_ns, bpf_loop},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_loop},
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
@@ -116,7 +116,10 @@ fn acl(ctx: &TcContext, l3_off: usize) -> i32 {
 #[inline(always)]
 fn decide(p: &Packet, len: u64, config: &AclConfig) -> AclVerdict {
     let timeout_s = if p.proto == parse::PROTO_TCP { config.tcp_timeout_s } else { config.other_timeout_s };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (one tick, 1-4 ms, of resolution) is plenty for
+    // timeouts in seconds and, unlike `bpf_ktime_get_ns`, reads no clock
+    // source.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let expires_ns = now + u64::from(timeout_s) * NS_PER_S;
     // The active policy, read once: slot in bit 0, install epoch above.
     let active = ACL_ACTIVE.get(0).copied().unwrap_or(0);

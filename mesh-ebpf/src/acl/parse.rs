@@ -1,8 +1,11 @@
 //! Reads the IP and transport headers of a socket buffer into a [`Packet`],
 //! or says why the packet is not decided by the policy (see the verdicts in
-//! `mesh_common::acl`). Reads go through `bpf_skb_load_bytes`, which bounds
-//! every access by the packet length, so a short packet is an error here,
-//! never an out-of-bounds read.
+//! `mesh_common::acl`). Reads are direct packet reads, each bounds-checked
+//! against `data_end` (a helper call per header, `bpf_skb_load_bytes`, cost
+//! more than the rest of the parse). Headers outside the linear part are
+//! pulled in first (`bpf_skb_pull_data`, rare: the stack hands TC linear
+//! headers); a pull past the packet's end fails, so a short packet is an
+//! error here, never an out-of-bounds read.
 
 use aya_ebpf::programs::TcContext;
 use mesh_common::acl::AclVerdict;
@@ -48,6 +51,7 @@ impl Packet {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Ipv4Hdr {
     ver_ihl: u8,
     tos: u8,
@@ -62,6 +66,7 @@ struct Ipv4Hdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Ipv6Hdr {
     ver_tc_flow: [u8; 4],
     payload_len: [u8; 2],
@@ -93,7 +98,7 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
     let l4_len: usize;
     match ethertype {
         ETH_P_IP => {
-            let ip: Ipv4Hdr = ctx.load(l3_off).map_err(|_| AclVerdict::DropMalformed)?;
+            let ip: Ipv4Hdr = read(ctx, l3_off)?;
             let ihl = ((ip.ver_ihl & 0x0f) as usize) * 4;
             let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
             if ip.ver_ihl >> 4 != 4 || ihl < 20 || tot_len < ihl || l3_off + tot_len > skb_len {
@@ -110,7 +115,7 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
             l4_len = tot_len - ihl;
         }
         ETH_P_IPV6 => {
-            let ip: Ipv6Hdr = ctx.load(l3_off).map_err(|_| AclVerdict::DropMalformed)?;
+            let ip: Ipv6Hdr = read(ctx, l3_off)?;
             let payload = u16::from_be_bytes(ip.payload_len) as usize;
             if ip.ver_tc_flow[0] >> 4 != 6 || l3_off + 40 + payload > skb_len {
                 return Err(AclVerdict::DropMalformed);
@@ -128,12 +133,12 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
                 let at = l3_off + 40 + ext_len;
                 match next {
                     0 | 43 | 60 => {
-                        let h: [u8; 2] = ctx.load(at).map_err(|_| AclVerdict::DropMalformed)?;
+                        let h: [u8; 2] = read(ctx, at)?;
                         next = h[0];
                         ext_len += (h[1] as usize + 1) * 8;
                     }
                     44 => {
-                        let h: [u8; 8] = ctx.load(at).map_err(|_| AclVerdict::DropMalformed)?;
+                        let h: [u8; 8] = read(ctx, at)?;
                         if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
                             return Err(AclVerdict::DropFragment);
                         }
@@ -157,7 +162,7 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
             if l4_len < 20 {
                 return Err(AclVerdict::DropMalformed);
             }
-            let h: [u8; 14] = ctx.load(p.l4_off).map_err(|_| AclVerdict::DropMalformed)?;
+            let h: [u8; 14] = read(ctx, p.l4_off)?;
             p.sport = [h[0], h[1]];
             p.dport = [h[2], h[3]];
             p.tcp_flags = h[13];
@@ -166,7 +171,7 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
             if l4_len < 8 {
                 return Err(AclVerdict::DropMalformed);
             }
-            let h: [u8; 4] = ctx.load(p.l4_off).map_err(|_| AclVerdict::DropMalformed)?;
+            let h: [u8; 4] = read(ctx, p.l4_off)?;
             p.sport = [h[0], h[1]];
             p.dport = [h[2], h[3]];
         }
@@ -174,7 +179,7 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
             if l4_len < 8 {
                 return Err(AclVerdict::DropMalformed);
             }
-            let h: [u8; 8] = ctx.load(p.l4_off).map_err(|_| AclVerdict::DropMalformed)?;
+            let h: [u8; 8] = read(ctx, p.l4_off)?;
             p.icmp_type = h[0];
             if is_echo(p.family, h[0]) {
                 p.echo = true;
@@ -185,6 +190,31 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
         _ => {}
     }
     Ok(p)
+}
+
+/// Copies a `T` from `off` bytes into the packet: directly when the linear
+/// data holds it, else after pulling the first `off + size_of::<T>()` bytes
+/// into the linear part (which fails past the packet's end).
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, AclVerdict> {
+    if let Some(v) = read_linear(ctx, off) {
+        return Ok(v);
+    }
+    let want = u32::try_from(off + core::mem::size_of::<T>()).map_err(|_| AclVerdict::DropMalformed)?;
+    ctx.pull_data(want).map_err(|_| AclVerdict::DropMalformed)?;
+    read_linear(ctx, off).ok_or(AclVerdict::DropMalformed)
+}
+
+/// A `T` from the linear data, if it lies inside it.
+#[inline(always)]
+fn read_linear<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    // SAFETY: the bytes lie between `data` and `data_end` (checked just
+    // above, and by the verifier); packet bytes carry no alignment.
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
 }
 
 /// ICMP for IPv4 and ICMPv6 for IPv6; the other pairing is just a protocol.
