@@ -21,7 +21,7 @@ use mesh_common::{
     },
     counter::PacketCount,
 };
-use parse::{Packet, TCP_FLAG_ACK, TCP_FLAG_SYN};
+use parse::{Packet, TCP_FLAG_ACK, TCP_FLAG_SYN, addr_bytes};
 
 const NS_PER_S: u64 = 1_000_000_000;
 /// The policy maps allocate entries on insert: a slot's capacity would
@@ -231,16 +231,6 @@ fn refresh_reverse(p: &Packet, rule_index: u32, active: u32, expires_ns: u64) {
     }
 }
 
-/// Two native-order halves of an address (IPv4: the first four bytes), the
-/// form the masks in `SlotLens` are kept in.
-#[inline(always)]
-fn halves(a: &[u8; 16]) -> [u64; 2] {
-    [
-        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
-        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
-    ]
-}
-
 /// The context of one probe loop (`bpf_loop`): the address, the source
 /// class (destination and decision probes), what was found.
 #[repr(C)]
@@ -279,14 +269,14 @@ fn probe_loop(rounds: u8, round: extern "C" fn(u64, *mut c_void) -> i64, probe: 
 fn lookup<const S: u32>(p: &Packet) -> u32 {
     let Some(lens) = ACL_LENS.get(S) else { return NO_RULE };
     let v6 = p.family == 6;
-    let mut probe = Probe { addr: halves(&p.src), src_class: 0, arg: 0, found: 0, found_any: 0 };
+    let mut probe = Probe { addr: p.src, src_class: 0, arg: 0, found: 0, found_any: 0 };
     let src_class = if v6 {
         probe_loop(lens.n_src6, src6_round::<S>, &mut probe)
     } else {
         probe_loop(lens.n_src4, src4_round::<S>, &mut probe)
     };
     let Some(src_class) = src_class else { return NO_RULE };
-    probe.addr = halves(&p.dst);
+    probe.addr = p.dst;
     probe.src_class = src_class;
     let dst_class = if v6 {
         probe_loop(lens.n_dst6, dst6_round::<S>, &mut probe)
@@ -429,7 +419,15 @@ extern "C" fn port_round<const S: u32>(i: u64, ctx: *mut c_void) -> i64 {
 /// The flow key of the packet as it is (see `FlowKey`).
 #[inline(always)]
 fn flow_key(p: &Packet) -> FlowKey {
-    FlowKey { src: p.src, dst: p.dst, sport: p.sport, dport: p.dport, proto: p.proto, family: p.family, pad: [0; 2] }
+    FlowKey {
+        src: addr_bytes(p.src),
+        dst: addr_bytes(p.dst),
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        family: p.family,
+        pad: [0; 2],
+    }
 }
 
 /// The key the replies of this packet's flow will carry, if it has replies:
@@ -446,7 +444,15 @@ fn reverse_key(p: &Packet) -> Option<FlowKey> {
     } else {
         (p.dport, p.sport)
     };
-    Some(FlowKey { src: p.dst, dst: p.src, sport, dport, proto: p.proto, family: p.family, pad: [0; 2] })
+    Some(FlowKey {
+        src: addr_bytes(p.dst),
+        dst: addr_bytes(p.src),
+        sport,
+        dport,
+        proto: p.proto,
+        family: p.family,
+        pad: [0; 2],
+    })
 }
 
 #[inline(always)]

@@ -22,12 +22,17 @@ const ETH_P_IPV6: u16 = 0x86DD;
 pub(crate) const TCP_FLAG_SYN: u8 = 0x02;
 pub(crate) const TCP_FLAG_ACK: u8 = 0x10;
 
-/// The fields the ACL decides on.
+/// The fields the ACL decides on. The addresses are two native-order
+/// halves of the address bytes (IPv4: the first four bytes, rest zero), the
+/// form the prefix masks are kept in: copied and zeroed as words, where a
+/// byte array costs a load and a store per byte (BPF forbids misaligned
+/// stack access, so byte arrays move bytewise) and its zeroing a call to
+/// the `memset` subprogram.
 #[derive(Clone, Copy)]
 pub(crate) struct Packet {
+    pub(crate) src: [u64; 2],
+    pub(crate) dst: [u64; 2],
     pub(crate) family: u8,
-    pub(crate) src: [u8; 16],
-    pub(crate) dst: [u8; 16],
     pub(crate) proto: u8,
     /// Ports as on the wire (for ICMP echo: the identifier and `[0, type]`).
     pub(crate) sport: [u8; 2],
@@ -72,8 +77,10 @@ struct Ipv6Hdr {
     payload_len: [u8; 2],
     next: u8,
     hop_limit: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
+    /// Source and destination address as native-order halves: read as
+    /// words, they stay four values (not 32 bytes, which the compiler keeps
+    /// in as many stack slots across the extension-header walk).
+    addrs: [u64; 4],
 }
 
 /// Parses the packet starting at `l3_off` (0 on an L3 device, 14 after an
@@ -84,8 +91,8 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
     let mut p = Packet {
         family: 0,
-        src: [0; 16],
-        dst: [0; 16],
+        src: [0; 2],
+        dst: [0; 2],
         proto: 0,
         sport: [0; 2],
         dport: [0; 2],
@@ -108,8 +115,8 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
                 return Err(AclVerdict::DropFragment);
             }
             p.family = 4;
-            p.src[..4].copy_from_slice(&ip.src);
-            p.dst[..4].copy_from_slice(&ip.dst);
+            p.src = [u64::from(u32::from_ne_bytes(ip.src)), 0];
+            p.dst = [u64::from(u32::from_ne_bytes(ip.dst)), 0];
             p.proto = ip.proto;
             p.l4_off = l3_off + ihl;
             l4_len = tot_len - ihl;
@@ -121,8 +128,15 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
                 return Err(AclVerdict::DropMalformed);
             }
             p.family = 6;
-            p.src = ip.src;
-            p.dst = ip.dst;
+            // Volatile: stored as words here, before the extension-header
+            // walk, instead of as 32 separately spilled bytes assembled
+            // after it (which took the frame past the 512-byte stack that
+            // `flow_check`'s frame is stacked on).
+            // SAFETY: writes to a local.
+            unsafe {
+                core::ptr::write_volatile(&mut p.src, [ip.addrs[0], ip.addrs[1]]);
+                core::ptr::write_volatile(&mut p.dst, [ip.addrs[2], ip.addrs[3]]);
+            }
             let mut next = ip.next;
             let mut ext_len = 0usize;
             // Hop-by-hop (0), routing (43), fragment (44), destination
@@ -215,6 +229,13 @@ fn read_linear<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     // SAFETY: the bytes lie between `data` and `data_end` (checked just
     // above, and by the verifier); packet bytes carry no alignment.
     Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+}
+
+/// The address bytes of two native-order halves.
+#[inline(always)]
+pub(crate) fn addr_bytes(h: [u64; 2]) -> [u8; 16] {
+    // SAFETY: same size, every bit pattern is valid for both.
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(h) }
 }
 
 /// ICMP for IPv4 and ICMPv6 for IPv6; the other pairing is just a protocol.
