@@ -268,8 +268,10 @@ pub struct PolicyValue {
 /// Key of the flow table. For TCP, UDP and SCTP the ports are the packet's;
 /// for ICMP and ICMPv6 echo messages `sport` is the echo identifier and
 /// `dport` the message type (reply types are what a reverse key holds); other
-/// protocols have zero ports. Ports are stored as on the wire.
-#[repr(C)]
+/// protocols have zero ports. Ports are stored as on the wire. Aligned to 8
+/// (same size and layout, no padding): the program then builds and copies
+/// keys in words, not byte by byte.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     /// Source address (IPv4 in the first four bytes, rest zero).

@@ -8,7 +8,7 @@ mod parse;
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
     cty::c_void,
-    helpers::{bpf_ktime_get_ns, bpf_loop},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_loop},
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
@@ -21,7 +21,7 @@ use mesh_common::{
     },
     counter::PacketCount,
 };
-use parse::{Packet, TCP_FLAG_ACK, TCP_FLAG_SYN};
+use parse::{Packet, TCP_FLAG_ACK, TCP_FLAG_SYN, addr_bytes};
 
 const NS_PER_S: u64 = 1_000_000_000;
 /// The policy maps allocate entries on insert: a slot's capacity would
@@ -116,7 +116,10 @@ fn acl(ctx: &TcContext, l3_off: usize) -> i32 {
 #[inline(always)]
 fn decide(p: &Packet, len: u64, config: &AclConfig) -> AclVerdict {
     let timeout_s = if p.proto == parse::PROTO_TCP { config.tcp_timeout_s } else { config.other_timeout_s };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (one tick, 1-4 ms, of resolution) is plenty for
+    // timeouts in seconds and, unlike `bpf_ktime_get_ns`, reads no clock
+    // source.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let expires_ns = now + u64::from(timeout_s) * NS_PER_S;
     // The active policy, read once: slot in bit 0, install epoch above.
     let active = ACL_ACTIVE.get(0).copied().unwrap_or(0);
@@ -228,16 +231,6 @@ fn refresh_reverse(p: &Packet, rule_index: u32, active: u32, expires_ns: u64) {
     }
 }
 
-/// Two native-order halves of an address (IPv4: the first four bytes), the
-/// form the masks in `SlotLens` are kept in.
-#[inline(always)]
-fn halves(a: &[u8; 16]) -> [u64; 2] {
-    [
-        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
-        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
-    ]
-}
-
 /// The context of one probe loop (`bpf_loop`): the address, the source
 /// class (destination and decision probes), what was found.
 #[repr(C)]
@@ -276,14 +269,14 @@ fn probe_loop(rounds: u8, round: extern "C" fn(u64, *mut c_void) -> i64, probe: 
 fn lookup<const S: u32>(p: &Packet) -> u32 {
     let Some(lens) = ACL_LENS.get(S) else { return NO_RULE };
     let v6 = p.family == 6;
-    let mut probe = Probe { addr: halves(&p.src), src_class: 0, arg: 0, found: 0, found_any: 0 };
+    let mut probe = Probe { addr: p.src, src_class: 0, arg: 0, found: 0, found_any: 0 };
     let src_class = if v6 {
         probe_loop(lens.n_src6, src6_round::<S>, &mut probe)
     } else {
         probe_loop(lens.n_src4, src4_round::<S>, &mut probe)
     };
     let Some(src_class) = src_class else { return NO_RULE };
-    probe.addr = halves(&p.dst);
+    probe.addr = p.dst;
     probe.src_class = src_class;
     let dst_class = if v6 {
         probe_loop(lens.n_dst6, dst6_round::<S>, &mut probe)
@@ -426,7 +419,15 @@ extern "C" fn port_round<const S: u32>(i: u64, ctx: *mut c_void) -> i64 {
 /// The flow key of the packet as it is (see `FlowKey`).
 #[inline(always)]
 fn flow_key(p: &Packet) -> FlowKey {
-    FlowKey { src: p.src, dst: p.dst, sport: p.sport, dport: p.dport, proto: p.proto, family: p.family, pad: [0; 2] }
+    FlowKey {
+        src: addr_bytes(p.src),
+        dst: addr_bytes(p.dst),
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        family: p.family,
+        pad: [0; 2],
+    }
 }
 
 /// The key the replies of this packet's flow will carry, if it has replies:
@@ -443,7 +444,15 @@ fn reverse_key(p: &Packet) -> Option<FlowKey> {
     } else {
         (p.dport, p.sport)
     };
-    Some(FlowKey { src: p.dst, dst: p.src, sport, dport, proto: p.proto, family: p.family, pad: [0; 2] })
+    Some(FlowKey {
+        src: addr_bytes(p.dst),
+        dst: addr_bytes(p.src),
+        sport,
+        dport,
+        proto: p.proto,
+        family: p.family,
+        pad: [0; 2],
+    })
 }
 
 #[inline(always)]

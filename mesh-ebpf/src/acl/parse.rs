@@ -1,8 +1,11 @@
 //! Reads the IP and transport headers of a socket buffer into a [`Packet`],
 //! or says why the packet is not decided by the policy (see the verdicts in
-//! `mesh_common::acl`). Reads go through `bpf_skb_load_bytes`, which bounds
-//! every access by the packet length, so a short packet is an error here,
-//! never an out-of-bounds read.
+//! `mesh_common::acl`). Reads are direct packet reads, each bounds-checked
+//! against `data_end` (a helper call per header, `bpf_skb_load_bytes`, cost
+//! more than the rest of the parse). Headers outside the linear part are
+//! pulled in first (`bpf_skb_pull_data`, rare: the stack hands TC linear
+//! headers); a pull past the packet's end fails, so a short packet is an
+//! error here, never an out-of-bounds read.
 
 use aya_ebpf::programs::TcContext;
 use mesh_common::acl::AclVerdict;
@@ -19,12 +22,17 @@ const ETH_P_IPV6: u16 = 0x86DD;
 pub(crate) const TCP_FLAG_SYN: u8 = 0x02;
 pub(crate) const TCP_FLAG_ACK: u8 = 0x10;
 
-/// The fields the ACL decides on.
+/// The fields the ACL decides on. The addresses are two native-order
+/// halves of the address bytes (IPv4: the first four bytes, rest zero), the
+/// form the prefix masks are kept in: copied and zeroed as words, where a
+/// byte array costs a load and a store per byte (BPF forbids misaligned
+/// stack access, so byte arrays move bytewise) and its zeroing a call to
+/// the `memset` subprogram.
 #[derive(Clone, Copy)]
 pub(crate) struct Packet {
+    pub(crate) src: [u64; 2],
+    pub(crate) dst: [u64; 2],
     pub(crate) family: u8,
-    pub(crate) src: [u8; 16],
-    pub(crate) dst: [u8; 16],
     pub(crate) proto: u8,
     /// Ports as on the wire (for ICMP echo: the identifier and `[0, type]`).
     pub(crate) sport: [u8; 2],
@@ -48,6 +56,7 @@ impl Packet {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Ipv4Hdr {
     ver_ihl: u8,
     tos: u8,
@@ -62,13 +71,16 @@ struct Ipv4Hdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Ipv6Hdr {
     ver_tc_flow: [u8; 4],
     payload_len: [u8; 2],
     next: u8,
     hop_limit: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
+    /// Source and destination address as native-order halves: read as
+    /// words, they stay four values (not 32 bytes, which the compiler keeps
+    /// in as many stack slots across the extension-header walk).
+    addrs: [u64; 4],
 }
 
 /// Parses the packet starting at `l3_off` (0 on an L3 device, 14 after an
@@ -79,8 +91,8 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
     let mut p = Packet {
         family: 0,
-        src: [0; 16],
-        dst: [0; 16],
+        src: [0; 2],
+        dst: [0; 2],
         proto: 0,
         sport: [0; 2],
         dport: [0; 2],
@@ -93,7 +105,7 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
     let l4_len: usize;
     match ethertype {
         ETH_P_IP => {
-            let ip: Ipv4Hdr = ctx.load(l3_off).map_err(|_| AclVerdict::DropMalformed)?;
+            let ip: Ipv4Hdr = read(ctx, l3_off)?;
             let ihl = ((ip.ver_ihl & 0x0f) as usize) * 4;
             let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
             if ip.ver_ihl >> 4 != 4 || ihl < 20 || tot_len < ihl || l3_off + tot_len > skb_len {
@@ -103,21 +115,28 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
                 return Err(AclVerdict::DropFragment);
             }
             p.family = 4;
-            p.src[..4].copy_from_slice(&ip.src);
-            p.dst[..4].copy_from_slice(&ip.dst);
+            p.src = [u64::from(u32::from_ne_bytes(ip.src)), 0];
+            p.dst = [u64::from(u32::from_ne_bytes(ip.dst)), 0];
             p.proto = ip.proto;
             p.l4_off = l3_off + ihl;
             l4_len = tot_len - ihl;
         }
         ETH_P_IPV6 => {
-            let ip: Ipv6Hdr = ctx.load(l3_off).map_err(|_| AclVerdict::DropMalformed)?;
+            let ip: Ipv6Hdr = read(ctx, l3_off)?;
             let payload = u16::from_be_bytes(ip.payload_len) as usize;
             if ip.ver_tc_flow[0] >> 4 != 6 || l3_off + 40 + payload > skb_len {
                 return Err(AclVerdict::DropMalformed);
             }
             p.family = 6;
-            p.src = ip.src;
-            p.dst = ip.dst;
+            // Volatile: stored as words here, before the extension-header
+            // walk, instead of as 32 separately spilled bytes assembled
+            // after it (which took the frame past the 512-byte stack that
+            // `flow_check`'s frame is stacked on).
+            // SAFETY: writes to a local.
+            unsafe {
+                core::ptr::write_volatile(&mut p.src, [ip.addrs[0], ip.addrs[1]]);
+                core::ptr::write_volatile(&mut p.dst, [ip.addrs[2], ip.addrs[3]]);
+            }
             let mut next = ip.next;
             let mut ext_len = 0usize;
             // Hop-by-hop (0), routing (43), fragment (44), destination
@@ -128,12 +147,12 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
                 let at = l3_off + 40 + ext_len;
                 match next {
                     0 | 43 | 60 => {
-                        let h: [u8; 2] = ctx.load(at).map_err(|_| AclVerdict::DropMalformed)?;
+                        let h: [u8; 2] = read(ctx, at)?;
                         next = h[0];
                         ext_len += (h[1] as usize + 1) * 8;
                     }
                     44 => {
-                        let h: [u8; 8] = ctx.load(at).map_err(|_| AclVerdict::DropMalformed)?;
+                        let h: [u8; 8] = read(ctx, at)?;
                         if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
                             return Err(AclVerdict::DropFragment);
                         }
@@ -157,7 +176,7 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
             if l4_len < 20 {
                 return Err(AclVerdict::DropMalformed);
             }
-            let h: [u8; 14] = ctx.load(p.l4_off).map_err(|_| AclVerdict::DropMalformed)?;
+            let h: [u8; 14] = read(ctx, p.l4_off)?;
             p.sport = [h[0], h[1]];
             p.dport = [h[2], h[3]];
             p.tcp_flags = h[13];
@@ -166,7 +185,7 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
             if l4_len < 8 {
                 return Err(AclVerdict::DropMalformed);
             }
-            let h: [u8; 4] = ctx.load(p.l4_off).map_err(|_| AclVerdict::DropMalformed)?;
+            let h: [u8; 4] = read(ctx, p.l4_off)?;
             p.sport = [h[0], h[1]];
             p.dport = [h[2], h[3]];
         }
@@ -174,7 +193,7 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
             if l4_len < 8 {
                 return Err(AclVerdict::DropMalformed);
             }
-            let h: [u8; 8] = ctx.load(p.l4_off).map_err(|_| AclVerdict::DropMalformed)?;
+            let h: [u8; 8] = read(ctx, p.l4_off)?;
             p.icmp_type = h[0];
             if is_echo(p.family, h[0]) {
                 p.echo = true;
@@ -185,6 +204,38 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
         _ => {}
     }
     Ok(p)
+}
+
+/// Copies a `T` from `off` bytes into the packet: directly when the linear
+/// data holds it, else after pulling the first `off + size_of::<T>()` bytes
+/// into the linear part (which fails past the packet's end).
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, AclVerdict> {
+    if let Some(v) = read_linear(ctx, off) {
+        return Ok(v);
+    }
+    let want = u32::try_from(off + core::mem::size_of::<T>()).map_err(|_| AclVerdict::DropMalformed)?;
+    ctx.pull_data(want).map_err(|_| AclVerdict::DropMalformed)?;
+    read_linear(ctx, off).ok_or(AclVerdict::DropMalformed)
+}
+
+/// A `T` from the linear data, if it lies inside it.
+#[inline(always)]
+fn read_linear<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    // SAFETY: the bytes lie between `data` and `data_end` (checked just
+    // above, and by the verifier); packet bytes carry no alignment.
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+}
+
+/// The address bytes of two native-order halves.
+#[inline(always)]
+pub(crate) fn addr_bytes(h: [u64; 2]) -> [u8; 16] {
+    // SAFETY: same size, every bit pattern is valid for both.
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(h) }
 }
 
 /// ICMP for IPv4 and ICMPv6 for IPv6; the other pairing is just a protocol.
