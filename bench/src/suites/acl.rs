@@ -9,8 +9,9 @@
 //!    so each one is decided by the policy like the first of a flow, and
 //!    `miss` always is.
 //! 2. Forwarding rate of a UDP flood of small packets through a gateway
-//!    namespace: no filter, our TC ACL, nftables one rule per line, nftables
-//!    with a set; same rules, interleaved runs. The flood matches the *last*
+//!    namespace: no filter, the empty TC program where the ACL goes (the
+//!    cost of the hook itself), our TC ACL, nftables one rule per line,
+//!    nftables with a set; same rules, interleaved runs. The flood matches the *last*
 //!    rule. nftables runs stateless in the forward hook (no conntrack), as
 //!    our ACL evaluates every non-reply packet against the policy.
 //!
@@ -314,8 +315,19 @@ fn forwarding(ctx: &Ctx, results: &mut Results) -> anyhow::Result<()> {
         for n in RULE_COUNTS {
             let p = policy(n);
             let frame = wire_frame(gw_mac, tx_mac, node(n - 1), RECEIVER, PORT, &[0; 18]);
-            for variant in ["none", "ebpf-acl", "nft-rules", "nft-sets"] {
+            for variant in ["none", "tc-empty", "ebpf-acl", "nft-rules", "nft-sets"] {
                 let dp = match variant {
+                    // The cost of a TC hook itself: the empty program where
+                    // the ACL goes.
+                    "tc-empty" => Some(
+                        lab.gw
+                            .run(move || -> anyhow::Result<Dataplane> {
+                                let mut dp = Dataplane::load_unpinned()?;
+                                dp.attach_pass_through("eth1")?;
+                                Ok(dp)
+                            })
+                            .map_err(|e| anyhow!("{e}"))??,
+                    ),
                     "ebpf-acl" => Some(
                         lab.gw
                             .run(move || -> anyhow::Result<Dataplane> {
