@@ -12,134 +12,37 @@
 //! ```
 
 use std::{
-    fs::File,
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    process::Stdio,
-    time::{Duration, Instant},
+    path::Path,
+    time::Duration,
 };
 
-use mesh_lab::{Host, Lab, Process};
+use mesh_lab::{Host, Lab};
 
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
+mod standalone_support;
 
-struct Gateway {
-    host: Host,
-    ifname: String,
-    dir: tempfile::TempDir,
-    agent: Option<Process>,
+use standalone_support::{Gateway, site, view, wait_for};
+
+/// Reconcile often, log everything: the test reads the log.
+const CONFIG: &str = "reconcile_interval_secs = 0.5\nretry_interval_secs = 0.5\nlog = \"debug\"\n";
+
+fn status(gw: &Gateway) -> serde_json::Value {
+    serde_json::from_str(&gw.cli(&["status", "--format", "json"])).unwrap()
 }
 
-impl Gateway {
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("agent.toml")
-    }
-
-    fn new(host: Host, ifname: String) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = format!(
-            "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{}\"\n\
-             enforcement = \"off\"\nreconcile_interval_secs = 0.5\nretry_interval_secs = 0.5\nlog = \"debug\"\n",
-            dir.path().join("state").display()
-        );
-        std::fs::write(dir.path().join("agent.toml"), config).unwrap();
-        Self { host, ifname, dir, agent: None }
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let config = self.config();
-        let mut all = vec![args[0], "--config", config.to_str().unwrap()];
-        all.extend_from_slice(&args[1..]);
-        let out =
-            self.host.exec(BIN, &all).unwrap_or_else(|e| panic!("mesh-agent {args:?} on {}: {e}", self.host.name()));
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn pubkey(&self) -> String {
-        self.cli(&["pubkey"]).trim().to_owned()
-    }
-
-    fn start(&mut self) {
-        let log = File::options().create(true).append(true).open(self.dir.path().join("agent.log")).unwrap();
-        let mut cmd = self.host.command(BIN, ["run", "--config", self.config().to_str().unwrap()]);
-        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        self.agent = Some(self.host.spawn_command(cmd).unwrap());
-        let sock = self.dir.path().join("state/agent.sock");
-        wait_for(&format!("{} agent socket", self.host.name()), || sock.exists());
-    }
-
-    fn stop(&mut self) {
-        let status = self.agent.take().expect("agent running").terminate().unwrap();
-        assert!(status.success(), "agent on {} exited with {status}; log:\n{}", self.host.name(), self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-
-    fn apply(&self, view: &str) -> String {
-        let path = self.dir.path().join("view.json");
-        std::fs::write(&path, view).unwrap();
-        self.cli(&["apply", "--state", path.to_str().unwrap()])
-    }
-
-    fn status(&self) -> serde_json::Value {
-        serde_json::from_str(&self.cli(&["status", "--format", "json"])).unwrap()
-    }
-
-    fn wg_show(&self, what: &str) -> String {
-        let out = self.host.exec("wg", ["show", &self.ifname, what]).unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn routes(&self) -> String {
-        self.host.ip(&["route", "show", "dev", &self.ifname]).unwrap()
-    }
+fn wg_show(gw: &Gateway, what: &str) -> String {
+    let out = gw.host.exec("wg", ["show", &gw.ifname, what]).unwrap();
+    String::from_utf8(out.stdout).unwrap()
 }
 
-/// Polls `f` for up to 20 s (liveness, not a performance assertion).
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn routes(gw: &Gateway) -> String {
+    gw.host.ip(&["route", "show", "dev", &gw.ifname]).unwrap()
 }
 
 fn ping(from: &Host, to: &str) -> bool {
     let v6 = if to.contains(':') { "-6" } else { "-4" };
     from.exec_unchecked("ping", [v6, "-c", "1", "-W", "1", to]).unwrap().status.success()
-}
-
-fn view(own: (&str, &str), peer_key: &str, peer_endpoint: &str, peer: (&str, &str), peer_site: &str) -> String {
-    serde_json::json!({
-        "generation": 1,
-        "addresses": [format!("{}/32", own.0), format!("{}/128", own.1)],
-        "forwarding": true,
-        "peers": [{
-            "public_key": peer_key,
-            "name": "peer",
-            "endpoint": peer_endpoint,
-            "allowed_ips": [format!("{}/32", peer.0), format!("{}/128", peer.1), peer_site],
-            "persistent_keepalive": 5,
-        }],
-        "routes": [format!("{}/32", peer.0), format!("{}/128", peer.1), peer_site],
-    })
-    .to_string()
-}
-
-fn site(lab: &Lab, gw: &Host, name: &str, gw_addr: &str, host_addr: &str, remote_site: &str) -> Host {
-    let lan = lab.switch(&format!("lan_{name}")).unwrap();
-    let h = lab.host(&format!("h_{name}")).unwrap();
-    lan.plug(gw, "lan0").unwrap();
-    lan.plug(&h, "eth0").unwrap();
-    gw.addr("lan0", &format!("{gw_addr}/24")).unwrap();
-    h.addr("eth0", &format!("{host_addr}/24")).unwrap();
-    h.route_via(remote_site, gw_addr).unwrap();
-    // Dropping the switch handle keeps its namespace: the lab owns it.
-    drop(lan);
-    h
 }
 
 fn tcp_exchange(server: &Host, client: &Host, addr: &'static str) {
@@ -178,8 +81,8 @@ fn two_sites_through_the_userspace_tunnel() {
     let h1 = site(&lab, &gw1h, "nyc", "198.18.10.1", "198.18.10.10", "198.18.20.0/24");
     let h2 = site(&lab, &gw2h, "fsn", "198.18.20.1", "198.18.20.10", "198.18.10.0/24");
 
-    let mut gw1 = Gateway::new(gw1h, lab.unique_ifname("wg"));
-    let mut gw2 = Gateway::new(gw2h, lab.unique_ifname("wg"));
+    let mut gw1 = Gateway::new(gw1h, &lab.unique_ifname("wg"), CONFIG);
+    let mut gw2 = Gateway::new(gw2h, &lab.unique_ifname("wg"), CONFIG);
     let (k1, k2) = (gw1.pubkey(), gw2.pubkey());
     let o1 = ("100.64.0.1", "fd7a:6d65:7368::1");
     let o2 = ("100.64.0.2", "fd7a:6d65:7368::2");
@@ -199,17 +102,17 @@ fn two_sites_through_the_userspace_tunnel() {
     tcp_exchange(&h2, &h1, "198.18.20.10:7000");
 
     // `wg show` sees the peer, its allowed IPs and a handshake.
-    let allowed = gw1.wg_show("allowed-ips");
+    let allowed = wg_show(&gw1, "allowed-ips");
     assert!(allowed.contains(&k2), "{allowed}");
     for ip in ["100.64.0.2/32", "fd7a:6d65:7368::2/128", "198.18.20.0/24"] {
         assert!(allowed.contains(ip), "{ip} missing from {allowed}");
     }
-    let hs = gw2.wg_show("latest-handshakes");
+    let hs = wg_show(&gw2, "latest-handshakes");
     let mut fields = hs.split_whitespace();
     assert_eq!(fields.next(), Some(k1.as_str()), "{hs}");
     assert!(fields.next().and_then(|t| t.parse::<u64>().ok()).is_some_and(|t| t > 0), "no handshake: {hs}");
     // Status reads the same back, normalised: handshake time and counters.
-    let st = gw1.status();
+    let st = status(&gw1);
     assert_eq!(st["backend"]["kind"], "userspace");
     assert_eq!(st["applied_generation"], 1);
     let peer = &st["peers"][0];
@@ -220,11 +123,11 @@ fn two_sites_through_the_userspace_tunnel() {
 
     // A route deleted by hand is restored by the next reconcile.
     gw1.host.ip(&["route", "del", "198.18.20.0/24", "dev", &gw1.ifname]).unwrap();
-    wait_for("route restored", || gw1.routes().contains("198.18.20.0/24"));
-    assert!(gw1.routes().contains("proto 109"));
+    wait_for("route restored", || routes(&gw1).contains("198.18.20.0/24"));
+    assert!(routes(&gw1).contains("proto 109"));
     // So is a peer removed by hand.
     gw1.host.exec("wg", ["set", &gw1.ifname, "peer", &k2, "remove"]).unwrap();
-    wait_for("peer restored", || gw1.wg_show("peers").contains(&k2));
+    wait_for("peer restored", || wg_show(&gw1, "peers").contains(&k2));
     wait_for("h1 -> h2 ping after repair", || ping(&h1, "198.18.20.10"));
 
     // Restart: SIGTERM leaves the data path (interface, addresses, routes);
@@ -232,15 +135,15 @@ fn two_sites_through_the_userspace_tunnel() {
     gw1.stop();
     let link = gw1.host.ip(&["link", "show", &gw1.ifname]).unwrap();
     assert!(link.contains(&gw1.ifname), "the TUN stays: {link}");
-    assert!(gw1.routes().contains("198.18.20.0/24"), "routes stay while the agent is down");
+    assert!(routes(&gw1).contains("198.18.20.0/24"), "routes stay while the agent is down");
     gw1.start();
     wait_for("restarted agent re-applied", || {
-        let st = gw1.status();
+        let st = status(&gw1);
         st["applied_generation"] == 1
             && st["peers"].as_array().is_some_and(|p| p.len() == 1)
             && st["last_run"]["report"].is_object()
     });
-    assert!(gw1.wg_show("allowed-ips").contains("198.18.20.0/24"));
+    assert!(wg_show(&gw1, "allowed-ips").contains("198.18.20.0/24"));
     wait_for("h1 -> h2 ping after restart", || ping(&h1, "198.18.20.10"));
     tcp_exchange(&h2, &h1, "198.18.20.10:7001");
 

@@ -13,124 +13,21 @@
 //! ```
 
 use std::{
-    fs::File,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::PathBuf,
-    process::Stdio,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use mesh_lab::{Host, Lab, Process};
+use mesh_lab::{Host, Lab};
 use sha2::{Digest as _, Sha256};
 
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
+mod standalone_support;
 
-struct Gateway {
-    host: Host,
-    dir: tempfile::TempDir,
-    agent: Option<Process>,
-}
-
-impl Gateway {
-    fn new(host: Host, ifname: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = format!(
-            "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{}\"\n\
-             enforcement = \"off\"\nlog = \"info\"\n",
-            dir.path().join("state").display()
-        );
-        std::fs::write(dir.path().join("agent.toml"), config).unwrap();
-        Self { host, dir, agent: None }
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("agent.toml")
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let config = self.config();
-        let mut all = vec![args[0], "--config", config.to_str().unwrap()];
-        all.extend_from_slice(&args[1..]);
-        let out =
-            self.host.exec(BIN, &all).unwrap_or_else(|e| panic!("mesh-agent {args:?} on {}: {e}", self.host.name()));
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Starts the agent with `knobs` (top-level configuration lines)
-    /// appended to its configuration.
-    fn start(&mut self, knobs: &str) {
-        let mut config = std::fs::read_to_string(self.config()).unwrap();
-        config.push_str(knobs);
-        std::fs::write(self.config(), config).unwrap();
-        let log = File::options().create(true).append(true).open(self.dir.path().join("agent.log")).unwrap();
-        let mut cmd = self.host.command(BIN, ["run", "--config", self.config().to_str().unwrap()]);
-        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        self.agent = Some(self.host.spawn_command(cmd).unwrap());
-        let sock = self.dir.path().join("state/agent.sock");
-        wait_for(&format!("{} agent socket", self.host.name()), || sock.exists());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-
-    fn apply(&self, view: &str) {
-        let path = self.dir.path().join("view.json");
-        std::fs::write(&path, view).unwrap();
-        self.cli(&["apply", "--state", path.to_str().unwrap()]);
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(agent) = self.agent.take() {
-            let _ = agent.terminate();
-        }
-    }
-}
-
-/// Polls `f` for up to 20 s (liveness, not a performance assertion).
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use standalone_support::{Gateway, site, view, wait_for};
 
 fn ping(from: &Host, to: &str, size: usize) -> bool {
     let v6 = if to.contains(':') { "-6" } else { "-4" };
     from.exec_unchecked("ping", [v6, "-c", "1", "-W", "2", "-s", &size.to_string(), to]).unwrap().status.success()
-}
-
-fn view(own: (&str, &str), peer_key: &str, peer_endpoint: &str, peer: (&str, &str), peer_site: &str) -> String {
-    serde_json::json!({
-        "generation": 1,
-        "addresses": [format!("{}/32", own.0), format!("{}/128", own.1)],
-        "forwarding": true,
-        "mtu": 1420,
-        "peers": [{
-            "public_key": peer_key,
-            "name": "peer",
-            "endpoint": peer_endpoint,
-            "allowed_ips": [format!("{}/32", peer.0), format!("{}/128", peer.1), peer_site],
-        }],
-        "routes": [format!("{}/32", peer.0), format!("{}/128", peer.1), peer_site],
-    })
-    .to_string()
-}
-
-fn site(lab: &Lab, gw: &Host, name: &str, gw_addr: &str, host_addr: &str, remote_site: &str) -> Host {
-    let lan = lab.switch(&format!("lan_{name}")).unwrap();
-    let h = lab.host(&format!("h_{name}")).unwrap();
-    lan.plug(gw, "lan0").unwrap();
-    lan.plug(&h, "eth0").unwrap();
-    gw.addr("lan0", &format!("{gw_addr}/24")).unwrap();
-    h.addr("eth0", &format!("{host_addr}/24")).unwrap();
-    h.route_via(remote_site, gw_addr).unwrap();
-    drop(lan);
-    h
 }
 
 /// Deterministic bytes that are not a repeating short pattern (so a
@@ -237,14 +134,13 @@ fn traffic_through_the_tunnel(knobs1: &str, knobs2: &str) {
     let h1 = site(&lab, &gw1h, "nyc", "198.18.10.1", "198.18.10.10", "198.18.20.0/24");
     let h2 = site(&lab, &gw2h, "fsn", "198.18.20.1", "198.18.20.10", "198.18.10.0/24");
 
-    let mut gw1 = Gateway::new(gw1h, &lab.unique_ifname("wg"));
-    let mut gw2 = Gateway::new(gw2h, &lab.unique_ifname("wg"));
-    let k1 = gw1.cli(&["pubkey"]).trim().to_owned();
-    let k2 = gw2.cli(&["pubkey"]).trim().to_owned();
+    let mut gw1 = Gateway::new(gw1h, &lab.unique_ifname("wg"), &format!("log = \"info\"\n{knobs1}"));
+    let mut gw2 = Gateway::new(gw2h, &lab.unique_ifname("wg"), &format!("log = \"info\"\n{knobs2}"));
+    let (k1, k2) = (gw1.pubkey(), gw2.pubkey());
     let o1 = ("100.64.0.1", "fd7a:6d65:7368::1");
     let o2 = ("100.64.0.2", "fd7a:6d65:7368::2");
-    gw1.start(knobs1);
-    gw2.start(knobs2);
+    gw1.start();
+    gw2.start();
     gw1.apply(&view(o1, &k2, "192.0.2.2:51820", o2, "198.18.20.0/24"));
     gw2.apply(&view(o2, &k1, "192.0.2.1:51820", o1, "198.18.10.0/24"));
     wait_for("overlay ping", || ping(&gw1.host, "100.64.0.2", 56));
