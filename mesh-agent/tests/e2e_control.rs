@@ -350,3 +350,40 @@ fn agents_follow_control_and_survive_its_restart() {
 fn chrono_now() -> i64 {
     i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()).unwrap()
 }
+
+/// With probing turned off (`probe.port = 0`) the agent still applies and
+/// acknowledges what control sends.
+#[test]
+fn an_agent_without_probes_still_follows_control() {
+    const NO_PROBES: Tuning = Tuning { metrics_listen: None, health_interval_secs: 1.0, extra: "[probe]\nport = 0\n" };
+    let lab = Lab::new().unwrap();
+    let ctl = lab.host("ctl").unwrap();
+    let gw = lab.host("gwnyc").unwrap();
+    let wan = lab.switch("wan").unwrap();
+    for (h, a) in [(&ctl, "192.0.2.100"), (&gw, "192.0.2.1")] {
+        wan.plug(h, "eth0").unwrap();
+        h.addr("eth0", &format!("{a}/24")).unwrap();
+    }
+    let ctl_dir = tempfile::tempdir().unwrap();
+    let mut control = Control::start(&ctl, ctl_dir.path(), 2);
+    let rt = rt();
+    let k = rt.block_on(async {
+        let mut a = admin(ctl_dir.path()).await;
+        a.set_policy(pb::PolicyDocument { text: POLICY_V1.into(), generation: 0 }).await.unwrap();
+        one_off_key(&mut a).await
+    });
+    let bpf = BpfFs::mount();
+    let mut g = Gateway::new(gw, &lab.unique_ifname("wg"), bpf.0.path(), &k, "192.0.2.1", "198.18.10.0/24", &NO_PROBES);
+    g.start();
+    let log = g.dir.path().join("agent.log");
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("the view applied and acknowledged", &logs, || {
+        let nodes = rt.block_on(async {
+            admin(ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
+        });
+        nodes.iter().any(|n| n.acked_generation > 0)
+    });
+    assert!(logs().contains("no health probes"), "{}", logs());
+    g.stop();
+    control.stop();
+}

@@ -367,6 +367,9 @@ impl Feeder {
         if let Some(v) = &current {
             self.plan.send_replace(convert::probe_plan(v, &self.local));
         }
+        // False once the prober is gone (or was never started): then only
+        // views from control come in.
+        let mut prober = true;
         loop {
             tokio::select! {
                 feed = views.recv() => {
@@ -380,10 +383,10 @@ impl Feeder {
                     let _ = reply.send(result);
                     current = Some(view);
                 }
-                r = overrides.changed() => {
+                r = overrides.changed(), if prober => {
                     if r.is_err() {
-                        // No prober: only views from now on.
-                        std::future::pending::<()>().await;
+                        prober = false;
+                        continue;
                     }
                     let o = overrides.borrow_and_update().clone();
                     if let Some(v) = &current {
