@@ -408,6 +408,9 @@ struct Links {
     /// Failover reports not yet delivered to control.
     unsent: VecDeque<pb::FailoverReport>,
     routes: watch::Receiver<Vec<RouteHealth>>,
+    /// False once the reachability checks are gone (a node that advertises
+    /// nothing has none): their channel is then no longer polled.
+    routes_checked: bool,
     probes: SharedProbe,
     shared: SharedControlState,
 }
@@ -518,8 +521,9 @@ async fn session(
                 }
                 false
             }
-            r = links.routes.changed() => {
+            r = links.routes.changed(), if links.routes_checked => {
                 // A route's health changed: tell control now, not at the next tick.
+                links.routes_checked = r.is_ok();
                 r.is_ok()
             }
             _ = tick.tick() => {
@@ -585,8 +589,15 @@ pub async fn run(
         saved: config.state_dir.join("control-view.pb"),
     };
     tokio::spawn(feeder.run(feed_rx, overrides_rx));
-    let mut links =
-        Links { feed: feed_tx, events: events_rx, unsent: VecDeque::new(), routes, probes, shared: shared.clone() };
+    let mut links = Links {
+        feed: feed_tx,
+        events: events_rx,
+        unsent: VecDeque::new(),
+        routes,
+        routes_checked: true,
+        probes,
+        shared: shared.clone(),
+    };
     let min = Duration::from_millis(100);
     let max = Duration::from_secs_f64(cc.max_backoff_secs);
     let mut backoff = min;
