@@ -12,3 +12,31 @@ pub fn capture(command: &mut Command) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// The `mesh-agent` binary next to this one, built once per process (same
+/// profile, same target directory) so suites always run the current agent.
+pub fn agent_binary() -> anyhow::Result<std::path::PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<std::path::PathBuf, String>> = std::sync::OnceLock::new();
+    let built = BUILT.get_or_init(|| build_agent().map_err(|e| format!("{e:#}")));
+    built.clone().map_err(|e| anyhow::anyhow!(e))
+}
+
+fn build_agent() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("bench binary has no directory")?;
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo.args(["build", "-q", "-p", "mesh-agent", "--bin", "mesh-agent"]);
+    // Into this binary's target directory, wherever that is.
+    if let Some(target_dir) = dir.parent() {
+        cargo.arg("--target-dir").arg(target_dir);
+    }
+    if dir.file_name().is_some_and(|n| n == "release") {
+        cargo.arg("--release");
+    }
+    if !cargo.status().context("running cargo to build mesh-agent")?.success() {
+        bail!("building mesh-agent failed");
+    }
+    let bin = dir.join("mesh-agent");
+    anyhow::ensure!(bin.is_file(), "{} not found after building", bin.display());
+    Ok(bin)
+}

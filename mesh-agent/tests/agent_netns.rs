@@ -22,7 +22,7 @@ use mesh_lab::{Host, Lab};
 
 mod standalone_support;
 
-use standalone_support::{Gateway, site, view, wait_for};
+use standalone_support::{Gateway, two_sites, view, wait_for};
 
 /// Reconcile often, log everything: the test reads the log.
 const CONFIG: &str = "reconcile_interval_secs = 0.5\nretry_interval_secs = 0.5\nlog = \"debug\"\n";
@@ -73,13 +73,7 @@ fn dump(gws: &[&Gateway]) -> String {
 #[test]
 fn two_sites_through_the_userspace_tunnel() {
     let lab = Lab::new().unwrap();
-    let gw1h = lab.host("gw1").unwrap();
-    let gw2h = lab.host("gw2").unwrap();
-    lab.link(&gw1h, "eth0", &gw2h, "eth0").unwrap();
-    gw1h.addr("eth0", "192.0.2.1/24").unwrap();
-    gw2h.addr("eth0", "192.0.2.2/24").unwrap();
-    let h1 = site(&lab, &gw1h, "nyc", "198.18.10.1", "198.18.10.10", "198.18.20.0/24");
-    let h2 = site(&lab, &gw2h, "fsn", "198.18.20.1", "198.18.20.10", "198.18.10.0/24");
+    let (gw1h, gw2h, h1, h2) = two_sites(&lab);
 
     let mut gw1 = Gateway::new(gw1h, &lab.unique_ifname("wg"), CONFIG);
     let mut gw2 = Gateway::new(gw2h, &lab.unique_ifname("wg"), CONFIG);

@@ -23,7 +23,7 @@ use sha2::{Digest as _, Sha256};
 
 mod standalone_support;
 
-use standalone_support::{Gateway, site, view, wait_for};
+use standalone_support::{Gateway, two_sites, view, wait_for};
 
 fn ping(from: &Host, to: &str, size: usize) -> bool {
     let v6 = if to.contains(':') { "-6" } else { "-4" };
@@ -126,13 +126,7 @@ fn udp_echo(server: &Host, client: &Host, addr: &'static str) {
 
 fn traffic_through_the_tunnel(knobs1: &str, knobs2: &str) {
     let lab = Lab::new().unwrap();
-    let gw1h = lab.host("gw1").unwrap();
-    let gw2h = lab.host("gw2").unwrap();
-    lab.link(&gw1h, "eth0", &gw2h, "eth0").unwrap();
-    gw1h.addr("eth0", "192.0.2.1/24").unwrap();
-    gw2h.addr("eth0", "192.0.2.2/24").unwrap();
-    let h1 = site(&lab, &gw1h, "nyc", "198.18.10.1", "198.18.10.10", "198.18.20.0/24");
-    let h2 = site(&lab, &gw2h, "fsn", "198.18.20.1", "198.18.20.10", "198.18.10.0/24");
+    let (gw1h, gw2h, h1, h2) = two_sites(&lab);
 
     let mut gw1 = Gateway::new(gw1h, &lab.unique_ifname("wg"), &format!("log = \"info\"\n{knobs1}"));
     let mut gw2 = Gateway::new(gw2h, &lab.unique_ifname("wg"), &format!("log = \"info\"\n{knobs2}"));

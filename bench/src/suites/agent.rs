@@ -11,11 +11,11 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use mesh_agent::keys::SecretKey;
 use mesh_lab::{Host, Lab};
 
@@ -25,25 +25,6 @@ use crate::{Ctx, Results, chart};
 pub const ABOUT: &str = "mesh-agent: apply time (first and no-op) and RSS vs peer count";
 
 const SUITE: &str = "agent";
-
-/// Builds (if needed) and finds the `mesh-agent` binary next to this one.
-fn agent_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("bench binary has no directory")?;
-    let release = dir.file_name().is_some_and(|n| n == "release");
-    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cargo.args(["build", "-q", "-p", "mesh-agent", "--bin", "mesh-agent"]);
-    if release {
-        cargo.arg("--release");
-    }
-    let status = cargo.status().context("running cargo to build mesh-agent")?;
-    if !status.success() {
-        bail!("building mesh-agent failed");
-    }
-    let bin = dir.join("mesh-agent");
-    anyhow::ensure!(bin.exists(), "{} not found after building", bin.display());
-    Ok(bin)
-}
 
 fn view(peers: usize) -> String {
     let peers: Vec<serde_json::Value> = (0..peers)
@@ -145,7 +126,7 @@ fn rand_suffix() -> u64 {
 
 /// Runs the suite.
 pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
-    let bin = agent_binary()?;
+    let bin = crate::util::agent_binary()?;
     let runs = if ctx.quick { 2 } else { 5 };
     let mut results = Results::new(SUITE, None);
     for run in 0..runs {

@@ -41,26 +41,6 @@ fn policy(extra_port: Option<u16>) -> String {
     )
 }
 
-/// Builds (if needed) and finds the `mesh-agent` binary next to this one.
-fn agent_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("bench binary has no directory")?;
-    let release = dir.file_name().is_some_and(|n| n == "release");
-    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cargo.args(["build", "-q", "-p", "mesh-agent", "--bin", "mesh-agent"]);
-    // Into this binary's target directory, wherever that is.
-    if let Some(target_dir) = dir.parent() {
-        cargo.arg("--target-dir").arg(target_dir);
-    }
-    if release {
-        cargo.arg("--release");
-    }
-    if !cargo.status().context("running cargo to build mesh-agent")?.success() {
-        bail!("building mesh-agent failed");
-    }
-    Ok(dir.join("mesh-agent"))
-}
-
 /// mesh-control on a thread inside the `ctl` namespace.
 struct Control {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -187,7 +167,7 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyho
 #[expect(clippy::too_many_lines, reason = "lab set-up and four measured cases, in order")]
 pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
     let runs: u32 = if ctx.quick { 3 } else { 10 };
-    let bin = agent_binary()?;
+    let bin = crate::util::agent_binary()?;
     let lab = Lab::new()?;
     let work = tempfile::tempdir()?;
     let ctl = lab.host("ctl")?;

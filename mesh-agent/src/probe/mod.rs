@@ -213,7 +213,9 @@ pub async fn run(
     let mut peers: BTreeMap<u64, Peer> = BTreeMap::new();
     let mut by_addr: HashMap<IpAddr, u64> = HashMap::new();
     let mut routes: Vec<(IpNet, Vec<u64>)> = Vec::new();
-    let mut state = ProbeState { listening: true, ..ProbeState::default() };
+    let (mut effective, mut switches, mut bad_packets) = (BTreeMap::new(), BTreeMap::new(), 0u64);
+    // Whether the shared state lags behind (published on the next tick).
+    let mut dirty = true;
     // Sequence numbers start at a random point: a stale or forged reply
     // does not match a pending probe.
     let mut seq: u64 = rand::random();
@@ -224,6 +226,7 @@ pub async fn run(
     loop {
         if refresh_plan {
             refresh_plan = false;
+            dirty = true;
             let p = plan.borrow_and_update().clone();
             let mut next = BTreeMap::new();
             for t in p.targets {
@@ -254,12 +257,14 @@ pub async fn run(
                 let src_ip = src.ip().to_canonical();
                 let Some(&node) = by_addr.get(&src_ip) else {
                     // Only mesh peers are answered: nothing to reflect at others.
-                    state.bad_packets += 1;
+                    bad_packets += 1;
+                    dirty = true;
                     continue;
                 };
                 match wire::Message::decode(&buf[..n]) {
                     Err(e) => {
-                        state.bad_packets += 1;
+                        bad_packets += 1;
+                        dirty = true;
                         tracing::debug!(%src, error = %e, "not a probe message");
                     }
                     Ok(wire::Message::Request { seq }) => {
@@ -278,6 +283,7 @@ pub async fn run(
                             let was = p.stats.reach();
                             p.stats.answered(now.duration_since(sent));
                             p.routes = routes;
+                            dirty = true;
                             if was != Reach::Up {
                                 tracing::info!(peer = %p.name, addr = %p.addr, "peer answers probes");
                             }
@@ -292,6 +298,7 @@ pub async fn run(
                         p.pending.pop_front();
                         let was = p.stats.reach();
                         p.stats.lost();
+                        dirty = true;
                         if was != Reach::Down && p.stats.reach() == Reach::Down {
                             tracing::warn!(peer = %p.name, addr = %p.addr, "peer stopped answering probes");
                         }
@@ -318,7 +325,8 @@ pub async fn run(
                 for e in &decision.events {
                     let name = |id: u64| peers.get(&id).map_or_else(|| format!("node-{id}"), |p| p.name.clone());
                     tracing::warn!(prefix = %e.prefix, from = %name(e.from), to = %name(e.to), reason = %e.reason, "route failover (local)");
-                    *state.switches.entry(e.prefix).or_default() += 1;
+                    *switches.entry(e.prefix).or_default() += 1;
+                    dirty = true;
                     if out.events.try_send(e.clone()).is_err() {
                         tracing::warn!("failover event queue full; control will not see this switch in its audit log");
                     }
@@ -330,13 +338,21 @@ pub async fn run(
                     }
                     changed
                 });
-                state.effective = decision.effective;
-                state.peers = peers
-                    .iter()
-                    .map(|(id, p)| (*id, PeerEntry { name: p.name.clone(), addr: p.addr, stats: p.stats.clone() }))
-                    .collect();
-                if let Ok(mut s) = out.shared.lock() {
-                    s.clone_from(&state);
+                if effective != decision.effective {
+                    effective = decision.effective;
+                    dirty = true;
+                }
+                // Published only when something changed: most ticks only send.
+                if dirty && let Ok(mut s) = out.shared.lock() {
+                    s.peers = peers
+                        .iter()
+                        .map(|(id, p)| (*id, PeerEntry { name: p.name.clone(), addr: p.addr, stats: p.stats.clone() }))
+                        .collect();
+                    s.effective.clone_from(&effective);
+                    s.switches.clone_from(&switches);
+                    s.bad_packets = bad_packets;
+                    s.listening = true;
+                    dirty = false;
                 }
             }
             r = plan.changed() => {

@@ -120,6 +120,19 @@ pub fn view(own: (&str, &str), peer_key: &str, peer_endpoint: &str, peer: (&str,
     .to_string()
 }
 
+/// Two gateways joined by a veth (192.0.2.1 and .2), each with a site LAN
+/// and host (nyc 198.18.10.10, fsn 198.18.20.10): `(gw1, gw2, h1, h2)`.
+pub fn two_sites(lab: &Lab) -> (Host, Host, Host, Host) {
+    let gw1 = lab.host("gw1").unwrap();
+    let gw2 = lab.host("gw2").unwrap();
+    lab.link(&gw1, "eth0", &gw2, "eth0").unwrap();
+    gw1.addr("eth0", "192.0.2.1/24").unwrap();
+    gw2.addr("eth0", "192.0.2.2/24").unwrap();
+    let h1 = site(lab, &gw1, "nyc", "198.18.10.1", "198.18.10.10", "198.18.20.0/24");
+    let h2 = site(lab, &gw2, "fsn", "198.18.20.1", "198.18.20.10", "198.18.10.0/24");
+    (gw1, gw2, h1, h2)
+}
+
 /// A site LAN behind `gw`: a switch, a host at `host_addr` routing
 /// `remote_site` via the gateway at `gw_addr`.
 pub fn site(lab: &Lab, gw: &Host, name: &str, gw_addr: &str, host_addr: &str, remote_site: &str) -> Host {

@@ -3,7 +3,7 @@
 //! applying a node view (`mesh-agent apply`). Enforcement is off so the
 //! figure compares engines, not engines plus an ACL.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{process::Stdio, time::Duration};
 
 use anyhow::{Context as _, bail};
 use mesh_lab::{Host, Lab, Process};
@@ -29,7 +29,8 @@ impl Side {
             ),
         )?;
         let log = std::fs::File::create(dir.path().join("agent.log"))?;
-        let mut command = host.command(agent_bin()?.to_str().unwrap(), ["run", "--config", config.to_str().unwrap()]);
+        let mut command =
+            host.command(crate::util::agent_binary()?.to_str().unwrap(), ["run", "--config", config.to_str().unwrap()]);
         command.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let agent = host.spawn_command(command)?;
         let sock = dir.path().join("state/agent.sock");
@@ -46,7 +47,7 @@ impl Side {
         let config = self.dir.path().join("agent.toml");
         let mut all = vec![args[0], "--config", config.to_str().unwrap()];
         all.extend_from_slice(&args[1..]);
-        let out = host.exec(agent_bin()?.to_str().unwrap(), &all)?;
+        let out = host.exec(crate::util::agent_binary()?.to_str().unwrap(), &all)?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
@@ -102,14 +103,4 @@ fn view(own: &str, peer_key: &str, peer_underlay: &str, peer_overlay: &str) -> s
             "allowed_ips": [format!("{peer_overlay}/32")],
         }],
     })
-}
-
-/// The `mesh-agent` binary next to this one (`cargo xtask bench` builds it).
-fn agent_bin() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.with_file_name("mesh-agent");
-    if !bin.is_file() {
-        bail!("{} not found: build it first (`cargo build --release -p mesh-agent`)", bin.display());
-    }
-    Ok(bin)
 }
