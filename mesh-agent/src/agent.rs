@@ -331,6 +331,23 @@ impl Agent {
             .enable_all()
             .build()
             .map_err(|source| AgentError::Io { what: "building the runtime".into(), source })?;
+        // The site thread (virtual addresses, SNAT) outlives the runtime's
+        // tasks so that it cleans up after them, before the data path goes.
+        let site = match &config.control {
+            Some(cc) => Some(
+                crate::site::Site::start(
+                    cc.route_options.clone(),
+                    config.interface.clone(),
+                    config.keep_dataplane_on_exit,
+                )
+                .map_err(|source| AgentError::Io { what: "starting the site thread".into(), source })?,
+            ),
+            None => None,
+        };
+        let (site, owned) = match site {
+            Some((s, tx)) => (Some(s), Some(tx)),
+            None => (None, None),
+        };
         let served = rt.block_on(async {
             let shared = crate::control::SharedControlState::default();
             let probes = crate::probe::SharedProbe::default();
@@ -338,13 +355,15 @@ impl Agent {
                 let control = config.control.is_some().then(|| (shared.clone(), probes.clone()));
                 tokio::spawn(crate::metrics::serve(addr, WorkerHandle(tx.clone()), control));
             }
-            if config.control.is_some() {
-                tokio::spawn(crate::control::run(config, public_key, WorkerHandle(tx.clone()), shared, probes));
+            if let Some(owned) = owned {
+                tokio::spawn(crate::control::run(config, public_key, WorkerHandle(tx.clone()), shared, probes, owned));
             } else {
                 tracing::info!("no [control] configured: views come through `mesh-agent apply` only");
             }
             serve(&socket, tx.clone()).await
         });
+        drop(rt);
+        drop(site);
         let _ = tx.send(Command::Shutdown);
         let _ = worker.join();
         let _ = std::fs::remove_file(&socket);

@@ -184,6 +184,36 @@ pub struct ControlConfig {
     pub reachability_interval_secs: f64,
     /// Seconds a reachability target has to answer.
     pub reachability_timeout_secs: f64,
+    /// Per advertised route, how this gateway serves it: a virtual gateway
+    /// address that the site's owning gateway holds on its LAN, or SNAT
+    /// (`[control.route_options."198.18.10.0/24"]`). Every gateway of a
+    /// site must be given the same options.
+    pub route_options: std::collections::BTreeMap<ipnet::IpNet, RouteOptions>,
+}
+
+/// How a gateway serves one advertised route (see the README, "Running a
+/// gateway", for the trade-offs).
+///
+/// ```toml
+/// [control.route_options."198.18.10.0/24"]
+/// virtual_addresses = ["198.18.10.254"]
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteOptions {
+    /// Addresses inside the prefix (at most one IPv4 and one IPv6) that the
+    /// gateway owning the site side of the prefix holds on its LAN interface
+    /// and announces (gratuitous ARP, unsolicited neighbour advertisement);
+    /// the site's hosts route the mesh through them. Needs the probes
+    /// (`probe.port` not 0): the site's gateways decide the owner with them.
+    pub virtual_addresses: Vec<std::net::IpAddr>,
+    /// Masquerade traffic from the overlay into the prefix behind this
+    /// gateway's own LAN address (the kernel's conntrack, through an
+    /// nftables table the agent owns), so that replies come back to this
+    /// gateway whatever the LAN's routes are. The destination no longer
+    /// sees the real source, and connections do not survive a switch of
+    /// gateway (their NAT state stays behind on the old one).
+    pub snat: bool,
 }
 
 impl Default for ControlConfig {
@@ -201,6 +231,7 @@ impl Default for ControlConfig {
             reachability: std::collections::BTreeMap::new(),
             reachability_interval_secs: 0.2,
             reachability_timeout_secs: 0.5,
+            route_options: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -307,6 +338,29 @@ impl Config {
                     "control.reachability names {p}, which is not in control.advertise_routes"
                 )));
             }
+            for (prefix, o) in &c.route_options {
+                if !c.advertise_routes.contains(prefix) {
+                    return Err(ConfigError::Invalid(format!(
+                        "control.route_options names {prefix}, which is not in control.advertise_routes"
+                    )));
+                }
+                let v4 = o.virtual_addresses.iter().filter(|a| a.is_ipv4()).count();
+                if v4 > 1 || o.virtual_addresses.len() - v4 > 1 {
+                    return Err(ConfigError::Invalid(format!(
+                        "control.route_options.\"{prefix}\": at most one IPv4 and one IPv6 virtual address"
+                    )));
+                }
+                if let Some(a) = o.virtual_addresses.iter().find(|a| !prefix.contains(*a)) {
+                    return Err(ConfigError::Invalid(format!(
+                        "control.route_options.\"{prefix}\": virtual address {a} is not inside the prefix"
+                    )));
+                }
+                if !o.virtual_addresses.is_empty() && self.probe.port == 0 {
+                    return Err(ConfigError::Invalid(format!(
+                        "control.route_options.\"{prefix}\": a virtual address needs the probes (probe.port = 0 turns them off)"
+                    )));
+                }
+            }
             if c.address.is_empty() {
                 return Err(ConfigError::Invalid("control.address is empty".into()));
             }
@@ -383,5 +437,29 @@ mod tests {
         let mut bad = c;
         bad.probe.down_after = 0;
         assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn route_options() {
+        let base = "[control]\naddress = \"192.0.2.100:7443\"\nadvertise_routes = [\"198.18.20.0/24\", \"2001:db8:20::/64\"]\n";
+        let ok = format!(
+            "{base}[control.route_options.\"198.18.20.0/24\"]\nvirtual_addresses = [\"198.18.20.254\"]\n\
+             [control.route_options.\"2001:db8:20::/64\"]\nvirtual_addresses = [\"2001:db8:20::254\"]\nsnat = true\n"
+        );
+        let c: Config = toml::from_str(&ok).unwrap();
+        c.check().unwrap();
+        let o = &c.control.as_ref().unwrap().route_options;
+        assert_eq!(o.len(), 2);
+        assert!(o.values().any(|o| o.snat));
+        let bad = |text: String, want: &str| {
+            let e = toml::from_str::<Config>(&text).map_err(|e| e.to_string()).and_then(|c| c.check().map_err(|e| e.to_string()));
+            let e = e.unwrap_err();
+            assert!(e.contains(want), "{e}");
+        };
+        bad(ok.replace("198.18.20.254", "198.18.30.254"), "not inside the prefix");
+        bad(ok.replace("[\"198.18.20.254\"]", "[\"198.18.20.254\", \"198.18.20.253\"]"), "at most one IPv4");
+        bad(ok.replace("route_options.\"198.18.20.0/24\"", "route_options.\"198.18.40.0/24\"").replace("198.18.20.254", "198.18.40.254"), "not in control.advertise_routes");
+        bad(format!("{ok}[probe]\nport = 0\n"), "needs the probes");
+        bad(ok.replace("snat = true", "snot = true"), "snot");
     }
 }

@@ -17,6 +17,7 @@ pub mod net;
 pub mod probe;
 pub mod reach;
 pub mod reconcile;
+pub mod site;
 pub mod state;
 pub mod status;
 pub mod view;

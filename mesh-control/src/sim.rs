@@ -173,7 +173,7 @@ impl SyncSession {
     /// Replaces the advertised routes.
     pub async fn advertise(&self, prefixes: &[&str]) -> Result<(), SimError> {
         let prefixes = prefixes.iter().map(|p| (*p).to_owned()).collect();
-        self.send(pb::sync_request::Msg::Routes(pb::RouteAdvertisement { prefixes })).await
+        self.send(pb::sync_request::Msg::Routes(pb::RouteAdvertisement { prefixes, options: Vec::new() })).await
     }
 
     /// Reports a local failover.

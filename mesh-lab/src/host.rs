@@ -57,7 +57,12 @@ impl Host {
     }
 
     /// Adds an address (`"192.0.2.1/24"`, `"fd00::1/64"`) to an interface.
+    /// IPv6 addresses skip duplicate address detection (lab addresses are
+    /// unique by construction, and a tentative address would delay tests).
     pub fn addr(&self, dev: &str, cidr: &str) -> Result<()> {
+        if cidr.contains(':') {
+            return self.ip(&["addr", "replace", cidr, "dev", dev, "nodad"]).map(drop);
+        }
         self.ip(&["addr", "replace", cidr, "dev", dev]).map(drop)
     }
 

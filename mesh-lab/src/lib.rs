@@ -14,6 +14,7 @@ mod cmd;
 mod host;
 mod lab;
 pub mod traffic;
+pub mod twoway;
 
 pub use cmd::{CmdError, Process};
 pub use host::Host;

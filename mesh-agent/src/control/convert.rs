@@ -136,9 +136,11 @@ pub fn node_view(v: &pb::NodeView, local: &Local) -> Result<NodeView, ConvertErr
 
 /// The probe plan of a view: every peer at its first overlay address
 /// (IPv4 preferred), fast for the gateways of the prefixes this node routes
-/// into the overlay, and those prefixes with control's gateway order.
+/// into the overlay and for the other gateways of its own site prefixes,
+/// those prefixes with control's gateway order, and whether the view is
+/// `fresh` (from control in this run).
 #[must_use]
-pub fn probe_plan(v: &pb::NodeView, local: &Local) -> crate::probe::Plan {
+pub fn probe_plan(v: &pb::NodeView, local: &Local, fresh: bool) -> crate::probe::Plan {
     let me = v.self_.as_ref().map_or(0, |m| m.id);
     let advertised: BTreeSet<IpNet> = local.advertised.iter().map(IpNet::trunc).collect();
     let routes: Vec<(IpNet, Vec<u64>)> = v
@@ -147,6 +149,12 @@ pub fn probe_plan(v: &pb::NodeView, local: &Local) -> crate::probe::Plan {
         .filter(|r| !r.gateways.contains(&me) && !r.gateways.is_empty())
         .filter_map(|r| Some((net(&r.prefix).ok()?.trunc(), r.gateways.clone())))
         .filter(|(p, _)| !advertised.contains(p))
+        .collect();
+    let site: Vec<(IpNet, Vec<u64>)> = v
+        .routes
+        .iter()
+        .filter(|r| r.gateways.contains(&me))
+        .filter_map(|r| Some((net(&r.prefix).ok()?.trunc(), r.gateways.clone())))
         .collect();
     let assigned: BTreeSet<IpNet> = v.routes.iter().filter_map(|r| net(&r.prefix).ok().map(|n| n.trunc())).collect();
     let targets = v
@@ -164,11 +172,11 @@ pub fn probe_plan(v: &pb::NodeView, local: &Local) -> crate::probe::Plan {
                 node_id: p.node_id,
                 name: if p.name.is_empty() { format!("node-{}", p.node_id) } else { p.name.clone() },
                 addr,
-                fast: routes.iter().any(|(_, gws)| gws.contains(&p.node_id)),
+                fast: routes.iter().chain(&site).any(|(_, gws)| gws.contains(&p.node_id)),
             })
         })
         .collect();
-    crate::probe::Plan { targets, routes }
+    crate::probe::Plan { targets, routes, me, site, fresh }
 }
 
 #[cfg(test)]
@@ -291,8 +299,10 @@ mod tests {
 
     #[test]
     fn probe_plan_targets_and_routes() {
-        let plan = probe_plan(&two_gateways(), &Local::default());
+        let plan = probe_plan(&two_gateways(), &Local::default(), true);
         assert_eq!(plan.routes, vec![("198.18.20.0/24".parse().unwrap(), vec![2, 3])], "own prefix left out");
+        assert_eq!(plan.site, vec![("198.18.10.0/24".parse().unwrap(), vec![1])], "own prefix decided here");
+        assert_eq!((plan.me, plan.fresh), (1, true));
         let t: Vec<(u64, String, String, bool)> =
             plan.targets.iter().map(|t| (t.node_id, t.name.clone(), t.addr.to_string(), t.fast)).collect();
         assert_eq!(

@@ -293,10 +293,35 @@ pub fn health_report(
         peers,
         routes: routes
             .iter()
-            .map(|r| pb::RouteHealth { prefix: r.prefix.to_string(), healthy: r.healthy, detail: r.detail.clone() })
+            .map(|r| {
+                let owned = probes.owned.get(&r.prefix.trunc());
+                pb::RouteHealth {
+                    prefix: r.prefix.to_string(),
+                    healthy: r.healthy,
+                    detail: r.detail.clone(),
+                    owner: owned.is_some(),
+                    owner_since_unix: owned.map_or(0, |o| o.since_unix),
+                }
+            })
             .collect(),
         counters: Some(pb::DataplaneCounters { rx_bytes: rx, tx_bytes: tx, ..Default::default() }),
         backend: status.backend.as_ref().map(|b| b.kind.to_string()).unwrap_or_default(),
+    }
+}
+
+/// The routes this gateway advertises, with their options.
+fn advertisement(cc: &ControlConfig) -> pb::RouteAdvertisement {
+    pb::RouteAdvertisement {
+        prefixes: cc.advertise_routes.iter().map(ToString::to_string).collect(),
+        options: cc
+            .route_options
+            .iter()
+            .map(|(prefix, o)| pb::RouteOptions {
+                prefix: prefix.to_string(),
+                virtual_addresses: o.virtual_addresses.iter().map(ToString::to_string).collect(),
+                snat: o.snat,
+            })
+            .collect(),
     }
 }
 
@@ -365,7 +390,7 @@ impl Feeder {
         // control view only feeds the prober and later overrides.
         let mut current = self.load();
         if let Some(v) = &current {
-            self.plan.send_replace(convert::probe_plan(v, &self.local));
+            self.plan.send_replace(convert::probe_plan(v, &self.local, false));
         }
         // False once the prober is gone (or was never started): then only
         // views from control come in.
@@ -374,7 +399,7 @@ impl Feeder {
             tokio::select! {
                 feed = views.recv() => {
                     let Some(Feed { view, reply }) = feed else { return };
-                    self.plan.send_replace(convert::probe_plan(&view, &self.local));
+                    self.plan.send_replace(convert::probe_plan(&view, &self.local, true));
                     let o = overrides.borrow_and_update().clone();
                     let result = self.apply(&view, &o).await;
                     if result.is_ok() {
@@ -411,6 +436,9 @@ struct Links {
     /// False once the reachability checks are gone (a node that advertises
     /// nothing has none): their channel is then no longer polled.
     routes_checked: bool,
+    /// What this gateway owns (a change is reported at once); `None` once
+    /// the prober is gone.
+    owned: Option<watch::Receiver<probe::owner::Ownership>>,
     probes: SharedProbe,
     shared: SharedControlState,
 }
@@ -469,10 +497,7 @@ async fn session(
     }
     // The configured routes, every session: a changed `advertise_routes`
     // takes effect at the next start, not only at enrollment.
-    send(pb::sync_request::Msg::Routes(pb::RouteAdvertisement {
-        prefixes: cc.advertise_routes.iter().map(ToString::to_string).collect(),
-    }))
-    .await?;
+    send(pb::sync_request::Msg::Routes(advertisement(cc))).await?;
     // Switches made while control was away.
     while let Some(r) = links.unsent.pop_front() {
         send(pb::sync_request::Msg::Failover(r)).await?;
@@ -526,6 +551,13 @@ async fn session(
                 links.routes_checked = r.is_ok();
                 r.is_ok()
             }
+            r = async { links.owned.as_mut()?.changed().await.ok() } , if links.owned.is_some() => {
+                // Ownership moved: control audits it and shows it now.
+                if r.is_none() {
+                    links.owned = None;
+                }
+                r.is_some()
+            }
             _ = tick.tick() => {
                 if cred.renewal_due(now_secs()) {
                     // A failure is retried at the next tick; the stream goes on.
@@ -556,6 +588,7 @@ pub async fn run(
     worker: WorkerHandle,
     shared: SharedControlState,
     probes: SharedProbe,
+    owned: watch::Sender<probe::owner::Ownership>,
 ) {
     let Some(cc) = config.control.clone() else { return };
     let routes = reach::spawn(
@@ -567,11 +600,12 @@ pub async fn run(
     let (plan_tx, plan_rx) = watch::channel(probe::Plan::default());
     let (overrides_tx, overrides_rx) = watch::channel(BTreeMap::new());
     let (events_tx, events_rx) = mpsc::channel(256);
+    let owned_rx = owned.subscribe();
     if config.probe.port == 0 {
         tracing::warn!("probe.port = 0: no health probes and no local failover");
         drop(overrides_tx);
     } else {
-        let out = probe::Outputs { overrides: overrides_tx, events: events_tx, shared: probes.clone() };
+        let out = probe::Outputs { overrides: overrides_tx, events: events_tx, shared: probes.clone(), owned };
         tokio::spawn(probe::run(config.probe.clone(), plan_rx, routes.clone(), out));
     }
     let (feed_tx, feed_rx) = mpsc::channel(4);
@@ -595,6 +629,7 @@ pub async fn run(
         unsent: VecDeque::new(),
         routes,
         routes_checked: true,
+        owned: Some(owned_rx),
         probes,
         shared: shared.clone(),
     };

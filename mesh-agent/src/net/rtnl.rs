@@ -13,7 +13,7 @@ use rtnetlink::{
     Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
-        address::{AddressAttribute, AddressMessage},
+        address::{AddressAttribute, AddressFlags, AddressMessage},
         link::{LinkAttribute, LinkFlags},
         route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope},
     },
@@ -85,6 +85,24 @@ impl Rtnl {
                 err => Err(err),
             },
         }
+    }
+
+    /// Adds a single address (`/32` or `/128`) to a link, replacing an equal
+    /// one; IPv6 without duplicate address detection, so that a virtual
+    /// address taken over from another gateway is usable at once instead of
+    /// tentative for a second (or failed, while the old owner still had it).
+    pub fn add_host_address(&mut self, index: u32, addr: IpAddr) -> Result<(), NetError> {
+        let h = self.handle.clone();
+        let len = if addr.is_ipv4() { 32 } else { 128 };
+        self.rt
+            .block_on(async move {
+                let mut req = h.address().add(index, addr, len).replace();
+                if addr.is_ipv6() {
+                    req.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+                }
+                req.execute().await
+            })
+            .map_err(|e| nl_err(format!("adding address {addr} to link {index}"), e))
     }
 
     fn address_messages(&mut self, index: u32) -> Result<Vec<AddressMessage>, NetError> {

@@ -3,7 +3,11 @@
 //! health come in as arguments.
 //!
 //! Rules:
-//! - control's order is the preference; the effective gateway is the first
+//! - a gateway that owns the site side of the prefix (it says so in its
+//!   probe replies, see [`super::owner`]) is the effective gateway: the
+//!   site's LAN answers through it, so routing through any other would
+//!   break two-way traffic;
+//! - otherwise control's order is the preference; the effective gateway is the first
 //!   one the probes do not hold against (a gateway whose probes are lost, or
 //!   which answers that it cannot serve the prefix, is skipped);
 //! - a gateway that was skipped is eligible again only after it has been
@@ -72,12 +76,15 @@ impl Selector {
 
     /// Evaluates every route (`prefix`, control's gateway order).
     /// `problem(gateway, prefix)` says why the probes hold a gateway against
-    /// a prefix, or `None` when nothing is known against it.
+    /// a prefix, or `None` when nothing is known against it;
+    /// `owner(prefix, order)` the gateway that owns the prefix's site side,
+    /// if one does.
     pub fn evaluate(
         &mut self,
         now: Instant,
         routes: &[(IpNet, Vec<u64>)],
         problem: impl Fn(u64, &IpNet) -> Option<String>,
+        owner: impl Fn(&IpNet, &[u64]) -> Option<u64>,
     ) -> Decision {
         let mut d = Decision::default();
         let mut seen = std::collections::BTreeSet::new();
@@ -104,10 +111,9 @@ impl Selector {
                 }
             }
             let state = |gw: u64| self.bad.get(&(gw, *prefix));
-            let effective = order
-                .iter()
-                .copied()
-                .find(|&gw| state(gw).is_none())
+            let owned = owner(prefix, order);
+            let effective = owned
+                .or_else(|| order.iter().copied().find(|&gw| state(gw).is_none()))
                 .or_else(|| order.iter().copied().find(|&gw| state(gw).is_some_and(|b| b.recovered_at.is_some())))
                 .unwrap_or(primary);
             if let Some(&(last_primary, last_effective)) = self.last.get(prefix)
@@ -116,6 +122,7 @@ impl Selector {
             {
                 let reason = match state(last_effective) {
                     Some(b) if b.recovered_at.is_none() => b.reason.clone(),
+                    _ if owned == Some(effective) => format!("node {effective} owns the site"),
                     _ if effective == primary => "back to the preferred gateway after the hold-down".into(),
                     _ => "control changed the order".into(),
                 };
@@ -156,9 +163,12 @@ mod tests {
         fn at(&mut self, secs: u64, order: &[u64], bad: &[u64]) -> Decision {
             let bad: BTreeSet<u64> = bad.iter().copied().collect();
             let routes = [(p(), order.to_vec())];
-            self.sel.evaluate(self.t0 + Duration::from_secs(secs), &routes, |gw, _| {
-                bad.contains(&gw).then(|| format!("probes to {gw} lost"))
-            })
+            self.sel.evaluate(
+                self.t0 + Duration::from_secs(secs),
+                &routes,
+                |gw, _| bad.contains(&gw).then(|| format!("probes to {gw} lost")),
+                |_, _| None,
+            )
         }
     }
 
@@ -228,6 +238,24 @@ mod tests {
     }
 
     #[test]
+    fn the_site_owner_wins_over_the_local_hold_down() {
+        let mut s = Sim::new();
+        s.at(0, &[1, 2], &[]);
+        s.at(1, &[1, 2], &[1]);
+        // Gateway 1 is back and control fails back; the site hands its
+        // address to gateway 1, which says so: follow it at once, not after
+        // the local hold-down (the LAN answers through it now).
+        let routes = [(p(), vec![1, 2])];
+        let d = s.sel.evaluate(s.t0 + Duration::from_secs(3), &routes, |_, _| None, |_, _| Some(1));
+        assert_eq!(d.effective[&p()], 1);
+        assert_eq!(d.events.len(), 1);
+        assert_eq!(d.events[0].reason, "node 1 owns the site");
+        // And a claim by the backup beats control's order as well.
+        let d = s.sel.evaluate(s.t0 + Duration::from_secs(4), &routes, |_, _| None, |_, _| Some(2));
+        assert_eq!(d.overrides[&p()], 2);
+    }
+
+    #[test]
     fn unknown_gateways_and_removed_routes() {
         let mut s = Sim::new();
         // A backup that is lost does not matter while the primary serves.
@@ -235,7 +263,7 @@ mod tests {
         assert_eq!(d.effective[&p()], 1);
         assert!(d.events.is_empty());
         // The route goes away: its state is forgotten.
-        let d = s.sel.evaluate(s.t0, &[], |_, _| None);
+        let d = s.sel.evaluate(s.t0, &[], |_, _| None, |_, _| None);
         assert!(d.effective.is_empty());
         assert!(s.sel.bad.is_empty() && s.sel.last.is_empty());
     }

@@ -10,8 +10,14 @@
 //! once, without waiting for control. The decision is published as
 //! overrides of control's primaries, applied by the control module's view
 //! feeder, and every switch is queued as an event for control's audit log.
+//!
+//! At a gateway, the prober also decides which of the site's gateways owns
+//! each prefix it serves ([`owner`]): the owner holds the site's virtual
+//! gateway address (the `site` module acts on [`Outputs::owned`]) and says
+//! so in its probe replies, and remote agents route the prefix through it.
 
 pub mod failover;
+pub mod owner;
 pub mod stats;
 pub mod wire;
 
@@ -53,6 +59,14 @@ pub struct Plan {
     /// Prefixes this node routes into the overlay, with control's gateway
     /// order (primary first).
     pub routes: Vec<(IpNet, Vec<u64>)>,
+    /// This node's id at control (0: unknown).
+    pub me: u64,
+    /// Prefixes this node serves as a gateway, with control's gateway order
+    /// (which contains this node).
+    pub site: Vec<(IpNet, Vec<u64>)>,
+    /// The plan comes from a view control sent in this run (not from the
+    /// view saved by an earlier run, whose order may be stale).
+    pub fresh: bool,
 }
 
 /// Probe results of one peer.
@@ -79,6 +93,12 @@ pub struct ProbeState {
     pub bad_packets: u64,
     /// Whether the probe socket is open.
     pub listening: bool,
+    /// The prefixes whose site side this gateway owns.
+    pub owned: owner::Ownership,
+    /// Changes of ownership per prefix since the start.
+    pub owner_changes: BTreeMap<IpNet, u64>,
+    /// The prefixes this node serves as a gateway.
+    pub site_prefixes: Vec<IpNet>,
 }
 
 /// [`ProbeState`] shared with the metrics endpoint and the control session.
@@ -143,6 +163,27 @@ impl ProbeState {
         }
         let _ = writeln!(
             s,
+            "# HELP mesh_agent_route_owner 1 while this gateway owns the prefix's site side (holds its virtual address).\n# TYPE mesh_agent_route_owner gauge"
+        );
+        for prefix in self.site_prefixes.iter() {
+            let _ = writeln!(s, "mesh_agent_route_owner{{prefix=\"{prefix}\"}} {}", u8::from(self.owned.contains_key(prefix)));
+        }
+        let _ = writeln!(
+            s,
+            "# HELP mesh_agent_route_owner_since_timestamp_seconds Since when this gateway has owned the prefix's site side.\n# TYPE mesh_agent_route_owner_since_timestamp_seconds gauge"
+        );
+        for (prefix, o) in &self.owned {
+            let _ = writeln!(s, "mesh_agent_route_owner_since_timestamp_seconds{{prefix=\"{prefix}\"}} {}", o.since_unix);
+        }
+        let _ = writeln!(
+            s,
+            "# HELP mesh_agent_route_owner_changes_total Times this gateway took or gave up a prefix's site side.\n# TYPE mesh_agent_route_owner_changes_total counter"
+        );
+        for (prefix, n) in &self.owner_changes {
+            let _ = writeln!(s, "mesh_agent_route_owner_changes_total{{prefix=\"{prefix}\"}} {n}");
+        }
+        let _ = writeln!(
+            s,
             "# HELP mesh_agent_probe_bad_packets_total Datagrams on the probe port that were not probe messages.\n# TYPE mesh_agent_probe_bad_packets_total counter\nmesh_agent_probe_bad_packets_total {}",
             self.bad_packets
         );
@@ -159,6 +200,9 @@ pub struct Outputs {
     pub events: mpsc::Sender<failover::Event>,
     /// Statistics for metrics and health reports.
     pub shared: SharedProbe,
+    /// The prefixes whose site side this gateway owns (the site module
+    /// holds their virtual addresses).
+    pub owned: watch::Sender<owner::Ownership>,
 }
 
 struct Peer {
@@ -168,8 +212,30 @@ struct Peer {
     stats: PeerStats,
     next_send: Instant,
     pending: VecDeque<(u64, Instant)>,
-    /// Route health from its last reply.
-    routes: Vec<(IpNet, bool)>,
+    /// Route states from its last reply.
+    routes: Vec<wire::RouteState>,
+    /// When it became a probe target.
+    since: Instant,
+}
+
+impl Peer {
+    /// What this peer's probes say about `prefix`.
+    fn sight(&self, prefix: &IpNet, now: Instant) -> owner::PeerSight {
+        let entry = self.routes.iter().find(|r| r.prefix.trunc() == prefix.trunc());
+        owner::PeerSight {
+            reach: self.stats.reach(),
+            known_for: now.duration_since(self.since),
+            reports_unhealthy: entry.is_some_and(|r| !r.healthy),
+            claims: entry.is_some_and(|r| r.owner),
+        }
+    }
+}
+
+/// Seconds since the epoch.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The probe socket: dual-stack when IPv6 is available.
@@ -210,9 +276,17 @@ pub async fn run(
     let secs = Duration::from_secs_f64;
     let (fast, slow, timeout) = (secs(cfg.gateway_interval_secs), secs(cfg.peer_interval_secs), secs(cfg.timeout_secs));
     let mut selector = failover::Selector::new(secs(cfg.failback_hold_secs));
+    // How long an unresolved peer (and this agent itself, without a view
+    // from control) is given before the ownership decision counts it out:
+    // time for `down_after` probes to be lost, plus a second.
+    let grace = timeout + fast * cfg.down_after + Duration::from_secs(1);
+    let started = Instant::now();
     let mut peers: BTreeMap<u64, Peer> = BTreeMap::new();
     let mut by_addr: HashMap<IpAddr, u64> = HashMap::new();
     let mut routes: Vec<(IpNet, Vec<u64>)> = Vec::new();
+    let (mut me, mut site, mut fresh) = (0u64, Vec::<(IpNet, Vec<u64>)>::new(), false);
+    let mut owned = owner::Ownership::new();
+    let mut owner_changes: BTreeMap<IpNet, u64> = BTreeMap::new();
     let (mut effective, mut switches, mut bad_packets) = (BTreeMap::new(), BTreeMap::new(), 0u64);
     // Whether the shared state lags behind (published on the next tick).
     let mut dirty = true;
@@ -230,9 +304,9 @@ pub async fn run(
             let p = plan.borrow_and_update().clone();
             let mut next = BTreeMap::new();
             for t in p.targets {
-                let (stats, routes) = match peers.remove(&t.node_id) {
-                    Some(old) if old.addr == t.addr => (old.stats, old.routes),
-                    _ => (PeerStats::new(cfg.window, cfg.down_after), Vec::new()),
+                let (stats, routes, since) = match peers.remove(&t.node_id) {
+                    Some(old) if old.addr == t.addr => (old.stats, old.routes, old.since),
+                    _ => (PeerStats::new(cfg.window, cfg.down_after), Vec::new(), Instant::now()),
                 };
                 next.insert(
                     t.node_id,
@@ -244,12 +318,16 @@ pub async fn run(
                         next_send: Instant::now(),
                         pending: VecDeque::new(),
                         routes,
+                        since,
                     },
                 );
             }
             peers = next;
             by_addr = peers.iter().map(|(id, p)| (p.addr, *id)).collect();
             routes = p.routes;
+            me = p.me;
+            site = p.site;
+            fresh |= p.fresh;
         }
         tokio::select! {
             r = sock.recv_from(&mut buf) => {
@@ -267,14 +345,22 @@ pub async fn run(
                         dirty = true;
                         tracing::debug!(%src, error = %e, "not a probe message");
                     }
-                    Ok(wire::Message::Request { seq }) => {
-                        let routes = health.borrow().iter().map(|h| (h.prefix, h.healthy)).collect();
-                        let reply = wire::Message::Reply { seq, routes }.encode();
+                    Ok(wire::Message::Request { seq, version }) => {
+                        let routes = health
+                            .borrow()
+                            .iter()
+                            .map(|h| wire::RouteState {
+                                prefix: h.prefix,
+                                healthy: h.healthy,
+                                owner: owned.contains_key(&h.prefix.trunc()),
+                            })
+                            .collect();
+                        let reply = wire::Message::Reply { seq, version, routes }.encode();
                         if let Err(e) = sock.send_to(&reply, src).await {
                             tracing::debug!(%src, error = %e, "probe reply not sent");
                         }
                     }
-                    Ok(wire::Message::Reply { seq, routes }) => {
+                    Ok(wire::Message::Reply { seq, routes, .. }) => {
                         let now = Instant::now();
                         if let Some(p) = peers.get_mut(&node)
                             && let Some(i) = p.pending.iter().position(|(s, _)| *s == seq)
@@ -305,23 +391,53 @@ pub async fn run(
                     }
                     if now >= p.next_send {
                         seq = seq.wrapping_add(1);
-                        let msg = wire::Message::Request { seq }.encode();
+                        let msg = wire::Message::request(seq).encode();
                         // A send error (no route yet) is a lost probe like any other.
                         let _ = sock.send_to(&msg, dest(v6, p.addr, cfg.port)).await;
                         p.pending.push_back((seq, now));
                         p.next_send = now + if p.fast { fast } else { slow };
                     }
                 }
-                let decision = selector.evaluate(now, &routes, |gw, prefix| {
-                    let p = peers.get(&gw)?;
-                    if p.stats.reach() == Reach::Down {
-                        return Some(format!("probes to {} lost", p.name));
+                // This gateway's own site prefixes: who owns them.
+                let ready = fresh || now.duration_since(started) >= grace;
+                let healthy: BTreeMap<IpNet, bool> =
+                    health.borrow().iter().map(|h| (h.prefix.trunc(), h.healthy)).collect();
+                let mut next = owner::Ownership::new();
+                for (prefix, order) in &site {
+                    let ok = healthy.get(prefix).copied().unwrap_or(false);
+                    let sight = |gw: u64| peers.get(&gw).map(|p| p.sight(prefix, now));
+                    if owner::claims(me, order, ok, ready, grace, sight) {
+                        let since_unix = owned.get(prefix).map_or_else(unix_now, |o| o.since_unix);
+                        next.insert(*prefix, owner::Owned { since_unix, first: order.first() == Some(&me) });
                     }
-                    p.routes
-                        .iter()
-                        .any(|(r, healthy)| r.trunc() == prefix.trunc() && !healthy)
-                        .then(|| format!("{} reports {prefix} unreachable", p.name))
-                });
+                }
+                if next != owned {
+                    for prefix in next.keys().filter(|p| !owned.contains_key(p)) {
+                        tracing::warn!(%prefix, "this gateway now owns the site side of the prefix");
+                        *owner_changes.entry(*prefix).or_default() += 1;
+                    }
+                    for prefix in owned.keys().filter(|p| !next.contains_key(p)) {
+                        tracing::warn!(%prefix, "this gateway no longer owns the site side of the prefix");
+                        *owner_changes.entry(*prefix).or_default() += 1;
+                    }
+                    owned = next;
+                    out.owned.send_replace(owned.clone());
+                    dirty = true;
+                }
+                let decision = selector.evaluate(
+                    now,
+                    &routes,
+                    |gw, prefix| {
+                        let p = peers.get(&gw)?;
+                        if p.stats.reach() == Reach::Down {
+                            return Some(format!("probes to {} lost", p.name));
+                        }
+                        p.sight(prefix, now)
+                            .reports_unhealthy
+                            .then(|| format!("{} reports {prefix} unreachable", p.name))
+                    },
+                    |prefix, order| owner::claimant(order, |gw| peers.get(&gw).map(|p| p.sight(prefix, now))),
+                );
                 for e in &decision.events {
                     let name = |id: u64| peers.get(&id).map_or_else(|| format!("node-{id}"), |p| p.name.clone());
                     tracing::warn!(prefix = %e.prefix, from = %name(e.from), to = %name(e.to), reason = %e.reason, "route failover (local)");
@@ -352,6 +468,9 @@ pub async fn run(
                     s.switches.clone_from(&switches);
                     s.bad_packets = bad_packets;
                     s.listening = true;
+                    s.owned.clone_from(&owned);
+                    s.owner_changes.clone_from(&owner_changes);
+                    s.site_prefixes = site.iter().map(|(p, _)| *p).collect();
                     dirty = false;
                 }
             }

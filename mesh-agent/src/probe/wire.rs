@@ -3,29 +3,52 @@
 //!
 //! ```text
 //! 0..4   magic "MSHP"
-//! 4      version (1)
+//! 4      version (1 or 2)
 //! 5      kind: 1 request, 2 reply
 //! 6..8   reserved, zero
 //! 8..16  sequence number (big endian), echoed by the reply
 //! 16     number of route entries (requests: 0)
-//! 17..   entries: family (4 or 6), prefix length, healthy (0/1),
+//! 17..   entries: family (4 or 6), prefix length, state,
 //!        address (4 or 16 bytes)
 //! ```
 //!
-//! A reply carries the health of the routes its sender advertises, so that
+//! A reply carries the state of the routes its sender advertises, so that
 //! a peer routing a prefix through a gateway that is up but has lost its
-//! LAN learns it from its own probes, without waiting for control.
+//! LAN learns it from its own probes, without waiting for control; and,
+//! from version 2 on, whether the sender owns the prefix's site side (holds
+//! its virtual gateway address), so that every remote agent routes the
+//! prefix through the gateway the site's LAN answers through.
+//!
+//! Versions: in version 1 the state byte is 0 or 1 (healthy); in version 2
+//! it is a set of flags (bit 0 healthy, bit 1 owner). A reply has the
+//! version of the request it answers, so an agent of an older release
+//! (which sends and reads only version 1) keeps probing newer ones during a
+//! rolling upgrade.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
 const MAGIC: &[u8; 4] = b"MSHP";
-const VERSION: u8 = 1;
+/// The version this release sends requests in.
+const VERSION: u8 = 2;
 const HEADER: usize = 17;
+const FLAG_HEALTHY: u8 = 1;
+const FLAG_OWNER: u8 = 2;
 /// Most route entries a reply carries (a reply stays under 1 KiB, well
 /// inside any overlay MTU).
 pub const MAX_ROUTES: usize = 48;
+
+/// What a gateway says about one route it advertises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteState {
+    /// The prefix.
+    pub prefix: IpNet,
+    /// It can reach the prefix (its reachability check passes).
+    pub healthy: bool,
+    /// It owns the prefix's site side (version 2; always false in version 1).
+    pub owner: bool,
+}
 
 /// A decoded probe message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,13 +57,17 @@ pub enum Message {
     Request {
         /// Chosen by the sender, echoed in the reply.
         seq: u64,
+        /// The protocol version of the request; the reply uses the same.
+        version: u8,
     },
     /// The answer.
     Reply {
         /// The request's sequence number.
         seq: u64,
-        /// Health of the routes the replying node advertises.
-        routes: Vec<(IpNet, bool)>,
+        /// The request's protocol version.
+        version: u8,
+        /// State of the routes the replying node advertises.
+        routes: Vec<RouteState>,
     },
 }
 
@@ -62,29 +89,36 @@ pub enum WireError {
 }
 
 impl Message {
-    /// Encodes the message (routes beyond [`MAX_ROUTES`] are left out).
+    /// A request in this release's version.
+    #[must_use]
+    pub const fn request(seq: u64) -> Self {
+        Self::Request { seq, version: VERSION }
+    }
+
+    /// Encodes the message (routes beyond [`MAX_ROUTES`] are left out; in
+    /// version 1 the owner flag is).
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
-        let (kind, seq, routes): (u8, u64, &[(IpNet, bool)]) = match self {
-            Self::Request { seq } => (1, *seq, &[]),
-            Self::Reply { seq, routes } => (2, *seq, &routes[..routes.len().min(MAX_ROUTES)]),
+        let (kind, seq, version, routes): (u8, u64, u8, &[RouteState]) = match self {
+            Self::Request { seq, version } => (1, *seq, *version, &[]),
+            Self::Reply { seq, version, routes } => (2, *seq, *version, &routes[..routes.len().min(MAX_ROUTES)]),
         };
         let mut b = Vec::with_capacity(HEADER + routes.len() * 19);
         b.extend_from_slice(MAGIC);
-        b.extend_from_slice(&[VERSION, kind, 0, 0]);
+        b.extend_from_slice(&[version, kind, 0, 0]);
         b.extend_from_slice(&seq.to_be_bytes());
         #[expect(clippy::cast_possible_truncation, reason = "at most MAX_ROUTES entries")]
         b.push(routes.len() as u8);
-        for (net, healthy) in routes {
-            match net.network() {
-                IpAddr::V4(a) => {
-                    b.extend_from_slice(&[4, net.prefix_len(), u8::from(*healthy)]);
-                    b.extend_from_slice(&a.octets());
-                }
-                IpAddr::V6(a) => {
-                    b.extend_from_slice(&[6, net.prefix_len(), u8::from(*healthy)]);
-                    b.extend_from_slice(&a.octets());
-                }
+        for r in routes {
+            let mut state = u8::from(r.healthy) * FLAG_HEALTHY;
+            if version >= 2 && r.owner {
+                state |= FLAG_OWNER;
+            }
+            let family = if r.prefix.addr().is_ipv4() { 4 } else { 6 };
+            b.extend_from_slice(&[family, r.prefix.prefix_len(), state]);
+            match r.prefix.network() {
+                IpAddr::V4(a) => b.extend_from_slice(&a.octets()),
+                IpAddr::V6(a) => b.extend_from_slice(&a.octets()),
             }
         }
         b
@@ -96,7 +130,8 @@ impl Message {
         if b.len() < HEADER {
             return Err(WireError::Truncated(b.len()));
         }
-        if &b[..4] != MAGIC || b[4] != VERSION {
+        let version = b[4];
+        if &b[..4] != MAGIC || !(1..=VERSION).contains(&version) {
             return Err(WireError::NotProbe);
         }
         if b[6..8] != [0, 0] {
@@ -110,18 +145,19 @@ impl Message {
                 if count != 0 || !rest.is_empty() {
                     return Err(WireError::Malformed("a request carries no body"));
                 }
-                Ok(Self::Request { seq })
+                Ok(Self::Request { seq, version })
             }
             2 => {
                 if count > MAX_ROUTES {
                     return Err(WireError::Malformed("too many route entries"));
                 }
+                let known = if version == 1 { FLAG_HEALTHY } else { FLAG_HEALTHY | FLAG_OWNER };
                 let mut routes = Vec::with_capacity(count);
                 for _ in 0..count {
                     let (head, tail) = rest.split_first_chunk::<3>().ok_or(WireError::Truncated(b.len()))?;
-                    let [family, len, healthy] = *head;
-                    if healthy > 1 {
-                        return Err(WireError::Malformed("route health is not 0 or 1"));
+                    let [family, len, state] = *head;
+                    if state & !known != 0 {
+                        return Err(WireError::Malformed("unknown route state flags"));
                     }
                     let (addr, tail): (IpAddr, &[u8]) = match family {
                         4 => {
@@ -134,14 +170,18 @@ impl Message {
                         }
                         _ => return Err(WireError::Malformed("route family is not 4 or 6")),
                     };
-                    let net = IpNet::new(addr, len).map_err(|_| WireError::Malformed("route prefix length"))?;
-                    routes.push((net, healthy == 1));
+                    let prefix = IpNet::new(addr, len).map_err(|_| WireError::Malformed("route prefix length"))?;
+                    routes.push(RouteState {
+                        prefix,
+                        healthy: state & FLAG_HEALTHY != 0,
+                        owner: state & FLAG_OWNER != 0,
+                    });
                     rest = tail;
                 }
                 if !rest.is_empty() {
                     return Err(WireError::Malformed("trailing bytes"));
                 }
-                Ok(Self::Reply { seq, routes })
+                Ok(Self::Reply { seq, version, routes })
             }
             k => Err(WireError::Kind(k)),
         }
@@ -156,36 +196,64 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn rs(prefix: &str, healthy: bool, owner: bool) -> RouteState {
+        RouteState { prefix: net(prefix), healthy, owner }
+    }
+
+    fn reply(seq: u64, routes: Vec<RouteState>) -> Message {
+        Message::Reply { seq, version: VERSION, routes }
+    }
+
     #[test]
     fn round_trips() {
         for m in [
-            Message::Request { seq: 0 },
-            Message::Request { seq: u64::MAX },
-            Message::Reply { seq: 7, routes: vec![] },
-            Message::Reply {
-                seq: 9,
-                routes: vec![(net("198.18.20.0/24"), true), (net("fd00:1::/64"), false), (net("0.0.0.0/0"), true)],
-            },
+            Message::request(0),
+            Message::request(u64::MAX),
+            reply(7, vec![]),
+            reply(
+                9,
+                vec![rs("198.18.20.0/24", true, true), rs("fd00:1::/64", false, false), rs("0.0.0.0/0", true, false)],
+            ),
         ] {
             assert_eq!(Message::decode(&m.encode()), Ok(m));
         }
     }
 
     #[test]
+    fn version_1_peers_get_version_1_replies_without_the_owner_flag() {
+        let req = Message::Request { seq: 5, version: 1 };
+        assert_eq!(Message::decode(&req.encode()), Ok(req));
+        let m = Message::Reply { seq: 5, version: 1, routes: vec![rs("198.18.20.0/24", true, true)] };
+        let b = m.encode();
+        assert_eq!(b[4], 1);
+        assert_eq!(b[HEADER + 2], 1, "a version 1 reader accepts only 0 or 1");
+        assert_eq!(
+            Message::decode(&b),
+            Ok(Message::Reply { seq: 5, version: 1, routes: vec![rs("198.18.20.0/24", true, false)] })
+        );
+        // The owner bit is not a version 1 flag.
+        let mut b = b;
+        b[HEADER + 2] = 3;
+        assert_eq!(Message::decode(&b), Err(WireError::Malformed("unknown route state flags")));
+    }
+
+    #[test]
     fn caps_the_number_of_routes() {
-        let routes: Vec<_> = (0..100u8).map(|i| (net(&format!("10.{i}.0.0/16")), true)).collect();
-        let m = Message::Reply { seq: 1, routes };
-        let Ok(Message::Reply { routes, .. }) = Message::decode(&m.encode()) else { panic!() };
+        let routes: Vec<_> = (0..100u8).map(|i| rs(&format!("10.{i}.0.0/16"), true, false)).collect();
+        let Ok(Message::Reply { routes, .. }) = Message::decode(&reply(1, routes).encode()) else { panic!() };
         assert_eq!(routes.len(), MAX_ROUTES);
     }
 
     #[test]
     fn rejects_garbage() {
-        let good = Message::Reply { seq: 3, routes: vec![(net("198.18.20.0/24"), true)] }.encode();
+        let good = reply(3, vec![rs("198.18.20.0/24", true, false)]).encode();
         assert_eq!(Message::decode(&[]), Err(WireError::Truncated(0)));
         assert_eq!(Message::decode(&good[..HEADER - 1]), Err(WireError::Truncated(HEADER - 1)));
         let mut b = good.clone();
         b[0] = b'X';
+        assert_eq!(Message::decode(&b), Err(WireError::NotProbe));
+        let mut b = good.clone();
+        b[4] = 3;
         assert_eq!(Message::decode(&b), Err(WireError::NotProbe));
         let mut b = good.clone();
         b[5] = 9;
@@ -202,9 +270,9 @@ mod tests {
         b[HEADER + 1] = 33;
         assert_eq!(Message::decode(&b), Err(WireError::Malformed("route prefix length")));
         let mut b = good;
-        b[HEADER + 2] = 2;
-        assert_eq!(Message::decode(&b), Err(WireError::Malformed("route health is not 0 or 1")));
-        let mut req = Message::Request { seq: 1 }.encode();
+        b[HEADER + 2] = 4;
+        assert_eq!(Message::decode(&b), Err(WireError::Malformed("unknown route state flags")));
+        let mut req = Message::request(1).encode();
         req.push(1);
         assert_eq!(Message::decode(&req), Err(WireError::Malformed("a request carries no body")));
     }

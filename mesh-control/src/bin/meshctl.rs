@@ -244,7 +244,23 @@ fn print_nodes(nodes: &[pb::Node], json_out: bool) {
 fn route_json(r: &pb::Route) -> serde_json::Value {
     json!({"prefix": r.prefix, "node_id": r.node_id, "node": r.node_name, "approved": r.approved,
         "auto_approved": r.auto_approved, "priority": r.priority, "healthy": r.healthy, "primary": r.primary,
-        "rank": r.rank})
+        "rank": r.rank, "virtual_addresses": r.virtual_addresses, "snat": r.snat, "owner": r.owner,
+        "owner_since_unix": r.owner_since_unix})
+}
+
+/// "owner since <time>" for the gateway holding the site side, else "-".
+fn site_side(r: &pb::Route) -> String {
+    let how = match (r.virtual_addresses.is_empty(), r.snat) {
+        (false, _) => r.virtual_addresses.join(","),
+        (true, true) => "snat".into(),
+        (true, false) => "-".into(),
+    };
+    if !r.owner {
+        return how;
+    }
+    let since = chrono::DateTime::from_timestamp(r.owner_since_unix, 0)
+        .map_or_else(|| r.owner_since_unix.to_string(), |d| d.format("%Y-%m-%d %H:%M:%S").to_string());
+    format!("{how} (owner since {since})")
 }
 
 /// "primary", "backup 1", ... or "-" outside the order.
@@ -262,7 +278,7 @@ fn print_routes(routes: &[pb::Route], json_out: bool) {
         return;
     }
     table(
-        &["PREFIX", "NODE", "APPROVED", "PRIORITY", "HEALTHY", "ROLE"],
+        &["PREFIX", "NODE", "APPROVED", "PRIORITY", "HEALTHY", "ROLE", "SITE ADDRESS"],
         routes
             .iter()
             .map(|r| {
@@ -274,6 +290,7 @@ fn print_routes(routes: &[pb::Route], json_out: bool) {
                     r.priority.to_string(),
                     r.healthy.to_string(),
                     rank(r),
+                    site_side(r),
                 ]
             })
             .collect(),

@@ -117,6 +117,10 @@ impl AdminApi {
                     .and_then(|g| g.iter().position(|id| *id == r.node_id))
                     .and_then(|i| i32::try_from(i).ok())
                     .unwrap_or(-1),
+                virtual_addresses: r.virtual_addresses.clone(),
+                snat: r.snat,
+                owner: r.owner,
+                owner_since_unix: r.owner_since,
             })
             .collect()
     }

@@ -130,9 +130,19 @@ impl AgentApi {
                 let mut changed = false;
                 for rh in &report.routes {
                     let Ok(prefix) = cidr(&rh.prefix) else { continue };
-                    let known = snap.routes.iter().find(|r| r.node_id == node && r.prefix == prefix);
-                    if known.is_some_and(|r| r.healthy != rh.healthy) {
+                    let Some(known) = snap.routes.iter().find(|r| r.node_id == node && r.prefix == prefix) else {
+                        continue;
+                    };
+                    if known.healthy != rh.healthy {
                         self.engine.store().set_route_health(node, &prefix, rh.healthy, now()).await?;
+                        changed = true;
+                    }
+                    // Ownership is shown and audited, not used for the
+                    // order: the gateways decide it from control's order.
+                    if known.owner != rh.owner {
+                        let since = if rh.owner_since_unix > 0 { rh.owner_since_unix.min(now()) } else { now() };
+                        tracing::info!(node, %prefix, owner = rh.owner, "site ownership changed");
+                        self.engine.store().set_route_owner(node, &prefix, rh.owner, since, now()).await?;
                         changed = true;
                     }
                 }
@@ -160,6 +170,29 @@ impl AgentApi {
                     .map(|p| cidr(p).map(|n| (n, policy::auto_approved(&policy, &me, n))))
                     .collect::<Result<Vec<_>, _>>()?;
                 self.engine.store().set_advertised(node, &prefixes, now()).await?;
+                let snap = self.engine.store().snapshot().await?;
+                for o in &adv.options {
+                    let prefix = cidr(&o.prefix)?;
+                    if !prefixes.iter().any(|(p, _)| *p == prefix) {
+                        return Err(ApiError::InvalidArgument(format!("options for {prefix}, which is not advertised")));
+                    }
+                    let mut addrs = Vec::with_capacity(o.virtual_addresses.len());
+                    for a in &o.virtual_addresses {
+                        let ip: std::net::IpAddr = a.parse().map_err(|_| {
+                            ApiError::InvalidArgument(format!("virtual address {a:?} of {prefix} is not an IP address"))
+                        })?;
+                        if !prefix.contains(&ip) || addrs.len() >= 2 {
+                            return Err(ApiError::InvalidArgument(format!(
+                                "virtual address {ip} of {prefix}: at most one IPv4 and one IPv6, inside the prefix"
+                            )));
+                        }
+                        addrs.push(ip.to_string());
+                    }
+                    let known = snap.routes.iter().find(|r| r.node_id == node && r.prefix == prefix);
+                    if known.is_some_and(|r| r.virtual_addresses != addrs || r.snat != o.snat) {
+                        self.engine.store().set_route_options(node, &prefix, addrs, o.snat, now()).await?;
+                    }
+                }
                 self.engine.refresh().await?;
                 Ok(())
             }

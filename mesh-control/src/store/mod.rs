@@ -133,6 +133,10 @@ fn route_row(r: &AnyRow) -> Result<RouteRecord> {
         auto_approved: r.try_get::<i64, _>("auto_approved")? != 0,
         priority: i32::try_from(r.try_get::<i64, _>("priority")?).unwrap_or(0),
         healthy: r.try_get::<i64, _>("healthy")? != 0,
+        virtual_addresses: list(&r.try_get::<String, _>("virtual_addresses")?),
+        snat: r.try_get::<i64, _>("snat")? != 0,
+        owner: r.try_get::<i64, _>("owner")? != 0,
+        owner_since: r.try_get("owner_since")?,
     })
 }
 
@@ -640,7 +644,8 @@ impl Store {
         change(&mut after);
         if after != before {
             sqlx::query(
-                "UPDATE routes SET approved = $3, auto_approved = $4, priority = $5, healthy = $6 \
+                "UPDATE routes SET approved = $3, auto_approved = $4, priority = $5, healthy = $6, \
+                 virtual_addresses = $7, snat = $8, owner = $9, owner_since = $10 \
                  WHERE node_id = $1 AND prefix = $2",
             )
             .bind(i(node))
@@ -649,6 +654,10 @@ impl Store {
             .bind(b(after.auto_approved))
             .bind(i64::from(after.priority))
             .bind(b(after.healthy))
+            .bind(json(&after.virtual_addresses))
+            .bind(b(after.snat))
+            .bind(b(after.owner))
+            .bind(after.owner_since)
             .execute(&mut *tx)
             .await?;
             audit(&mut tx, now, actor, action, &format!("route/{node}/{prefix}"), json(&before), json(&after)).await?;
@@ -686,6 +695,39 @@ impl Store {
     /// Records a gateway's report on a route's health.
     pub async fn set_route_health(&self, node: u64, prefix: &IpNet, healthy: bool, now: i64) -> Result<RouteRecord> {
         self.update_route(node, prefix, &format!("node/{node}"), "route.health", now, |r| r.healthy = healthy).await
+    }
+
+    /// Records a route's options as its gateway advertises them.
+    pub async fn set_route_options(
+        &self,
+        node: u64,
+        prefix: &IpNet,
+        virtual_addresses: Vec<String>,
+        snat: bool,
+        now: i64,
+    ) -> Result<RouteRecord> {
+        self.update_route(node, prefix, &format!("node/{node}"), "route.options", now, |r| {
+            r.virtual_addresses = virtual_addresses;
+            r.snat = snat;
+        })
+        .await
+    }
+
+    /// Records a gateway's report that it took or gave up the site side of
+    /// a prefix (audited as `route.owner`).
+    pub async fn set_route_owner(
+        &self,
+        node: u64,
+        prefix: &IpNet,
+        owner: bool,
+        since: i64,
+        now: i64,
+    ) -> Result<RouteRecord> {
+        self.update_route(node, prefix, &format!("node/{node}"), "route.owner", now, |r| {
+            r.owner = owner;
+            r.owner_since = if owner { since } else { 0 };
+        })
+        .await
     }
 
     /// Records an event that changes no record (a prefix's primary gateway

@@ -94,6 +94,14 @@ pub struct RouteRecord {
     pub priority: i32,
     /// The gateway's last report says the route works.
     pub healthy: bool,
+    /// Virtual gateway addresses the site's owner holds (as advertised).
+    pub virtual_addresses: Vec<String>,
+    /// The gateway masquerades overlay traffic into the prefix.
+    pub snat: bool,
+    /// The gateway says it owns the site side of the prefix.
+    pub owner: bool,
+    /// Since when (unix seconds; 0 when not the owner).
+    pub owner_since: i64,
 }
 
 /// An enrollment key (its secret is only stored hashed).

@@ -74,6 +74,14 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         after_json TEXT NOT NULL
      );
      CREATE INDEX audit_subject ON audit (subject);",
+), (
+    // HA gateways (capability 3): a route's options as its gateway
+    // advertises them, and which gateway owns the site side.
+    2,
+    "ALTER TABLE routes ADD COLUMN virtual_addresses TEXT NOT NULL DEFAULT '';
+     ALTER TABLE routes ADD COLUMN snat BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE routes ADD COLUMN owner BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE routes ADD COLUMN owner_since BIGINT NOT NULL DEFAULT 0;",
 )];
 
 /// Applies the migrations `pool` has not seen yet.
