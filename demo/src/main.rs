@@ -1,15 +1,20 @@
 //! The demo lab: three regions (nyc, fsn, gra) with two gateways each and
-//! an app and a db host on each site LAN, one mesh-control. The gateways
-//! enroll with an enrollment key, their site routes are approved by the
-//! policy's `autoApprovers`, a default-deny policy allows app -> db on TCP
-//! 5432 and ICMP between sites (enforced by the eBPF ACL on every gateway),
-//! and the smoke test runs from the app hosts. `--check` exits non-zero if
-//! an expectation fails; without it the lab stays up until Ctrl-C.
+//! an app and a db host on each dual-stack site LAN, one mesh-control. The
+//! gateways enroll with an enrollment key, their site routes (an IPv4 /24
+//! and an IPv6 /64 per site) are approved by the policy's `autoApprovers`,
+//! a default-deny policy allows app -> db on TCP 5432 and ICMP between
+//! sites (enforced by the eBPF ACL on every gateway), and the smoke test
+//! runs from the app hosts. The site hosts route the mesh through their
+//! site's virtual gateway addresses (.254 and ::254), which the site's
+//! owning gateway holds. `--check` then runs the HA check (`ha`) and exits
+//! non-zero if an expectation fails; without it the lab stays up until
+//! Ctrl-C.
 //!
 //! The gateways run as `mesh-demo agent --config FILE` processes (the same
 //! code as `mesh-agent run`), one per gateway namespace.
 
 mod control;
+mod ha;
 mod smoke;
 
 use std::{
@@ -61,26 +66,49 @@ impl Region {
     fn lan(&self) -> String {
         format!("198.18.{}.0/24", self.octet)
     }
+    fn lan6(&self) -> String {
+        format!("2001:db8:{}::/64", self.octet)
+    }
     fn app(&self) -> String {
         format!("198.18.{}.10", self.octet)
+    }
+    fn app6(&self) -> String {
+        format!("2001:db8:{}::10", self.octet)
     }
     fn db(&self) -> String {
         format!("198.18.{}.20", self.octet)
     }
+    fn db6(&self) -> String {
+        format!("2001:db8:{}::20", self.octet)
+    }
+    /// The site's virtual gateway addresses.
+    fn vip(&self) -> String {
+        format!("198.18.{}.254", self.octet)
+    }
+    fn vip6(&self) -> String {
+        format!("2001:db8:{}::254", self.octet)
+    }
 }
 
 fn policy() -> String {
-    let lans: Vec<String> = REGIONS.iter().map(Region::lan).collect();
+    let lans: Vec<String> = REGIONS.iter().flat_map(|r| [r.lan(), r.lan6()]).collect();
     let q = |v: &[String]| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
     let hosts: Vec<String> = REGIONS
         .iter()
         .flat_map(|r| {
-            [format!("\"app-{}\": \"{}/32\"", r.name, r.app()), format!("\"db-{}\": \"{}/32\"", r.name, r.db())]
+            [
+                format!("\"app-{}\": \"{}/32\"", r.name, r.app()),
+                format!("\"app6-{}\": \"{}/128\"", r.name, r.app6()),
+                format!("\"db-{}\": \"{}/32\"", r.name, r.db()),
+                format!("\"db6-{}\": \"{}/128\"", r.name, r.db6()),
+            ]
         })
         .collect();
     let approvers: Vec<String> = lans.iter().map(|l| format!("\"{l}\": [\"tag:gw\"]")).collect();
-    let apps: Vec<String> = REGIONS.iter().map(|r| format!("app-{}", r.name)).collect();
-    let dbs: Vec<String> = REGIONS.iter().map(|r| format!("db-{}:5432", r.name)).collect();
+    let apps: Vec<String> =
+        REGIONS.iter().flat_map(|r| [format!("app-{}", r.name), format!("app6-{}", r.name)]).collect();
+    let dbs: Vec<String> =
+        REGIONS.iter().flat_map(|r| [format!("db-{}:5432", r.name), format!("db6-{}:5432", r.name)]).collect();
     let lan_dsts: Vec<String> = lans.iter().map(|l| format!("{l}:*")).collect();
     format!(
         r#"// The demo policy: default deny; app -> db on 5432; ICMP between sites.
@@ -91,8 +119,8 @@ fn policy() -> String {
   "acls": [
     {{"action": "accept", "src": [{apps}], "dst": [{dbs}], "proto": "tcp"}},
     {{"action": "accept", "src": [{lans}], "dst": [{lan_dsts}], "proto": "icmp"}},
-    // The failover measurement's one-way flow.
-    {{"action": "accept", "src": ["app-nyc"], "dst": ["db-fsn:9000"], "proto": "udp"}},
+    // The HA check's two-way streams.
+    {{"action": "accept", "src": ["app-nyc", "app6-nyc"], "dst": ["db-fsn:9000", "db6-fsn:9000"], "proto": "tcp"}},
   ],
 }}"#,
         hosts = hosts.join(", "),
@@ -113,6 +141,9 @@ struct Gateway {
     ifname: String,
     dir: PathBuf,
     agent: Option<Process>,
+    /// Its IPv6 LAN address (the kernel flushes IPv6 addresses when a link
+    /// goes down, so a revived gateway gets it again, as a rebooted one would).
+    lan6: String,
 }
 
 impl Gateway {
@@ -133,6 +164,26 @@ impl Gateway {
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         self.agent = Some(self.host.spawn_command(cmd)?);
         Ok(())
+    }
+
+    /// Kills the agent (SIGKILL: nothing is cleaned up) and takes the
+    /// gateway's links down, as a machine that dies would.
+    fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut a) = self.agent.take() {
+            a.child().kill()?;
+            let _ = a.child().wait();
+        }
+        self.host.down("eth0")?;
+        self.host.down("lan0")?;
+        Ok(())
+    }
+
+    /// Brings the links back and starts the agent again.
+    fn revive(&mut self) -> anyhow::Result<()> {
+        self.host.up("eth0")?;
+        self.host.up("lan0")?;
+        self.host.addr("lan0", &self.lan6)?;
+        self.start()
     }
 }
 
@@ -158,15 +209,21 @@ impl Drop for BpfFs {
     }
 }
 
-fn agent_config(gw: &Gateway, bpf: &Path, key_file: &Path, underlay: &str, lan: &str) -> String {
+fn agent_config(gw: &Gateway, bpf: &Path, key_file: &Path, underlay: &str, r: &Region) -> String {
     format!(
         "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{state}\"\n\
          enforcement = \"ebpf\"\nbpf_pin_dir = \"{bpf}\"\nkeep_dataplane_on_exit = false\n\
          reconcile_interval_secs = 5\nretry_interval_secs = 0.5\nlog = \"info\"\n\
          metrics_listen = \"127.0.0.1:9300\"\n\
          [control]\naddress = \"{ctl}\"\nenrollment_key_file = \"{key}\"\nhostname = \"{name}\"\n\
-         advertise_routes = [\"{lan}\"]\nendpoints = [\"{underlay}:51820\"]\nhealth_interval_secs = 2\n\
-         max_backoff_secs = 2\npersistent_keepalive = 10\n",
+         advertise_routes = [\"{lan}\", \"{lan6}\"]\nendpoints = [\"{underlay}:51820\"]\nhealth_interval_secs = 2\n\
+         max_backoff_secs = 1\npersistent_keepalive = 10\n\
+         [control.route_options.\"{lan}\"]\nvirtual_addresses = [\"{vip}\"]\n\
+         [control.route_options.\"{lan6}\"]\nvirtual_addresses = [\"{vip6}\"]\n",
+        lan = r.lan(),
+        lan6 = r.lan6(),
+        vip = r.vip(),
+        vip6 = r.vip6(),
         ifname = gw.ifname,
         state = gw.dir.join("state").display(),
         bpf = bpf.display(),
@@ -273,22 +330,30 @@ fn demo(args: &Args) -> anyhow::Result<()> {
             host.addr("eth0", &format!("192.0.2.{}{n}/24", r.octet / 10))?;
             lan.plug(&host, "lan0")?;
             host.addr("lan0", &format!("198.18.{}.{n}/24", r.octet))?;
+            let lan6 = format!("2001:db8:{}::{n}/64", r.octet);
+            host.addr("lan0", &lan6)?;
             let dir = work.path().join(&name);
             std::fs::create_dir_all(&dir)?;
-            gateways.push(Gateway { name, region: ri, host, ifname: lab.unique_ifname("wg"), dir, agent: None });
+            gateways.push(Gateway { name, region: ri, host, ifname: lab.unique_ifname("wg"), dir, agent: None, lan6 });
         }
-        for (role, addr, list) in [("app", r.app(), &mut apps), ("db", r.db(), &mut dbs)] {
+        for (role, addr, addr6, list) in [("app", r.app(), r.app6(), &mut apps), ("db", r.db(), r.db6(), &mut dbs)] {
             let h = lab.host(&format!("{}_{role}", r.name))?;
             lan.plug(&h, "eth0")?;
             h.addr("eth0", &format!("{addr}/24"))?;
-            // The site's first gateway is the LAN's way to the other sites.
-            h.route_via("198.18.0.0/16", &format!("198.18.{}.1", r.octet))?;
+            h.addr("eth0", &format!("{addr6}/64"))?;
+            // The site's virtual gateway addresses are the LAN's way to the
+            // other sites: whichever gateway owns the site holds them.
+            h.route_via("198.18.0.0/16", &r.vip())?;
+            h.route_via("2001:db8::/32", &r.vip6())?;
             list.push(h);
         }
     }
     for (r, db) in REGIONS.iter().zip(&dbs) {
-        let addrs =
-            [5432, 22].iter().map(|p| format!("{}:{p}", r.db()).parse()).collect::<Result<Vec<SocketAddr>, _>>()?;
+        let addrs = [5432, 22]
+            .iter()
+            .flat_map(|p| [format!("{}:{p}", r.db()), format!("[{}]:{p}", r.db6())])
+            .map(|a| a.parse())
+            .collect::<Result<Vec<SocketAddr>, _>>()?;
         mesh_lab::traffic::echo_servers(db, &addrs)?;
     }
 
@@ -321,10 +386,10 @@ fn demo(args: &Args) -> anyhow::Result<()> {
         for gw in gateways.iter_mut().filter(|g| g.name.ends_with(&format!("gw{n}"))) {
             let r = &REGIONS[gw.region];
             let underlay = format!("192.0.2.{}{n}", r.octet / 10);
-            std::fs::write(gw.config(), agent_config(gw, bpf.0.path(), &key_file, &underlay, &r.lan()))?;
+            std::fs::write(gw.config(), agent_config(gw, bpf.0.path(), &key_file, &underlay, r))?;
             gw.start()?;
         }
-        let want = 3 * usize::from(n);
+        let want = 6 * usize::from(n);
         wait_for("routes at control", Duration::from_secs(30), || {
             rt.block_on(async {
                 let mut a = control::admin(&ctl_dir).await.ok()?;
@@ -351,8 +416,8 @@ fn demo(args: &Args) -> anyhow::Result<()> {
         ok.set(ok.get() && pass);
     };
     check(
-        "every site route approved by autoApprovers",
-        routes.len() == 6 && routes.iter().all(|r| r.approved && r.auto_approved),
+        "every site route (IPv4 and IPv6) approved by autoApprovers",
+        routes.len() == 12 && routes.iter().all(|r| r.approved && r.auto_approved),
     );
     let primary = |prefix: &str| {
         routes.iter().find(|r| r.prefix == prefix && r.primary).map_or_else(|| "?".to_owned(), |r| r.node_name.clone())
@@ -389,6 +454,13 @@ fn demo(args: &Args) -> anyhow::Result<()> {
                 db_22: mesh_lab::traffic::tcp_echo(app, db(22)?),
             };
             if i == 0 {
+                let db6 = |p: u16| format!("[{}]:{p}", r.db6()).parse::<SocketAddr>();
+                check(
+                    &format!("app-nyc -> db-{} over IPv6: 5432 allowed, 22 denied, ping", r.name),
+                    mesh_lab::traffic::tcp_echo(app, db6(5432)?)
+                        && !mesh_lab::traffic::tcp_echo(app, db6(22)?)
+                        && !smoke::ping(app, &r.db6(), 3).is_empty(),
+                );
                 check(&format!("app-nyc -> db-{}:5432 succeeds", r.name), row.db_5432);
                 check(&format!("app-nyc -> db-{}:22 refused by policy", r.name), !row.db_22);
                 check(&format!("app-nyc -> db-{} ping works", r.name), row.loss < 0.5);
@@ -420,42 +492,53 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     check("every gateway's probes see every other gateway up", all_up);
     print_probe_matrix(&links(&rt)?);
 
-    // Failover: a continuous flow app-nyc -> db-fsn while fsn's primary
-    // gateway is killed (process and links).
-    println!("== failover: killing fsn's primary gateway (fsn_gw1) under a continuous flow app-nyc -> db-fsn");
-    let flow = mesh_lab::traffic::UdpFlow::start(&apps[0], &dbs[1], format!("{}:9000", REGIONS[1].db()).parse()?)?;
-    wait_for("the failover flow", Duration::from_secs(20), || flow.received() > 100)?;
-    let victim = gateways.iter_mut().find(|g| g.name == "fsn_gw1").context("fsn_gw1")?;
-    let cut = Instant::now();
-    if let Some(mut a) = victim.agent.take() {
-        a.child().kill()?;
-        let _ = a.child().wait();
+    // Every site prefix has one owner, its primary, holding the address.
+    let routes_now = || {
+        rt.block_on(async {
+            anyhow::Ok(control::admin(&ctl_dir).await?.list_routes(pb::Empty {}).await?.into_inner().routes)
+        })
+    };
+    let owned = wait_for("one owner per site prefix, its primary", Duration::from_secs(20), || {
+        routes_now().is_ok_and(|rs| {
+            REGIONS.iter().flat_map(|r| [r.lan(), r.lan6()]).all(|p| {
+                let owners: Vec<_> = rs.iter().filter(|r| r.prefix == p && r.owner).collect();
+                owners.len() == 1 && owners[0].primary
+            })
+        })
+    });
+    check("every site prefix has one owner (its primary) holding the virtual address", owned.is_ok());
+
+    // HA under two-way traffic: the four events.
+    let ha = ha::run(&mut gateways, &apps[0], &dbs[1], &routes_now);
+    let ha = match ha {
+        Ok(out) => Some(out),
+        Err(e) => {
+            check(&format!("the HA check ran: {e:#}"), false);
+            for g in gateways.iter().filter(|g| g.region < 2) {
+                let log = std::fs::read_to_string(g.log()).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                eprintln!("--- {} log (last lines):", g.name);
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+            None
+        }
+    };
+    if let Some(out) = &ha {
+        for o in out {
+            check(
+                &format!(
+                    "{}: longest two-way cut {} ms < {} ms",
+                    o.event,
+                    o.cuts.worst().as_millis(),
+                    ha::BOUND.as_millis()
+                ),
+                o.cuts.worst() < ha::BOUND,
+            );
+        }
+        check("the same TCP connections (IPv4 and IPv6) survived all four events, streams intact", true);
     }
-    victim.host.down("eth0")?;
-    victim.host.down("lan0")?;
-    let before = flow.received();
-    let resumed =
-        wait_for("the flow to resume through fsn_gw2", Duration::from_secs(30), || flow.received() > before + 250)
-            .is_ok();
-    let outage = flow.longest_gap_since(cut);
-    drop(flow);
-    check("the flow resumed through the backup gateway", resumed);
-    let new_primary = rt.block_on(async {
-        let routes = control::admin(&ctl_dir).await?.list_routes(pb::Empty {}).await?.into_inner().routes;
-        anyhow::Ok(
-            routes
-                .iter()
-                .find(|r| r.prefix == REGIONS[1].lan() && r.primary)
-                .map(|r| r.node_name.clone())
-                .unwrap_or_default(),
-        )
-    })?;
-    check(&format!("control made {new_primary} primary for {}", REGIONS[1].lan()), new_primary == "fsn-gw2");
-    // Bring it back (fail-back waits for control's hold-down).
-    let victim = gateways.iter_mut().find(|g| g.name == "fsn_gw1").context("fsn_gw1")?;
-    victim.host.up("eth0")?;
-    victim.host.up("lan0")?;
-    victim.start()?;
 
     println!();
     println!(
@@ -476,12 +559,11 @@ fn demo(args: &Args) -> anyhow::Result<()> {
         );
     }
     println!("(expected: tcp/5432 allowed, tcp/22 denied, no loss, on every pair)");
-    println!(
-        "failover outage (fsn primary killed, flow app-nyc -> db-fsn): {} ms (target < 1000 ms: {})",
-        outage.as_millis(),
-        if outage < Duration::from_secs(1) { "met" } else { "NOT met" }
-    );
     println!();
+    if let Some(out) = &ha {
+        ha::print(out);
+        println!();
+    }
 
     if args.check {
         for g in &mut gateways {

@@ -452,13 +452,19 @@ mod tests {
         assert_eq!(o.len(), 2);
         assert!(o.values().any(|o| o.snat));
         let bad = |text: String, want: &str| {
-            let e = toml::from_str::<Config>(&text).map_err(|e| e.to_string()).and_then(|c| c.check().map_err(|e| e.to_string()));
+            let e = toml::from_str::<Config>(&text)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.check().map_err(|e| e.to_string()));
             let e = e.unwrap_err();
             assert!(e.contains(want), "{e}");
         };
         bad(ok.replace("198.18.20.254", "198.18.30.254"), "not inside the prefix");
         bad(ok.replace("[\"198.18.20.254\"]", "[\"198.18.20.254\", \"198.18.20.253\"]"), "at most one IPv4");
-        bad(ok.replace("route_options.\"198.18.20.0/24\"", "route_options.\"198.18.40.0/24\"").replace("198.18.20.254", "198.18.40.254"), "not in control.advertise_routes");
+        bad(
+            ok.replace("route_options.\"198.18.20.0/24\"", "route_options.\"198.18.40.0/24\"")
+                .replace("198.18.20.254", "198.18.40.254"),
+            "not in control.advertise_routes",
+        );
         bad(format!("{ok}[probe]\nport = 0\n"), "needs the probes");
         bad(ok.replace("snat = true", "snot = true"), "snot");
     }

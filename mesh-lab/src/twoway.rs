@@ -300,7 +300,8 @@ impl Pinger {
                 // SAFETY: recv_from initialised the first `len` bytes.
                 let b: Vec<u8> = buf[..len].iter().map(|x| unsafe { x.assume_init() }).collect();
                 // Raw IPv4 sockets deliver the IP header too.
-                let icmp = if v6 { &b[..] } else { b.get(usize::from(b.first().map_or(0, |v| v & 0xf)) * 4..).unwrap_or(&[]) };
+                let icmp =
+                    if v6 { &b[..] } else { b.get(usize::from(b.first().map_or(0, |v| v & 0xf)) * 4..).unwrap_or(&[]) };
                 let from_target = src.as_socket().is_some_and(|a| a.ip() == to);
                 let reply = if v6 { 129 } else { 0 };
                 if from_target && icmp.len() >= 8 && icmp[0] == reply && icmp[4..6] == id.to_be_bytes() {
@@ -333,6 +334,106 @@ impl Pinger {
 impl Drop for Pinger {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What one failover event cost a [`Conversation`]: the longest gap of
+/// each of its measures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cuts(pub Vec<(String, Duration)>);
+
+impl Cuts {
+    /// The longest of all.
+    #[must_use]
+    pub fn worst(&self) -> Duration {
+        self.0.iter().map(|(_, d)| *d).max().unwrap_or_default()
+    }
+
+    /// The longest gap of the measures whose name contains `pat`.
+    #[must_use]
+    pub fn worst_of(&self, pat: &str) -> Duration {
+        self.0.iter().filter(|(n, _)| n.contains(pat)).map(|(_, d)| *d).max().unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for Cuts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(n, d)| format!("{n} {} ms", d.as_millis())).collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// What a site's application sees: for each server address, a
+/// [`TwoWayTcp`] to it and a [`Pinger`] of its IP (so IPv4 and IPv6 are
+/// measured side by side when both addresses are given).
+#[derive(Debug)]
+pub struct Conversation {
+    tcp: Vec<(String, TwoWayTcp)>,
+    pings: Vec<(String, Pinger)>,
+}
+
+impl Conversation {
+    /// Starts the streams and ping series from `client` to `server`.
+    pub fn start(client: &Host, server: &Host, addrs: &[SocketAddr], ping_every: Duration) -> Result<Self> {
+        let family = |a: &SocketAddr| if a.is_ipv4() { "v4" } else { "v6" };
+        let mut tcp = Vec::new();
+        let mut pings = Vec::new();
+        for a in addrs {
+            tcp.push((format!("tcp {}", family(a)), TwoWayTcp::start(client, server, *a)?));
+            pings.push((format!("ping {}", family(a)), Pinger::start(client, a.ip(), ping_every)?));
+        }
+        Ok(Self { tcp, pings })
+    }
+
+    /// Whether every measure has had an arrival after `t` (traffic flows
+    /// both ways on every path since then).
+    #[must_use]
+    pub fn flowing_since(&self, t: Instant) -> bool {
+        let after = |v: &[Instant]| v.last().is_some_and(|l| *l > t);
+        self.tcp.iter().all(|(_, c)| {
+            [&c.server, &c.client]
+                .iter()
+                .all(|s| after(&s.received.lock().unwrap_or_else(PoisonError::into_inner).arrivals))
+        }) && self.pings.iter().all(|(_, p)| after(&p.replies.lock().unwrap_or_else(PoisonError::into_inner)))
+    }
+
+    /// The first error of any stream.
+    #[must_use]
+    pub fn error(&self) -> Option<String> {
+        self.tcp.iter().find_map(|(n, c)| c.error().map(|e| format!("{n}: {e}")))
+    }
+
+    /// The longest gap of each measure since `since` (until now).
+    #[must_use]
+    pub fn cuts(&self, since: Instant) -> Cuts {
+        let mut v = Vec::new();
+        for (n, c) in &self.tcp {
+            let (up, down) = c.longest_gaps(since);
+            v.push((format!("{n} client->server"), up));
+            v.push((format!("{n} server->client"), down));
+        }
+        for (n, p) in &self.pings {
+            v.push((n.clone(), p.longest_gap(since)));
+        }
+        Cuts(v)
+    }
+
+    /// Loss of each ping series so far (share of requests unanswered).
+    #[must_use]
+    pub fn ping_loss(&self) -> Vec<(String, f64)> {
+        self.pings
+            .iter()
+            .map(|(n, p)| {
+                #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+                let loss = 1.0 - p.replies() as f64 / (p.sent().max(1) as f64);
+                (n.clone(), loss.max(0.0))
+            })
+            .collect()
+    }
+
+    /// Ends every stream and checks it end to end (see [`TwoWayTcp::finish`]).
+    pub fn finish(self) -> std::result::Result<Vec<(String, TcpOutcome)>, String> {
+        self.tcp.into_iter().map(|(n, c)| c.finish().map(|o| (n.clone(), o)).map_err(|e| format!("{n}: {e}"))).collect()
     }
 }
 

@@ -166,14 +166,19 @@ impl ProbeState {
             "# HELP mesh_agent_route_owner 1 while this gateway owns the prefix's site side (holds its virtual address).\n# TYPE mesh_agent_route_owner gauge"
         );
         for prefix in self.site_prefixes.iter() {
-            let _ = writeln!(s, "mesh_agent_route_owner{{prefix=\"{prefix}\"}} {}", u8::from(self.owned.contains_key(prefix)));
+            let _ = writeln!(
+                s,
+                "mesh_agent_route_owner{{prefix=\"{prefix}\"}} {}",
+                u8::from(self.owned.contains_key(prefix))
+            );
         }
         let _ = writeln!(
             s,
             "# HELP mesh_agent_route_owner_since_timestamp_seconds Since when this gateway has owned the prefix's site side.\n# TYPE mesh_agent_route_owner_since_timestamp_seconds gauge"
         );
         for (prefix, o) in &self.owned {
-            let _ = writeln!(s, "mesh_agent_route_owner_since_timestamp_seconds{{prefix=\"{prefix}\"}} {}", o.since_unix);
+            let _ =
+                writeln!(s, "mesh_agent_route_owner_since_timestamp_seconds{{prefix=\"{prefix}\"}} {}", o.since_unix);
         }
         let _ = writeln!(
             s,

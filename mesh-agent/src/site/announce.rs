@@ -64,7 +64,8 @@ pub fn announce(ifindex: u32, mac: [u8; 6], addr: IpAddr) -> io::Result<()> {
 
 fn send_arp(ifindex: u32, payload: &[u8]) -> io::Result<()> {
     // SAFETY: plain socket(2); the descriptor is owned by `Socket` below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, i32::from(ETH_P_ARP.to_be())) };
+    let fd =
+        unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, i32::from(ETH_P_ARP.to_be())) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -66,9 +66,14 @@ fn lan_interface(prefix: &IpNet, virtual_addrs: &[IpAddr]) -> Option<(u32, [u8; 
     let addrs: Vec<_> = nix::ifaddrs::getifaddrs().ok()?.collect();
     let name = addrs.iter().find_map(|ifa| {
         let a = ifa.address.as_ref()?;
-        let ip = a.as_sockaddr_in().map(|s| IpAddr::V4(s.ip())).or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))?;
-        (ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP) && prefix.contains(&ip) && !virtual_addrs.contains(&ip))
-            .then(|| ifa.interface_name.clone())
+        let ip = a
+            .as_sockaddr_in()
+            .map(|s| IpAddr::V4(s.ip()))
+            .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))?;
+        (ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
+            && prefix.contains(&ip)
+            && !virtual_addrs.contains(&ip))
+        .then(|| ifa.interface_name.clone())
     })?;
     let mac = addrs.iter().find_map(|ifa| {
         (ifa.interface_name == name).then_some(())?;
@@ -84,7 +89,9 @@ fn holders(rtnl: &mut Rtnl, addr: IpAddr) -> Vec<u32> {
     let mut names: Vec<String> = ifs
         .filter(|ifa| {
             ifa.address.as_ref().is_some_and(|a| {
-                a.as_sockaddr_in().map(|s| IpAddr::V4(s.ip())).or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+                a.as_sockaddr_in()
+                    .map(|s| IpAddr::V4(s.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
                     == Some(addr)
             })
         })

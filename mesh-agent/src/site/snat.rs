@@ -62,7 +62,10 @@ fn nft(input: &str, table: &str) -> Result<(), SnatError> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(SnatError::Refused { table: table.to_owned(), message: String::from_utf8_lossy(&out.stderr).trim().to_owned() })
+        Err(SnatError::Refused {
+            table: table.to_owned(),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
     }
 }
 

@@ -103,24 +103,30 @@ impl AdminApi {
         let order = self.engine.route_order();
         snap.routes
             .iter()
-            .map(|r| pb::Route {
-                prefix: r.prefix.to_string(),
-                node_id: r.node_id,
-                node_name: snap.nodes.iter().find(|n| n.id == r.node_id).map(|n| n.name.clone()).unwrap_or_default(),
-                approved: r.approved,
-                auto_approved: r.auto_approved,
-                priority: r.priority,
-                healthy: r.healthy,
-                primary: order.get(&r.prefix).and_then(|g| g.first()) == Some(&r.node_id),
-                rank: order
-                    .get(&r.prefix)
-                    .and_then(|g| g.iter().position(|id| *id == r.node_id))
-                    .and_then(|i| i32::try_from(i).ok())
-                    .unwrap_or(-1),
-                virtual_addresses: r.virtual_addresses.clone(),
-                snat: r.snat,
-                owner: r.owner,
-                owner_since_unix: r.owner_since,
+            .map(|r| {
+                let node = snap.nodes.iter().find(|n| n.id == r.node_id);
+                // A gateway that went offline cannot say it gave the site
+                // up: it owns nothing any more.
+                let owner = r.owner && node.is_some_and(|n| n.online);
+                pb::Route {
+                    prefix: r.prefix.to_string(),
+                    node_id: r.node_id,
+                    node_name: node.map(|n| n.name.clone()).unwrap_or_default(),
+                    approved: r.approved,
+                    auto_approved: r.auto_approved,
+                    priority: r.priority,
+                    healthy: r.healthy,
+                    primary: order.get(&r.prefix).and_then(|g| g.first()) == Some(&r.node_id),
+                    rank: order
+                        .get(&r.prefix)
+                        .and_then(|g| g.iter().position(|id| *id == r.node_id))
+                        .and_then(|i| i32::try_from(i).ok())
+                        .unwrap_or(-1),
+                    virtual_addresses: r.virtual_addresses.clone(),
+                    snat: r.snat,
+                    owner,
+                    owner_since_unix: if owner { r.owner_since } else { 0 },
+                }
             })
             .collect()
     }

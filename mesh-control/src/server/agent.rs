@@ -174,7 +174,9 @@ impl AgentApi {
                 for o in &adv.options {
                     let prefix = cidr(&o.prefix)?;
                     if !prefixes.iter().any(|(p, _)| *p == prefix) {
-                        return Err(ApiError::InvalidArgument(format!("options for {prefix}, which is not advertised")));
+                        return Err(ApiError::InvalidArgument(format!(
+                            "options for {prefix}, which is not advertised"
+                        )));
                     }
                     let mut addrs = Vec::with_capacity(o.virtual_addresses.len());
                     for a in &o.virtual_addresses {

@@ -5,9 +5,10 @@
 
 use sqlx::{AnyPool, Row as _};
 
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE state (id BIGINT PRIMARY KEY, version BIGINT NOT NULL);
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE state (id BIGINT PRIMARY KEY, version BIGINT NOT NULL);
      INSERT INTO state (id, version) VALUES (1, 0);
      CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
      CREATE TABLE nodes (
@@ -74,15 +75,17 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         after_json TEXT NOT NULL
      );
      CREATE INDEX audit_subject ON audit (subject);",
-), (
-    // HA gateways (capability 3): a route's options as its gateway
-    // advertises them, and which gateway owns the site side.
-    2,
-    "ALTER TABLE routes ADD COLUMN virtual_addresses TEXT NOT NULL DEFAULT '';
+    ),
+    (
+        // HA gateways (capability 3): a route's options as its gateway
+        // advertises them, and which gateway owns the site side.
+        2,
+        "ALTER TABLE routes ADD COLUMN virtual_addresses TEXT NOT NULL DEFAULT '';
      ALTER TABLE routes ADD COLUMN snat BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE routes ADD COLUMN owner BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE routes ADD COLUMN owner_since BIGINT NOT NULL DEFAULT 0;",
-)];
+    ),
+];
 
 /// Applies the migrations `pool` has not seen yet.
 pub(super) async fn migrate(pool: &AnyPool, sqlite: bool) -> Result<(), sqlx::Error> {
