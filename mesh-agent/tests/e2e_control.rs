@@ -175,9 +175,9 @@ fn agents_follow_control_and_survive_its_restart() {
 
     let bpf = BpfFs::mount();
     let mut nyc =
-        Gateway::new(gw_nyc, &lab.unique_ifname("wg"), bpf.0.path(), &k_nyc, "192.0.2.1", "198.18.10.0/24", &TUNING);
+        Gateway::new(gw_nyc, &lab.unique_ifname("wg"), bpf.0.path(), &k_nyc, "192.0.2.1", &["198.18.10.0/24"], &TUNING);
     let mut fsn =
-        Gateway::new(gw_fsn, &lab.unique_ifname("wg"), bpf.0.path(), &k_fsn, "192.0.2.2", "198.18.20.0/24", &TUNING);
+        Gateway::new(gw_fsn, &lab.unique_ifname("wg"), bpf.0.path(), &k_fsn, "192.0.2.2", &["198.18.20.0/24"], &TUNING);
     nyc.start();
     fsn.start();
     let (log_nyc, log_fsn) = (nyc.dir.path().join("agent.log"), fsn.dir.path().join("agent.log"));
@@ -373,7 +373,7 @@ fn an_agent_without_probes_still_follows_control() {
         one_off_key(&mut a).await
     });
     let bpf = BpfFs::mount();
-    let mut g = Gateway::new(gw, &lab.unique_ifname("wg"), bpf.0.path(), &k, "192.0.2.1", "198.18.10.0/24", &NO_PROBES);
+    let mut g = Gateway::new(gw, &lab.unique_ifname("wg"), bpf.0.path(), &k, "192.0.2.1", &["198.18.10.0/24"], &NO_PROBES);
     g.start();
     let log = g.dir.path().join("agent.log");
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();

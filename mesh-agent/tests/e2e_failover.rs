@@ -1,45 +1,58 @@
-//! Gateway failover driven by health: a continuous UDP flow from a nyc app
-//! host to a fsn db host crosses fsn's primary gateway; (1) the primary is
-//! killed (process and links) and (2) the primary stays up but loses its
-//! LAN (its route is reported unhealthy). Both times control re-orders the
-//! fsn prefix, the nyc gateway moves it to fsn's second gateway and the
-//! flow resumes; the outage (longest gap at the receiver) is printed. When
-//! the first gateway comes back, the route fails back only after control's
-//! hold-down.
+//! HA gateways under two-way traffic. Two dual-stack sites, nyc and fsn,
+//! with two gateways each; the site hosts route the mesh through their
+//! site's virtual gateway addresses, which the owning gateway holds. A
+//! conversation app-nyc <-> db-fsn (a long-lived TCP connection with a
+//! checked stream both ways, plus pings, over IPv4 and IPv6) runs through:
 //!
-//! (3) With control stopped, the primary is killed again: the nyc agent's
-//! own probes move the prefix, the flow resumes, and once control is back
-//! the switch is in its audit log.
+//! 1. fsn's primary killed (process and links), brought back (fail-back
+//!    after control's hold-down), nyc's primary likewise: every cut under
+//!    1 s, the same connections throughout;
+//! 2. fsn's primary loses its LAN (its reachability check fails): the site
+//!    moves to the backup, and back when the LAN returns;
+//! 3. with control stopped: fsn's primary killed, the site's gateways and
+//!    the nyc agents decide alone; the switch reaches control's audit log
+//!    once control is back;
+//! 4. split brain (control away, fsn's gateways unable to probe each
+//!    other): both claim the site, and the outcome is the documented rank
+//!    order (nyc routes through the first in the order, the LAN follows it);
+//!    healed, one owner again.
 //!
-//! The flow is one-way on purpose: the return path from a site LAN to its
-//! gateways (a VIP or VRRP on the LAN) is not part of the mesh yet.
+//! `snat_routes_need_no_return_route` covers the SNAT alternative: a site
+//! whose hosts have no route to the mesh at all.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use mesh_lab::{Host, Lab, traffic::UdpFlow};
+use mesh_lab::{Host, Lab, Switch, twoway::Conversation};
 use mesh_proto::v1 as pb;
-
-const POLICY: &str = r#"{
-  "tagOwners": {"tag:gw": []},
-  "hosts": {"app-nyc": "198.18.10.10/32", "db-fsn": "198.18.20.20/32"},
-  "autoApprovers": {"routes": {"198.18.10.0/24": ["tag:gw"], "198.18.20.0/24": ["tag:gw"]}},
-  "acls": [
-    {"action": "accept", "src": ["198.18.10.0/24", "198.18.20.0/24"], "dst": ["198.18.10.0/24:*", "198.18.20.0/24:*"], "proto": "icmp"},
-    {"action": "accept", "src": ["app-nyc"], "dst": ["db-fsn:9000"], "proto": "udp"},
-  ],
-}"#;
 
 mod e2e_support;
 
 use e2e_support::{Admin, BpfFs, Control, Gateway, Tuning, admin, rt, wait_for};
 
-/// Frequent health reports: a LAN loss reaches control quickly. The local
-/// fail-back hold-down is as short as control's.
+const POLICY: &str = r#"{
+  "tagOwners": {"tag:gw": []},
+  "hosts": {"app-nyc": "198.18.10.10/32", "app6-nyc": "2001:db8:10::10/128",
+            "db-fsn": "198.18.20.20/32", "db6-fsn": "2001:db8:20::20/128"},
+  "autoApprovers": {"routes": {"198.18.10.0/24": ["tag:gw"], "198.18.20.0/24": ["tag:gw"],
+                               "2001:db8:10::/64": ["tag:gw"], "2001:db8:20::/64": ["tag:gw"]}},
+  "acls": [
+    {"action": "accept", "src": ["198.18.10.0/24", "198.18.20.0/24", "2001:db8:10::/64", "2001:db8:20::/64"],
+     "dst": ["198.18.10.0/24:*", "198.18.20.0/24:*", "2001:db8:10::/64:*", "2001:db8:20::/64:*"], "proto": "icmp"},
+    {"action": "accept", "src": ["app-nyc", "app6-nyc"], "dst": ["db-fsn:9000-9001", "db6-fsn:9000-9001"], "proto": "tcp"},
+  ],
+}"#;
+
+/// Frequent health reports; control's hold-down is 3 s.
 const TUNING: Tuning =
     Tuning { metrics_listen: None, health_interval_secs: 0.2, extra: "[probe]\nfailback_hold_secs = 3\n" };
+const HOLD_DOWN: i64 = 3;
+/// The bound of every cut with control present.
+const BOUND: Duration = Duration::from_millis(1000);
+
 async fn key(a: &mut Admin) -> String {
     a.create_enrollment_key(pb::CreateEnrollmentKeyRequest {
         reusable: true,
@@ -53,179 +66,371 @@ async fn key(a: &mut Admin) -> String {
     .secret
 }
 
-fn primary(rt: &tokio::runtime::Runtime, dir: &Path, prefix: &str) -> String {
-    rt.block_on(async {
-        let routes = admin(dir).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes;
-        routes.iter().find(|r| r.prefix == prefix && r.primary).map(|r| r.node_name.clone()).unwrap_or_default()
-    })
+fn routes(rt: &tokio::runtime::Runtime, dir: &Path) -> Vec<pb::Route> {
+    rt.block_on(async { admin(dir).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes })
 }
 
-/// Flow resumes after the break; returns the outage.
-fn outage(flow: &UdpFlow, cut: Instant, logs: &dyn Fn() -> String) -> Duration {
-    let before = flow.received();
-    wait_for("the flow to resume through the backup", logs, || flow.received() > before + 200);
-    flow.longest_gap_since(cut)
+/// One gateway with its switch ports (to cut its links from outside).
+struct Gw {
+    gw: Gateway,
+    wan_port: String,
+    lan_port: String,
+    lan: usize,
+}
+
+/// The two-site lab, control and the gateways.
+struct Sites {
+    lab: Lab,
+    ctl: Host,
+    ctl_dir: tempfile::TempDir,
+    control: Option<Control>,
+    rt: tokio::runtime::Runtime,
+    wan: Switch,
+    lans: Vec<Switch>,
+    gws: Vec<(String, Gw)>,
+    app: Host,
+    db: Host,
+    paths: Vec<PathBuf>,
+    _bpf: BpfFs,
+}
+
+impl Sites {
+    /// nyc: gateways at .1/.2 (+ `nycgw2` unless `one_nyc`), app .10; fsn:
+    /// gateways .1/.2, db .20; `options(site)` is the TOML of each site's
+    /// route options; hosts route via `via(site)` (none: no route at all).
+    fn build(one_nyc: bool, options: &dyn Fn(u8) -> String, via: &dyn Fn(u8) -> Option<(String, String)>) -> Self {
+        let lab = Lab::new().unwrap();
+        let ctl = lab.host("ctl").unwrap();
+        let wan = lab.switch("wan").unwrap();
+        wan.plug(&ctl, "eth0").unwrap();
+        ctl.addr("eth0", "192.0.2.100/24").unwrap();
+        let ctl_dir = tempfile::tempdir().unwrap();
+        let control = Control::start(&ctl, ctl_dir.path(), HOLD_DOWN);
+        let rt = rt();
+        let k = rt.block_on(async {
+            let mut a = admin(ctl_dir.path()).await;
+            a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
+            key(&mut a).await
+        });
+        let bpf = BpfFs::mount();
+        let mut lans = Vec::new();
+        let mut gws = Vec::new();
+        let mut hosts = Vec::new();
+        for (li, site) in [10u8, 20].into_iter().enumerate() {
+            let name = if site == 10 { "nyc" } else { "fsn" };
+            let lan = lab.switch(&format!("l{name}")).unwrap();
+            let count = if site == 10 && one_nyc { 1 } else { 2 };
+            for n in 1..=count {
+                let h = lab.host(&format!("{name}gw{n}")).unwrap();
+                let wan_port = wan.plug(&h, "eth0").unwrap();
+                let underlay = format!("192.0.2.{}{n}", site / 10);
+                h.addr("eth0", &format!("{underlay}/24")).unwrap();
+                let lan_port = lan.plug(&h, "lan0").unwrap();
+                h.addr("lan0", &format!("198.18.{site}.{n}/24")).unwrap();
+                h.addr("lan0", &format!("2001:db8:{site}::{n}/64")).unwrap();
+                let (v4, v6) = (format!("198.18.{site}.0/24"), format!("2001:db8:{site}::/64"));
+                let gw = Gateway::new(h, &lab.unique_ifname("wg"), bpf.0.path(), &k, &underlay, &[&v4, &v6], &TUNING);
+                gw.append_config(&options(site));
+                gws.push((format!("{name}gw{n}"), Gw { gw, wan_port, lan_port, lan: li }));
+            }
+            let (role, last) = if site == 10 { ("app", 10) } else { ("db", 20) };
+            let h = lab.host(role).unwrap();
+            lan.plug(&h, "eth0").unwrap();
+            h.addr("eth0", &format!("198.18.{site}.{last}/24")).unwrap();
+            h.addr("eth0", &format!("2001:db8:{site}::{last}/64")).unwrap();
+            if let Some((v4, v6)) = via(site) {
+                h.route_via("198.18.0.0/16", &v4).unwrap();
+                h.route_via("2001:db8::/32", &v6).unwrap();
+            }
+            hosts.push(h);
+            lans.push(lan);
+        }
+        let db = hosts.pop().unwrap();
+        let app = hosts.pop().unwrap();
+        let paths = gws.iter().map(|(_, g)| g.gw.dir.path().join("agent.log")).collect();
+        let mut s = Self {
+            lab,
+            ctl,
+            ctl_dir,
+            control: Some(control),
+            rt,
+            wan,
+            lans,
+            gws,
+            app,
+            db,
+            paths,
+            _bpf: bpf,
+        };
+        // The first gateways first, so they are the primaries, and their
+        // priority says so too (fail-back goes to them).
+        for n in ["1", "2"] {
+            for (name, g) in &mut s.gws {
+                if name.ends_with(n) {
+                    g.gw.start();
+                }
+            }
+            let want = 2 * s.gws.iter().filter(|(name, _)| name.ends_with('1') || n == "2").count();
+            s.wait("the routes at control", || routes(&s.rt, s.ctl_dir.path()).len() == want);
+        }
+        s.rt.block_on(async {
+            let mut a = admin(s.ctl_dir.path()).await;
+            for r in a.list_routes(pb::Empty {}).await.unwrap().into_inner().routes {
+                let priority = if r.node_name.ends_with("gw2") { 10 } else { 0 };
+                a.set_route_priority(pb::SetRoutePriorityRequest {
+                    route: Some(pb::RouteRef { node_id: r.node_id, prefix: r.prefix }),
+                    priority,
+                })
+                .await
+                .unwrap();
+            }
+        });
+        s
+    }
+
+    fn logs(&self) -> String {
+        self.paths
+            .iter()
+            .map(|p| format!("--- {}:\n{}\n", p.display(), std::fs::read_to_string(p).unwrap_or_default()))
+            .collect()
+    }
+
+    fn wait(&self, what: &str, f: impl FnMut() -> bool) {
+        wait_for(what, &|| self.logs(), f);
+    }
+
+    fn gw(&mut self, name: &str) -> &mut Gw {
+        &mut self.gws.iter_mut().find(|(n, _)| n == name).unwrap().1
+    }
+
+    /// Kills a gateway's agent and cuts its links at the switches.
+    fn kill(&mut self, name: &str) {
+        let g = self.gw(name);
+        g.gw.agent.take().unwrap().child().kill().unwrap();
+        let (wan_port, lan_port, lan) = (g.wan_port.clone(), g.lan_port.clone(), g.lan);
+        self.wan.set_port(&wan_port, false).unwrap();
+        self.lans[lan].set_port(&lan_port, false).unwrap();
+    }
+
+    /// Reconnects a gateway's links and starts its agent.
+    fn revive(&mut self, name: &str) {
+        let g = self.gw(name);
+        let (wan_port, lan_port, lan) = (g.wan_port.clone(), g.lan_port.clone(), g.lan);
+        self.wan.set_port(&wan_port, true).unwrap();
+        self.lans[lan].set_port(&lan_port, true).unwrap();
+        self.gw(name).gw.start();
+    }
+
+    /// Whether `node` (control's name) is primary and the only owner of
+    /// both of `site`'s prefixes, at control.
+    fn settled_on(&self, site: u8, node: &str) -> bool {
+        let rs = routes(&self.rt, self.ctl_dir.path());
+        [format!("198.18.{site}.0/24"), format!("2001:db8:{site}::/64")].iter().all(|p| {
+            rs.iter().any(|r| &r.prefix == p && r.node_name == node && r.primary && r.owner)
+                && !rs.iter().any(|r| &r.prefix == p && r.node_name != node && r.owner)
+        })
+    }
+
+    /// Whether the gateway holds the site's IPv4 virtual address.
+    fn holds(&self, name: &str, vip: &str) -> bool {
+        let g = &self.gws.iter().find(|(n, _)| n == name).unwrap().1;
+        g.gw.host.ip(&["-o", "addr", "show", "dev", "lan0"]).unwrap().contains(&format!("{vip}/"))
+    }
+}
+
+/// Waits until the conversation flows again after an event at `t`, checks
+/// it is intact, and returns the cuts since `t`.
+fn cuts_after(s: &Sites, conv: &Conversation, t: Instant) -> mesh_lab::twoway::Cuts {
+    let after = Instant::now() + Duration::from_millis(500);
+    s.wait("the conversation to flow again", || conv.flowing_since(after));
+    assert!(conv.error().is_none(), "{:?}", conv.error());
+    conv.cuts(t)
+}
+
+fn vip_options(site: u8) -> String {
+    format!(
+        "[control.route_options.\"198.18.{site}.0/24\"]\nvirtual_addresses = [\"198.18.{site}.254\"]\n\
+         [control.route_options.\"2001:db8:{site}::/64\"]\nvirtual_addresses = [\"2001:db8:{site}::254\"]\n"
+    )
+}
+
+fn conversation(s: &Sites) -> Conversation {
+    let addrs: Vec<SocketAddr> = vec!["198.18.20.20:9000".parse().unwrap(), "[2001:db8:20::20]:9000".parse().unwrap()];
+    let conv = Conversation::start(&s.app, &s.db, &addrs, Duration::from_millis(10)).unwrap();
+    let t = Instant::now();
+    s.wait("the conversation to flow", || conv.flowing_since(t));
+    conv
 }
 
 #[test]
-fn failover_on_gateway_loss_and_on_lan_loss_with_hold_down() {
-    let lab = Lab::new().unwrap();
-    let ctl = lab.host("ctl").unwrap();
-    let nyc = lab.host("nycgw1").unwrap();
-    let f1 = lab.host("fsngw1").unwrap();
-    let f2 = lab.host("fsngw2").unwrap();
-    let app = lab.host("app").unwrap();
-    let db = lab.host("db").unwrap();
-    let wan = lab.switch("wan").unwrap();
-    let mut wan_ports = Vec::new();
-    for (h, a) in [(&ctl, "192.0.2.100"), (&nyc, "192.0.2.11"), (&f1, "192.0.2.21"), (&f2, "192.0.2.22")] {
-        wan_ports.push(wan.plug(h, "eth0").unwrap());
-        h.addr("eth0", &format!("{a}/24")).unwrap();
-    }
-    let lnyc = lab.switch("lnyc").unwrap();
-    lnyc.plug(&nyc, "lan0").unwrap();
-    lnyc.plug(&app, "eth0").unwrap();
-    nyc.addr("lan0", "198.18.10.1/24").unwrap();
-    app.addr("eth0", "198.18.10.10/24").unwrap();
-    app.route_via("198.18.0.0/16", "198.18.10.1").unwrap();
-    let lfsn = lab.switch("lfsn").unwrap();
-    let f1_lan = lfsn.plug(&f1, "lan0").unwrap();
-    lfsn.plug(&f2, "lan0").unwrap();
-    lfsn.plug(&db, "eth0").unwrap();
-    f1.addr("lan0", "198.18.20.1/24").unwrap();
-    f2.addr("lan0", "198.18.20.2/24").unwrap();
-    db.addr("eth0", "198.18.20.20/24").unwrap();
+fn two_way_traffic_survives_failover_fail_back_lan_loss_control_loss_and_split_brain() {
+    let mut s =
+        Sites::build(false, &vip_options, &|site| Some((format!("198.18.{site}.254"), format!("2001:db8:{site}::254"))));
+    s.wait("each site owned by its first gateway", || s.settled_on(10, "nycgw1") && s.settled_on(20, "fsngw1"));
+    // fsn-gw1's overlay address (the split brain below cuts its probes).
+    let f1 = s.rt.block_on(async {
+        let nodes = admin(s.ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+        nodes.into_iter().find(|n| n.name == "fsngw1").unwrap().ipv4
+    });
+    let conv = conversation(&s);
 
-    let ctl_dir = tempfile::tempdir().unwrap();
-    let mut control = Control::start(&ctl, ctl_dir.path(), 3);
-    let rt = rt();
-    let k = rt.block_on(async {
-        let mut a = admin(ctl_dir.path()).await;
-        a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
-        key(&mut a).await
-    });
-    let bpf = BpfFs::mount();
-    let mk = |h: &Host, u: &str, lan: &str| {
-        Gateway::new(h.clone(), &lab.unique_ifname("wg"), bpf.0.path(), &k, u, lan, &TUNING)
-    };
-    let mut gn = mk(&nyc, "192.0.2.11", "198.18.10.0/24");
-    let mut g1 = mk(&f1, "192.0.2.21", "198.18.20.0/24");
-    let mut g2 = mk(&f2, "192.0.2.22", "198.18.20.0/24");
-    let paths: Vec<PathBuf> = [&gn, &g1, &g2].iter().map(|g| g.dir.path().join("agent.log")).collect();
-    let logs = || {
-        paths
-            .iter()
-            .map(|p| format!("--- {}:\n{}\n", p.display(), std::fs::read_to_string(p).unwrap_or_default()))
-            .collect::<String>()
-    };
-    gn.start();
-    g1.start();
-    wait_for("fsn-gw1 primary", &logs, || primary(&rt, ctl_dir.path(), "198.18.20.0/24") == "fsngw1");
-    g2.start();
-    wait_for("three routes", &logs, || {
-        rt.block_on(async {
-            admin(ctl_dir.path()).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes.len()
-        }) == 3
-    });
-    // fsn-gw1 is preferred (lower priority value), so fail-back happens.
-    rt.block_on(async {
-        let mut a = admin(ctl_dir.path()).await;
-        for r in a.list_routes(pb::Empty {}).await.unwrap().into_inner().routes {
-            let priority = if r.node_name == "fsngw2" { 10 } else { 0 };
-            a.set_route_priority(pb::SetRoutePriorityRequest {
-                route: Some(pb::RouteRef { node_id: r.node_id, prefix: r.prefix }),
-                priority,
-            })
-            .await
-            .unwrap();
+    // 1. The four events with control present.
+    for (name, revive, site, expect) in [
+        ("fsngw1", false, 20, "fsngw2"),
+        ("fsngw1", true, 20, "fsngw1"),
+        ("nycgw1", false, 10, "nycgw2"),
+        ("nycgw1", true, 10, "nycgw1"),
+    ] {
+        let t = Instant::now();
+        if revive {
+            s.revive(name);
+        } else {
+            s.kill(name);
         }
+        s.wait(&format!("{expect} primary and owner of site {site}"), || s.settled_on(site, expect));
+        let cuts = cuts_after(&s, &conv, t);
+        println!("{} {name}: {cuts}", if revive { "fail-back to" } else { "killed" });
+        assert!(cuts.worst() < BOUND, "{} {name}: {cuts}\n{}", if revive { "fail-back to" } else { "killed" }, s.logs());
+    }
+    // Every ownership change is audited.
+    let owners = s.rt.block_on(async {
+        let req = pb::ListAuditRequest { action_prefix: "route.owner".into(), limit: 1000, ..Default::default() };
+        admin(s.ctl_dir.path()).await.list_audit(req).await.unwrap().into_inner().entries
     });
-    let flow = UdpFlow::start(&app, &db, "198.18.20.20:9000".parse().unwrap()).unwrap();
-    wait_for("the flow through fsn-gw1", &logs, || flow.received() > 100);
+    assert!(
+        owners.iter().filter(|e| e.subject.ends_with("/198.18.20.0/24")).count() >= 3,
+        "fsn's ownership changes in the audit log: {owners:?}"
+    );
+    assert!(s.holds("fsngw1", "198.18.20.254") && !s.holds("fsngw2", "198.18.20.254"));
 
-    // 1. fsn-gw1 dies: process killed, links down.
-    let cut = Instant::now();
-    g1.agent.take().unwrap().child().kill().unwrap();
-    wan.set_port(&wan_ports[2], false).unwrap();
-    lfsn.set_port(&f1_lan, false).unwrap();
-    let out1 = outage(&flow, cut, &logs);
-    assert_eq!(primary(&rt, ctl_dir.path(), "198.18.20.0/24"), "fsngw2");
-    println!("failover outage, primary killed: {} ms", out1.as_millis());
+    // 2. fsn-gw1 stays up but loses its LAN: it gives the site up.
+    let lan_port = s.gw("fsngw1").lan_port.clone();
+    let t = Instant::now();
+    s.lans[1].set_port(&lan_port, false).unwrap();
+    s.wait("fsn-gw2 primary and owner after fsn-gw1 lost its LAN", || s.settled_on(20, "fsngw2"));
+    let cuts = cuts_after(&s, &conv, t);
+    println!("fsn-gw1 lost its LAN: {cuts}");
+    assert!(cuts.worst() < BOUND, "LAN loss: {cuts}\n{}", s.logs());
+    assert!(routes(&s.rt, s.ctl_dir.path()).iter().any(|r| r.node_name == "fsngw1" && !r.healthy));
+    assert!(!s.holds("fsngw1", "198.18.20.254"), "the gateway without LAN gave its address up");
+    s.lans[1].set_port(&lan_port, true).unwrap();
+    s.wait("fail-back to fsn-gw1 once its LAN is back", || s.settled_on(20, "fsngw1"));
 
-    // It comes back: fail-back waits for the hold-down (3 s).
-    wan.set_port(&wan_ports[2], true).unwrap();
-    lfsn.set_port(&f1_lan, true).unwrap();
-    g1.start();
-    wait_for("fsn-gw1 online again", &logs, || {
-        rt.block_on(async {
-            let nodes =
-                admin(ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
-            nodes.iter().any(|n| n.name == "fsngw1" && n.online)
-        })
-    });
-    assert_eq!(primary(&rt, ctl_dir.path(), "198.18.20.0/24"), "fsngw2", "no fail-back before the hold-down");
-    wait_for("fail-back to fsn-gw1 after the hold-down", &logs, || {
-        primary(&rt, ctl_dir.path(), "198.18.20.0/24") == "fsngw1"
-    });
-    let resumed = flow.received();
-    wait_for("the flow through fsn-gw1 again", &logs, || flow.received() > resumed + 200);
-
-    // 2. fsn-gw1 stays up but loses its LAN: it reports the route unhealthy.
-    let cut = Instant::now();
-    lfsn.set_port(&f1_lan, false).unwrap();
-    let out2 = outage(&flow, cut, &logs);
-    assert_eq!(primary(&rt, ctl_dir.path(), "198.18.20.0/24"), "fsngw2");
-    let routes =
-        rt.block_on(async { admin(ctl_dir.path()).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes });
-    assert!(routes.iter().any(|r| r.node_name == "fsngw1" && !r.healthy), "{routes:?}");
-    println!("failover outage, primary lost its LAN: {} ms", out2.as_millis());
-
-    // 3. Without control: fsn-gw1 gets its LAN back and the route fails
-    //    back (both hold-downs); then control stops and fsn-gw1 dies. The
-    //    nyc agent's own probes move the prefix to fsn-gw2.
-    lfsn.set_port(&f1_lan, true).unwrap();
-    wait_for("fail-back to fsn-gw1 after its LAN is back", &logs, || {
-        primary(&rt, ctl_dir.path(), "198.18.20.0/24") == "fsngw1"
-    });
-    let resumed = flow.received();
-    wait_for("the flow through fsn-gw1 again", &logs, || flow.received() > resumed + 200);
+    // 3. Without control: fsn-gw1 dies; fsn-gw2 sees it by its probes and
+    //    takes the site, the nyc agents follow its claim.
+    let mut control = s.control.take().unwrap();
     control.stop();
-    // The nyc agent restarts meanwhile: it knows the gateway order from the
-    // control view it saved.
-    let answered = |g: &Gateway| g.log().matches("peer answers probes peer=fsngw1").count();
-    let before = answered(&gn);
-    gn.stop();
-    gn.start();
-    wait_for("the restarted nyc agent probing fsn-gw1", &logs, || answered(&gn) > before);
-    let resumed = flow.received();
-    wait_for("the flow after the nyc restart", &logs, || flow.received() > resumed + 100);
-    let cut = Instant::now();
-    g1.agent.take().unwrap().child().kill().unwrap();
-    wan.set_port(&wan_ports[2], false).unwrap();
-    lfsn.set_port(&f1_lan, false).unwrap();
-    let out3 = outage(&flow, cut, &logs);
-    println!("failover outage, primary killed while control is down (agent probes): {} ms", out3.as_millis());
-    assert!(gn.log().contains("route failover (local)"), "the nyc agent switched on its own\n{}", logs());
+    let t = Instant::now();
+    s.kill("fsngw1");
+    let flowing = Instant::now() + Duration::from_secs(1);
+    s.wait("the conversation through fsn-gw2 without control", || conv.flowing_since(flowing));
+    assert!(s.holds("fsngw2", "198.18.20.254"), "fsn-gw2 holds the address\n{}", s.logs());
+    let cuts = cuts_after(&s, &conv, t);
+    println!("killed fsngw1 with control away: {cuts}");
+    // Probes alone take longer than control's view of a dead stream (lost
+    // probes, then TCP's retransmission backoff).
+    assert!(cuts.worst_of("ping") < BOUND, "control away: {cuts}");
+    assert!(cuts.worst() < 2 * BOUND, "control away: {cuts}");
 
-    // Control comes back: the nyc agent reports the switch, control audits
-    // it, next to its own primary changes.
-    let control = Control::start(&ctl, ctl_dir.path(), 3);
-    wait_for("the local failover in control's audit log", &logs, || {
-        let entries = rt.block_on(async {
+    // 4. Split brain: fsn-gw1 comes back (control still away) and takes the
+    //    site back (first in the order); then fsn-gw2 can no longer probe
+    //    fsn-gw1 (nor be probed): both claim the site.
+    s.revive("fsngw1");
+    s.wait("fsn-gw1 back as the site's owner", || s.holds("fsngw1", "198.18.20.254") && !s.holds("fsngw2", "198.18.20.254"));
+    // Probes between the two (requests and replies, both ways) are dropped
+    // at fsn-gw2; everything else passes.
+    let rule = format!(
+        "add table inet split; add chain inet split in {{ type filter hook input priority 0; }}; \
+         add rule inet split in ip saddr {f1} udp dport 51900 drop; \
+         add rule inet split in ip saddr {f1} udp sport 51900 drop"
+    );
+    s.gw("fsngw2").gw.host.exec("nft", [rule.as_str()]).unwrap();
+    s.wait("both fsn gateways claiming the site", || s.holds("fsngw1", "198.18.20.254") && s.holds("fsngw2", "198.18.20.254"));
+    // The rank order decides: nyc's gateways route fsn through fsn-gw1,
+    // and the LAN converges on it (it re-announces, fsn-gw2 does not).
+    let t = Instant::now() + Duration::from_secs(2);
+    s.wait("the conversation flowing during the split brain", || Instant::now() > t && conv.flowing_since(t));
+    let cuts = conv.cuts(t);
+    println!("split brain, settled: {cuts}");
+    assert!(cuts.worst() < Duration::from_millis(300), "split brain, once settled: {cuts}\n{}", s.logs());
+    // Healed: fsn-gw2 sees fsn-gw1 again and gives the site up.
+    s.gw("fsngw2").gw.host.exec("nft", ["delete table inet split"]).unwrap();
+    s.wait("one owner again after the split", || s.holds("fsngw1", "198.18.20.254") && !s.holds("fsngw2", "198.18.20.254"));
+
+    // Control comes back: the local switches are in its audit log.
+    let control = Control::start(&s.ctl, s.ctl_dir.path(), HOLD_DOWN);
+    s.wait("the local failover in control's audit log", || {
+        let entries = s.rt.block_on(async {
             let req = pb::ListAuditRequest { action_prefix: "route.failover".into(), ..Default::default() };
-            admin(ctl_dir.path()).await.list_audit(req).await.unwrap().into_inner().entries
+            admin(s.ctl_dir.path()).await.list_audit(req).await.unwrap().into_inner().entries
         });
-        entries.iter().any(|e| e.subject == "route/198.18.20.0/24" && e.after.contains("lost"))
+        entries.iter().any(|e| e.subject == "route/198.18.20.0/24")
     });
-    let primaries = rt.block_on(async {
-        let req = pb::ListAuditRequest { action_prefix: "route.primary".into(), ..Default::default() };
-        admin(ctl_dir.path()).await.list_audit(req).await.unwrap().into_inner().entries
-    });
-    assert!(primaries.len() >= 4, "control audits each primary change: {primaries:?}");
+    let streams = conv.finish().unwrap_or_else(|e| panic!("the conversation did not survive: {e}\n{}", s.logs()));
+    for (n, o) in streams {
+        println!("{n}: {:?} bytes checked", o.bytes);
+    }
     drop(control);
+    for (_, g) in &mut s.gws {
+        g.gw.stop();
+    }
+    drop(s.lab);
+}
 
-    drop(flow);
-    gn.stop();
-    g2.stop();
-    g1.stop();
+#[test]
+fn snat_routes_need_no_return_route() {
+    let snat = |site: u8| {
+        if site == 20 {
+            "[control.route_options.\"198.18.20.0/24\"]\nsnat = true\n[control.route_options.\"2001:db8:20::/64\"]\nsnat = true\n"
+                .to_owned()
+        } else {
+            String::new()
+        }
+    };
+    // nyc's app routes through its one gateway; fsn's db has no route to
+    // the mesh at all.
+    let mut s = Sites::build(true, &snat, &|site| {
+        (site == 10).then(|| ("198.18.10.1".to_owned(), "2001:db8:10::1".to_owned()))
+    });
+    let conv = conversation(&s);
+    // The db sees the gateway's LAN address as the source.
+    let peer = |s: &Sites| -> Option<String> {
+        let l = s.db.run(|| std::net::TcpListener::bind("198.18.20.20:9001")).unwrap().unwrap();
+        l.set_nonblocking(true).unwrap();
+        let to: SocketAddr = "198.18.20.20:9001".parse().unwrap();
+        let c = s.app.run(move || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))).unwrap();
+        c.ok()?;
+        // The server side completes the handshake a moment after the client.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match l.accept() {
+                Ok((_, from)) => return Some(from.ip().to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => return None,
+            }
+        }
+    };
+    assert_eq!(peer(&s).as_deref(), Some("198.18.20.1"), "masqueraded behind fsn-gw1's LAN address");
+    let table = |s: &Sites, gw: &str| {
+        let g = &s.gws.iter().find(|(n, _)| n == gw).unwrap().1;
+        String::from_utf8_lossy(&g.gw.host.exec("nft", ["list", "tables"]).unwrap().stdout).contains("mesh_snat_")
+    };
+    assert!(table(&s, "fsngw1") && table(&s, "fsngw2"), "every gateway of the site masquerades");
+    // fsn-gw1 dies: the conversation's connections die with its NAT state
+    // (the documented trade-off), but the pings go on and new connections
+    // come from fsn-gw2.
+    let t = Instant::now();
+    s.kill("fsngw1");
+    let after = Instant::now() + Duration::from_millis(500);
+    s.wait("new connections through fsn-gw2", || Instant::now() > after && peer(&s).as_deref() == Some("198.18.20.2"));
+    assert!(conv.cuts(t).worst_of("ping") < BOUND, "pings through the SNAT backup: {}", conv.cuts(t));
+    drop(conv);
+    // Stopping the agent removes its table.
+    s.gw("fsngw2").gw.stop();
+    assert!(!table(&s, "fsngw2"), "the SNAT table goes with the agent");
+    for (_, g) in &mut s.gws {
+        g.gw.stop();
+    }
 }

@@ -236,6 +236,14 @@ impl Peer {
     }
 }
 
+/// What this node says about its routes in replies and notices.
+fn route_states(health: &[RouteHealth], owned: &owner::Ownership) -> Vec<wire::RouteState> {
+    health
+        .iter()
+        .map(|h| wire::RouteState { prefix: h.prefix, healthy: h.healthy, owner: owned.contains_key(&h.prefix.trunc()) })
+        .collect()
+}
+
 /// Seconds since the epoch.
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -351,18 +359,18 @@ pub async fn run(
                         tracing::debug!(%src, error = %e, "not a probe message");
                     }
                     Ok(wire::Message::Request { seq, version }) => {
-                        let routes = health
-                            .borrow()
-                            .iter()
-                            .map(|h| wire::RouteState {
-                                prefix: h.prefix,
-                                healthy: h.healthy,
-                                owner: owned.contains_key(&h.prefix.trunc()),
-                            })
-                            .collect();
+                        let routes = route_states(&health.borrow(), &owned);
                         let reply = wire::Message::Reply { seq, version, routes }.encode();
                         if let Err(e) = sock.send_to(&reply, src).await {
                             tracing::debug!(%src, error = %e, "probe reply not sent");
+                        }
+                    }
+                    Ok(wire::Message::Notice { routes }) => {
+                        // A handover: follow it now, not at the next probe.
+                        if let Some(p) = peers.get_mut(&node) {
+                            tracing::debug!(peer = %p.name, ?routes, "route notice");
+                            p.routes = routes;
+                            dirty = true;
                         }
                     }
                     Ok(wire::Message::Reply { seq, routes, .. }) => {
@@ -428,6 +436,11 @@ pub async fn run(
                     owned = next;
                     out.owned.send_replace(owned.clone());
                     dirty = true;
+                    // Tell every peer at once (see `wire`'s notices).
+                    let notice = wire::Message::Notice { routes: route_states(&health.borrow(), &owned) }.encode();
+                    for p in peers.values() {
+                        let _ = sock.send_to(&notice, dest(v6, p.addr, cfg.port)).await;
+                    }
                 }
                 let decision = selector.evaluate(
                     now,

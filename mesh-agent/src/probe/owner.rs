@@ -119,7 +119,7 @@ mod tests {
         PeerSight { reach, known_for: Duration::from_secs(10), reports_unhealthy: false, claims }
     }
 
-    fn with(peers: &[(u64, PeerSight)]) -> impl Fn(u64) -> Option<PeerSight> {
+    fn with(peers: &[(u64, PeerSight)]) -> impl Fn(u64) -> Option<PeerSight> + use<> {
         let m: BTreeMap<u64, PeerSight> = peers.iter().copied().collect();
         move |g| m.get(&g).copied()
     }

@@ -4,7 +4,7 @@
 //! ```text
 //! 0..4   magic "MSHP"
 //! 4      version (1 or 2)
-//! 5      kind: 1 request, 2 reply
+//! 5      kind: 1 request, 2 reply, 3 notice (version 2)
 //! 6..8   reserved, zero
 //! 8..16  sequence number (big endian), echoed by the reply
 //! 16     number of route entries (requests: 0)
@@ -18,6 +18,11 @@
 //! from version 2 on, whether the sender owns the prefix's site side (holds
 //! its virtual gateway address), so that every remote agent routes the
 //! prefix through the gateway the site's LAN answers through.
+//!
+//! A notice is a reply nobody asked for (sequence number 0): a gateway
+//! sends one to every peer the moment it takes or gives up a site, so that
+//! remote agents follow a handover within one round trip instead of at
+//! their next probe.
 //!
 //! Versions: in version 1 the state byte is 0 or 1 (healthy); in version 2
 //! it is a set of flags (bit 0 healthy, bit 1 owner). A reply has the
@@ -69,6 +74,11 @@ pub enum Message {
         /// State of the routes the replying node advertises.
         routes: Vec<RouteState>,
     },
+    /// The sender's route states changed (version 2).
+    Notice {
+        /// State of the routes the sending node advertises.
+        routes: Vec<RouteState>,
+    },
 }
 
 /// Why a datagram is not a probe message.
@@ -102,6 +112,7 @@ impl Message {
         let (kind, seq, version, routes): (u8, u64, u8, &[RouteState]) = match self {
             Self::Request { seq, version } => (1, *seq, *version, &[]),
             Self::Reply { seq, version, routes } => (2, *seq, *version, &routes[..routes.len().min(MAX_ROUTES)]),
+            Self::Notice { routes } => (3, 0, VERSION, &routes[..routes.len().min(MAX_ROUTES)]),
         };
         let mut b = Vec::with_capacity(HEADER + routes.len() * 19);
         b.extend_from_slice(MAGIC);
@@ -147,7 +158,10 @@ impl Message {
                 }
                 Ok(Self::Request { seq, version })
             }
-            2 => {
+            2 | 3 => {
+                if b[5] == 3 && (version < 2 || seq != 0) {
+                    return Err(WireError::Malformed("a notice is version 2 with sequence number 0"));
+                }
                 if count > MAX_ROUTES {
                     return Err(WireError::Malformed("too many route entries"));
                 }
@@ -180,6 +194,9 @@ impl Message {
                 }
                 if !rest.is_empty() {
                     return Err(WireError::Malformed("trailing bytes"));
+                }
+                if b[5] == 3 {
+                    return Ok(Self::Notice { routes });
                 }
                 Ok(Self::Reply { seq, version, routes })
             }
@@ -214,6 +231,7 @@ mod tests {
                 9,
                 vec![rs("198.18.20.0/24", true, true), rs("fd00:1::/64", false, false), rs("0.0.0.0/0", true, false)],
             ),
+            Message::Notice { routes: vec![rs("198.18.20.0/24", true, true)] },
         ] {
             assert_eq!(Message::decode(&m.encode()), Ok(m));
         }
@@ -272,6 +290,9 @@ mod tests {
         let mut b = good;
         b[HEADER + 2] = 4;
         assert_eq!(Message::decode(&b), Err(WireError::Malformed("unknown route state flags")));
+        let mut notice = Message::Notice { routes: vec![] }.encode();
+        notice[15] = 1;
+        assert_eq!(Message::decode(&notice), Err(WireError::Malformed("a notice is version 2 with sequence number 0")));
         let mut req = Message::request(1).encode();
         req.push(1);
         assert_eq!(Message::decode(&req), Err(WireError::Malformed("a request carries no body")));

@@ -118,8 +118,9 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Writes the agent's config; `tuning` holds what the tests set differently.
-    pub fn new(host: Host, ifname: &str, bpf: &Path, key: &str, underlay: &str, lan: &str, tuning: &Tuning) -> Self {
+    /// Writes the agent's config advertising `lans`; `tuning` holds what the
+    /// tests set differently.
+    pub fn new(host: Host, ifname: &str, bpf: &Path, key: &str, underlay: &str, lans: &[&str], tuning: &Tuning) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("enroll.key"), key).unwrap();
         let config = format!(
@@ -128,7 +129,7 @@ impl Gateway {
              reconcile_interval_secs = 1\nretry_interval_secs = 0.5\nlog = \"info,mesh_agent=debug\"\n\
              {metrics}\
              [control]\naddress = \"{CONTROL}\"\nenrollment_key_file = \"{key}\"\nhostname = \"{name}\"\n\
-             advertise_routes = [\"{lan}\"]\nendpoints = [\"{underlay}:51820\"]\nhealth_interval_secs = {health}\n\
+             advertise_routes = [{lans}]\nendpoints = [\"{underlay}:51820\"]\nhealth_interval_secs = {health}\n\
              max_backoff_secs = 1\npersistent_keepalive = 5\n{extra}",
             state = dir.path().join("state").display(),
             bpf = bpf.display(),
@@ -138,9 +139,17 @@ impl Gateway {
             metrics = tuning.metrics_listen.map(|m| format!("metrics_listen = \"{m}\"\n")).unwrap_or_default(),
             health = tuning.health_interval_secs,
             extra = tuning.extra,
+            lans = lans.iter().map(|l| format!("\"{l}\"")).collect::<Vec<_>>().join(", "),
         );
         std::fs::write(dir.path().join("agent.toml"), config).unwrap();
         Self { host, dir, agent: None }
+    }
+
+    /// Appends TOML to the agent's configuration (read at the next start).
+    pub fn append_config(&self, toml: &str) {
+        use std::io::Write as _;
+        let mut f = File::options().append(true).open(self.dir.path().join("agent.toml")).unwrap();
+        f.write_all(toml.as_bytes()).unwrap();
     }
 
     pub fn start(&mut self) {
