@@ -97,16 +97,21 @@ pub struct Config {
 ///
 /// Every agent answers a small UDP echo on `port` of its overlay addresses
 /// and probes its peers: gateways it routes a prefix through every
-/// `gateway_interval_secs`, others every `peer_interval_secs`. A probe not
-/// answered within `timeout_secs` is lost; `down_after` consecutive losses
-/// make a peer down, and every prefix routed through it moves to the next
-/// gateway in control's order at once. A gateway that was skipped is
-/// preferred again only after `failback_hold_secs` of health.
+/// `gateway_interval_secs` (and the other gateways of its own sites just as
+/// often), others every `peer_interval_secs`. A probe not answered within
+/// `timeout_secs` is lost; `down_after` consecutive losses make a peer
+/// down, and every prefix routed through it moves to the next gateway in
+/// control's order at once. With the defaults a dead gateway is noticed
+/// 0.4-0.5 s after it stops answering: early enough that the two-way cut a
+/// TCP connection sees stays under a second (its retransmissions back off
+/// 0.2, 0.6, 1.4 s after a loss). A gateway that was skipped is preferred
+/// again only after `failback_hold_secs` of health, unless a gateway of the
+/// site says it owns the site (see `probe::owner`).
 ///
 /// ```toml
 /// [probe]
 /// port = 51900
-/// gateway_interval_secs = 0.2
+/// gateway_interval_secs = 0.1
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -125,7 +130,8 @@ pub struct ProbeConfig {
     pub down_after: u32,
     /// Probes over which loss and RTT percentiles are computed.
     pub window: usize,
-    /// Seconds a skipped gateway must be healthy before it is preferred again.
+    /// Seconds a skipped gateway must be healthy before it is preferred
+    /// again (when no gateway of the site claims it; a claim wins).
     pub failback_hold_secs: f64,
 }
 
@@ -133,7 +139,7 @@ impl Default for ProbeConfig {
     fn default() -> Self {
         Self {
             port: 51900,
-            gateway_interval_secs: 0.2,
+            gateway_interval_secs: 0.1,
             peer_interval_secs: 2.0,
             timeout_secs: 0.3,
             down_after: 2,

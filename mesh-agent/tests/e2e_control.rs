@@ -373,7 +373,8 @@ fn an_agent_without_probes_still_follows_control() {
         one_off_key(&mut a).await
     });
     let bpf = BpfFs::mount();
-    let mut g = Gateway::new(gw, &lab.unique_ifname("wg"), bpf.0.path(), &k, "192.0.2.1", &["198.18.10.0/24"], &NO_PROBES);
+    let mut g =
+        Gateway::new(gw, &lab.unique_ifname("wg"), bpf.0.path(), &k, "192.0.2.1", &["198.18.10.0/24"], &NO_PROBES);
     g.start();
     let log = g.dir.path().join("agent.log");
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();

@@ -148,20 +148,7 @@ impl Sites {
         let db = hosts.pop().unwrap();
         let app = hosts.pop().unwrap();
         let paths = gws.iter().map(|(_, g)| g.gw.dir.path().join("agent.log")).collect();
-        let mut s = Self {
-            lab,
-            ctl,
-            ctl_dir,
-            control: Some(control),
-            rt,
-            wan,
-            lans,
-            gws,
-            app,
-            db,
-            paths,
-            _bpf: bpf,
-        };
+        let mut s = Self { lab, ctl, ctl_dir, control: Some(control), rt, wan, lans, gws, app, db, paths, _bpf: bpf };
         // The first gateways first, so they are the primaries, and their
         // priority says so too (fail-back goes to them).
         for n in ["1", "2"] {
@@ -264,8 +251,9 @@ fn conversation(s: &Sites) -> Conversation {
 
 #[test]
 fn two_way_traffic_survives_failover_fail_back_lan_loss_control_loss_and_split_brain() {
-    let mut s =
-        Sites::build(false, &vip_options, &|site| Some((format!("198.18.{site}.254"), format!("2001:db8:{site}::254"))));
+    let mut s = Sites::build(false, &vip_options, &|site| {
+        Some((format!("198.18.{site}.254"), format!("2001:db8:{site}::254")))
+    });
     s.wait("each site owned by its first gateway", || s.settled_on(10, "nycgw1") && s.settled_on(20, "fsngw1"));
     // fsn-gw1's overlay address (the split brain below cuts its probes).
     let f1 = s.rt.block_on(async {
@@ -290,7 +278,12 @@ fn two_way_traffic_survives_failover_fail_back_lan_loss_control_loss_and_split_b
         s.wait(&format!("{expect} primary and owner of site {site}"), || s.settled_on(site, expect));
         let cuts = cuts_after(&s, &conv, t);
         println!("{} {name}: {cuts}", if revive { "fail-back to" } else { "killed" });
-        assert!(cuts.worst() < BOUND, "{} {name}: {cuts}\n{}", if revive { "fail-back to" } else { "killed" }, s.logs());
+        assert!(
+            cuts.worst() < BOUND,
+            "{} {name}: {cuts}\n{}",
+            if revive { "fail-back to" } else { "killed" },
+            s.logs()
+        );
     }
     // Every ownership change is audited.
     let owners = s.rt.block_on(async {
@@ -336,7 +329,9 @@ fn two_way_traffic_survives_failover_fail_back_lan_loss_control_loss_and_split_b
     //    site back (first in the order); then fsn-gw2 can no longer probe
     //    fsn-gw1 (nor be probed): both claim the site.
     s.revive("fsngw1");
-    s.wait("fsn-gw1 back as the site's owner", || s.holds("fsngw1", "198.18.20.254") && !s.holds("fsngw2", "198.18.20.254"));
+    s.wait("fsn-gw1 back as the site's owner", || {
+        s.holds("fsngw1", "198.18.20.254") && !s.holds("fsngw2", "198.18.20.254")
+    });
     // Probes between the two (requests and replies, both ways) are dropped
     // at fsn-gw2; everything else passes.
     let rule = format!(
@@ -345,7 +340,9 @@ fn two_way_traffic_survives_failover_fail_back_lan_loss_control_loss_and_split_b
          add rule inet split in ip saddr {f1} udp sport 51900 drop"
     );
     s.gw("fsngw2").gw.host.exec("nft", [rule.as_str()]).unwrap();
-    s.wait("both fsn gateways claiming the site", || s.holds("fsngw1", "198.18.20.254") && s.holds("fsngw2", "198.18.20.254"));
+    s.wait("both fsn gateways claiming the site", || {
+        s.holds("fsngw1", "198.18.20.254") && s.holds("fsngw2", "198.18.20.254")
+    });
     // The rank order decides: nyc's gateways route fsn through fsn-gw1,
     // and the LAN converges on it (it re-announces, fsn-gw2 does not).
     let t = Instant::now() + Duration::from_secs(2);
@@ -355,7 +352,9 @@ fn two_way_traffic_survives_failover_fail_back_lan_loss_control_loss_and_split_b
     assert!(cuts.worst() < Duration::from_millis(300), "split brain, once settled: {cuts}\n{}", s.logs());
     // Healed: fsn-gw2 sees fsn-gw1 again and gives the site up.
     s.gw("fsngw2").gw.host.exec("nft", ["delete table inet split"]).unwrap();
-    s.wait("one owner again after the split", || s.holds("fsngw1", "198.18.20.254") && !s.holds("fsngw2", "198.18.20.254"));
+    s.wait("one owner again after the split", || {
+        s.holds("fsngw1", "198.18.20.254") && !s.holds("fsngw2", "198.18.20.254")
+    });
 
     // Control comes back: the local switches are in its audit log.
     let control = Control::start(&s.ctl, s.ctl_dir.path(), HOLD_DOWN);

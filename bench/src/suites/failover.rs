@@ -1,10 +1,15 @@
 //! `failover`: outage seen by a continuous one-way UDP flow (a datagram
 //! every 2 ms, app-nyc -> db-fsn) when fsn's primary gateway (1) is killed,
 //! process and links, or (2) loses its LAN, or (3) is killed while control
-//! is down (only the agents' own probes can react); and the time from a policy
+//! is down (only the agents' own probes can react); the time from a policy
 //! change at control to the first packet whose verdict flips on the
-//! gateways (a flow to a denied port starts arriving). Real mesh-control,
-//! real agents (userspace WireGuard, eBPF ACL) in lab namespaces.
+//! gateways (a flow to a denied port starts arriving); and (5) the cut a
+//! two-way conversation sees (a TCP connection with a checked stream both
+//! ways, and pings; fsn's hosts route through the site's virtual gateway
+//! address) when fsn's primary is killed and when it comes back (fail-back),
+//! the worst of its measures per event, the same connection throughout.
+//! Real mesh-control, real agents (userspace WireGuard, eBPF ACL) in lab
+//! namespaces.
 
 use std::{
     fs::File,
@@ -14,14 +19,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use mesh_lab::{Host, Lab, Process, traffic::UdpFlow};
+use mesh_lab::{Host, Lab, Process, traffic::UdpFlow, twoway::Conversation};
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::admin_service_client::AdminServiceClient;
 
 use crate::{Ctx, Results, chart};
 
 /// One line for the suite list.
-pub const ABOUT: &str = "gateway failover outage (primary killed / LAN lost) and policy-change-to-enforcement time";
+pub const ABOUT: &str = "gateway failover outage (primary killed / LAN lost), two-way cuts (kill, fail-back) and policy-change-to-enforcement time";
 
 const SUITE: &str = "failover";
 const CONTROL: &str = "192.0.2.100:7443";
@@ -36,6 +41,8 @@ fn policy(extra_port: Option<u16>) -> String {
   "autoApprovers": {{"routes": {{"198.18.10.0/24": ["tag:gw"], "198.18.20.0/24": ["tag:gw"]}}}},
   "acls": [
     {{"action": "accept", "src": ["app-nyc"], "dst": ["db-fsn:9000"{extra}], "proto": "udp"}},
+    {{"action": "accept", "src": ["app-nyc"], "dst": ["db-fsn:9100"], "proto": "tcp"}},
+    {{"action": "accept", "src": ["198.18.10.0/24", "198.18.20.0/24"], "dst": ["198.18.10.0/24:*", "198.18.20.0/24:*"], "proto": "icmp"}},
   ],
 }}"#
     )
@@ -164,7 +171,7 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyho
 }
 
 /// Runs the suite.
-#[expect(clippy::too_many_lines, reason = "lab set-up and four measured cases, in order")]
+#[expect(clippy::too_many_lines, reason = "lab set-up and five measured cases, in order")]
 pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
     let runs: u32 = if ctx.quick { 3 } else { 10 };
     let bin = crate::util::agent_binary()?;
@@ -200,6 +207,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
     gw_hosts[1].addr("lan0", "198.18.20.1/24")?;
     gw_hosts[2].addr("lan0", "198.18.20.2/24")?;
     db.addr("eth0", "198.18.20.20/24")?;
+    // fsn's hosts answer through the site's virtual gateway address.
+    db.route_via("198.18.0.0/16", "198.18.20.254")?;
 
     let env = Env {
         rt: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
@@ -237,7 +246,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
              [control]\naddress = \"{CONTROL}\"\nenrollment_key_file = \"{key}\"\nhostname = \"{name}\"\n\
              advertise_routes = [\"{lan}\"]\nendpoints = [\"{underlay}:51820\"]\nhealth_interval_secs = 0.2\n\
              max_backoff_secs = 1\npersistent_keepalive = 5\n\
-             [probe]\nfailback_hold_secs = {HOLD_DOWN_SECS}\n",
+             [probe]\nfailback_hold_secs = {HOLD_DOWN_SECS}\n{site}",
+            site = if lan == "198.18.20.0/24" {
+                "[control.route_options.\"198.18.20.0/24\"]\nvirtual_addresses = [\"198.18.20.254\"]\n"
+            } else {
+                ""
+            },
             ifname = lab.unique_ifname("wg"),
             state = dir.join("state").display(),
             bpf = bpf.0.path().display(),
@@ -343,6 +357,41 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
             Ok(a.set_policy(pb::PolicyDocument { text: policy(None), generation: 0 }).await.map(|_| ())?)
         })?;
         std::thread::sleep(Duration::from_millis(500));
+
+        // 5. Two-way: one conversation through the primary's death and its
+        // return.
+        ctx.progress(SUITE, format!("run {run}: two-way conversation"));
+        let conv = Conversation::start(&app, &db, &["198.18.20.20:9100".parse()?], Duration::from_millis(10))?;
+        let t = Instant::now();
+        wait_for("the conversation", Duration::from_secs(30), || conv.flowing_since(t))?;
+        let owner = |name: &str| {
+            env.admin(async |a| {
+                let routes = a.list_routes(pb::Empty {}).await?.into_inner().routes;
+                Ok(routes.iter().any(|r| r.prefix == "198.18.20.0/24" && r.node_name == name && r.primary && r.owner))
+            })
+            .unwrap_or(false)
+        };
+        let settle = |conv: &Conversation| {
+            let after = Instant::now() + Duration::from_millis(500);
+            wait_for("the conversation after the switch", Duration::from_secs(30), || conv.flowing_since(after))
+        };
+        let t = Instant::now();
+        if let Some(mut a) = gws[1].agent.take() {
+            a.child().kill()?;
+            let _ = a.child().wait();
+        }
+        wan.set_port(&wan_ports[2], false)?;
+        lfsn.set_port(&f1_lan, false)?;
+        wait_for("fsngw2 owning fsn", Duration::from_secs(30), || owner("fsngw2"))?;
+        settle(&conv)?;
+        results.push("two-way-primary-killed", "fsn", "cut", conv.cuts(t).worst().as_secs_f64() * 1e3, "ms", run);
+        let t = Instant::now();
+        revive_primary(&mut gws[1])?;
+        wait_for("fsngw1 owning fsn again", Duration::from_secs(30), || owner("fsngw1"))?;
+        settle(&conv)?;
+        results.push("two-way-fail-back", "fsn", "cut", conv.cuts(t).worst().as_secs_f64() * 1e3, "ms", run);
+        conv.finish().map_err(|e| anyhow::anyhow!("the two-way conversation broke: {e}"))?;
+        fail_back(&flow)?;
     }
     drop(flow);
     drop(control);

@@ -240,7 +240,11 @@ impl Peer {
 fn route_states(health: &[RouteHealth], owned: &owner::Ownership) -> Vec<wire::RouteState> {
     health
         .iter()
-        .map(|h| wire::RouteState { prefix: h.prefix, healthy: h.healthy, owner: owned.contains_key(&h.prefix.trunc()) })
+        .map(|h| wire::RouteState {
+            prefix: h.prefix,
+            healthy: h.healthy,
+            owner: owned.contains_key(&h.prefix.trunc()),
+        })
         .collect()
 }
 

@@ -120,7 +120,15 @@ pub struct Gateway {
 impl Gateway {
     /// Writes the agent's config advertising `lans`; `tuning` holds what the
     /// tests set differently.
-    pub fn new(host: Host, ifname: &str, bpf: &Path, key: &str, underlay: &str, lans: &[&str], tuning: &Tuning) -> Self {
+    pub fn new(
+        host: Host,
+        ifname: &str,
+        bpf: &Path,
+        key: &str,
+        underlay: &str,
+        lans: &[&str],
+        tuning: &Tuning,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("enroll.key"), key).unwrap();
         let config = format!(
