@@ -13,7 +13,7 @@ pub mod v1 {
 
 /// The capability version this build speaks. The history is in
 /// `proto/mesh/v1/mesh.proto` next to `Capabilities`; bump both together.
-pub const CAPABILITY_VERSION: u32 = 2;
+pub const CAPABILITY_VERSION: u32 = 3;
 
 /// This build's [`v1::Capabilities`], naming the given component.
 #[must_use]
@@ -21,6 +21,7 @@ pub fn capabilities(component: &str) -> v1::Capabilities {
     v1::Capabilities {
         capability_version: CAPABILITY_VERSION,
         software: format!("{component} {}", env!("CARGO_PKG_VERSION")),
+        limits: None,
     }
 }
 
