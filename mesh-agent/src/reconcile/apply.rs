@@ -1,12 +1,23 @@
 //! The applier: executes a plan through the backends, in a fail-closed
 //! order, then re-reads everything and diffs again to confirm.
 //!
-//! Order: make sure the interface exists (a new one is down) -> enforce the
-//! policy -> MTU -> WireGuard device and peers (one call) -> addresses ->
-//! up -> routes -> forwarding. The policy is in force before any peer exists
-//! or the link is up, so a new interface never passes unfiltered traffic.
-//! The first failing step stops the run with an error naming it; nothing is
-//! reported as applied until the confirming re-read shows no difference.
+//! Order: make sure the interface exists (a new one is down) -> remove the
+//! peers that left the view -> enforce the policy -> MTU -> WireGuard device
+//! and the other peer changes (one call) -> addresses -> up -> routes ->
+//! forwarding. The policy is in force before any peer is added or the link
+//! is up, so a new interface never passes unfiltered traffic.
+//!
+//! Removing a peer only ever takes access away, so it comes first and does
+//! not wait for the policy: a revoked node stops being a peer even when the
+//! new policy cannot be installed (map limits, a bad rule). If the policy
+//! fails, only the other removals (routes, addresses) run after it; nothing
+//! is added, the policy already in force (or, on a new interface, no peer
+//! and a down link) keeps denying by default, and the run fails with the
+//! policy's error, which the agent reports to control as a nack.
+//!
+//! Otherwise the first failing step stops the run with an error naming it;
+//! nothing is reported as applied until the confirming re-read shows no
+//! difference.
 
 use std::{
     fmt,
@@ -21,7 +32,7 @@ use crate::{
     keys::PublicKey,
     net::NetOps,
     view::{NodeView, ViewError},
-    wg::{BackendKind, WireGuard},
+    wg::{BackendKind, WgUpdate, WireGuard},
 };
 
 /// A step of a reconcile run (named in errors).
@@ -237,10 +248,20 @@ impl Applier {
 
     fn execute(&mut self, plan: &Plan, actual: &Actual, view: &NodeView) -> Result<(), ApplyError> {
         let ifname = self.wg.ifname().to_owned();
+        let (removals, changes): (Vec<_>, Vec<_>) = plan.wg.peers.iter().cloned().partition(|p| p.remove);
+        if !removals.is_empty() {
+            self.wg.apply(&WgUpdate { peers: removals, ..WgUpdate::default() }).map_err(step(Step::WireGuard))?;
+        }
         if plan.policy
             && let Some(e) = self.enforcer.as_mut()
+            && let Err(err) = e.enforce(&ifname, &view.policy, view.mtu)
         {
-            e.enforce(&ifname, &view.policy, view.mtu).map_err(step(Step::Policy))?;
+            let err = step(Step::Policy)(err);
+            tracing::error!(error = %err, "policy not installed: applying only removals; the policy in force stays");
+            if let Some(l) = actual.link {
+                self.remove_only(plan, l.index)?;
+            }
+            return Err(err);
         }
         let index = match actual.link {
             Some(l) => l.index,
@@ -256,8 +277,9 @@ impl Applier {
         if let Some(mtu) = plan.mtu {
             self.net.set_mtu(index, mtu).map_err(step(Step::Mtu))?;
         }
-        if !plan.wg.is_empty() {
-            self.wg.apply(&plan.wg).map_err(step(Step::WireGuard))?;
+        let rest = WgUpdate { peers: changes, ..plan.wg.clone() };
+        if !rest.is_empty() {
+            self.wg.apply(&rest).map_err(step(Step::WireGuard))?;
         }
         for a in &plan.remove_addresses {
             self.net.remove_address(index, *a).map_err(step(Step::RemoveAddress(*a)))?;
@@ -276,6 +298,18 @@ impl Applier {
         }
         if let Some(f) = plan.forwarding {
             self.net.enable_forwarding(f).map_err(step(Step::Forwarding))?;
+        }
+        Ok(())
+    }
+
+    /// The subtractive steps of `plan` (routes and addresses removed): what
+    /// is safe to apply while the new policy is not in force.
+    fn remove_only(&mut self, plan: &Plan, index: u32) -> Result<(), ApplyError> {
+        for r in &plan.remove_routes {
+            self.net.remove_route(index, *r).map_err(step(Step::RemoveRoute(*r)))?;
+        }
+        for a in &plan.remove_addresses {
+            self.net.remove_address(index, *a).map_err(step(Step::RemoveAddress(*a)))?;
         }
         Ok(())
     }
