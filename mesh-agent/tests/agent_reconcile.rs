@@ -45,8 +45,14 @@ fn view() -> NodeView {
 }
 
 fn applier(state: &Shared, enforce: bool) -> Applier {
-    let local =
-        Local { private_key: SecretKey::generate(), listen_port: Some(51820), fwmark: None, enforce_policy: true };
+    let local = Local {
+        private_key: SecretKey::generate(),
+        listen_port: Some(51820),
+        fwmark: None,
+        enforce_policy: true,
+        routing: Default::default(),
+        control_addrs: vec![],
+    };
     let enforcer = enforce.then(|| Box::new(FakeEnforcer { state: state.clone() }) as _);
     Applier::new(
         local,

@@ -3,8 +3,8 @@
 //!
 //! Order: make sure the interface exists (a new one is down) -> remove the
 //! peers that left the view -> enforce the policy -> MTU -> WireGuard device
-//! and the other peer changes (one call) -> addresses -> up -> routes ->
-//! forwarding. The policy is in force before any peer is added or the link
+//! and the other peer changes (one call) -> addresses -> up -> rules added
+//! -> routes -> rules removed -> forwarding. The policy is in force before any peer is added or the link
 //! is up, so a new interface never passes unfiltered traffic.
 //!
 //! Removing a peer only ever takes access away, so it comes first and does
@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::{Actual, Changes, Desired, Local, Plan, PolicyEnforcer, diff};
 use crate::{
     keys::PublicKey,
-    net::NetOps,
+    net::{NetOps, RouteRule},
     view::{NodeView, ViewError},
     wg::{BackendKind, WgUpdate, WireGuard},
 };
@@ -54,6 +54,10 @@ pub enum Step {
     AddAddress(IpNet),
     /// Setting the link up.
     Up,
+    /// Adding a policy-routing rule.
+    AddRule(RouteRule),
+    /// Removing a policy-routing rule.
+    RemoveRule(RouteRule),
     /// Removing a route.
     RemoveRoute(IpNet),
     /// Adding or replacing a route.
@@ -73,11 +77,27 @@ impl fmt::Display for Step {
             Self::RemoveAddress(a) => write!(f, "remove address {a}"),
             Self::AddAddress(a) => write!(f, "add address {a}"),
             Self::Up => f.write_str("set link up"),
+            Self::AddRule(r) => write!(f, "add rule {}", rule_text(r)),
+            Self::RemoveRule(r) => write!(f, "remove rule {}", rule_text(r)),
             Self::RemoveRoute(r) => write!(f, "remove route {r}"),
             Self::ReplaceRoute(r) => write!(f, "add route {r}"),
             Self::Forwarding => f.write_str("enable forwarding"),
         }
     }
+}
+
+/// A rule as `ip rule` would show it.
+fn rule_text(r: &RouteRule) -> String {
+    let mut t = format!("{}: ", r.priority);
+    if let Some(m) = r.fwmark {
+        t.push_str(&format!("fwmark {m:#x} "));
+    }
+    match r.dst {
+        Some(d) => t.push_str(&format!("to {d} ")),
+        None => t.push_str(if r.v6 { "from ::/0 " } else { "from all " }),
+    }
+    t.push_str(&format!("lookup {}", r.table));
+    t
 }
 
 /// A reconcile run that did not succeed. The node may be partly changed; the
@@ -206,8 +226,10 @@ impl Applier {
         if let Some(l) = link {
             actual.wg = self.wg.read().map_err(step(Step::Observe))?;
             actual.addresses = self.net.addresses(l.index).map_err(step(Step::Observe))?;
-            actual.routes = self.net.routes(l.index).map_err(step(Step::Observe))?;
+            actual.routes = self.net.routes(l.index, self.local.routing.table).map_err(step(Step::Observe))?;
+            actual.connected = self.net.connected(l.index).map_err(step(Step::Observe))?;
         }
+        actual.rules = self.net.rules().map_err(step(Step::Observe))?;
         actual.forwarding = self.net.forwarding().map_err(step(Step::Observe))?;
         if let Some(e) = self.enforcer.as_mut() {
             actual.policy = e.in_force(&ifname).map_err(step(Step::Observe))?;
@@ -290,11 +312,18 @@ impl Applier {
         if plan.up {
             self.net.set_up(index).map_err(step(Step::Up))?;
         }
+        let table = self.local.routing.table;
+        for r in &plan.add_rules {
+            self.net.add_rule(r).map_err(step(Step::AddRule(*r)))?;
+        }
         for r in &plan.remove_routes {
-            self.net.remove_route(index, *r).map_err(step(Step::RemoveRoute(*r)))?;
+            self.net.remove_route(index, table, *r).map_err(step(Step::RemoveRoute(*r)))?;
         }
         for r in &plan.replace_routes {
-            self.net.replace_route(index, *r).map_err(step(Step::ReplaceRoute(*r)))?;
+            self.net.replace_route(index, table, *r).map_err(step(Step::ReplaceRoute(*r)))?;
+        }
+        for r in &plan.remove_rules {
+            self.net.remove_rule(r).map_err(step(Step::RemoveRule(*r)))?;
         }
         if let Some(f) = plan.forwarding {
             self.net.enable_forwarding(f).map_err(step(Step::Forwarding))?;
@@ -306,7 +335,7 @@ impl Applier {
     /// is safe to apply while the new policy is not in force.
     fn remove_only(&mut self, plan: &Plan, index: u32) -> Result<(), ApplyError> {
         for r in &plan.remove_routes {
-            self.net.remove_route(index, *r).map_err(step(Step::RemoveRoute(*r)))?;
+            self.net.remove_route(index, self.local.routing.table, *r).map_err(step(Step::RemoveRoute(*r)))?;
         }
         for a in &plan.remove_addresses {
             self.net.remove_address(index, *a).map_err(step(Step::RemoveAddress(*a)))?;
@@ -314,8 +343,22 @@ impl Applier {
         Ok(())
     }
 
-    /// Agent shutdown: `keep` leaves the data path in place.
-    pub fn shutdown(&mut self, keep: bool) -> Result<(), crate::wg::WgError> {
-        self.wg.shutdown(keep)
+    /// Agent shutdown: `keep` leaves the data path in place. Otherwise the
+    /// agent's routes and rules go too (the routes with the link, the rules
+    /// here), so nothing of the mesh is left in the host's routing.
+    pub fn shutdown(&mut self, keep: bool) -> Result<(), ApplyError> {
+        if !keep {
+            let ifname = self.wg.ifname().to_owned();
+            if let Some(l) = self.net.link(&ifname).map_err(step(Step::Observe))? {
+                let table = self.local.routing.table;
+                for r in self.net.routes(l.index, table).map_err(step(Step::Observe))? {
+                    self.net.remove_route(l.index, table, r).map_err(step(Step::RemoveRoute(r)))?;
+                }
+            }
+            for r in self.net.rules().map_err(step(Step::Observe))? {
+                self.net.remove_rule(&r).map_err(step(Step::RemoveRule(r)))?;
+            }
+        }
+        self.wg.shutdown(keep).map_err(step(Step::Ensure))
     }
 }
