@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::{Actual, Changes, Desired, Local, Plan, PolicyEnforcer, diff};
 use crate::{
     keys::PublicKey,
-    net::{NetOps, RouteRule},
+    net::{MAIN_TABLE, NetOps, RouteRule},
     view::{NodeView, ViewError},
     wg::{BackendKind, WgUpdate, WireGuard},
 };
@@ -228,6 +228,9 @@ impl Applier {
             actual.addresses = self.net.addresses(l.index).map_err(step(Step::Observe))?;
             actual.routes = self.net.routes(l.index, self.local.routing.table).map_err(step(Step::Observe))?;
             actual.connected = self.net.connected(l.index).map_err(step(Step::Observe))?;
+            if self.local.routing.own_table() {
+                actual.stale_routes = self.net.routes(l.index, MAIN_TABLE).map_err(step(Step::Observe))?;
+            }
         }
         actual.rules = self.net.rules().map_err(step(Step::Observe))?;
         actual.forwarding = self.net.forwarding().map_err(step(Step::Observe))?;
@@ -315,6 +318,9 @@ impl Applier {
         let table = self.local.routing.table;
         for r in &plan.add_rules {
             self.net.add_rule(r).map_err(step(Step::AddRule(*r)))?;
+        }
+        for r in &plan.remove_stale_routes {
+            self.net.remove_route(index, MAIN_TABLE, *r).map_err(step(Step::RemoveRoute(*r)))?;
         }
         for r in &plan.remove_routes {
             self.net.remove_route(index, table, *r).map_err(step(Step::RemoveRoute(*r)))?;

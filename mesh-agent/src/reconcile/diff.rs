@@ -110,9 +110,10 @@ pub fn diff(desired: &Desired, actual: &Actual, now: SystemTime) -> Plan {
     ch.rules_added = plan.add_rules.len();
     ch.rules_removed = plan.remove_rules.len();
 
+    plan.remove_stale_routes = actual.stale_routes.iter().copied().collect();
     plan.remove_routes = actual.routes.difference(&desired.routes).copied().collect();
     plan.replace_routes = desired.routes.difference(&actual.routes).copied().collect();
-    ch.routes_removed = plan.remove_routes.len();
+    ch.routes_removed = plan.remove_routes.len() + plan.remove_stale_routes.len();
     ch.routes_replaced = plan.replace_routes.len();
 
     if desired.forwarding {
@@ -210,6 +211,7 @@ mod tests {
         for r in &plan.remove_routes {
             actual.routes.remove(r);
         }
+        actual.stale_routes.clear();
         actual.routes.extend(plan.replace_routes.iter().copied());
         actual.rules.extend(plan.add_rules.iter().copied());
         for r in &plan.remove_rules {
@@ -407,6 +409,11 @@ mod tests {
         let marked = Local { fwmark: Some(0x6d), ..local() };
         converge(&Desired::new(&v, &marked), &mut actual);
         assert_eq!(actual.rules.iter().filter(|r| r.fwmark == Some(0x6d) && r.priority == 5300).count(), 2);
+        // Routes an older release left in main are removed, once.
+        actual.stale_routes.insert(net("198.18.20.0/24"));
+        let plan = converge(&d, &mut actual);
+        assert_eq!(plan.remove_stale_routes, vec![net("198.18.20.0/24")]);
+        assert!(plan.remove_routes.is_empty());
         // Table main: the old behaviour, no rules.
         let main = Local { routing: crate::reconcile::Routing { table: MAIN_TABLE, priority: 5300 }, ..local() };
         converge(&Desired::new(&v, &main), &mut actual);

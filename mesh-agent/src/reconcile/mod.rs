@@ -220,6 +220,9 @@ pub struct Actual {
     pub addresses: BTreeSet<IpNet>,
     /// The agent's routes out of the link (in the mesh table).
     pub routes: BTreeSet<IpNet>,
+    /// The agent's routes out of the link in the main table while the mesh
+    /// has its own table: left by a release that routed in main; removed.
+    pub stale_routes: BTreeSet<IpNet>,
     /// The agent's policy-routing rules.
     pub rules: BTreeSet<RouteRule>,
     /// The host's connected networks on other links (see [`Routing`]).
@@ -249,6 +252,8 @@ pub struct Plan {
     /// Rules to add (before any route: the exceptions are in place before a
     /// route could take their traffic).
     pub add_rules: Vec<RouteRule>,
+    /// Routes to remove from the main table (see [`Actual::stale_routes`]).
+    pub remove_stale_routes: Vec<IpNet>,
     /// Routes to remove.
     pub remove_routes: Vec<IpNet>,
     /// Routes to add or replace.
