@@ -85,6 +85,20 @@ fn enforcer(config: &Config) -> Result<Option<Box<dyn PolicyEnforcer>>, AgentErr
     }
 }
 
+/// Control's addresses (`host:port`, resolved now; a name that does not
+/// resolve yet gives none, and the connected-network exceptions still keep
+/// an on-link control reachable).
+fn control_addrs(address: &str) -> Vec<std::net::IpAddr> {
+    use std::net::ToSocketAddrs as _;
+    match address.to_socket_addrs() {
+        Ok(addrs) => addrs.map(|a| a.ip()).collect(),
+        Err(e) => {
+            tracing::warn!(%address, error = %e, "control's address does not resolve: no routing exception for it");
+            Vec::new()
+        }
+    }
+}
+
 /// Builds the WireGuard backend for a selection, in the calling thread's
 /// network namespace.
 pub fn backend(config: &Config, selection: &Selection) -> Result<Box<dyn WireGuard>, AgentError> {
@@ -171,6 +185,8 @@ impl Agent {
             listen_port: Some(config.listen_port).filter(|&p| p != 0),
             fwmark: Some(config.fwmark).filter(|&m| m != 0),
             enforce_policy: false,
+            routing: crate::reconcile::Routing { table: config.route_table, priority: config.rule_priority },
+            control_addrs: config.control.as_ref().map(|c| control_addrs(&c.address)).unwrap_or_default(),
         };
         let applier = Applier::new(local, wg, Box::new(Rtnl::new()?), enforcer);
         let applied = store.load_applied()?;
@@ -280,7 +296,7 @@ impl Agent {
     pub fn shutdown(&mut self) {
         let keep = self.config.keep_dataplane_on_exit;
         if let Err(e) = self.applier.shutdown(keep) {
-            tracing::error!(error = %e, "shutdown of the WireGuard backend failed");
+            tracing::error!(error = %e, "shutdown of the data path failed");
         }
         tracing::info!(kept_dataplane = keep, "mesh-agent stopped");
     }

@@ -41,8 +41,20 @@ pub struct Config {
     /// UDP port WireGuard listens on. 0 lets the engine pick one.
     pub listen_port: u16,
     /// fwmark set on the tunnel's own UDP packets (0: none), for policy
-    /// routing that keeps them out of the tunnel.
+    /// routing that keeps them out of the tunnel: with a mark, a rule at
+    /// `rule_priority` sends marked packets to the main table (the peers'
+    /// endpoints have their own exception rules either way).
     pub fwmark: u32,
+    /// Routing table of the mesh routes (default 109; 254, main, puts them
+    /// into the main table with no rules, as before). See `rule_priority`.
+    pub route_table: u32,
+    /// Priority of the first of the agent's three policy-routing rules
+    /// (default 5300, 5301, 5302; main's rule is 32766): fwmark -> main,
+    /// `to <exception> lookup main` for control's address, the peers'
+    /// endpoints and the host's connected networks, then `lookup
+    /// <route_table>`. Mesh routes thus win over main's default route but
+    /// never over the host's own underlay, control or endpoints.
+    pub rule_priority: u32,
     /// The node's WireGuard private key. Generated here on first start
     /// (mode 0600); never logged, never sent anywhere. Default:
     /// `<state_dir>/private.key`.
@@ -249,6 +261,8 @@ impl Default for Config {
             backend: BackendMode::Auto,
             listen_port: 51820,
             fwmark: 0,
+            route_table: 109,
+            rule_priority: 5300,
             private_key_file: None,
             state_dir: PathBuf::from("/var/lib/mesh-agent"),
             reconcile_interval_secs: 30.0,
@@ -310,6 +324,16 @@ impl Config {
         let n = &self.interface;
         if n.is_empty() || n.len() > 15 || n.contains(['/', ' ', ':']) {
             return Err(ConfigError::Invalid(format!("interface name {n:?} is not a valid Linux interface name")));
+        }
+        // 0 is RT_TABLE_UNSPEC, 253 and 255 the kernel's default and local.
+        if matches!(self.route_table, 0 | 253 | 255) {
+            return Err(ConfigError::Invalid(format!("route_table = {} is a reserved table", self.route_table)));
+        }
+        if !(1..32_000).contains(&self.rule_priority) {
+            return Err(ConfigError::Invalid(format!(
+                "rule_priority = {} must be in 1..32000 (before the main table's rule)",
+                self.rule_priority
+            )));
         }
         for (name, v) in [
             ("reconcile_interval_secs", self.reconcile_interval_secs),

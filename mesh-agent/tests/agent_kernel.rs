@@ -104,7 +104,14 @@ fn in_ns<T: Send + 'static>(host: &Host, f: impl FnOnce() -> T + Send + 'static)
 
 fn applier(host: &Host, ifname: String, key: SecretKey) -> Applier {
     in_ns(host, move || {
-        let local = Local { private_key: key, listen_port: Some(51820), fwmark: Some(0x6d), enforce_policy: false };
+        let local = Local {
+            private_key: key,
+            listen_port: Some(51820),
+            fwmark: Some(0x6d),
+            enforce_policy: false,
+            routing: Default::default(),
+            control_addrs: vec![],
+        };
         Applier::new(local, Box::new(KernelWg::new(&ifname).unwrap()), Box::new(Rtnl::new().unwrap()), None)
     })
 }
@@ -187,7 +194,7 @@ fn kernel_backend_tunnel() {
     // Idempotent, and repairs tampering.
     let (a1b, again) = reconcile(&gw1, a1, &v1);
     assert!(again.changes.is_empty(), "{:?}", again.changes);
-    gw1.ip(&["route", "del", "198.18.20.0/24", "dev", &if1]).unwrap();
+    gw1.ip(&["route", "del", "198.18.20.0/24", "dev", &if1, "table", "109"]).unwrap();
     gw1.exec("wg", ["set", &if1, "peer", &pk2.to_base64(), "remove"]).unwrap();
     let (_a1, fixed) = reconcile(&gw1, a1b, &v1);
     assert_eq!((fixed.changes.routes_replaced, fixed.changes.peers_added), (1, 1), "{:?}", fixed.changes);

@@ -3,7 +3,9 @@
 //! other through the encrypted tunnel (ping and a TCP exchange), `wg show`
 //! lists the expected peer and allowed IPs, a route deleted by hand comes
 //! back with the next reconcile, and a restarted agent comes back with the
-//! same state.
+//! same state. Mesh routes that equal or cover the gateway's underlay and
+//! LAN networks leave them (and the tunnel) working and the main table
+//! untouched, and are gone on withdrawal and shutdown.
 //!
 //! Lab:
 //! ```text
@@ -36,8 +38,9 @@ fn wg_show(gw: &Gateway, what: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The agent's routes: in the mesh routing table (109 by default).
 fn routes(gw: &Gateway) -> String {
-    gw.host.ip(&["route", "show", "dev", &gw.ifname]).unwrap()
+    gw.host.ip(&["route", "show", "dev", &gw.ifname, "table", "109"]).unwrap()
 }
 
 fn ping(from: &Host, to: &str) -> bool {
@@ -116,7 +119,7 @@ fn two_sites_through_the_userspace_tunnel() {
     assert!(peer["rx_bytes"].as_u64().unwrap() > 0 && peer["tx_bytes"].as_u64().unwrap() > 0, "{peer}");
 
     // A route deleted by hand is restored by the next reconcile.
-    gw1.host.ip(&["route", "del", "198.18.20.0/24", "dev", &gw1.ifname]).unwrap();
+    gw1.host.ip(&["route", "del", "198.18.20.0/24", "dev", &gw1.ifname, "table", "109"]).unwrap();
     wait_for("route restored", || routes(&gw1).contains("198.18.20.0/24"));
     assert!(routes(&gw1).contains("proto 109"));
     // So is a peer removed by hand.
@@ -150,4 +153,71 @@ fn two_sites_through_the_userspace_tunnel() {
     gw1.stop();
     gw2.stop();
     assert!(!Path::new(&format!("/var/run/wireguard/{}.sock", gw1.ifname)).exists(), "UAPI socket removed on exit");
+}
+
+#[test]
+fn covering_prefixes_leave_the_underlay_and_main_table_alone() {
+    let lab = Lab::new().unwrap();
+    let (gw1h, gw2h, h1, h2) = two_sites(&lab);
+    // gw1 tears its data path down on exit: its rules must go with it.
+    let config = format!("{CONFIG}keep_dataplane_on_exit = false\n");
+    let mut gw1 = Gateway::new(gw1h, &lab.unique_ifname("wg"), &config);
+    let mut gw2 = Gateway::new(gw2h, &lab.unique_ifname("wg"), CONFIG);
+    let (k1, k2) = (gw1.pubkey(), gw2.pubkey());
+    let o1 = ("100.64.0.1", "fd7a:6d65:7368::1");
+    let o2 = ("100.64.0.2", "fd7a:6d65:7368::2");
+    gw1.start();
+    gw2.start();
+    gw2.apply(&view(o2, &k1, "192.0.2.1:51820", o1, "198.18.10.0/24"));
+    let plain = view(o1, &k2, "192.0.2.2:51820", o2, "198.18.20.0/24");
+    gw1.apply(&plain);
+    wait_for("h1 -> h2 ping", || ping(&h1, "198.18.20.10"));
+    let main_before = gw1.host.ip(&["route", "show", "table", "main"]).unwrap();
+    // A route an older release left in main is removed by the next run.
+    gw1.host.ip(&["route", "add", "198.18.99.0/24", "dev", &gw1.ifname, "proto", "109"]).unwrap();
+
+    // Control hands gw1 routes through gw2 for gw1's own underlay network
+    // (equal), a prefix covering it, and gw1's own site LAN.
+    let mut hostile: serde_json::Value = serde_json::from_str(&plain).unwrap();
+    for p in ["192.0.2.0/24", "192.0.0.0/16", "198.18.10.0/24"] {
+        hostile["routes"].as_array_mut().unwrap().push(p.into());
+    }
+    hostile["peers"][0]["allowed_ips"].as_array_mut().unwrap().push("192.0.0.0/16".into());
+    let r: serde_json::Value = serde_json::from_str(&gw1.apply(&hostile.to_string())).unwrap();
+    assert_eq!(r["changes"]["routes_replaced"], 3, "{r}");
+    assert!(routes(&gw1).contains("192.0.2.0/24"), "{}", routes(&gw1));
+    let rules = gw1.host.ip(&["rule"]).unwrap();
+    for want in
+        ["to 192.0.2.0/24 lookup main", "to 198.18.10.0/24 lookup main", "to 192.0.2.2 lookup main", "lookup 109"]
+    {
+        assert!(rules.contains(want), "{want} missing:\n{rules}");
+    }
+    assert!(gw1.host.ip(&["-6", "rule"]).unwrap().contains("lookup 109"));
+
+    // The underlay, the LAN and the tunnel over the underlay all still work,
+    // and the main table is exactly as it was.
+    assert!(ping(&gw1.host, "192.0.2.2"), "underlay");
+    assert!(ping(&gw1.host, "198.18.10.10"), "own LAN");
+    wait_for("h1 -> h2 ping with covering routes", || ping(&h1, "198.18.20.10"));
+    tcp_exchange(&h2, &h1, "198.18.20.10:7002");
+    assert_eq!(gw1.host.ip(&["route", "show", "table", "main"]).unwrap(), main_before);
+
+    // Withdrawn: gone from the mesh table; main still untouched.
+    gw1.apply(&plain);
+    let left = routes(&gw1);
+    assert!(
+        !left.contains("192.0.2.0/24") && !left.contains("192.0.0.0/16") && !left.contains("198.18.10.0/24"),
+        "{left}"
+    );
+    assert_eq!(gw1.host.ip(&["route", "show", "table", "main"]).unwrap(), main_before);
+    assert!(ping(&h1, "198.18.20.10"));
+
+    // Shutdown without keeping the data path: no rule of the agent is left.
+    gw1.stop();
+    for fam in ["-4", "-6"] {
+        let rules = gw1.host.ip(&[fam, "rule"]).unwrap();
+        assert!(!rules.contains("lookup 109") && !rules.contains("proto 109"), "{rules}");
+    }
+    assert_eq!(gw1.host.ip(&["route", "show", "table", "main"]).unwrap(), main_before);
+    gw2.stop();
 }

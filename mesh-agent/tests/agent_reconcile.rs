@@ -45,8 +45,14 @@ fn view() -> NodeView {
 }
 
 fn applier(state: &Shared, enforce: bool) -> Applier {
-    let local =
-        Local { private_key: SecretKey::generate(), listen_port: Some(51820), fwmark: None, enforce_policy: true };
+    let local = Local {
+        private_key: SecretKey::generate(),
+        listen_port: Some(51820),
+        fwmark: None,
+        enforce_policy: true,
+        routing: Default::default(),
+        control_addrs: vec![],
+    };
     let enforcer = enforce.then(|| Box::new(FakeEnforcer { state: state.clone() }) as _);
     Applier::new(
         local,
@@ -156,4 +162,34 @@ fn invalid_view_touches_nothing() {
     v.peers[1].allowed_ips = v.peers[0].allowed_ips.clone();
     assert!(matches!(a.reconcile(&v), Err(ApplyError::View(_))));
     assert!(s.lock().unwrap().log.is_empty());
+}
+
+#[test]
+fn unapplicable_policy_still_removes_a_revoked_peer_and_adds_nothing() {
+    let s = state();
+    let mut a = applier(&s, true);
+    let v = view();
+    a.reconcile(&v).unwrap();
+    let old_policy = s.lock().unwrap().policy;
+    // The next view revokes the second peer (and its route), adds a third
+    // peer and a route, and carries a policy the data path refuses.
+    let mut next = view();
+    next.generation = 8;
+    next.peers = vec![v.peers[0].clone(), next.peers[1].clone()];
+    next.routes = vec!["198.18.20.0/24".parse().unwrap(), "198.18.40.0/24".parse().unwrap()];
+    next.policy.rules[0].ports = PortRange::single(8443);
+    let revoked = v.peers[1].public_key;
+    let newcomer = next.peers[1].public_key;
+    s.lock().unwrap().fail.insert("enforce");
+    let err = a.reconcile(&next).unwrap_err();
+    assert!(matches!(err, ApplyError::Step { step: Step::Policy, .. }), "{err}");
+    let st = s.lock().unwrap();
+    assert!(!st.wg.peers.contains_key(&revoked), "a revoked node stops being a peer");
+    assert!(!st.wg.peers.contains_key(&newcomer), "nothing is added without its policy");
+    assert!(!st.routes.contains(&"198.18.30.0/24".parse().unwrap()), "its route is removed");
+    assert!(!st.routes.contains(&"198.18.40.0/24".parse().unwrap()), "no route is added");
+    assert_eq!(st.policy, old_policy, "the policy in force stays (never fail-open)");
+    let log = &st.log;
+    let at = |op| log.iter().rposition(|o| *o == op).unwrap();
+    assert!(at("wg.apply") < at("enforce"), "peer removal first: {log:?}");
 }

@@ -1,7 +1,8 @@
 //! mesh-control: the control plane and orchestration API.
 //!
 //! Modules by concern: [`policy`] (HuJSON ACL, compiler, tests, diff),
-//! [`routes`] (gateway ordering and failover), [`store`] (SQLite /
+//! [`routes`] (gateway ordering and failover), [`route_check`] (which
+//! prefixes may be routed), [`store`] (SQLite /
 //! PostgreSQL, audit log), [`auth`] (secrets and their hashes), [`engine`]
 //! (per-node views, deltas, fan-out), [`server`] (the gRPC services),
 //! [`tls`] (control's CA), [`client`] (pinned TLS connections for agents,
@@ -13,6 +14,7 @@ pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod policy;
+pub mod route_check;
 pub mod routes;
 pub mod run;
 pub mod server;

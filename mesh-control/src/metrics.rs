@@ -84,7 +84,42 @@ pub fn render(engine: &Engine) -> String {
     );
     let _ = writeln!(s, "mesh_control_agent_packets_total{{verdict=\"accept\"}} {}", c.accepted_packets);
     let _ = writeln!(s, "mesh_control_agent_packets_total{{verdict=\"deny\"}} {}", c.denied_packets);
+    render_nacks(&mut s, engine, &snap);
     s
+}
+
+/// Views agents could not fully apply: a counter of nacks, the number of
+/// nodes nacking now, and one series per nacking node (an alert fires on
+/// `mesh_control_node_view_nacked == 1`).
+fn render_nacks(s: &mut String, engine: &Engine, snap: &crate::store::Snapshot) {
+    let nacks = engine.nacks();
+    let _ = writeln!(
+        s,
+        "# HELP mesh_control_view_nacks_total Acks carrying an error: an agent could not fully apply a view.\n# TYPE mesh_control_view_nacks_total counter"
+    );
+    let _ = writeln!(
+        s,
+        "mesh_control_view_nacks_total {}",
+        engine.metrics.nacks.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        s,
+        "# HELP mesh_control_nodes_nacking Nodes whose last answer to a view was an error.\n# TYPE mesh_control_nodes_nacking gauge"
+    );
+    let _ = writeln!(s, "mesh_control_nodes_nacking {}", nacks.len());
+    let _ = writeln!(
+        s,
+        "# HELP mesh_control_node_view_nacked 1 while the node's agent fails to apply its view.\n# TYPE mesh_control_node_view_nacked gauge"
+    );
+    for id in nacks.keys() {
+        let name = snap.nodes.iter().find(|n| n.id == *id).map_or("", |n| n.name.as_str());
+        let _ = writeln!(s, "mesh_control_node_view_nacked{{node=\"{}\",node_id=\"{id}\"}} 1", escape(name));
+    }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Serves `/metrics` on `listener` until the task is dropped.

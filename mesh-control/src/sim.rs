@@ -103,10 +103,19 @@ impl SimAgent {
 
     /// Opens the Sync stream claiming to be `node_id` (0: say nothing).
     pub async fn sync_as(&self, node_id: u64) -> Result<SyncSession, SimError> {
+        self.sync_with(node_id, None).await
+    }
+
+    /// Opens the Sync stream reporting data path `limits` in the hello.
+    pub async fn sync_with_limits(&self, limits: pb::DataplaneLimits) -> Result<SyncSession, SimError> {
+        self.sync_with(self.node.id, Some(limits)).await
+    }
+
+    async fn sync_with(&self, node_id: u64, limits: Option<pb::DataplaneLimits>) -> Result<SyncSession, SimError> {
         let (tx, rx) = mpsc::channel(16);
         tx.send(pb::SyncRequest {
             msg: Some(pb::sync_request::Msg::Hello(pb::SyncHello {
-                capabilities: Some(mesh_proto::capabilities("mesh-sim-agent")),
+                capabilities: Some(pb::Capabilities { limits, ..mesh_proto::capabilities("mesh-sim-agent") }),
                 last_generation: 0,
                 endpoints: Vec::new(),
                 node_id,
@@ -163,6 +172,11 @@ impl SyncSession {
     /// Acknowledges a generation.
     pub async fn ack(&self, generation: u64) -> Result<(), SimError> {
         self.send(pb::sync_request::Msg::Ack(pb::Ack { generation, error: String::new() })).await
+    }
+
+    /// Answers a generation with an error: the agent could not apply it.
+    pub async fn nack(&self, generation: u64, error: &str) -> Result<(), SimError> {
+        self.send(pb::sync_request::Msg::Ack(pb::Ack { generation, error: error.to_owned() })).await
     }
 
     /// Sends a health report.

@@ -60,10 +60,13 @@ struct Received {
     error: Option<String>,
 }
 
+/// What a writer sent: bytes and their SHA-256 (`None` if the stream broke).
+type Sent = Option<(u64, [u8; 32])>;
+
 /// One side of the connection: a writer thread and a reader thread.
 #[derive(Debug)]
 struct Side {
-    writer: Option<JoinHandle<Option<(u64, [u8; 32])>>>,
+    writer: Option<JoinHandle<Sent>>,
     reader: Option<JoinHandle<()>>,
     received: Arc<Mutex<Received>>,
 }

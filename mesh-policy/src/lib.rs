@@ -15,9 +15,12 @@
 //! - which rule "decided" a packet (for per-rule counters) is the first
 //!   matching rule in policy order.
 //!
-//! [`eval`] is the reference evaluator of these semantics.
+//! [`eval`] is the reference evaluator of these semantics; [`tables`]
+//! compiles a policy into the eBPF ACL's map entries (the agent installs
+//! them; control compiles against each agent's reported [`tables::Limits`]).
 
 mod compiled;
 pub mod eval;
+pub mod tables;
 
 pub use compiled::{CompiledPolicy, PolicyError, PortRange, Proto, Rule, RuleId};

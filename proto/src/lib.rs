@@ -21,6 +21,7 @@ pub fn capabilities(component: &str) -> v1::Capabilities {
     v1::Capabilities {
         capability_version: CAPABILITY_VERSION,
         software: format!("{component} {}", env!("CARGO_PKG_VERSION")),
+        limits: None,
     }
 }
 

@@ -127,6 +127,20 @@ pub struct SessionError(String);
 
 /// Maps an error to a [`SessionError`] saying what failed, with the whole
 /// source chain (transport errors hide the useful part in their sources).
+/// This agent's capabilities; with the eBPF ACL enforcing, its map sizes
+/// (capability 3), so that control refuses a policy this node cannot hold
+/// instead of sending it a view it must nack.
+fn capabilities(enforced: bool) -> pb::Capabilities {
+    let l = mesh_policy::tables::Limits::DATAPATH;
+    let limits = enforced.then_some(pb::DataplaneLimits {
+        max_rules: l.max_rules,
+        max_cidrs: l.max_cidrs,
+        max_dst_entries: l.max_dst_entries,
+        max_policy_entries: l.max_policy_entries,
+    });
+    pb::Capabilities { limits, ..mesh_proto::capabilities("mesh-agent") }
+}
+
 fn err<E: Into<Box<dyn std::error::Error + Send + Sync>>>(what: &str) -> impl Fn(E) -> SessionError + '_ {
     move |e| {
         let e: Box<dyn std::error::Error + Send + Sync> = e.into();
@@ -484,7 +498,7 @@ async fn session(
         async move { tx.send(pb::SyncRequest { msg: Some(msg) }).await.map_err(|_| SessionError("stream closed".into())) }
     };
     send(pb::sync_request::Msg::Hello(pb::SyncHello {
-        capabilities: Some(mesh_proto::capabilities("mesh-agent")),
+        capabilities: Some(capabilities(status.policy_enforced)),
         last_generation: status.applied_generation.unwrap_or(0),
         endpoints: cc.endpoints.clone(),
         node_id: cred.node_id,

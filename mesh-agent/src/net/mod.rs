@@ -14,9 +14,30 @@ use std::collections::BTreeSet;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-/// Routes the agent installs carry this `rtm_protocol`, so the agent only
-/// ever removes its own routes (`ip route` shows it as `proto 109`).
+/// Routes and rules the agent installs carry this `rtm_protocol` /
+/// `FRA_PROTOCOL`, so the agent only ever removes its own (`ip route` and
+/// `ip rule` show it as `proto 109`).
 pub const ROUTE_PROTOCOL: u8 = 109;
+
+/// The main routing table (`RT_TABLE_MAIN`).
+pub const MAIN_TABLE: u32 = 254;
+
+/// One policy-routing rule of the agent (`ip rule`): packets that match
+/// `dst` (all when `None`) and carry `fwmark` (any when `None`) look up
+/// `table`. IPv4 or IPv6 by `v6`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RouteRule {
+    /// Rule priority (lower is consulted first; main's rule is 32766).
+    pub priority: u32,
+    /// An IPv6 rule.
+    pub v6: bool,
+    /// Destination selector.
+    pub dst: Option<IpNet>,
+    /// fwmark selector (matched with the mark as its own mask).
+    pub fwmark: Option<u32>,
+    /// Table to look up.
+    pub table: u32,
+}
 
 /// Errors of network programming.
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +115,22 @@ pub trait NetOps: Send {
     fn replace_address(&mut self, index: u32, addr: IpNet) -> Result<(), NetError>;
     /// Removes an address; absent is not an error.
     fn remove_address(&mut self, index: u32, addr: IpNet) -> Result<(), NetError>;
-    /// Destinations of the agent's routes ([`ROUTE_PROTOCOL`], main table) out of the link.
-    fn routes(&mut self, index: u32) -> Result<BTreeSet<IpNet>, NetError>;
-    /// Routes `dst` out of the link, replacing any route to `dst` in the main table.
-    fn replace_route(&mut self, index: u32, dst: IpNet) -> Result<(), NetError>;
-    /// Removes the agent's route to `dst`; absent is not an error.
-    fn remove_route(&mut self, index: u32, dst: IpNet) -> Result<(), NetError>;
+    /// Destinations of the agent's routes ([`ROUTE_PROTOCOL`]) in `table` out of the link.
+    fn routes(&mut self, index: u32, table: u32) -> Result<BTreeSet<IpNet>, NetError>;
+    /// Routes `dst` out of the link in `table`, replacing any route to `dst` there.
+    fn replace_route(&mut self, index: u32, table: u32, dst: IpNet) -> Result<(), NetError>;
+    /// Removes the agent's route to `dst` from `table`; absent is not an error.
+    fn remove_route(&mut self, index: u32, table: u32, dst: IpNet) -> Result<(), NetError>;
+    /// The networks of the main table's link-scope (connected) routes out of
+    /// links other than `index`: the underlay and LANs the host reaches
+    /// directly, which mesh routes must never take over.
+    fn connected(&mut self, index: u32) -> Result<BTreeSet<IpNet>, NetError>;
+    /// The agent's policy-routing rules ([`ROUTE_PROTOCOL`]).
+    fn rules(&mut self) -> Result<BTreeSet<RouteRule>, NetError>;
+    /// Adds a rule; an identical existing one is not an error.
+    fn add_rule(&mut self, rule: &RouteRule) -> Result<(), NetError>;
+    /// Removes a rule; absent is not an error.
+    fn remove_rule(&mut self, rule: &RouteRule) -> Result<(), NetError>;
     /// The forwarding switches.
     fn forwarding(&mut self) -> Result<Forwarding, NetError>;
     /// Turns on the switches that are `true` in `on` (never turns any off).

@@ -10,16 +10,19 @@ use std::{
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use rtnetlink::{
-    Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder,
+    Handle, IpVersion, LinkUnspec, LinkWireguard, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
         address::{AddressAttribute, AddressFlags, AddressMessage},
         link::{LinkAttribute, LinkFlags},
         route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope},
+        rule::{RuleAction, RuleAttribute, RuleMessage},
     },
 };
 
-use super::{Forwarding, LinkState, NetError, NetOps, ROUTE_PROTOCOL, sysctl};
+use super::{Forwarding, LinkState, NetError, NetOps, ROUTE_PROTOCOL, RouteRule, sysctl};
+
+const EEXIST: i32 = 17;
 
 const ENODEV: i32 = 19;
 const ESRCH: i32 = 3;
@@ -136,11 +139,12 @@ impl Rtnl {
             .map_err(|e| nl_err("listing routes", e))
     }
 
-    fn route_message(index: u32, dst: IpNet) -> RouteMessage {
+    fn route_message(index: u32, table: u32, dst: IpNet) -> RouteMessage {
         let mut msg = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.network(), dst.prefix_len())
             .expect("an IpNet is a valid prefix")
             .output_interface(index)
+            .table_id(table)
             .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
             .build();
         // `ip route add X dev Y` uses link scope for IPv4 device routes.
@@ -149,6 +153,49 @@ impl Rtnl {
         }
         msg
     }
+}
+
+/// The netlink form of a rule (`ip rule add [fwmark M/M] [to D] lookup T
+/// priority P protocol 109`).
+fn rule_message(r: &RouteRule) -> RuleMessage {
+    let mut msg = RuleMessage::default();
+    msg.header.family = if r.v6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
+    msg.header.action = RuleAction::ToTable;
+    // Tables above 255 only fit the attribute; the header says "see it".
+    msg.header.table = u8::try_from(r.table).unwrap_or(0);
+    msg.attributes.push(RuleAttribute::Table(r.table));
+    msg.attributes.push(RuleAttribute::Priority(r.priority));
+    msg.attributes.push(RuleAttribute::Protocol(RouteProtocol::from(ROUTE_PROTOCOL)));
+    if let Some(m) = r.fwmark {
+        msg.attributes.push(RuleAttribute::FwMark(m));
+        msg.attributes.push(RuleAttribute::FwMask(m));
+    }
+    if let Some(d) = r.dst {
+        msg.header.dst_len = d.prefix_len();
+        msg.attributes.push(RuleAttribute::Destination(d.network()));
+    }
+    msg
+}
+
+/// The agent's rule a netlink rule message describes, if it is one.
+fn rule_of(msg: &RuleMessage) -> Option<RouteRule> {
+    let attr = |f: &dyn Fn(&RuleAttribute) -> Option<u32>| msg.attributes.iter().find_map(f);
+    let own = msg
+        .attributes
+        .iter()
+        .any(|a| matches!(a, RuleAttribute::Protocol(p) if *p == RouteProtocol::from(ROUTE_PROTOCOL)));
+    if !own || msg.header.action != RuleAction::ToTable {
+        return None;
+    }
+    let dst = msg.attributes.iter().find_map(|a| if let RuleAttribute::Destination(ip) = a { Some(*ip) } else { None });
+    Some(RouteRule {
+        priority: attr(&|a| if let RuleAttribute::Priority(p) = a { Some(*p) } else { None }).unwrap_or(0),
+        v6: msg.header.family == AddressFamily::Inet6,
+        dst: dst.and_then(|ip| IpNet::new(ip, msg.header.dst_len).ok()),
+        fwmark: attr(&|a| if let RuleAttribute::FwMark(m) = a { Some(*m) } else { None }),
+        table: attr(&|a| if let RuleAttribute::Table(t) = a { Some(*t) } else { None })
+            .unwrap_or(u32::from(msg.header.table)),
+    })
 }
 
 fn address_of(msg: &AddressMessage) -> Option<IpNet> {
@@ -263,27 +310,81 @@ impl NetOps for Rtnl {
         }
     }
 
-    fn routes(&mut self, index: u32) -> Result<BTreeSet<IpNet>, NetError> {
+    fn routes(&mut self, index: u32, table: u32) -> Result<BTreeSet<IpNet>, NetError> {
         Ok(self
             .route_messages()?
             .iter()
             .filter(|m| m.header.protocol == RouteProtocol::from(ROUTE_PROTOCOL))
-            .filter(|m| route_table(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
+            .filter(|m| route_table(m) == table)
             .filter(|m| route_oif(m) == Some(index))
             .filter_map(route_dst)
             .collect())
     }
 
-    fn replace_route(&mut self, index: u32, dst: IpNet) -> Result<(), NetError> {
-        let msg = Self::route_message(index, dst);
+    fn connected(&mut self, index: u32) -> Result<BTreeSet<IpNet>, NetError> {
+        Ok(self
+            .route_messages()?
+            .iter()
+            .filter(|m| route_table(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
+            .filter(|m| m.header.scope == RouteScope::Link)
+            .filter(|m| route_oif(m).is_some_and(|o| o != index))
+            .filter_map(route_dst)
+            .filter(|d| d.prefix_len() != 0 && !is_link_local(d))
+            .collect())
+    }
+
+    fn rules(&mut self) -> Result<BTreeSet<RouteRule>, NetError> {
+        let h = self.handle.clone();
+        let msgs = self
+            .rt
+            .block_on(async move {
+                let mut all = h.rule().get(IpVersion::V4).execute().try_collect::<Vec<_>>().await?;
+                all.extend(h.rule().get(IpVersion::V6).execute().try_collect::<Vec<_>>().await?);
+                Ok::<_, rtnetlink::Error>(all)
+            })
+            .map_err(|e| nl_err("listing rules", e))?;
+        Ok(msgs.iter().filter_map(rule_of).collect())
+    }
+
+    fn add_rule(&mut self, rule: &RouteRule) -> Result<(), NetError> {
+        let msg = rule_message(rule);
+        let h = self.handle.clone();
+        let res = self.rt.block_on(async move {
+            let mut req = h.rule().add();
+            *req.message_mut() = msg;
+            req.execute().await
+        });
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) => match nl_err(format!("adding rule {rule:?}"), e) {
+                err if err.errno() == Some(EEXIST) => Ok(()),
+                err => Err(err),
+            },
+        }
+    }
+
+    fn remove_rule(&mut self, rule: &RouteRule) -> Result<(), NetError> {
+        let msg = rule_message(rule);
+        let h = self.handle.clone();
+        match self.rt.block_on(async move { h.rule().del(msg).execute().await }) {
+            Ok(()) => Ok(()),
+            Err(e) => match nl_err(format!("removing rule {rule:?}"), e) {
+                err if matches!(err.errno(), Some(ESRCH | ENOENT)) => Ok(()),
+                err => Err(err),
+            },
+        }
+    }
+
+    fn replace_route(&mut self, index: u32, table: u32, dst: IpNet) -> Result<(), NetError> {
+        let msg = Self::route_message(index, table, dst);
         let h = self.handle.clone();
         self.rt
             .block_on(async move { h.route().add(msg).replace().execute().await })
             .map_err(|e| nl_err(format!("routing {dst} via link {index}"), e))
     }
 
-    fn remove_route(&mut self, index: u32, dst: IpNet) -> Result<(), NetError> {
-        let msg = Self::route_message(index, dst);
+    fn remove_route(&mut self, index: u32, table: u32, dst: IpNet) -> Result<(), NetError> {
+        let msg = Self::route_message(index, table, dst);
         let h = self.handle.clone();
         match self.rt.block_on(async move { h.route().del(msg).execute().await }) {
             Ok(()) => Ok(()),

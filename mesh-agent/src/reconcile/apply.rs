@@ -1,12 +1,23 @@
 //! The applier: executes a plan through the backends, in a fail-closed
 //! order, then re-reads everything and diffs again to confirm.
 //!
-//! Order: make sure the interface exists (a new one is down) -> enforce the
-//! policy -> MTU -> WireGuard device and peers (one call) -> addresses ->
-//! up -> routes -> forwarding. The policy is in force before any peer exists
-//! or the link is up, so a new interface never passes unfiltered traffic.
-//! The first failing step stops the run with an error naming it; nothing is
-//! reported as applied until the confirming re-read shows no difference.
+//! Order: make sure the interface exists (a new one is down) -> remove the
+//! peers that left the view -> enforce the policy -> MTU -> WireGuard device
+//! and the other peer changes (one call) -> addresses -> up -> rules added
+//! -> routes -> rules removed -> forwarding. The policy is in force before any peer is added or the link
+//! is up, so a new interface never passes unfiltered traffic.
+//!
+//! Removing a peer only ever takes access away, so it comes first and does
+//! not wait for the policy: a revoked node stops being a peer even when the
+//! new policy cannot be installed (map limits, a bad rule). If the policy
+//! fails, only the other removals (routes, addresses) run after it; nothing
+//! is added, the policy already in force (or, on a new interface, no peer
+//! and a down link) keeps denying by default, and the run fails with the
+//! policy's error, which the agent reports to control as a nack.
+//!
+//! Otherwise the first failing step stops the run with an error naming it;
+//! nothing is reported as applied until the confirming re-read shows no
+//! difference.
 
 use std::{
     fmt,
@@ -19,9 +30,9 @@ use serde::{Deserialize, Serialize};
 use super::{Actual, Changes, Desired, Local, Plan, PolicyEnforcer, diff};
 use crate::{
     keys::PublicKey,
-    net::NetOps,
+    net::{MAIN_TABLE, NetOps, RouteRule},
     view::{NodeView, ViewError},
-    wg::{BackendKind, WireGuard},
+    wg::{BackendKind, WgUpdate, WireGuard},
 };
 
 /// A step of a reconcile run (named in errors).
@@ -43,6 +54,10 @@ pub enum Step {
     AddAddress(IpNet),
     /// Setting the link up.
     Up,
+    /// Adding a policy-routing rule.
+    AddRule(RouteRule),
+    /// Removing a policy-routing rule.
+    RemoveRule(RouteRule),
     /// Removing a route.
     RemoveRoute(IpNet),
     /// Adding or replacing a route.
@@ -62,11 +77,27 @@ impl fmt::Display for Step {
             Self::RemoveAddress(a) => write!(f, "remove address {a}"),
             Self::AddAddress(a) => write!(f, "add address {a}"),
             Self::Up => f.write_str("set link up"),
+            Self::AddRule(r) => write!(f, "add rule {}", rule_text(r)),
+            Self::RemoveRule(r) => write!(f, "remove rule {}", rule_text(r)),
             Self::RemoveRoute(r) => write!(f, "remove route {r}"),
             Self::ReplaceRoute(r) => write!(f, "add route {r}"),
             Self::Forwarding => f.write_str("enable forwarding"),
         }
     }
+}
+
+/// A rule as `ip rule` would show it.
+fn rule_text(r: &RouteRule) -> String {
+    let mut t = format!("{}: ", r.priority);
+    if let Some(m) = r.fwmark {
+        t.push_str(&format!("fwmark {m:#x} "));
+    }
+    match r.dst {
+        Some(d) => t.push_str(&format!("to {d} ")),
+        None => t.push_str(if r.v6 { "from ::/0 " } else { "from all " }),
+    }
+    t.push_str(&format!("lookup {}", r.table));
+    t
 }
 
 /// A reconcile run that did not succeed. The node may be partly changed; the
@@ -195,8 +226,13 @@ impl Applier {
         if let Some(l) = link {
             actual.wg = self.wg.read().map_err(step(Step::Observe))?;
             actual.addresses = self.net.addresses(l.index).map_err(step(Step::Observe))?;
-            actual.routes = self.net.routes(l.index).map_err(step(Step::Observe))?;
+            actual.routes = self.net.routes(l.index, self.local.routing.table).map_err(step(Step::Observe))?;
+            actual.connected = self.net.connected(l.index).map_err(step(Step::Observe))?;
+            if self.local.routing.own_table() {
+                actual.stale_routes = self.net.routes(l.index, MAIN_TABLE).map_err(step(Step::Observe))?;
+            }
         }
+        actual.rules = self.net.rules().map_err(step(Step::Observe))?;
         actual.forwarding = self.net.forwarding().map_err(step(Step::Observe))?;
         if let Some(e) = self.enforcer.as_mut() {
             actual.policy = e.in_force(&ifname).map_err(step(Step::Observe))?;
@@ -237,10 +273,20 @@ impl Applier {
 
     fn execute(&mut self, plan: &Plan, actual: &Actual, view: &NodeView) -> Result<(), ApplyError> {
         let ifname = self.wg.ifname().to_owned();
+        let (removals, changes): (Vec<_>, Vec<_>) = plan.wg.peers.iter().cloned().partition(|p| p.remove);
+        if !removals.is_empty() {
+            self.wg.apply(&WgUpdate { peers: removals, ..WgUpdate::default() }).map_err(step(Step::WireGuard))?;
+        }
         if plan.policy
             && let Some(e) = self.enforcer.as_mut()
+            && let Err(err) = e.enforce(&ifname, &view.policy, view.mtu)
         {
-            e.enforce(&ifname, &view.policy, view.mtu).map_err(step(Step::Policy))?;
+            let err = step(Step::Policy)(err);
+            tracing::error!(error = %err, "policy not installed: applying only removals; the policy in force stays");
+            if let Some(l) = actual.link {
+                self.remove_only(plan, l.index)?;
+            }
+            return Err(err);
         }
         let index = match actual.link {
             Some(l) => l.index,
@@ -256,8 +302,9 @@ impl Applier {
         if let Some(mtu) = plan.mtu {
             self.net.set_mtu(index, mtu).map_err(step(Step::Mtu))?;
         }
-        if !plan.wg.is_empty() {
-            self.wg.apply(&plan.wg).map_err(step(Step::WireGuard))?;
+        let rest = WgUpdate { peers: changes, ..plan.wg.clone() };
+        if !rest.is_empty() {
+            self.wg.apply(&rest).map_err(step(Step::WireGuard))?;
         }
         for a in &plan.remove_addresses {
             self.net.remove_address(index, *a).map_err(step(Step::RemoveAddress(*a)))?;
@@ -268,11 +315,21 @@ impl Applier {
         if plan.up {
             self.net.set_up(index).map_err(step(Step::Up))?;
         }
+        let table = self.local.routing.table;
+        for r in &plan.add_rules {
+            self.net.add_rule(r).map_err(step(Step::AddRule(*r)))?;
+        }
+        for r in &plan.remove_stale_routes {
+            self.net.remove_route(index, MAIN_TABLE, *r).map_err(step(Step::RemoveRoute(*r)))?;
+        }
         for r in &plan.remove_routes {
-            self.net.remove_route(index, *r).map_err(step(Step::RemoveRoute(*r)))?;
+            self.net.remove_route(index, table, *r).map_err(step(Step::RemoveRoute(*r)))?;
         }
         for r in &plan.replace_routes {
-            self.net.replace_route(index, *r).map_err(step(Step::ReplaceRoute(*r)))?;
+            self.net.replace_route(index, table, *r).map_err(step(Step::ReplaceRoute(*r)))?;
+        }
+        for r in &plan.remove_rules {
+            self.net.remove_rule(r).map_err(step(Step::RemoveRule(*r)))?;
         }
         if let Some(f) = plan.forwarding {
             self.net.enable_forwarding(f).map_err(step(Step::Forwarding))?;
@@ -280,8 +337,34 @@ impl Applier {
         Ok(())
     }
 
-    /// Agent shutdown: `keep` leaves the data path in place.
-    pub fn shutdown(&mut self, keep: bool) -> Result<(), crate::wg::WgError> {
-        self.wg.shutdown(keep)
+    /// The subtractive steps of `plan` (routes and addresses removed): what
+    /// is safe to apply while the new policy is not in force.
+    fn remove_only(&mut self, plan: &Plan, index: u32) -> Result<(), ApplyError> {
+        for r in &plan.remove_routes {
+            self.net.remove_route(index, self.local.routing.table, *r).map_err(step(Step::RemoveRoute(*r)))?;
+        }
+        for a in &plan.remove_addresses {
+            self.net.remove_address(index, *a).map_err(step(Step::RemoveAddress(*a)))?;
+        }
+        Ok(())
+    }
+
+    /// Agent shutdown: `keep` leaves the data path in place. Otherwise the
+    /// agent's routes and rules go too (the routes with the link, the rules
+    /// here), so nothing of the mesh is left in the host's routing.
+    pub fn shutdown(&mut self, keep: bool) -> Result<(), ApplyError> {
+        if !keep {
+            let ifname = self.wg.ifname().to_owned();
+            if let Some(l) = self.net.link(&ifname).map_err(step(Step::Observe))? {
+                let table = self.local.routing.table;
+                for r in self.net.routes(l.index, table).map_err(step(Step::Observe))? {
+                    self.net.remove_route(l.index, table, r).map_err(step(Step::RemoveRoute(r)))?;
+                }
+            }
+            for r in self.net.rules().map_err(step(Step::Observe))? {
+                self.net.remove_rule(&r).map_err(step(Step::RemoveRule(r)))?;
+            }
+        }
+        self.wg.shutdown(keep).map_err(step(Step::Ensure))
     }
 }

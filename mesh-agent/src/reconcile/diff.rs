@@ -104,9 +104,16 @@ pub fn diff(desired: &Desired, actual: &Actual, now: SystemTime) -> Plan {
         ch.up = true;
     }
 
+    let rules = desired.rules(actual);
+    plan.add_rules = rules.difference(&actual.rules).copied().collect();
+    plan.remove_rules = actual.rules.difference(&rules).copied().collect();
+    ch.rules_added = plan.add_rules.len();
+    ch.rules_removed = plan.remove_rules.len();
+
+    plan.remove_stale_routes = actual.stale_routes.iter().copied().collect();
     plan.remove_routes = actual.routes.difference(&desired.routes).copied().collect();
     plan.replace_routes = desired.routes.difference(&actual.routes).copied().collect();
-    ch.routes_removed = plan.remove_routes.len();
+    ch.routes_removed = plan.remove_routes.len() + plan.remove_stale_routes.len();
     ch.routes_replaced = plan.replace_routes.len();
 
     if desired.forwarding {
@@ -129,7 +136,7 @@ mod tests {
     use super::*;
     use crate::{
         keys::{PublicKey, SecretKey},
-        net::LinkState,
+        net::{LinkState, MAIN_TABLE},
         reconcile::{Local, PolicyDigest},
         view::{DEFAULT_MTU, NodeView, PeerView},
         wg::{WgDevice, WgUpdate},
@@ -173,7 +180,14 @@ mod tests {
     }
 
     fn local() -> Local {
-        Local { private_key: SecretKey::generate(), listen_port: Some(51820), fwmark: None, enforce_policy: true }
+        Local {
+            private_key: SecretKey::generate(),
+            listen_port: Some(51820),
+            fwmark: None,
+            enforce_policy: true,
+            routing: crate::reconcile::Routing::default(),
+            control_addrs: vec!["192.0.2.100".parse().unwrap()],
+        }
     }
 
     /// Applies a plan to an in-memory model with WireGuard's semantics (an
@@ -197,7 +211,12 @@ mod tests {
         for r in &plan.remove_routes {
             actual.routes.remove(r);
         }
+        actual.stale_routes.clear();
         actual.routes.extend(plan.replace_routes.iter().copied());
+        actual.rules.extend(plan.add_rules.iter().copied());
+        for r in &plan.remove_rules {
+            actual.rules.remove(r);
+        }
         if let Some(f) = plan.forwarding {
             actual.forwarding.ipv4 |= f.ipv4;
             actual.forwarding.ipv6 |= f.ipv6;
@@ -347,11 +366,58 @@ mod tests {
         let p = actual.wg.peers.get_mut(&a).unwrap();
         p.endpoint = Some("203.0.113.7:4000".parse().unwrap());
         p.last_handshake = Some(now - Duration::from_secs(10));
-        assert!(diff(&d, &actual, now).is_empty(), "a live session keeps its roamed endpoint");
+        let plan = diff(&d, &actual, now);
+        assert!(plan.wg.is_empty(), "a live session keeps its roamed endpoint");
+        // The tunnel's packets to the roamed endpoint keep using the main table.
+        let roamed = net("203.0.113.7/32");
+        assert_eq!(plan.add_rules.iter().filter(|r| r.dst == Some(roamed)).count(), 1, "{plan:?}");
+        assert_eq!(plan.changes.rules_added, 1);
         let p = actual.wg.peers.get_mut(&a).unwrap();
         p.last_handshake = Some(now - ENDPOINT_STICKY - Duration::from_secs(1));
         let plan = diff(&d, &actual, now);
         assert_eq!(plan.wg.peers[0].endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+    }
+
+    #[test]
+    fn routes_go_to_the_mesh_table_behind_exception_rules() {
+        let a = SecretKey::generate().public_key();
+        let mut actual = Actual::default();
+        actual.connected.insert(net("192.0.2.0/24"));
+        actual.connected.insert(net("198.18.20.0/24"));
+        // A default route is never installed, a covering one is.
+        let v = view(vec![peer(a, &["100.64.0.2/32"])], &["0.0.0.0/0", "192.0.0.0/8", "::/0"]);
+        let d = Desired::new(&v, &local());
+        converge(&d, &mut actual);
+        assert_eq!(actual.routes, [net("192.0.0.0/8")].into());
+        let to_main = |dst: &str| {
+            actual.rules.iter().any(|r| r.dst == Some(net(dst)) && r.table == MAIN_TABLE && r.priority == 5301)
+        };
+        // Underlay and LAN networks, control and the peer's endpoint stay on main.
+        for dst in ["192.0.2.0/24", "198.18.20.0/24", "192.0.2.100/32", "192.0.2.2/32"] {
+            assert!(to_main(dst), "{dst}: {:?}", actual.rules);
+        }
+        let lookups: Vec<_> = actual.rules.iter().filter(|r| r.table == 109).collect();
+        assert_eq!(lookups.len(), 2, "one per family: {lookups:?}");
+        assert!(lookups.iter().all(|r| r.priority == 5302 && r.dst.is_none()));
+        assert!(!actual.rules.iter().any(|r| r.fwmark.is_some()), "no fwmark configured");
+        // A network that goes away loses its exception; nothing else changes.
+        actual.connected.remove(&net("198.18.20.0/24"));
+        let plan = converge(&d, &mut actual);
+        assert_eq!((plan.changes.rules_removed, plan.changes.rules_added), (1, 0));
+        assert!(plan.remove_routes.is_empty() && plan.replace_routes.is_empty());
+        // With a fwmark, marked packets (the tunnel's own) look up main first.
+        let marked = Local { fwmark: Some(0x6d), ..local() };
+        converge(&Desired::new(&v, &marked), &mut actual);
+        assert_eq!(actual.rules.iter().filter(|r| r.fwmark == Some(0x6d) && r.priority == 5300).count(), 2);
+        // Routes an older release left in main are removed, once.
+        actual.stale_routes.insert(net("198.18.20.0/24"));
+        let plan = converge(&d, &mut actual);
+        assert_eq!(plan.remove_stale_routes, vec![net("198.18.20.0/24")]);
+        assert!(plan.remove_routes.is_empty());
+        // Table main: the old behaviour, no rules.
+        let main = Local { routing: crate::reconcile::Routing { table: MAIN_TABLE, priority: 5300 }, ..local() };
+        converge(&Desired::new(&v, &main), &mut actual);
+        assert!(actual.rules.is_empty());
     }
 
     #[test]

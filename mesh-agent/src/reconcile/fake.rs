@@ -12,7 +12,7 @@ use mesh_policy::CompiledPolicy;
 
 use super::{Actual, EnforcerError, PolicyDigest, PolicyEnforcer};
 use crate::{
-    net::{Forwarding, LinkState, NetError, NetOps},
+    net::{Forwarding, LinkState, MAIN_TABLE, NetError, NetOps, RouteRule},
     wg::{BackendKind, WgDevice, WgError, WgPeer, WgUpdate, WireGuard},
 };
 
@@ -208,19 +208,42 @@ impl NetOps for FakeNet {
         })
     }
 
-    fn routes(&mut self, _index: u32) -> Result<BTreeSet<IpNet>, NetError> {
-        Ok(lock(&self.state).routes.clone())
+    // The main table's routes are `stale_routes` (what an older release
+    // left there), every other table's are `routes`.
+    fn routes(&mut self, _index: u32, table: u32) -> Result<BTreeSet<IpNet>, NetError> {
+        let s = lock(&self.state);
+        Ok(if table == MAIN_TABLE { s.stale_routes.clone() } else { s.routes.clone() })
     }
 
-    fn replace_route(&mut self, _index: u32, dst: IpNet) -> Result<(), NetError> {
+    fn replace_route(&mut self, _index: u32, table: u32, dst: IpNet) -> Result<(), NetError> {
         self.mutate("replace_route", |s| {
-            s.routes.insert(dst);
+            if table == MAIN_TABLE { &mut s.stale_routes } else { &mut s.routes }.insert(dst);
         })
     }
 
-    fn remove_route(&mut self, _index: u32, dst: IpNet) -> Result<(), NetError> {
+    fn remove_route(&mut self, _index: u32, table: u32, dst: IpNet) -> Result<(), NetError> {
         self.mutate("remove_route", |s| {
-            s.routes.remove(&dst);
+            if table == MAIN_TABLE { &mut s.stale_routes } else { &mut s.routes }.remove(&dst);
+        })
+    }
+
+    fn connected(&mut self, _index: u32) -> Result<BTreeSet<IpNet>, NetError> {
+        Ok(lock(&self.state).connected.clone())
+    }
+
+    fn rules(&mut self) -> Result<BTreeSet<RouteRule>, NetError> {
+        Ok(lock(&self.state).rules.clone())
+    }
+
+    fn add_rule(&mut self, rule: &RouteRule) -> Result<(), NetError> {
+        self.mutate("add_rule", |s| {
+            s.rules.insert(*rule);
+        })
+    }
+
+    fn remove_rule(&mut self, rule: &RouteRule) -> Result<(), NetError> {
+        self.mutate("remove_rule", |s| {
+            s.rules.remove(rule);
         })
     }
 

@@ -13,7 +13,7 @@ pub mod fake;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use ipnet::IpNet;
@@ -25,7 +25,7 @@ pub use enforcer::{EnforcerError, PolicyDigest, PolicyEnforcer};
 
 use crate::{
     keys::{PublicKey, SecretKey},
-    net::{Forwarding, LinkState},
+    net::{Forwarding, LinkState, MAIN_TABLE, RouteRule},
     view::NodeView,
     wg::{WgDevice, WgUpdate},
 };
@@ -42,6 +42,74 @@ pub struct Local {
     /// Whether a policy enforcer is configured (if not, the view's policy is
     /// not enforced, and status says so).
     pub enforce_policy: bool,
+    /// Where mesh routes go and the rules that make them safe.
+    pub routing: Routing,
+    /// Control's addresses: always reached through the main table.
+    pub control_addrs: Vec<IpAddr>,
+}
+
+/// The mesh routing table and its rules, as Tailscale does with table 52
+/// and rules 5210-5270.
+///
+/// Mesh routes go into their own `table`, never into main, so they never
+/// replace a host route and withdrawing one restores nothing by hand. Rules
+/// from `priority` on (before main's 32766), IPv4 and IPv6:
+/// - `priority`: packets carrying the WireGuard socket's fwmark (when one is
+///   configured) look up main: the tunnel's own UDP never enters the tunnel;
+/// - `priority + 1`: one rule per exception, `to <net> lookup main`: control's
+///   address, every peer's underlay endpoint (configured and roamed to), and
+///   every connected network of the host's other links (its underlay and
+///   site LANs). A mesh prefix equal to or covering one of them can never
+///   take that traffic;
+/// - `priority + 2`: everything else looks up `table`; what it has no route
+///   for falls through to main (the default route included).
+///
+/// `table` = 254 (main) turns this off: routes go into main, no rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Routing {
+    /// The mesh routing table.
+    pub table: u32,
+    /// Priority of the first rule (three consecutive priorities are used).
+    pub priority: u32,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self { table: 109, priority: 5300 }
+    }
+}
+
+impl Routing {
+    /// Whether mesh routes go into their own table (with rules).
+    #[must_use]
+    pub const fn own_table(&self) -> bool {
+        self.table != MAIN_TABLE
+    }
+
+    /// The rules for `exceptions` (networks that keep using main) and the
+    /// socket's `fwmark`.
+    #[must_use]
+    pub fn rules(&self, fwmark: Option<u32>, exceptions: &BTreeSet<IpNet>) -> BTreeSet<RouteRule> {
+        let mut out = BTreeSet::new();
+        if !self.own_table() {
+            return out;
+        }
+        for v6 in [false, true] {
+            let rule = |priority, dst, fwmark, table| RouteRule { priority, v6, dst, fwmark, table };
+            if let Some(m) = fwmark {
+                out.insert(rule(self.priority, None, Some(m), MAIN_TABLE));
+            }
+            for e in exceptions.iter().filter(|e| e.addr().is_ipv6() == v6) {
+                out.insert(rule(self.priority + 1, Some(e.trunc()), None, MAIN_TABLE));
+            }
+            out.insert(rule(self.priority + 2, None, None, self.table));
+        }
+        out
+    }
+}
+
+fn host(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
 }
 
 /// One desired peer.
@@ -74,12 +142,29 @@ pub struct Desired {
     pub addresses: BTreeSet<IpNet>,
     /// Peers.
     pub peers: BTreeMap<PublicKey, DesiredPeer>,
-    /// Routes into the interface (host bits cleared).
+    /// Routes into the interface (host bits cleared; never a default route).
     pub routes: BTreeSet<IpNet>,
+    /// The mesh routing table and its rules.
+    pub routing: Routing,
+    /// Networks that always use the main table and do not depend on what
+    /// is observed: control's addresses and the view's peer endpoints.
+    pub exceptions: BTreeSet<IpNet>,
     /// Forwarding on.
     pub forwarding: bool,
     /// Digest of the policy to enforce; `None` when enforcement is off.
     pub policy: Option<PolicyDigest>,
+}
+
+impl Desired {
+    /// The rules wanted given what is observed: the fixed exceptions plus
+    /// the host's connected networks and the endpoints peers roamed to.
+    #[must_use]
+    pub fn rules(&self, actual: &Actual) -> BTreeSet<RouteRule> {
+        let mut exceptions = self.exceptions.clone();
+        exceptions.extend(actual.connected.iter().map(IpNet::trunc));
+        exceptions.extend(actual.wg.peers.values().filter_map(|p| p.endpoint).map(|e| host(e.ip())));
+        self.routing.rules(self.fwmark, &exceptions)
+    }
 }
 
 impl Desired {
@@ -108,7 +193,16 @@ impl Desired {
                     )
                 })
                 .collect(),
-            routes: view.routes.iter().map(IpNet::trunc).collect(),
+            // A default route would take the host's own traffic: never installed.
+            routes: view.routes.iter().map(IpNet::trunc).filter(|r| r.prefix_len() != 0).collect(),
+            routing: local.routing,
+            exceptions: local
+                .control_addrs
+                .iter()
+                .copied()
+                .chain(view.peers.iter().filter_map(|p| p.endpoint).map(|e| e.ip()))
+                .map(host)
+                .collect(),
             forwarding: view.forwarding,
             policy: local.enforce_policy.then(|| PolicyDigest::of(&view.policy)),
         }
@@ -124,8 +218,15 @@ pub struct Actual {
     pub wg: WgDevice,
     /// Addresses on the link.
     pub addresses: BTreeSet<IpNet>,
-    /// The agent's routes out of the link.
+    /// The agent's routes out of the link (in the mesh table).
     pub routes: BTreeSet<IpNet>,
+    /// The agent's routes out of the link in the main table while the mesh
+    /// has its own table: left by a release that routed in main; removed.
+    pub stale_routes: BTreeSet<IpNet>,
+    /// The agent's policy-routing rules.
+    pub rules: BTreeSet<RouteRule>,
+    /// The host's connected networks on other links (see [`Routing`]).
+    pub connected: BTreeSet<IpNet>,
     /// Forwarding switches.
     pub forwarding: Forwarding,
     /// Policy in force.
@@ -148,10 +249,17 @@ pub struct Plan {
     pub add_addresses: Vec<IpNet>,
     /// Set the link up.
     pub up: bool,
+    /// Rules to add (before any route: the exceptions are in place before a
+    /// route could take their traffic).
+    pub add_rules: Vec<RouteRule>,
+    /// Routes to remove from the main table (see [`Actual::stale_routes`]).
+    pub remove_stale_routes: Vec<IpNet>,
     /// Routes to remove.
     pub remove_routes: Vec<IpNet>,
     /// Routes to add or replace.
     pub replace_routes: Vec<IpNet>,
+    /// Rules to remove (after the routes).
+    pub remove_rules: Vec<RouteRule>,
     /// Forwarding switches to turn on.
     pub forwarding: Option<Forwarding>,
     /// The same, counted.
@@ -183,6 +291,10 @@ pub struct Changes {
     pub routes_replaced: usize,
     /// Routes removed.
     pub routes_removed: usize,
+    /// Rules added.
+    pub rules_added: usize,
+    /// Rules removed.
+    pub rules_removed: usize,
     /// Forwarding turned on.
     pub forwarding: bool,
 }

@@ -212,7 +212,8 @@ fn node_json(n: &pb::Node) -> serde_json::Value {
     json!({"id": n.id, "name": n.name, "hostname": n.hostname, "ipv4": n.ipv4, "ipv6": n.ipv6, "tags": n.tags,
         "state": state(n), "online": n.online, "ephemeral": n.ephemeral, "key_expiry_unix": n.key_expiry_unix,
         "key_expiring_soon": n.key_expiring_soon, "last_seen_unix": n.last_seen_unix, "endpoints": n.endpoints,
-        "advertised_routes": n.advertised_routes, "user": n.user, "acked_generation": n.acked_generation})
+        "advertised_routes": n.advertised_routes, "user": n.user, "acked_generation": n.acked_generation,
+        "view_error": n.view_error, "view_error_generation": n.view_error_generation})
 }
 
 fn print_nodes(nodes: &[pb::Node], json_out: bool) {
@@ -245,7 +246,7 @@ fn route_json(r: &pb::Route) -> serde_json::Value {
     json!({"prefix": r.prefix, "node_id": r.node_id, "node": r.node_name, "approved": r.approved,
         "auto_approved": r.auto_approved, "priority": r.priority, "healthy": r.healthy, "primary": r.primary,
         "rank": r.rank, "virtual_addresses": r.virtual_addresses, "snat": r.snat, "owner": r.owner,
-        "owner_since_unix": r.owner_since_unix})
+        "owner_since_unix": r.owner_since_unix, "refusal": r.refusal})
 }
 
 /// "owner since <time>" for the gateway holding the site side, else "-".
@@ -278,7 +279,7 @@ fn print_routes(routes: &[pb::Route], json_out: bool) {
         return;
     }
     table(
-        &["PREFIX", "NODE", "APPROVED", "PRIORITY", "HEALTHY", "ROLE", "SITE ADDRESS"],
+        &["PREFIX", "NODE", "APPROVED", "PRIORITY", "HEALTHY", "ROLE", "SITE ADDRESS", "REFUSED"],
         routes
             .iter()
             .map(|r| {
@@ -291,6 +292,7 @@ fn print_routes(routes: &[pb::Route], json_out: bool) {
                     r.healthy.to_string(),
                     rank(r),
                     site_side(r),
+                    if r.refusal.is_empty() { "-".into() } else { r.refusal.clone() },
                 ]
             })
             .collect(),
@@ -352,7 +354,7 @@ fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_o
     );
     println!("CA pin: {}\n", s.ca_pin);
     table(
-        &["NODE", "IPV4", "STATE", "ONLINE", "BACKEND", "KEY EXPIRY"],
+        &["NODE", "IPV4", "STATE", "ONLINE", "BACKEND", "KEY EXPIRY", "VIEW"],
         nodes
             .iter()
             .map(|n| {
@@ -363,6 +365,12 @@ fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_o
                     if n.online { "yes" } else { "no" }.into(),
                     if n.backend.is_empty() { "-".into() } else { n.backend.clone() },
                     time(n.key_expiry_unix),
+                    // A nack is what an operator must see first.
+                    if n.view_error.is_empty() {
+                        format!("ok (gen {})", n.acked_generation)
+                    } else {
+                        format!("NACK gen {}: {}", n.view_error_generation, n.view_error)
+                    },
                 ]
             })
             .collect(),

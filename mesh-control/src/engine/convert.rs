@@ -9,6 +9,18 @@ use crate::store::{AuditRecord, KeyRecord, NodeRecord, NodeState};
 /// Seven days: a key closer than this to expiry is "expiring soon".
 pub const EXPIRING_SOON_SECS: i64 = 7 * 86_400;
 
+/// Limits as an agent reports them; a 0 (unset) field is no limit.
+#[must_use]
+pub fn limits(l: &pb::DataplaneLimits) -> mesh_policy::tables::Limits {
+    let or_max = |v: u32| if v == 0 { u32::MAX } else { v };
+    mesh_policy::tables::Limits {
+        max_rules: or_max(l.max_rules),
+        max_cidrs: or_max(l.max_cidrs),
+        max_dst_entries: or_max(l.max_dst_entries),
+        max_policy_entries: or_max(l.max_policy_entries),
+    }
+}
+
 /// A node as the API shows it. `volatile` includes presence fields (left
 /// out of agent views so presence changes do not push new generations).
 #[must_use]
@@ -41,6 +53,8 @@ pub fn node(n: &NodeRecord, now: i64, volatile: bool) -> pb::Node {
         user: n.owner.clone(),
         acked_generation: 0,
         backend: String::new(),
+        view_error: String::new(),
+        view_error_generation: 0,
     }
 }
 

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub refreshes: AtomicU64,
     /// Changes of a prefix's primary gateway.
     pub primary_changes: AtomicU64,
+    /// Acks carrying an error (an agent could not fully apply a view).
+    pub nacks: AtomicU64,
     latency: Mutex<Histogram>,
 }
 

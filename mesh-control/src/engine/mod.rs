@@ -84,6 +84,10 @@ struct State {
     health: HashMap<u64, (Instant, pb::HealthReport)>,
     /// Failover reports per node in the current minute (rate limit).
     failover_reports: HashMap<u64, (Instant, u32)>,
+    /// Per node, its last nack (generation, reason) until it applies a view.
+    nacks: HashMap<u64, (u64, String)>,
+    /// Per node, the data path limits its agent reported (capability 3).
+    limits: HashMap<u64, mesh_policy::tables::Limits>,
 }
 
 /// A prefix whose primary gateway changed in a recompute.
@@ -207,10 +211,49 @@ impl Engine {
         st.slots.entry(node).or_insert_with(|| watch::channel(current).0).subscribe()
     }
 
+    /// Records that `node` could not fully apply `generation` (an ack with
+    /// an error): kept, shown and exported until the node applies a view.
+    pub fn nack(&self, node: u64, generation: u64, error: &str) {
+        // The reason is the agent's text: bounded before it is kept.
+        let error: String = error.chars().take(500).collect();
+        self.metrics.nacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().nacks.insert(node, (generation, error));
+    }
+
+    /// The node's last nack (generation, reason), if it has not applied a
+    /// view since.
+    #[must_use]
+    pub fn nacked(&self, node: u64) -> Option<(u64, String)> {
+        self.lock().nacks.get(&node).cloned()
+    }
+
+    /// Every node currently nacking, by id.
+    #[must_use]
+    pub fn nacks(&self) -> BTreeMap<u64, (u64, String)> {
+        self.lock().nacks.iter().map(|(id, n)| (*id, n.clone())).collect()
+    }
+
+    /// Keeps the data path limits a node's agent reported (`None`: the agent
+    /// reports none, nothing is checked for it).
+    pub fn set_limits(&self, node: u64, limits: Option<mesh_policy::tables::Limits>) {
+        let mut st = self.lock();
+        match limits {
+            Some(l) => st.limits.insert(node, l),
+            None => st.limits.remove(&node),
+        };
+    }
+
+    /// The limits of every node whose agent reported them.
+    #[must_use]
+    pub fn limits(&self) -> HashMap<u64, mesh_policy::tables::Limits> {
+        self.lock().limits.clone()
+    }
+
     /// Records an ack; returns whether it acknowledged the latest view.
     pub fn ack(&self, node: u64, generation: u64) -> bool {
         let mut st = self.lock();
         st.acked.insert(node, generation);
+        st.nacks.remove(&node);
         match st.views.get(&node) {
             Some(p) if p.view.generation == generation => {
                 self.metrics.observe_push_latency(p.at.elapsed());
@@ -399,6 +442,8 @@ impl Engine {
             st.views.remove(&id);
             st.acked.remove(&id);
             st.health.remove(&id);
+            st.nacks.remove(&id);
+            st.limits.remove(&id);
             if let Some(tx) = st.slots.remove(&id) {
                 tx.send_replace(None);
             }

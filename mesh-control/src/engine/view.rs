@@ -42,6 +42,7 @@ pub struct Views {
 /// The active nodes as the policy compiler sees them, in id order.
 #[must_use]
 pub fn inventory(snap: &Snapshot, now: i64) -> Vec<InventoryNode> {
+    let usable = crate::route_check::usable_routes(snap);
     snap.nodes
         .iter()
         .filter(|n| n.active(now))
@@ -51,7 +52,7 @@ pub fn inventory(snap: &Snapshot, now: i64) -> Vec<InventoryNode> {
             addrs: vec![IpAddr::V4(n.ipv4), IpAddr::V6(n.ipv6)],
             tags: n.tags.clone(),
             user: n.owner.clone(),
-            routes: snap.routes.iter().filter(|r| r.approved && r.node_id == n.id).map(|r| r.prefix).collect(),
+            routes: usable.iter().filter(|r| r.node_id == n.id).map(|r| r.prefix).collect(),
         })
         .collect()
 }
@@ -63,8 +64,9 @@ pub fn compute(input: &ViewInput<'_>, selector: &mut RouteSelector) -> Views {
     let now = input.now;
     let active: Vec<&crate::store::NodeRecord> = snap.nodes.iter().filter(|n| n.active(now)).collect();
     let active_ids: BTreeSet<u64> = active.iter().map(|n| n.id).collect();
+    // Refused prefixes (see `route_check`) are left out like unapproved ones.
     let approved_routes: Vec<&crate::store::RouteRecord> =
-        snap.routes.iter().filter(|r| r.approved && active_ids.contains(&r.node_id)).collect();
+        crate::route_check::usable_routes(snap).into_iter().filter(|r| active_ids.contains(&r.node_id)).collect();
 
     // Route order per prefix.
     let mut by_prefix: BTreeMap<IpNet, Vec<Candidate>> = BTreeMap::new();

@@ -28,6 +28,10 @@ pub enum ProblemKind {
     /// The text is not HuJSON.
     #[error("syntax: {0}")]
     Syntax(String),
+    /// A node's compiled rules do not fit the data path limits its agent
+    /// reported (see [`super::check_limits`]).
+    #[error("too large for {0}")]
+    Limit(String),
     /// A key this policy format does not have.
     #[error("unknown field {0:?}")]
     UnknownField(String),

@@ -10,10 +10,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, bearer, cidr};
+use super::{ApiError, bearer, cidr, record_refusal};
 use crate::auth::{self, EnrollmentKeyText};
 use crate::engine::{Engine, convert, now, view};
 use crate::policy::{self, Policy, compile};
+use crate::route_check;
 use crate::store::{AuditFilter, KeyRecord, NodeRecord};
 
 /// Default enrollment key lifetime: one day.
@@ -64,6 +65,10 @@ impl AdminApi {
         let mut m = convert::node(n, now(), true);
         m.acked_generation = self.engine.acked(n.id);
         m.backend = self.engine.backend(n.id).unwrap_or_default();
+        if let Some((generation, error)) = self.engine.nacked(n.id) {
+            m.view_error = error;
+            m.view_error_generation = generation;
+        }
         m.advertised_routes =
             self.engine.snapshot().routes.iter().filter(|r| r.node_id == n.id).map(|r| r.prefix.to_string()).collect();
         m
@@ -101,6 +106,7 @@ impl AdminApi {
     fn routes(&self) -> Vec<pb::Route> {
         let snap = self.engine.snapshot();
         let order = self.engine.route_order();
+        let conflicts = route_check::conflicts(&snap);
         snap.routes
             .iter()
             .map(|r| {
@@ -109,6 +115,11 @@ impl AdminApi {
                 // up: it owns nothing any more.
                 let owner = r.owner && node.is_some_and(|n| n.online);
                 pb::Route {
+                    refusal: conflicts
+                        .get(&(r.node_id, r.prefix))
+                        .filter(|c| !route_check::usable(r, Some(c)))
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
                     prefix: r.prefix.to_string(),
                     node_id: r.node_id,
                     node_name: node.map(|n| n.name.clone()).unwrap_or_default(),
@@ -138,10 +149,14 @@ impl AdminApi {
             .ok_or_else(|| ApiError::NotFound("route".into()))
     }
 
-    /// Parses and tests a candidate against the current nodes.
+    /// Parses and tests a candidate against the current nodes, then checks
+    /// that every node's compiled rules fit the limits its agent reported.
     fn check(&self, text: &str) -> Result<(Policy, u32), Vec<policy::Problem>> {
         let inv = view::inventory(&self.engine.snapshot(), now());
-        policy::check(text, &inv)
+        let (policy, passed) = policy::check(text, &inv)?;
+        let (_, generation) = self.engine.policy();
+        let problems = policy::check_limits(&policy, &inv, generation + 1, &self.engine.limits());
+        if problems.is_empty() { Ok((policy, passed)) } else { Err(problems) }
     }
 
     fn problems_status(problems: &[policy::Problem]) -> ApiError {
@@ -168,7 +183,12 @@ impl AdminApi {
                 routes: Vec::new(),
             };
             if policy::auto_approved(policy, &inv, r.prefix) {
-                self.engine.store().auto_approve_route(r.node_id, &r.prefix, actor, now()).await?;
+                match route_check::conflict(&snap, r.node_id, r.prefix) {
+                    None => {
+                        self.engine.store().auto_approve_route(r.node_id, &r.prefix, actor, now()).await?;
+                    }
+                    Some(c) => record_refusal(&self.engine, actor, r.node_id, &r.prefix, &c).await?,
+                }
             }
         }
         Ok(())
@@ -320,6 +340,15 @@ impl AdminService for AdminApi {
         let actor = self.authorize(&req).await?;
         let prefix = cidr(&req.get_ref().prefix)?;
         let node = req.get_ref().node_id;
+        // An admin's approval is the explicit one that overrides a soft
+        // conflict; a hard one (default route, overlay range) stays refused.
+        if let Some(c) = route_check::conflict(&self.engine.snapshot(), node, prefix) {
+            if !c.overridable() {
+                record_refusal(&self.engine, &actor, node, &prefix, &c).await?;
+                return Err(ApiError::FailedPrecondition(format!("route refused: {c}")).into());
+            }
+            tracing::warn!(node, %prefix, %actor, conflict = %c, "admin approves a route over a conflict");
+        }
         self.engine.store().approve_route(node, &prefix, &actor, now()).await.map_err(ApiError::from)?;
         self.engine.refresh().await.map_err(ApiError::from)?;
         Ok(Response::new(self.route_msg(node, &prefix)?))

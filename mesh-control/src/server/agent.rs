@@ -10,10 +10,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ApiError, bearer, cidr};
+use super::{ApiError, bearer, cidr, record_refusal};
 use crate::auth::{self, EnrollmentKeyText};
 use crate::engine::{Engine, convert, now};
 use crate::policy::{self, InventoryNode};
+use crate::route_check;
 use crate::store::{KeyRecord, NewNode, NodeRecord};
 
 /// The agent-facing service.
@@ -45,9 +46,15 @@ impl AgentApi {
 
     /// Which of `prefixes` autoApprovers approves for a node with `tags`
     /// and `owner`.
+    /// A prefix with a conflict (see [`route_check`]) is never auto-approved.
     fn auto_approver(&self) -> impl Fn(&KeyRecord, &ipnet::IpNet) -> bool + use<> {
         let (policy, _) = self.engine.policy();
+        let snap = self.engine.snapshot();
         move |key: &KeyRecord, prefix: &ipnet::IpNet| {
+            // A node being enrolled has no id yet: every route is another node's.
+            if route_check::conflict(&snap, 0, *prefix).is_some() {
+                return false;
+            }
             let node = InventoryNode {
                 id: 0,
                 name: String::new(),
@@ -91,6 +98,12 @@ impl AgentApi {
         };
         tracing::info!(node = node.id, name = %node.name, state = ?node.state, "node enrolled");
         self.engine.refresh().await?;
+        let snap = self.engine.snapshot();
+        for r in snap.routes.iter().filter(|r| r.node_id == node.id) {
+            if let Some(c) = route_check::conflict(&snap, node.id, r.prefix) {
+                record_refusal(&self.engine, &format!("node/{}", node.id), node.id, &r.prefix, &c).await?;
+            }
+        }
         Ok(pb::EnrollResponse {
             capabilities: Some(mesh_proto::capabilities("mesh-control")),
             node: Some(convert::node(&node, now(), true)),
@@ -119,10 +132,12 @@ impl AgentApi {
         match msg {
             Msg::Hello(_) => Err(ApiError::InvalidArgument("hello sent twice".into())),
             Msg::Ack(ack) => {
-                if !ack.error.is_empty() {
+                if ack.error.is_empty() {
+                    self.engine.ack(node, ack.generation);
+                } else {
                     tracing::warn!(node, generation = ack.generation, error = %ack.error, "agent could not apply a view");
+                    self.engine.nack(node, ack.generation, &ack.error);
                 }
-                self.engine.ack(node, ack.generation);
                 Ok(())
             }
             Msg::Health(report) => {
@@ -164,13 +179,22 @@ impl AgentApi {
                     user: record.owner.clone(),
                     routes: Vec::new(),
                 };
-                let prefixes = adv
-                    .prefixes
-                    .iter()
-                    .map(|p| cidr(p).map(|n| (n, policy::auto_approved(&policy, &me, n))))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let snap = self.engine.snapshot();
+                // autoApprovers never approve a refused prefix: it waits for
+                // an admin (who may override a soft conflict).
+                let mut refused = Vec::new();
+                let mut prefixes = Vec::new();
+                for p in &adv.prefixes {
+                    let n = cidr(p)?;
+                    let conflict = route_check::conflict(&snap, node, n);
+                    let known = snap.routes.iter().any(|r| r.node_id == node && r.prefix == n);
+                    prefixes.push((n, conflict.is_none() && policy::auto_approved(&policy, &me, n)));
+                    if let Some(c) = conflict.filter(|_| !known) {
+                        refused.push((n, c));
+                    }
+                }
                 self.engine.store().set_advertised(node, &prefixes, now()).await?;
-                let snap = self.engine.store().snapshot().await?;
+                let stored = self.engine.store().snapshot().await?;
                 for o in &adv.options {
                     let prefix = cidr(&o.prefix)?;
                     if !prefixes.iter().any(|(p, _)| *p == prefix) {
@@ -190,10 +214,13 @@ impl AgentApi {
                         }
                         addrs.push(ip.to_string());
                     }
-                    let known = snap.routes.iter().find(|r| r.node_id == node && r.prefix == prefix);
+                    let known = stored.routes.iter().find(|r| r.node_id == node && r.prefix == prefix);
                     if known.is_some_and(|r| r.virtual_addresses != addrs || r.snat != o.snat) {
                         self.engine.store().set_route_options(node, &prefix, addrs, o.snat, now()).await?;
                     }
+                }
+                for (n, c) in &refused {
+                    record_refusal(&self.engine, &format!("node/{node}"), node, n, c).await?;
                 }
                 self.engine.refresh().await?;
                 Ok(())
@@ -268,6 +295,8 @@ impl AgentService for AgentApi {
             return Err(ApiError::PermissionDenied("this credential belongs to another node".into()).into());
         }
         let id = node.id;
+        let limits = hello.capabilities.as_ref().and_then(|c| c.limits.as_ref()).map(convert::limits);
+        self.engine.set_limits(id, limits);
         let endpoints = (!hello.endpoints.is_empty()).then_some(hello.endpoints);
         if self.engine.stream_opened(id) == 1 || endpoints.is_some() {
             self.engine.store().set_presence(id, true, endpoints, now()).await.map_err(ApiError::from)?;

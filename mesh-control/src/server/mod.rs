@@ -8,8 +8,11 @@
 pub mod admin;
 pub mod agent;
 
+use ipnet::IpNet;
 use tonic::Status;
 
+use crate::engine::{Engine, now};
+use crate::route_check::RouteConflict;
 use crate::store::StoreError;
 
 /// A service error; converts to the matching [`Status`].
@@ -70,4 +73,30 @@ pub(crate) fn bearer<T>(req: &tonic::Request<T>) -> Option<String> {
 /// Parses a CIDR from a request.
 pub(crate) fn cidr(s: &str) -> Result<ipnet::IpNet, ApiError> {
     crate::policy::model::parse_cidr(s).ok_or_else(|| ApiError::InvalidArgument(format!("bad CIDR {s:?}")))
+}
+
+/// Records in the audit log that `node`'s `prefix` was refused (action
+/// `route.refused`, the reason in `after`), and logs it.
+pub(crate) async fn record_refusal(
+    engine: &Engine,
+    actor: &str,
+    node: u64,
+    prefix: &IpNet,
+    conflict: &RouteConflict,
+) -> Result<(), ApiError> {
+    tracing::warn!(node, %prefix, %actor, reason = %conflict, "route refused");
+    let after = serde_json::json!({ "node_id": node, "prefix": prefix.to_string(), "reason": conflict.to_string() });
+    engine
+        .store()
+        .record_event(
+            actor,
+            "route.refused",
+            &format!("route/{node}/{prefix}"),
+            String::new(),
+            after.to_string(),
+            now(),
+        )
+        .await?;
+    engine.audit_changed();
+    Ok(())
 }

@@ -46,6 +46,17 @@ const MAX_ADDR_INDEX: i64 = 0x003f_feff;
 /// The ULA /48 of the overlay.
 const V6_BASE: u128 = 0xfd7a_6d65_7368_0000_0000_0000_0000_0000;
 
+/// The overlay ranges every node address is allocated from: the shared
+/// address space 100.64.0.0/10 and the overlay's ULA /48. Site routes may
+/// not overlap them (see [`crate::route_check`]).
+#[must_use]
+pub fn overlay_ranges() -> [IpNet; 2] {
+    [
+        IpNet::new(Ipv4Addr::from(V4_BASE).into(), 10).expect("a /10 is a valid prefix"),
+        IpNet::new(Ipv6Addr::from(V6_BASE).into(), 48).expect("a /48 is a valid prefix"),
+    ]
+}
+
 /// The overlay addresses of address index `i`.
 #[must_use]
 pub fn overlay_addrs(i: u32) -> (Ipv4Addr, Ipv6Addr) {
@@ -666,9 +677,15 @@ impl Store {
         Ok(after)
     }
 
-    /// Approves a route.
+    /// Approves a route explicitly (an admin): it is no longer marked
+    /// auto-approved, which is what lets it override a soft conflict (see
+    /// [`crate::route_check`]).
     pub async fn approve_route(&self, node: u64, prefix: &IpNet, actor: &str, now: i64) -> Result<RouteRecord> {
-        self.update_route(node, prefix, actor, "route.approve", now, |r| r.approved = true).await
+        self.update_route(node, prefix, actor, "route.approve", now, |r| {
+            r.approved = true;
+            r.auto_approved = false;
+        })
+        .await
     }
 
     /// Approves a route because an autoApprovers entry now covers it.

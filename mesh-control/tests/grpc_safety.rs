@@ -1,0 +1,200 @@
+//! In-process gRPC: what keeps one node from hurting the others. Site
+//! prefixes that could capture other traffic are refused with a reason
+//! (`meshctl routes`, the audit log, `ApproveRoute`); a policy that does not
+//! fit an agent's reported data path limits is refused up front; an agent's
+//! nack shows in the node, in `meshctl status` and in the metrics.
+
+use std::time::Duration;
+
+use mesh_control::client::{Trust, connect};
+use mesh_control::config::Config;
+use mesh_control::run::{Running, start};
+use mesh_control::sim::{Bearer, SimAgent};
+use mesh_proto::v1 as pb;
+use mesh_proto::v1::admin_service_client::AdminServiceClient;
+use tonic::Code;
+
+type Admin = AdminServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+
+async fn control(dir: &std::path::Path) -> (Running, Admin) {
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_owned(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        admin_socket: Some(dir.join("admin.sock")),
+        poll_interval_ms: 100,
+        ..Config::default()
+    };
+    let c = start(&config).await.expect("control starts");
+    let ch = connect(&c.addr.to_string(), &Trust::CaPem(c.ca_pem.clone())).await.unwrap();
+    let a = AdminServiceClient::with_interceptor(ch, Bearer(c.bootstrap_admin_token.clone()));
+    (c, a)
+}
+
+const POLICY: &str = r#"{
+  "tagOwners": {"tag:gw": [], "tag:app": []},
+  "acls": [{"action": "accept", "src": ["tag:app"], "dst": ["tag:gw:*"]}],
+  "autoApprovers": {"routes": {"198.18.0.0/15": ["tag:gw"]}},
+}"#;
+
+async fn key(a: &mut Admin, tags: &[&str]) -> String {
+    let req = pb::CreateEnrollmentKeyRequest {
+        reusable: true,
+        preapproved: true,
+        tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        ..Default::default()
+    };
+    a.create_enrollment_key(req).await.unwrap().into_inner().secret
+}
+
+async fn route(a: &mut Admin, node: u64, prefix: &str) -> pb::Route {
+    let routes = a.list_routes(pb::Empty {}).await.unwrap().into_inner().routes;
+    routes.into_iter().find(|r| r.node_id == node && r.prefix == prefix).unwrap_or_else(|| panic!("{prefix} of {node}"))
+}
+
+async fn meshctl(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .arg("--socket")
+        .arg(dir.join("admin.sock"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_prefixes_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, mut a) = control(dir.path()).await;
+    let addr = c.addr.to_string();
+    a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
+    let k = key(&mut a, &["tag:gw"]).await;
+    let fsn1 = SimAgent::enroll(&addr, &k, "fsn-gw1", &["198.18.20.0/24"]).await.unwrap();
+    // Its sibling gateway serves the same /24 (HA): allowed.
+    let fsn2 = SimAgent::enroll(&addr, &k, "fsn-gw2", &["198.18.20.0/24"]).await.unwrap();
+    // Another site's gateway claims half of fsn's /24, and an overlay range.
+    let nyc = SimAgent::enroll(&addr, &k, "nyc-gw1", &["198.18.10.0/24", "198.18.20.128/25"]).await.unwrap();
+
+    assert!(route(&mut a, fsn1.node.id, "198.18.20.0/24").await.approved);
+    let r = route(&mut a, fsn2.node.id, "198.18.20.0/24").await;
+    assert!(r.approved && r.refusal.is_empty(), "{r:?}");
+    assert!(route(&mut a, nyc.node.id, "198.18.10.0/24").await.approved);
+    let r = route(&mut a, nyc.node.id, "198.18.20.128/25").await;
+    assert!(!r.approved, "autoApprovers do not approve a conflicting prefix: {r:?}");
+    assert_eq!(r.refusal, "198.18.20.128/25 is inside 198.18.20.0/24 approved for fsn-gw1");
+
+    // The stream can advertise one too: refused and audited with the reason.
+    let s = nyc.sync().await.unwrap();
+    s.advertise(&["198.18.10.0/24", "198.18.20.128/25", "100.64.9.0/24"]).await.unwrap();
+    let mut refused = Vec::new();
+    for _ in 0..50 {
+        let req = pb::ListAuditRequest { action_prefix: "route.refused".into(), ..Default::default() };
+        refused = a.list_audit(req).await.unwrap().into_inner().entries;
+        if refused.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reasons: Vec<&str> = refused.iter().map(|e| e.after.as_str()).collect();
+    assert!(reasons.iter().any(|r| r.contains("is inside 198.18.20.0/24 approved for fsn-gw1")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("100.64.9.0/24 is inside the overlay range 100.64.0.0/10")),
+        "{reasons:?}"
+    );
+
+    // An admin cannot approve an overlay prefix...
+    let err = a.approve_route(pb::RouteRef { node_id: nyc.node.id, prefix: "100.64.9.0/24".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("inside the overlay range 100.64.0.0/10"), "{}", err.message());
+    // ...and `meshctl routes` says why each refused prefix is not routed.
+    let text = meshctl(dir.path(), &["routes"]).await;
+    assert!(text.lines().any(|l| l.starts_with("198.18.20.128/25") && l.contains("approved for fsn-gw1")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("100.64.9.0/24") && l.contains("overlay range")), "{text}");
+    assert!(!c.engine.route_order().contains_key(&"198.18.20.128/25".parse().unwrap()), "not routed");
+
+    // An admin's explicit approval overrides the more-specific conflict.
+    let r = a
+        .approve_route(pb::RouteRef { node_id: nyc.node.id, prefix: "198.18.20.128/25".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.approved && !r.auto_approved && r.refusal.is_empty(), "{r:?}");
+    assert_eq!(c.engine.route_order().get(&"198.18.20.128/25".parse().unwrap()), Some(&vec![nyc.node.id]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_limit_policy_is_refused_and_nacks_are_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, mut a) = control(dir.path()).await;
+    let addr = c.addr.to_string();
+    a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
+    let gw = SimAgent::enroll(&addr, &key(&mut a, &["tag:gw"]).await, "fsn-gw1", &[]).await.unwrap();
+    let app = SimAgent::enroll(&addr, &key(&mut a, &["tag:app"]).await, "app-1", &[]).await.unwrap();
+    // fsn-gw1's agent can hold 2 rules.
+    let limits = pb::DataplaneLimits { max_rules: 2, ..Default::default() };
+    let mut s = gw.sync_with_limits(limits).await.unwrap();
+    let first = s.next(Duration::from_secs(5)).await.unwrap().expect("a snapshot");
+
+    // Three ACL entries towards the gateway compile to more than two rules for it.
+    let big = POLICY.replace(
+        r#""acls": [{"action": "accept", "src": ["tag:app"], "dst": ["tag:gw:*"]}],"#,
+        r#""acls": [
+            {"action": "accept", "src": ["tag:app"], "dst": ["tag:gw:22"]},
+            {"action": "accept", "src": ["tag:app"], "dst": ["tag:gw:80"]},
+            {"action": "accept", "src": ["tag:app"], "dst": ["tag:gw:443"]},
+        ],"#,
+    );
+    let v = a.validate_policy(pb::PolicyDocument { text: big.clone(), generation: 0 }).await.unwrap().into_inner();
+    assert!(!v.ok);
+    let msg = &v.problems[0].message;
+    assert!(msg.contains("fsn-gw1") && msg.contains(" rules; the data path holds at most 2"), "{msg}");
+    let err = a.set_policy(pb::PolicyDocument { text: big, generation: 0 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("node fsn-gw1") && err.message().contains("at most 2"), "{}", err.message());
+    assert_eq!(a.get_policy(pb::Empty {}).await.unwrap().into_inner().text, POLICY, "nothing changed");
+    let _ = app;
+
+    // The agent could not apply a view: the nack shows until it applies one.
+    s.nack(first, "reconcile step \"enforce policy\" failed: map full").await.unwrap();
+    let mut node = pb::Node::default();
+    for _ in 0..50 {
+        node = a.get_node(pb::NodeRef { id: gw.node.id, name: String::new() }).await.unwrap().into_inner();
+        if !node.view_error.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(node.view_error_generation, first);
+    assert!(node.view_error.contains("map full"), "{node:?}");
+    let text = meshctl(dir.path(), &["status"]).await;
+    assert!(text.lines().any(|l| l.starts_with("fsn-gw1 (") && l.contains(&format!("NACK gen {first}: "))), "{text}");
+    let metrics = http_get(c.metrics_addr.unwrap(), "/metrics").await;
+    assert!(metrics.contains("mesh_control_nodes_nacking 1"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("mesh_control_node_view_nacked{{node=\"fsn-gw1\",node_id=\"{}\"}} 1", gw.node.id))
+    );
+    assert!(metrics.contains("mesh_control_view_nacks_total 1"), "{metrics}");
+
+    s.ack(first).await.unwrap();
+    for _ in 0..50 {
+        if c.engine.nacked(gw.node.id).is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.engine.nacked(gw.node.id), None, "an applied view clears the nack");
+    let metrics = http_get(c.metrics_addr.unwrap(), "/metrics").await;
+    assert!(metrics.contains("mesh_control_nodes_nacking 0"), "{metrics}");
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
