@@ -466,8 +466,9 @@ impl Dataplane {
 /// beside it first, then renamed over it, so the path never names nothing
 /// and the old link is released only once the new one is pinned.
 fn pin_replacing(link: FdLink, pin: &Path, what: &str) -> Result<(), DataplaneError> {
+    // bpffs refuses names with a dot ("reserved for future use").
     let mut fresh = pin.as_os_str().to_owned();
-    fresh.push(".new");
+    fresh.push("-new");
     let fresh = PathBuf::from(fresh);
     // A leftover of an interrupted replacement.
     let _ = std::fs::remove_file(&fresh);

@@ -26,6 +26,7 @@ mod counter;
 mod counters;
 mod engine;
 mod error;
+pub mod flood;
 mod guard;
 mod sys;
 
