@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use anyhow::{Context as _, anyhow};
 use mesh_agent::dataplane::{
     Dataplane,
-    flood::{Flood, self_addressed, udp4_frame},
+    flood::{Flood, self_addressed, wireguard_flood},
 };
 use mesh_lab::{
     Host, Lab, Switch,
@@ -85,22 +85,15 @@ pub(crate) fn check(
     let ping_to = echo.ip().to_string();
     let idle = path_quality(app, echo, &ping_to, SECS).context("measuring the path without a sender")?;
 
-    let (gw_mac, tx_mac) = (gw.mac("eth0")?, flooder.mac("eth0")?);
-    let mut initiation = vec![0u8; 148];
-    initiation[0] = 1;
-    // Junk: no WireGuard message type (the high bit is set in every byte).
-    let junk: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80).collect();
-    let frames: Vec<Vec<u8>> =
-        [initiation, junk].iter().map(|p| udp4_frame(gw_mac, tx_mac, FLOODER, gw_ip, 51820, p)).collect();
+    let frames = wireguard_flood(gw.mac("eth0")?, flooder.mac("eth0")?, FLOODER, gw_ip, 51820);
     // The sender shares the lab machine's CPUs with the tunnel: the
     // unflooded rate is measured while it sends the same frames addressed
     // back to itself (the switch drops them), so both runs pay the sender's
     // CPU and the difference is what the flood costs the gateway.
     let run = |frames: Vec<Vec<u8>>| -> anyhow::Result<(PathQuality, f64)> {
         let host = flooder.clone();
-        let flood = Flood::start(move || host.enter_current_thread().map_err(std::io::Error::other), "eth0", frames)?;
-        let q = path_quality(app, echo, &ping_to, SECS);
-        let sent = flood.stop()?;
+        let enter = move || host.enter_current_thread().map_err(std::io::Error::other);
+        let (q, sent) = Flood::during(enter, "eth0", frames, || path_quality(app, echo, &ping_to, SECS))?;
         Ok((q?, sent.pps() / 1e3))
     };
     let (calm, _) = run(frames.iter().map(|f| self_addressed(f)).collect()).context("the unflooded path")?;

@@ -13,7 +13,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use e2e_support::{BpfFs, Control, Gateway, Tuning, admin, rt, wait_for};
 use mesh_agent::dataplane::{
     Dataplane,
-    flood::{Flood, self_addressed, udp4_frame},
+    flood::{Flood, self_addressed, wireguard_flood},
 };
 use mesh_lab::{
     Lab,
@@ -115,12 +115,7 @@ fn two_way_traffic_through_a_flooded_gateway_keeps_its_rate() {
     let idle = path_quality(&app, echo, "198.18.20.10", SECS).unwrap();
 
     let (gw_mac, tx_mac) = (nyc.mac("eth0").unwrap(), flooder.mac("eth0").unwrap());
-    let (src, dst) = (Ipv4Addr::new(192, 0, 2, 66), Ipv4Addr::new(192, 0, 2, 11));
-    let mut initiation = vec![0u8; 148];
-    initiation[0] = 1;
-    let junk: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80).collect();
-    let frames: Vec<Vec<u8>> =
-        [initiation, junk].iter().map(|p| udp4_frame(gw_mac, tx_mac, src, dst, 51820, p)).collect();
+    let frames = wireguard_flood(gw_mac, tx_mac, Ipv4Addr::new(192, 0, 2, 66), Ipv4Addr::new(192, 0, 2, 11), 51820);
     // The sender shares this machine's two CPUs with the tunnel: the
     // unflooded rate is measured while the generator sends the same frames
     // addressed back to itself (the switch drops them at its port), so both
@@ -128,10 +123,10 @@ fn two_way_traffic_through_a_flooded_gateway_keeps_its_rate() {
     // the gateway. The rate without any sender is printed too.
     let run = |frames: Vec<Vec<u8>>| {
         let host = flooder.clone();
-        let flood =
-            Flood::start(move || host.enter_current_thread().map_err(std::io::Error::other), "eth0", frames).unwrap();
-        let q = path_quality(&app, echo, "198.18.20.10", SECS).unwrap();
-        (q, flood.stop().unwrap())
+        let enter = move || host.enter_current_thread().map_err(std::io::Error::other);
+        let (q, sent) =
+            Flood::during(enter, "eth0", frames, || path_quality(&app, echo, "198.18.20.10", SECS)).unwrap();
+        (q.unwrap(), sent)
     };
     let (calm, control) = run(frames.iter().map(|f| self_addressed(f)).collect());
     let before = gn.guard_count("DropRateLimited");

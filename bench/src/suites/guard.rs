@@ -132,7 +132,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
 /// Legit two-way traffic through a tunnel to the flooded gateway, guard on
 /// and off (see the module doc).
 fn legit_under_flood(ctx: &Ctx, results: &mut Results, runs: u32, secs: f64) -> anyhow::Result<()> {
-    use mesh_agent::dataplane::flood::{Flood, self_addressed};
+    use mesh_agent::dataplane::flood::{Flood, self_addressed, wireguard_flood};
     use mesh_lab::traffic::{echo_servers, path_quality};
 
     use super::tunnel::{LEFT_UNDERLAY, RIGHT_OVERLAY, RIGHT_UNDERLAY, ours};
@@ -160,11 +160,13 @@ fn legit_under_flood(ctx: &Ctx, results: &mut Results, runs: u32, secs: f64) -> 
     let _tunnel = ours::up(&lab, &left, &right, "")?;
     let echo = format!("{RIGHT_OVERLAY}:7000").parse()?;
     echo_servers(&right, &[echo])?;
-    let (gw_mac, tx_mac) = (right.mac("eth0")?, tx.mac("eth0")?);
-    let (src, dst) = (Ipv4Addr::new(192, 0, 2, 10), RIGHT_UNDERLAY.parse()?);
-    let junk: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80).collect();
-    let frames: Vec<Vec<u8>> =
-        [initiation(), junk].iter().map(|p| wire_frame(gw_mac, tx_mac, src, dst, WG_PORT, p)).collect();
+    let frames = wireguard_flood(
+        right.mac("eth0")?,
+        tx.mac("eth0")?,
+        Ipv4Addr::new(192, 0, 2, 10),
+        RIGHT_UNDERLAY.parse()?,
+        WG_PORT,
+    );
     let peer: std::net::IpAddr = LEFT_UNDERLAY.parse()?;
     for run in 0..runs {
         for variant in ["none", "xdp-guard"] {
@@ -187,10 +189,9 @@ fn legit_under_flood(ctx: &Ctx, results: &mut Results, runs: u32, secs: f64) -> 
             // the same plus what reaches the gateway.
             let run_with = |frames: Vec<Vec<u8>>| -> anyhow::Result<(mesh_lab::traffic::PathQuality, f64)> {
                 let host = tx.clone();
-                let flood =
-                    Flood::start(move || host.enter_current_thread().map_err(std::io::Error::other), "eth0", frames)?;
-                let q = path_quality(&left, echo, RIGHT_OVERLAY, secs);
-                let sent = flood.stop()?;
+                let enter = move || host.enter_current_thread().map_err(std::io::Error::other);
+                let (q, sent) =
+                    Flood::during(enter, "eth0", frames, || path_quality(&left, echo, RIGHT_OVERLAY, secs))?;
                 Ok((q?, sent.pps()))
             };
             let (calm, _) = run_with(frames.iter().map(|f| self_addressed(f)).collect())?;

@@ -57,6 +57,20 @@ pub fn udp4_frame(
     f
 }
 
+/// The flood the tests, the demo and the benchmark send at a gateway's
+/// WireGuard port `port` (`dst`, MAC `dst_mac`) from `src`: a
+/// handshake-initiation-shaped message (type 1, 148 bytes: the guard's size
+/// and type checks pass it, the rate limit must stop it) and 64 bytes of
+/// junk (no message type: the type check drops it).
+#[must_use]
+pub fn wireguard_flood(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> Vec<Vec<u8>> {
+    let mut initiation = vec![0u8; 148];
+    initiation[0] = 1;
+    // The high bit is set in every byte: never a message type.
+    let junk: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80).collect();
+    [initiation, junk].iter().map(|p| udp4_frame(dst_mac, src_mac, src, dst, port, p)).collect()
+}
+
 /// `frame` addressed back to its sender's MAC: a switch drops it at the
 /// sender's own port. Flooding these costs the sender's CPU what the real
 /// flood costs it (generation, the switch's receive and lookup) without
@@ -136,6 +150,19 @@ impl Flood {
                 |r| r.err().unwrap_or_else(|| DataplaneError::Usage("the flood did not start".into())),
             )),
         }
+    }
+
+    /// Runs `measure` while `frames` flood out of `ifname` (see
+    /// [`Flood::start`]); its result and what the flood sent.
+    pub fn during<T>(
+        enter: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+        ifname: &str,
+        frames: Vec<Vec<u8>>,
+        measure: impl FnOnce() -> T,
+    ) -> Result<(T, FloodReport), DataplaneError> {
+        let flood = Self::start(enter, ifname, frames)?;
+        let result = measure();
+        Ok((result, flood.stop()?))
     }
 
     /// Stops the flood; what it sent.
