@@ -14,6 +14,7 @@
 //! code as `mesh-agent run`), one per gateway namespace.
 
 mod control;
+mod flood;
 mod ha;
 mod smoke;
 
@@ -213,6 +214,7 @@ fn agent_config(gw: &Gateway, bpf: &Path, key_file: &Path, underlay: &str, r: &R
     format!(
         "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{state}\"\n\
          enforcement = \"ebpf\"\nbpf_pin_dir = \"{bpf}\"\nkeep_dataplane_on_exit = false\n\
+         underlay_interface = \"eth0\"\n\
          reconcile_interval_secs = 5\nretry_interval_secs = 0.5\nlog = \"info\"\n\
          metrics_listen = \"127.0.0.1:9300\"\n\
          [control]\naddress = \"{ctl}\"\nenrollment_key_file = \"{key}\"\nhostname = \"{name}\"\n\
@@ -491,6 +493,20 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     .is_ok();
     check("every gateway's probes see every other gateway up", all_up);
     print_probe_matrix(&links(&rt)?);
+
+    // The underlay guard (on on every gateway) under a flood at nyc_gw1.
+    println!(
+        "== flood: junk and handshake-initiation-shaped packets at nyc_gw1's WireGuard port, two-way traffic through it"
+    );
+    let nyc_gw1 = &gateways.iter().find(|g| g.name == "nyc_gw1").context("nyc_gw1")?.host;
+    let echo = format!("{}:5432", REGIONS[1].db()).parse()?;
+    match flood::check(&lab, &wan, nyc_gw1, std::net::Ipv4Addr::new(192, 0, 2, 11), &apps[0], echo) {
+        Ok(f) => {
+            println!("  {}", f.summary());
+            check("traffic through a flooded gateway keeps >= 80% of its rate, <= 5% ping loss", f.passed());
+        }
+        Err(e) => check(&format!("the flood check ran ({e:#})"), false),
+    }
 
     // Every site prefix has one owner, its primary, holding the address.
     let routes_now = || {

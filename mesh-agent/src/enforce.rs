@@ -6,7 +6,7 @@
 //! and reconcile installs the desired policy again (an atomic swap to an
 //! equal policy: harmless).
 
-use std::ffi::CString;
+use std::{collections::BTreeSet, ffi::CString, net::IpAddr};
 
 use mesh_policy::CompiledPolicy;
 
@@ -56,14 +56,11 @@ impl PolicyEnforcer for DataplaneEnforcer {
         self.dp.install_policy(policy).map_err(err)?;
         let current = (overlay_if.to_owned(), ifindex(overlay_if));
         if self.attached.as_ref() != Some(&current) {
-            if let Err(e) = self.dp.attach_overlay(overlay_if) {
-                // A pinned link left by an earlier agent whose interface is
-                // gone (it was removed on exit, or the node rebooted) cannot
-                // be updated: drop the stale pins and attach afresh.
-                tracing::warn!(interface = overlay_if, error = %e, "replacing stale pinned attachments");
-                self.dp.detach_overlay(overlay_if).map_err(err)?;
-                self.dp.attach_overlay(overlay_if).map_err(err)?;
-            }
+            // A stale pinned link (its interface was recreated) is replaced
+            // only once the new attachment is in place; on failure the old
+            // link stays and the error stops reconcile before the interface
+            // gets peers or goes up (see `Dataplane::attach_overlay`).
+            self.dp.attach_overlay(overlay_if).map_err(err)?;
             self.attached = Some(current);
         }
         if let Some((ifname, port)) = &self.underlay
@@ -74,6 +71,14 @@ impl PolicyEnforcer for DataplaneEnforcer {
         }
         self.installed = Some(PolicyDigest::of(policy));
         Ok(())
+    }
+
+    fn set_known_endpoints(&mut self, endpoints: &BTreeSet<IpAddr>) -> Result<(), EnforcerError> {
+        if self.underlay.is_none() {
+            return Ok(());
+        }
+        let endpoints: Vec<IpAddr> = endpoints.iter().copied().collect();
+        self.dp.set_known_endpoints(&endpoints).map_err(|e| EnforcerError(Box::new(e)))
     }
 
     fn stats(&self) -> Option<crate::status::DataplaneStats> {

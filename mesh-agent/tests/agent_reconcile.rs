@@ -193,3 +193,45 @@ fn unapplicable_policy_still_removes_a_revoked_peer_and_adds_nothing() {
     let at = |op| log.iter().rposition(|o| *o == op).unwrap();
     assert!(at("wg.apply") < at("enforce"), "peer removal first: {log:?}");
 }
+
+#[test]
+fn guard_knows_the_view_endpoints_before_the_peers_and_follows_roaming() {
+    let s = state();
+    let mut a = applier(&s, true);
+    let v = view();
+    a.reconcile(&v).unwrap();
+    let ip = |t: &str| t.parse::<std::net::IpAddr>().unwrap();
+    {
+        let st = s.lock().unwrap();
+        assert_eq!(st.known_endpoints, [ip("192.0.2.2")].into());
+        let at = |op| st.log.iter().position(|o| *o == op).unwrap();
+        assert!(at("set_known_endpoints") < at("wg.apply"), "{:?}", st.log);
+    }
+    // A peer roams (WireGuard now reaches it elsewhere): the next run, a
+    // no-op for everything else, makes its new address known.
+    {
+        let mut st = s.lock().unwrap();
+        let key = v.peers[1].public_key;
+        let peer = st.wg.peers.get_mut(&key).unwrap();
+        peer.endpoint = Some("198.51.100.7:40000".parse().unwrap());
+        peer.last_handshake = Some(std::time::SystemTime::now());
+    }
+    let r = a.reconcile(&v).unwrap();
+    assert!(r.changes.is_empty(), "a live roamed session is left alone: {:?}", r.changes);
+    assert_eq!(s.lock().unwrap().known_endpoints, [ip("192.0.2.2"), ip("198.51.100.7")].into());
+    // Without peers, nothing is known any more.
+    let mut empty = v.clone();
+    empty.peers.clear();
+    empty.routes.clear();
+    a.reconcile(&empty).unwrap();
+    assert!(s.lock().unwrap().known_endpoints.is_empty());
+}
+
+#[test]
+fn failed_known_endpoints_stop_the_run_before_peers() {
+    let s = state();
+    s.lock().unwrap().fail.insert("set_known_endpoints");
+    let err = applier(&s, true).reconcile(&view()).unwrap_err();
+    assert!(matches!(err, ApplyError::Step { step: Step::KnownEndpoints, .. }), "{err}");
+    assert!(s.lock().unwrap().wg.peers.is_empty());
+}

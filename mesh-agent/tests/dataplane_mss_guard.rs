@@ -120,7 +120,8 @@ fn guard_checks_wireguard_messages_rate_limits_unknown_sources_and_enforces_stri
         };
     }
 
-    // Each message type at its exact size passes (unknown source, in budget).
+    // Each message type at its exact size passes (unknown source, in budget;
+    // the initiation and the cookie reply spend a token each).
     assert_eq!(run!(&wg("192.0.2.10", 1, 148)), XDP_PASS);
     assert_eq!(run!(&wg("192.0.2.10", 2, 92)), XDP_PASS);
     assert_eq!(run!(&wg("192.0.2.10", 3, 64)), XDP_PASS);
@@ -133,11 +134,21 @@ fn guard_checks_wireguard_messages_rate_limits_unknown_sources_and_enforces_stri
     let n = reserved.len();
     reserved[n - 147] = 1;
     assert_eq!(run!(&reserved), XDP_DROP);
-    // The /24's burst of 5 is spent (4 passed above + this one); then drops.
-    assert_eq!(run!(&wg("192.0.2.11", 4, 48)), XDP_PASS);
+    // The /24's burst of 5: 2 spent above, 3 more initiations; then its
+    // initiations and cookie replies are dropped.
+    for _ in 0..3 {
+        assert_eq!(run!(&wg("192.0.2.11", 1, 148)), XDP_PASS);
+    }
     for _ in 0..3 {
         assert_eq!(run!(&wg("192.0.2.12", 1, 148)), XDP_DROP, "rate-limited");
     }
+    assert_eq!(run!(&wg("192.0.2.12", 3, 64)), XDP_DROP, "cookie replies are limited too");
+    // Transport data and handshake responses are never limited by source:
+    // a peer that roamed into this /24 keeps its session.
+    for _ in 0..10 {
+        assert_eq!(run!(&wg("192.0.2.12", 4, 1440)), XDP_PASS, "transport data from an unknown source");
+    }
+    assert_eq!(run!(&wg("192.0.2.12", 2, 92)), XDP_PASS, "a handshake response from an unknown source");
     // Another prefix has its own bucket; a known endpoint is never limited.
     assert_eq!(run!(&wg("198.51.100.7", 1, 148)), XDP_PASS);
     dp.set_known_endpoints(&["192.0.2.12".parse().unwrap()]).unwrap();
@@ -148,6 +159,20 @@ fn guard_checks_wireguard_messages_rate_limits_unknown_sources_and_enforces_stri
     let mut bad = wg("192.0.2.10", 1, 148);
     bad[14] = 0x43;
     assert_eq!(run!(&bad), XDP_DROP);
+    // IPv6 extension headers do not hide a message from the checks: junk
+    // behind one or three of them is still dropped, a well-formed message
+    // behind them still passes, and a chain longer than the walk is dropped.
+    let wg6 = |ext: &[u8], ty: u8, len: usize| {
+        let p = packet("2001:db8:2::5", "2001:db8::1", 17, 51820, WG_PORT);
+        let mut f = frame_with(&p, &Shape { payload: len, v6_ext: ext.to_vec(), ..Shape::default() });
+        let at = f.len() - len;
+        f[at..at + 4].copy_from_slice(&[ty, 0, 0, 0]);
+        f
+    };
+    assert_eq!(run!(&wg6(&[60], 9, 148)), XDP_DROP, "junk behind a destination-options header");
+    assert_eq!(run!(&wg6(&[0, 43, 44], 1, 100)), XDP_DROP, "bad size behind three extension headers");
+    assert_eq!(run!(&wg6(&[0, 60], 4, 64)), XDP_PASS, "transport data behind two extension headers");
+    assert_eq!(run!(&wg6(&[60; 7], 4, 64)), XDP_DROP, "a chain longer than the walk");
 
     // Non-WireGuard traffic passes; in strict mode only what is allowed.
     let ssh = |src: &str, flags: u8| {
@@ -172,19 +197,31 @@ fn guard_checks_wireguard_messages_rate_limits_unknown_sources_and_enforces_stri
     let mut ns = packet("fe80::1", "ff02::1:ff00:1", 58, 0, 0);
     ns.icmp_type = 135;
     assert_eq!(run!(&frame(&ns)), XDP_PASS, "neighbour discovery");
+    // Path-MTU errors pass in strict mode (without them PMTU discovery
+    // blackholes large packets).
+    let mut frag_needed = frame(&packet("192.0.2.99", "203.0.113.1", 1, 0, 0));
+    frag_needed[14 + 20] = 3;
+    frag_needed[14 + 21] = 4;
+    assert_eq!(run!(&frag_needed), XDP_PASS, "ICMPv4 fragmentation needed");
+    let mut too_big = packet("2001:db8:9::1", "2001:db8::1", 58, 0, 0);
+    too_big.icmp_type = 2;
+    assert_eq!(run!(&frame(&too_big)), XDP_PASS, "ICMPv6 packet too big");
+    let mut unreachable = frag_needed.clone();
+    unreachable[14 + 21] = 3;
+    assert_eq!(run!(&unreachable), XDP_DROP, "other ICMP errors stay under the allow-list");
     let mut arp = dns.clone();
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     assert_eq!(run!(&arp), XDP_PASS);
 
     let c = dp.counters().unwrap();
     let g = |v: GuardVerdict| c.guard(v).packets;
-    assert_eq!(g(GuardVerdict::PassUnknown), 7);
+    assert_eq!(g(GuardVerdict::PassUnknown), 4 + 3 + 10 + 1 + 1 + 1 + 1, "in budget, transport, responses");
     assert_eq!(g(GuardVerdict::PassKnown), 1);
-    assert_eq!(g(GuardVerdict::DropBadSize), 2);
-    assert_eq!(g(GuardVerdict::DropBadType), 2);
-    assert_eq!(g(GuardVerdict::DropRateLimited), 3);
-    assert_eq!(g(GuardVerdict::DropMalformed), 1);
+    assert_eq!(g(GuardVerdict::DropBadSize), 3);
+    assert_eq!(g(GuardVerdict::DropBadType), 3);
+    assert_eq!(g(GuardVerdict::DropRateLimited), 4);
+    assert_eq!(g(GuardVerdict::DropMalformed), 2);
     assert_eq!(g(GuardVerdict::Pass), 2, "SSH before strict mode, ARP");
-    assert_eq!(g(GuardVerdict::PassAllowed), 3);
-    assert_eq!(g(GuardVerdict::DropStrict), 2);
+    assert_eq!(g(GuardVerdict::PassAllowed), 5);
+    assert_eq!(g(GuardVerdict::DropStrict), 3);
 }

@@ -147,3 +147,47 @@ fn pinned_enforcement_survives_the_agent_and_is_adopted() {
     Dataplane::remove_pins(&pin_dir).unwrap();
     assert!(pings(&n.a, B, 1), "detached");
 }
+
+/// The interface is deleted and recreated under a pinned attachment (the
+/// node rebooted, or the agent removed its interface on exit): the pin names
+/// a link of a dead interface, which cannot be updated. A new attach puts a
+/// fresh link in place and only then replaces the pin (before, it failed and
+/// the enforcer removed the pin first, then attached: a window with no
+/// filter, left open if that attach failed too).
+#[test]
+fn a_stale_pin_is_replaced_by_a_new_link_in_place() {
+    let n = net();
+    let pin_dir =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/mesh-test-stale-{}-{}", std::process::id(), n.gw.netns()));
+    let dir = pin_dir.clone();
+    let dp =
+        n.gw.run(move || {
+            let mut dp = Dataplane::open(&dir).unwrap();
+            dp.attach_overlay("eth1").unwrap();
+            dp.install_policy(&policy(3, 5432)).unwrap();
+            dp
+        })
+        .unwrap();
+    drop(dp);
+    // Recreate the gateway's interface towards b.
+    n.gw.ip(&["link", "del", "eth1"]).unwrap();
+    n.gw.lab().link(&n.gw, "eth1", &n.b, "eth0").unwrap();
+    n.gw.addr("eth1", "198.18.20.1/24").unwrap();
+    n.b.addr("eth0", "198.18.20.10/24").unwrap();
+    n.b.route_via("100.64.0.0/24", "198.18.20.1").unwrap();
+    assert!(pings(&n.b, A, 1), "the recreated interface is unfiltered until attached");
+
+    let dir = pin_dir.clone();
+    let dp =
+        n.gw.run(move || {
+            let mut dp = Dataplane::open(&dir).unwrap();
+            dp.attach_overlay("eth1").expect("a stale pin is replaced, not an error");
+            dp
+        })
+        .unwrap();
+    assert!(pings(&n.a, B, 1), "the pinned policy runs on the new interface");
+    assert!(!pings(&n.b, A, 1), "and denies what it denies");
+    drop(dp);
+    assert!(!pings(&n.b, A, 1), "the new link is the pinned one: it outlives the Dataplane");
+    Dataplane::remove_pins(&pin_dir).unwrap();
+}

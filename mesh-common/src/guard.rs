@@ -3,22 +3,34 @@
 //! # What the guard does with a frame
 //!
 //! 1. Non-IP frames (ARP, ...) pass.
-//! 2. IPv4 / IPv6 with truncated headers: drop (`DropMalformed`).
+//! 2. IPv4 / IPv6 with truncated headers: drop (`DropMalformed`). IPv6
+//!    extension headers (hop-by-hop, routing, fragment, destination
+//!    options, AH, mobility) are walked to the transport header, up to six
+//!    of them; a longer or truncated chain is `DropMalformed`. Non-first
+//!    fragments (IPv4 or IPv6) have no transport header and count as "other
+//!    traffic" (step 4).
 //! 3. UDP to the WireGuard port (`GUARD_CONFIG.wg_port`): the payload must be
 //!    a WireGuard message: type 1 and exactly 148 bytes (handshake
 //!    initiation), type 2 and 92 (response), type 3 and 64 (cookie reply),
 //!    type 4 and at least 32 bytes, a multiple of 16 (transport data);
 //!    the three reserved bytes are zero. Anything else: `DropBadType` /
-//!    `DropBadSize`. A source in `GUARD_KNOWN` (the peers' endpoints) passes;
-//!    any other source spends a token from the bucket of its prefix (/24 for
-//!    IPv4, /64 for IPv6 by default) in `GUARD_RATE`; an empty bucket drops
-//!    (`DropRateLimited`).
+//!    `DropBadSize`. A source in `GUARD_KNOWN` (the peers' endpoints, kept
+//!    by the agent on every reconcile) passes (`PassKnown`). From any other
+//!    source, handshake initiations and cookie replies spend a token from
+//!    the bucket of the source's prefix (/24 for IPv4, /64 for IPv6 by
+//!    default) in `GUARD_RATE`; an empty bucket drops (`DropRateLimited`).
+//!    Handshake responses and transport data from unknown sources are never
+//!    limited (`PassUnknown`, like initiations within their rate): they cost
+//!    the receiver no public-key work, and a peer that roamed sends them from
+//!    its new address before the agent learns it.
 //! 4. Other traffic passes, unless `strict` is on. Then it passes only when
 //!    it matches `GUARD_ALLOW` (source CIDR, protocol, port: see
-//!    [`AllowKey`]), is ICMPv6 neighbour discovery (types 133-137), or is a
-//!    TCP segment with ACK set (a reply to a connection this host opened: XDP
-//!    has no connection tracking, and a segment without SYN cannot open a
-//!    connection). Everything else: `DropStrict`.
+//!    [`AllowKey`]), is ICMPv6 neighbour discovery (types 133-137), a path-MTU
+//!    error (ICMPv4 "fragmentation needed", type 3 code 4; ICMPv6 "packet too
+//!    big", type 2), or is a TCP segment with ACK set (a reply to a
+//!    connection this host opened: XDP has no connection tracking, and a
+//!    segment without SYN cannot open a connection). Everything else:
+//!    `DropStrict`.
 //!
 //! Addresses are kept as 16 bytes: IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
 
@@ -102,7 +114,9 @@ pub enum GuardVerdict {
     Pass = 0,
     /// WireGuard message from a known endpoint.
     PassKnown = 1,
-    /// WireGuard message from an unknown source within its rate.
+    /// WireGuard message from an unknown source: a handshake response or
+    /// transport data (never limited), or an initiation / cookie reply
+    /// within its prefix's rate.
     PassUnknown = 2,
     /// Traffic passed by the strict allow-list.
     PassAllowed = 3,
@@ -112,7 +126,8 @@ pub enum GuardVerdict {
     DropBadType = 5,
     /// Wrong size for its message type.
     DropBadSize = 6,
-    /// Unknown source over its rate.
+    /// Handshake initiation or cookie reply from an unknown source over its
+    /// prefix's rate.
     DropRateLimited = 7,
     /// Strict mode, not allowed.
     DropStrict = 8,

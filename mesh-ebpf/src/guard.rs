@@ -1,7 +1,8 @@
 //! The underlay guard (XDP on the gateway's public interface): WireGuard
-//! messages are checked by type and exact size, unknown sources are
-//! rate-limited per prefix, everything else passes unless the strict
-//! allow-list is on. The rules are written out in `mesh_common::guard`.
+//! messages are checked by type and exact size, handshake initiations and
+//! cookie replies from unknown sources are rate-limited per prefix,
+//! everything else passes unless the strict allow-list is on. The rules are
+//! written out in `mesh_common::guard`.
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -21,9 +22,29 @@ use mesh_common::{
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+const PROTO_ICMP: u8 = 1;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
 const PROTO_ICMPV6: u8 = 58;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+/// Stands for "no transport header here" (a non-first fragment).
+const PROTO_NONE: u8 = 0xff;
+/// IPv6 extension headers walked to reach the transport header.
+const V6_HOP_BY_HOP: u8 = 0;
+const V6_ROUTING: u8 = 43;
+const V6_FRAGMENT: u8 = 44;
+const V6_AUTH: u8 = 51;
+const V6_DEST_OPTS: u8 = 60;
+const V6_MOBILITY: u8 = 135;
+/// Extension headers walked at most; a longer chain is dropped as malformed
+/// (no honest sender needs more, and an unwalked chain could hide a
+/// WireGuard message from the checks).
+const V6_MAX_EXT: usize = 6;
+/// Largest offset of a transport header the guard accepts (keeps the
+/// verifier's offset ranges small).
+const MAX_L4_OFF: usize = 512;
 const TOKEN: u64 = 1_000_000_000;
 /// Longest refill interval counted, so `elapsed * rate` cannot overflow.
 const MAX_REFILL_NS: u64 = 10 * TOKEN;
@@ -97,7 +118,7 @@ fn guard(ctx: &XdpContext) -> GuardVerdict {
             src.addr[12..].copy_from_slice(&h[12..16]);
             // Non-first fragments carry no transport header.
             let first = u16::from_be_bytes([h[6], h[7]]) & 0x1fff == 0;
-            (if first { h[9] } else { 0xff }, ETH_HDR_LEN + ihl, tot - ihl, true)
+            (if first { h[9] } else { PROTO_NONE }, ETH_HDR_LEN + ihl, tot - ihl, true)
         }
         ETH_P_IPV6 => {
             let Some(h) = read::<[u8; 40]>(ctx, ETH_HDR_LEN) else { return GuardVerdict::DropMalformed };
@@ -105,7 +126,13 @@ fn guard(ctx: &XdpContext) -> GuardVerdict {
                 return GuardVerdict::DropMalformed;
             }
             src.addr.copy_from_slice(&h[8..24]);
-            (h[6], ETH_HDR_LEN + 40, u16::from_be_bytes([h[4], h[5]]) as usize, false)
+            let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
+            let Some((proto, l4)) = walk_v6_extensions(ctx, h[6]) else { return GuardVerdict::DropMalformed };
+            let ext = l4 - (ETH_HDR_LEN + 40);
+            if ext > payload {
+                return GuardVerdict::DropMalformed;
+            }
+            (proto, l4, payload - ext, false)
         }
         _ => return GuardVerdict::Pass,
     };
@@ -122,14 +149,25 @@ fn guard(ctx: &XdpContext) -> GuardVerdict {
         if udp_len < 8 || udp_len > l4_len {
             return GuardVerdict::DropMalformed;
         }
-        if let Err(v) = check_wireguard(ctx, l4 + 8, udp_len - 8) {
-            return v;
-        }
+        let ty = match check_wireguard(ctx, l4 + 8, udp_len - 8) {
+            Ok(ty) => ty,
+            Err(v) => return v,
+        };
         // SAFETY: read-only use of the value.
         if unsafe { GUARD_KNOWN.get(&src) }.is_some() {
             return GuardVerdict::PassKnown;
         }
-        return rate_limit(&src, v4, &config);
+        // Only the messages that make the receiver do public-key work and
+        // keep state (initiations) or that an attacker can use to poison
+        // one (cookie replies) are limited. Responses and transport data
+        // are answered by an index lookup that costs no crypto when it
+        // misses, and they come from peers that roamed before the agent's
+        // next reconcile has made their new address known: throttling them
+        // would stall live tunnels.
+        if ty == WG_INITIATION || ty == WG_COOKIE {
+            return rate_limit(&src, v4, &config);
+        }
+        return GuardVerdict::PassUnknown;
     }
 
     if config.strict == 0 {
@@ -138,21 +176,73 @@ fn guard(ctx: &XdpContext) -> GuardVerdict {
     strict(ctx, proto, l4, dport, &src)
 }
 
-/// Type and exact size of a WireGuard message of `len` bytes at `at`.
+/// WireGuard message types.
+const WG_INITIATION: u8 = 1;
+const WG_RESPONSE: u8 = 2;
+const WG_COOKIE: u8 = 3;
+const WG_TRANSPORT: u8 = 4;
+
+/// Type and exact size of a WireGuard message of `len` bytes at `at`;
+/// returns the type.
 #[inline(always)]
-fn check_wireguard(ctx: &XdpContext, at: usize, len: usize) -> Result<(), GuardVerdict> {
+fn check_wireguard(ctx: &XdpContext, at: usize, len: usize) -> Result<u8, GuardVerdict> {
     let Some(h) = read::<[u8; 4]>(ctx, at) else { return Err(GuardVerdict::DropBadSize) };
     if h[1] != 0 || h[2] != 0 || h[3] != 0 {
         return Err(GuardVerdict::DropBadType);
     }
     let size_ok = match h[0] {
-        1 => len == WG_INITIATION_LEN,
-        2 => len == WG_RESPONSE_LEN,
-        3 => len == WG_COOKIE_LEN,
-        4 => len >= WG_TRANSPORT_MIN_LEN && len % 16 == 0,
+        WG_INITIATION => len == WG_INITIATION_LEN,
+        WG_RESPONSE => len == WG_RESPONSE_LEN,
+        WG_COOKIE => len == WG_COOKIE_LEN,
+        WG_TRANSPORT => len >= WG_TRANSPORT_MIN_LEN && len % 16 == 0,
         _ => return Err(GuardVerdict::DropBadType),
     };
-    if size_ok { Ok(()) } else { Err(GuardVerdict::DropBadSize) }
+    if size_ok { Ok(h[0]) } else { Err(GuardVerdict::DropBadSize) }
+}
+
+/// Follows the IPv6 extension headers after the fixed header, starting
+/// with next-header `first`: returns the transport protocol (`PROTO_NONE`
+/// for a non-first fragment) and the offset of its header, or `None` for a
+/// truncated or over-long chain.
+#[inline(always)]
+fn walk_v6_extensions(ctx: &XdpContext, first: u8) -> Option<(u8, usize)> {
+    let mut next = first;
+    let mut off = ETH_HDR_LEN + 40;
+    let mut i = 0;
+    while i < V6_MAX_EXT {
+        let len = match next {
+            V6_HOP_BY_HOP | V6_ROUTING | V6_DEST_OPTS | V6_MOBILITY => {
+                let h = read::<[u8; 2]>(ctx, off)?;
+                next = h[0];
+                (usize::from(h[1]) + 1) * 8
+            }
+            V6_AUTH => {
+                let h = read::<[u8; 2]>(ctx, off)?;
+                next = h[0];
+                (usize::from(h[1]) + 2) * 4
+            }
+            V6_FRAGMENT => {
+                let h = read::<[u8; 4]>(ctx, off)?;
+                // Only the first fragment carries the transport header.
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                    return Some((PROTO_NONE, off + 8));
+                }
+                next = h[0];
+                8
+            }
+            _ => return Some((next, off)),
+        };
+        off += len;
+        if off > MAX_L4_OFF {
+            return None;
+        }
+        i += 1;
+    }
+    // Still an extension header after the walk's limit.
+    match next {
+        V6_HOP_BY_HOP | V6_ROUTING | V6_DEST_OPTS | V6_MOBILITY | V6_AUTH | V6_FRAGMENT => None,
+        _ => Some((next, off)),
+    }
 }
 
 /// Spends one token of the source prefix's bucket.
@@ -208,7 +298,18 @@ fn strict(ctx: &XdpContext, proto: u8, l4: usize, dport: [u8; 2], src: &GuardAdd
         // Multi-byte reads: a one-byte bounds check compiles to `p >= end`,
         // which the verifier does not turn into a readable range.
         if let Some(h) = read::<[u8; 4]>(ctx, l4) {
-            if (133..=137).contains(&h[0]) {
+            // Neighbour discovery, and "packet too big": without it IPv6
+            // path-MTU discovery (which has no fragmentation fallback)
+            // blackholes large packets.
+            if (133..=137).contains(&h[0]) || h[0] == ICMPV6_PACKET_TOO_BIG {
+                return GuardVerdict::PassAllowed;
+            }
+        }
+    }
+    if proto == PROTO_ICMP {
+        // "Fragmentation needed": IPv4 path-MTU discovery.
+        if let Some(h) = read::<[u8; 4]>(ctx, l4) {
+            if h[0] == ICMP_DEST_UNREACH && h[1] == ICMP_FRAG_NEEDED {
                 return GuardVerdict::PassAllowed;
             }
         }

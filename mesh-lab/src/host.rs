@@ -78,6 +78,17 @@ impl Host {
         self.ip(&[family(dst), "route", "replace", dst, "dev", dev]).map(drop)
     }
 
+    /// The MAC address of `dev`.
+    pub fn mac(&self, dev: &str) -> Result<[u8; 6]> {
+        let out = self.exec("cat", [format!("/sys/class/net/{dev}/address")])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let bytes: Option<Vec<u8>> = text.trim().split(':').map(|b| u8::from_str_radix(b, 16).ok()).collect();
+        bytes.and_then(|b| <[u8; 6]>::try_from(b).ok()).ok_or_else(|| LabError::Sys {
+            what: format!("parsing the MAC address of {dev} ({text:?})"),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+        })
+    }
+
     /// Sets a sysctl inside the namespace (`net.*` keys are per namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         self.exec("sysctl", ["-q", "-w", &format!("{key}={value}")]).map(drop)

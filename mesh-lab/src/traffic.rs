@@ -1,6 +1,7 @@
 //! Traffic between lab hosts for tests, the demo and benchmarks: a
-//! continuous one-way UDP flow that measures outages, TCP echo servers and
-//! a one-shot TCP echo exchange. Sockets are made inside the hosts'
+//! continuous one-way UDP flow that measures outages, TCP echo servers, a
+//! one-shot TCP echo exchange, and a path's quality (a checked two-way TCP
+//! stream through an echo server with a ping series beside it). Sockets are made inside the hosts'
 //! namespaces and served from plain threads.
 
 use std::{
@@ -100,7 +101,9 @@ pub fn echo_servers(host: &Host, addrs: &[SocketAddr]) -> Result<()> {
             for conn in listener.incoming() {
                 let Ok(mut s) = conn else { continue };
                 std::thread::spawn(move || {
-                    let mut buf = [0u8; 256];
+                    // Large enough that a two-way stream through it is
+                    // limited by the path, not by the echo loop.
+                    let mut buf = vec![0u8; 64 * 1024];
                     while let Ok(n) = s.read(&mut buf) {
                         if n == 0 || s.write_all(&buf[..n]).is_err() {
                             break;
@@ -126,4 +129,87 @@ pub fn tcp_echo(from: &Host, to: SocketAddr) -> bool {
         s.read_exact(&mut buf).is_ok() && &buf == b"mesh"
     })
     .unwrap_or(false)
+}
+
+/// What [`path_quality`] measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PathQuality {
+    /// Rate of the checked two-way TCP stream, Mbit/s in each direction
+    /// (every byte sent comes back through the echo server).
+    pub tcp_mbps: f64,
+    /// Fraction of the ping series lost (0..=1).
+    pub ping_loss: f64,
+    /// Pings sent.
+    pub pings: u32,
+}
+
+/// Measures the path from `from` for `secs` seconds: a TCP stream to the
+/// echo server at `echo` (see [`echo_servers`]) whose bytes, a known
+/// pattern, are checked as they come back, and meanwhile a ping series to
+/// `ping_to` (one every 20 ms). A corrupted stream is an error.
+pub fn path_quality(from: &Host, echo: SocketAddr, ping_to: &str, secs: f64) -> Result<PathQuality> {
+    let pings = (secs / 0.02) as u32;
+    let count = pings.to_string();
+    let ping = from.spawn("ping", ["-n", "-q", "-c", count.as_str(), "-i", "0.02", "-W", "1", ping_to])?;
+    let stream = from.run(move || duplex_echo(echo, Duration::from_secs_f64(secs)))?;
+    let out = ping.wait_with_output().map_err(sys("waiting for ping"))?;
+    let bytes = stream.map_err(sys("the two-way TCP stream"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "20 packets transmitted, 19 received, 5% packet loss, time ..."
+    let received: u32 = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .and_then(|l| l.split(", ").nth(1)?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    Ok(PathQuality {
+        tcp_mbps: bytes as f64 * 8.0 / secs / 1e6,
+        ping_loss: 1.0 - f64::from(received.min(pings)) / f64::from(pings.max(1)),
+        pings,
+    })
+}
+
+/// The byte at offset `i` of the stream.
+fn pattern(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// Streams the pattern to the echo server at `to` for `time` from one
+/// thread and checks what comes back on this one; the bytes that came
+/// back within `time`.
+fn duplex_echo(to: SocketAddr, time: Duration) -> std::io::Result<u64> {
+    let mut rx = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    let mut tx = rx.try_clone()?;
+    let deadline = Instant::now() + time;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut at = 0u64;
+        while Instant::now() < deadline {
+            for b in &mut chunk {
+                *b = pattern(at);
+                at += 1;
+            }
+            tx.write_all(&chunk)?;
+        }
+        tx.shutdown(std::net::Shutdown::Write)
+    });
+    rx.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    while Instant::now() < deadline {
+        match rx.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Some(bad) = buf[..n].iter().enumerate().position(|(k, b)| *b != pattern(got + k as u64)) {
+                    return Err(std::io::Error::other(format!("stream corrupted at byte {}", got + bad as u64)));
+                }
+                got += n as u64;
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // Unblock the writer (it may wait on a full window) and collect it.
+    let _ = rx.shutdown(std::net::Shutdown::Both);
+    let _ = writer.join();
+    Ok(got)
 }

@@ -255,44 +255,12 @@ pub(crate) fn xdp_flood(
 
 /// The MAC address of `ifname` in `host`.
 pub(crate) fn mac(host: &Host, ifname: &str) -> anyhow::Result<[u8; 6]> {
-    let out = host.exec("cat", [format!("/sys/class/net/{ifname}/address")])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let bytes: Vec<u8> = text.trim().split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>()?;
-    bytes.try_into().map_err(|_| anyhow!("bad MAC address {text:?}"))
+    Ok(host.mac(ifname)?)
 }
 
-/// An Ethernet + IPv4 + UDP frame the gateway's stack accepts: its own MAC
-/// as destination, a correct IPv4 header checksum, UDP checksum 0 (none).
-pub(crate) fn wire_frame(
-    dst_mac: [u8; 6],
-    src_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    dport: u16,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut f = Vec::with_capacity(42 + payload.len());
-    f.extend(dst_mac);
-    f.extend(src_mac);
-    f.extend([0x08, 0x00]);
-    let total = (20 + 8 + payload.len()) as u16;
-    let mut ip = vec![0x45, 0];
-    ip.extend(total.to_be_bytes());
-    ip.extend([0, 0, 0x40, 0, 64, 17, 0, 0]);
-    ip.extend(src.octets());
-    ip.extend(dst.octets());
-    let sum = ip.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum::<u32>();
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    f.extend(ip);
-    f.extend(40000u16.to_be_bytes());
-    f.extend(dport.to_be_bytes());
-    f.extend((8 + payload.len() as u16).to_be_bytes());
-    f.extend([0, 0]);
-    f.extend(payload);
-    f
-}
+/// An Ethernet + IPv4 + UDP frame the gateway's stack accepts (see
+/// [`udp4_frame`]).
+pub(crate) use mesh_agent::dataplane::flood::udp4_frame as wire_frame;
 
 fn forwarding(ctx: &Ctx, results: &mut Results) -> anyhow::Result<()> {
     let (runs, secs) = if ctx.quick { (3, 1.0) } else { (5, 3.0) };

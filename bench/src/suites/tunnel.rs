@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::{Ctx, Results, chart};
 
-mod ours;
+pub(crate) mod ours;
 
 /// Our engine's variants: the default (every fast-path step on) and, to
 /// show what each step brings in the same run, the steps turned off one
@@ -30,10 +30,10 @@ const OURS: &[(&str, &str)] = &[
 ];
 
 const SUITE: &str = "tunnel";
-const LEFT_UNDERLAY: &str = "192.0.2.1";
-const RIGHT_UNDERLAY: &str = "192.0.2.2";
+pub(crate) const LEFT_UNDERLAY: &str = "192.0.2.1";
+pub(crate) const RIGHT_UNDERLAY: &str = "192.0.2.2";
 const LEFT_OVERLAY: &str = "100.64.0.1";
-const RIGHT_OVERLAY: &str = "100.64.0.2";
+pub(crate) const RIGHT_OVERLAY: &str = "100.64.0.2";
 const WG_PORT: u16 = 51820;
 
 /// A WireGuard engine under test: how to start it on an interface name.

@@ -97,6 +97,7 @@ impl Dataplane {
     /// `/sys/fs/bpf` if it is not). Adopted maps keep their policy, flows and
     /// counters.
     pub fn open(pin_dir: &Path) -> Result<Self, DataplaneError> {
+        sys::check_kernel()?;
         sys::ensure_bpffs(pin_dir)?;
         let adopted = pin_dir.join(acl::names::ACTIVE).exists();
         let paths: Vec<(&'static str, PathBuf)> = pinned_maps().into_iter().map(|n| (n, pin_dir.join(n))).collect();
@@ -115,6 +116,7 @@ impl Dataplane {
     /// Loads the programs with fresh, unpinned maps: for tests and
     /// benchmarks. Attachments end when the value is dropped.
     pub fn load_unpinned() -> Result<Self, DataplaneError> {
+        sys::check_kernel()?;
         let ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(DataplaneError::Load)?;
         let mut dp = Self { ebpf, pin_dir: None };
         dp.load_programs()?;
@@ -166,15 +168,30 @@ impl Dataplane {
             if let Some(pin) = &pin
                 && let Some(old) = open_pinned(pin, &what)?
             {
-                let old = SchedClassifierLink::try_from(old).map_err(|e| link_err(&what, e))?;
-                let id = prog.attach_to_link(old).map_err(|source| DataplaneError::Program { what, source })?;
-                // The pin still names the same link, now running this program.
-                let link = prog
-                    .take_link(id)
-                    .map_err(|source| DataplaneError::Program { what: "keeping the link".into(), source })?;
-                drop(FdLink::try_from(link));
-                tracing::info!(ifname, hook, prog = prog_name, "adopted pinned attachment");
-                continue;
+                let adopted = SchedClassifierLink::try_from(old)
+                    .map_err(|e| link_err(&what, e))
+                    .and_then(|old| {
+                        prog.attach_to_link(old)
+                            .map_err(|source| DataplaneError::Program { what: what.clone(), source })
+                    })
+                    .and_then(|id| {
+                        prog.take_link(id)
+                            .map_err(|source| DataplaneError::Program { what: "keeping the link".into(), source })
+                    });
+                match adopted {
+                    Ok(link) => {
+                        // The pin still names the same link, now running this program.
+                        drop(FdLink::try_from(link));
+                        tracing::info!(ifname, hook, prog = prog_name, "adopted pinned attachment");
+                        continue;
+                    }
+                    // Typically the link of an interface that was recreated
+                    // (a dead link cannot be updated). The pin, and with it
+                    // the old link, stays until the new link replaces it.
+                    Err(e) => {
+                        tracing::warn!(ifname, hook, error = %e, "pinned attachment not adoptable: attaching afresh")
+                    }
+                }
             }
             // Kernels before 6.6 have no TCX links and need a clsact qdisc
             // (aya picks TCX where it exists); "exists already" is fine.
@@ -186,9 +203,7 @@ impl Dataplane {
                 let link =
                     prog.take_link(id).map_err(|source| DataplaneError::Program { what: what.clone(), source })?;
                 match FdLink::try_from(link) {
-                    Ok(fd) => {
-                        fd.pin(&pin).map_err(|e| link_err(&what, e))?;
-                    }
+                    Ok(fd) => pin_replacing(fd, &pin, &what)?,
                     Err(_) => {
                         // A netlink filter (old kernel): it stays attached
                         // after we exit as long as we do not detach it.
@@ -230,14 +245,26 @@ impl Dataplane {
         if let Some(pin) = &pin
             && let Some(old) = open_pinned(pin, &what)?
         {
-            let old = XdpLink::try_from(old).map_err(|e| link_err(&what, e))?;
-            let id = prog.attach_to_link(old).map_err(|source| DataplaneError::Program { what, source })?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| DataplaneError::Program { what: "keeping the link".into(), source })?;
-            drop(FdLink::try_from(link));
-            tracing::info!(ifname, prog = prog_name, "adopted pinned XDP attachment");
-            return Ok(());
+            let adopted = XdpLink::try_from(old)
+                .map_err(|e| link_err(&what, e))
+                .and_then(|old| {
+                    prog.attach_to_link(old).map_err(|source| DataplaneError::Program { what: what.clone(), source })
+                })
+                .and_then(|id| {
+                    prog.take_link(id)
+                        .map_err(|source| DataplaneError::Program { what: "keeping the link".into(), source })
+                });
+            match adopted {
+                Ok(link) => {
+                    drop(FdLink::try_from(link));
+                    tracing::info!(ifname, prog = prog_name, "adopted pinned XDP attachment");
+                    return Ok(());
+                }
+                // As for TC: the old link stays pinned until replaced. A
+                // live one keeps the interface's only XDP slot, so the
+                // fresh attach below fails and the old program keeps running.
+                Err(e) => tracing::warn!(ifname, error = %e, "pinned XDP attachment not adoptable: attaching afresh"),
+            }
         }
         let id = prog
             .attach(ifname, XdpMode::Driver)
@@ -246,9 +273,7 @@ impl Dataplane {
         if let Some(pin) = pin {
             let link = prog.take_link(id).map_err(|source| DataplaneError::Program { what: what.clone(), source })?;
             match FdLink::try_from(link) {
-                Ok(fd) => {
-                    fd.pin(&pin).map_err(|e| link_err(&what, e))?;
-                }
+                Ok(fd) => pin_replacing(fd, &pin, &what)?,
                 Err(_) => tracing::warn!(ifname, "no bpf_link for XDP on this kernel: attachment not pinned"),
             }
         }
@@ -435,6 +460,21 @@ impl Dataplane {
         };
         result.map_err(|source| DataplaneError::Program { what, source })
     }
+}
+
+/// Pins `link` at `pin`, atomically replacing a stale pin there: pinned
+/// beside it first, then renamed over it, so the path never names nothing
+/// and the old link is released only once the new one is pinned.
+fn pin_replacing(link: FdLink, pin: &Path, what: &str) -> Result<(), DataplaneError> {
+    // bpffs refuses names with a dot ("reserved for future use").
+    let mut fresh = pin.as_os_str().to_owned();
+    fresh.push("-new");
+    let fresh = PathBuf::from(fresh);
+    // A leftover of an interrupted replacement.
+    let _ = std::fs::remove_file(&fresh);
+    link.pin(&fresh).map_err(|e| link_err(what, e))?;
+    std::fs::rename(&fresh, pin)
+        .map_err(|source| DataplaneError::Io { what: format!("{what}: replacing the pin"), source })
 }
 
 /// Opens the pinned link at `pin`, `None` if there is none.

@@ -51,6 +51,19 @@ pub enum DataplaneError {
     /// The policy does not fit the data path (nothing was changed).
     #[error("compiling the policy: {0}")]
     Compile(#[from] super::compile::CompileError),
+    /// The running kernel is older than the data path needs (the ACL's
+    /// lookups run in `bpf_loop`, added in Linux 5.17).
+    #[error(
+        "kernel {release} is too old for the eBPF data path: it needs Linux {}.{} or later (bpf_loop); \
+         enforcement is not started",
+        .needed.0, .needed.1
+    )]
+    KernelTooOld {
+        /// `uname -r`.
+        release: String,
+        /// The minimum (major, minor).
+        needed: (u32, u32),
+    },
     /// The data path was asked for something it was not set up for.
     #[error("{0}")]
     Usage(String),

@@ -18,6 +18,12 @@
 //!
 //! Map layouts and lookup precedence: `mesh_common::acl` and
 //! `mesh_common::guard`. The policy-to-map compiler is [`compile`] (pure).
+//!
+//! Minimum kernel: Linux 5.17. The ACL's LPM probes run in `bpf_loop`
+//! (5.17); [`Dataplane::open`] and [`Dataplane::load_unpinned`] refuse older
+//! kernels with [`DataplaneError::KernelTooOld`], so an agent there never
+//! runs unfiltered while believing it enforces. The benchmarks' generator
+//! ([`flood`], `transmit_frames`) needs 5.18 (live frames).
 
 mod acl;
 mod batch;
@@ -26,6 +32,7 @@ mod counter;
 mod counters;
 mod engine;
 mod error;
+pub mod flood;
 mod guard;
 mod sys;
 

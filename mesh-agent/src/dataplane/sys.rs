@@ -1,6 +1,7 @@
-//! Small kernel facts the loader needs: whether a directory is on bpffs
-//! (mounting it if not), which network namespace the calling thread is in,
-//! and whether an interface carries Ethernet headers.
+//! Small kernel facts the loader needs: whether the kernel is recent enough,
+//! whether a directory is on bpffs (mounting it if not), which network
+//! namespace the calling thread is in, and whether an interface carries
+//! Ethernet headers.
 
 use std::{
     io,
@@ -14,6 +15,33 @@ use super::DataplaneError;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const ARPHRD_ETHER: u16 = 1;
 const ARPHRD_LOOPBACK: u16 = 772;
+
+/// The oldest kernel the programs load on: the ACL's LPM probes run in
+/// `bpf_loop` (Linux 5.17).
+pub(crate) const MIN_KERNEL: (u32, u32) = (5, 17);
+
+/// (major, minor) of a kernel release string (`6.1.0-28-cloud-amd64`).
+pub(crate) fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Refuses kernels older than [`MIN_KERNEL`] with an error that says so
+/// (the verifier's own complaint, an unknown helper, does not).
+pub(crate) fn check_kernel() -> Result<(), DataplaneError> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_err(|source| DataplaneError::Io { what: "reading the kernel release".into(), source })?;
+    check_release(release.trim())
+}
+
+fn check_release(release: &str) -> Result<(), DataplaneError> {
+    match parse_release(release) {
+        Some(v) if v >= MIN_KERNEL => Ok(()),
+        _ => Err(DataplaneError::KernelTooOld { release: release.to_owned(), needed: MIN_KERNEL }),
+    }
+}
 
 /// Makes sure `dir` exists on a bpffs: mounts bpffs on `/sys/fs/bpf` when
 /// nothing is mounted there (a fresh host or container), then creates `dir`.
@@ -107,4 +135,23 @@ pub(crate) fn ifindex(ifname: &str) -> Result<u32, DataplaneError> {
     // SAFETY: a NUL-terminated name.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
     if index == 0 { Err(DataplaneError::Io { what: what(), source: io::Error::last_os_error() }) } else { Ok(index) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_before_5_17_are_refused_with_the_reason() {
+        assert_eq!(parse_release("6.1.0-28-cloud-amd64"), Some((6, 1)));
+        assert_eq!(parse_release("5.17.0"), Some((5, 17)));
+        assert_eq!(parse_release("6.18.2+deb13"), Some((6, 18)));
+        for ok in ["5.17.0", "6.1.0-28-cloud-amd64", "6.18.2", "10.0"] {
+            check_release(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for old in ["5.15.0-91-generic", "4.19.0-26-amd64", "garbage"] {
+            let e = check_release(old).unwrap_err().to_string();
+            assert!(e.contains(old) && e.contains("5.17") && e.contains("bpf_loop"), "{e}");
+        }
+    }
 }

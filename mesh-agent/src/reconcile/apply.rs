@@ -1,11 +1,14 @@
 //! The applier: executes a plan through the backends, in a fail-closed
 //! order, then re-reads everything and diffs again to confirm.
 //!
-//! Order: make sure the interface exists (a new one is down) -> remove the
-//! peers that left the view -> enforce the policy -> MTU -> WireGuard device
-//! and the other peer changes (one call) -> addresses -> up -> rules added
-//! -> routes -> rules removed -> forwarding. The policy is in force before any peer is added or the link
-//! is up, so a new interface never passes unfiltered traffic.
+//! Order: make sure the interface exists (a new one is down) -> the guard's
+//! known endpoints -> remove the peers that left the view -> enforce the
+//! policy -> MTU -> WireGuard device and the other peer changes (one call)
+//! -> addresses -> up -> rules added -> routes -> rules removed ->
+//! forwarding; after the confirming re-read, the known endpoints again
+//! (WireGuard's roamed ones). The policy is in force before any peer is
+//! added or the link is up, so a new interface never passes unfiltered
+//! traffic.
 //!
 //! Removing a peer only ever takes access away, so it comes first and does
 //! not wait for the policy: a revoked node stops being a peer even when the
@@ -20,14 +23,16 @@
 //! difference.
 
 use std::{
+    collections::BTreeSet,
     fmt,
+    net::IpAddr,
     time::{Duration, Instant, SystemTime},
 };
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::{Actual, Changes, Desired, Local, Plan, PolicyEnforcer, diff};
+use super::{Actual, Changes, Desired, Local, Plan, PolicyEnforcer, diff, known_endpoints};
 use crate::{
     keys::PublicKey,
     net::{MAIN_TABLE, NetOps, RouteRule},
@@ -42,6 +47,8 @@ pub enum Step {
     Ensure,
     /// Reading the actual state.
     Observe,
+    /// Updating the underlay guard's known endpoints.
+    KnownEndpoints,
     /// Enforcing the policy.
     Policy,
     /// Setting the MTU.
@@ -71,6 +78,7 @@ impl fmt::Display for Step {
         match self {
             Self::Ensure => f.write_str("ensure interface"),
             Self::Observe => f.write_str("read actual state"),
+            Self::KnownEndpoints => f.write_str("update the guard's known endpoints"),
             Self::Policy => f.write_str("enforce policy"),
             Self::Mtu => f.write_str("set mtu"),
             Self::WireGuard => f.write_str("configure wireguard"),
@@ -162,6 +170,9 @@ pub struct Applier {
     wg: Box<dyn WireGuard>,
     net: Box<dyn NetOps>,
     enforcer: Option<Box<dyn PolicyEnforcer>>,
+    /// The known endpoints last given to the enforcer (`None` after a
+    /// start: the pinned map may hold anything, so the first run writes).
+    known: Option<BTreeSet<IpAddr>>,
 }
 
 impl fmt::Debug for Applier {
@@ -185,7 +196,7 @@ impl Applier {
         enforcer: Option<Box<dyn PolicyEnforcer>>,
     ) -> Self {
         local.enforce_policy = enforcer.is_some();
-        Self { local, wg, net, enforcer }
+        Self { local, wg, net, enforcer, known: None }
     }
 
     /// The WireGuard backend in use.
@@ -250,6 +261,9 @@ impl Applier {
             tracing::info!(ifname = %self.wg.ifname(), backend = %self.wg.kind(), "overlay interface created or its engine (re)started");
         }
         let actual = self.observe()?;
+        // Before the plan: a new peer's endpoint is known before WireGuard
+        // starts a handshake with it.
+        self.sync_known_endpoints(&desired, &actual)?;
         let plan = diff(&desired, &actual, SystemTime::now());
         let changes = plan.changes;
         if !plan.is_empty() {
@@ -260,6 +274,7 @@ impl Applier {
             if !rest.is_empty() {
                 return Err(ApplyError::NotConverged { remaining: rest.changes });
             }
+            self.sync_known_endpoints(&desired, &after)?;
         }
         let report =
             Report { generation: view.generation, backend: self.wg.kind(), changes, duration: start.elapsed() };
@@ -269,6 +284,20 @@ impl Applier {
             "reconcile: converged"
         );
         Ok(report)
+    }
+
+    /// Gives the enforcer the guard's known endpoints when they changed
+    /// since the last run (runs without a change touch nothing).
+    fn sync_known_endpoints(&mut self, desired: &Desired, actual: &Actual) -> Result<(), ApplyError> {
+        let Some(e) = self.enforcer.as_mut() else { return Ok(()) };
+        let known = known_endpoints(desired, actual);
+        if self.known.as_ref() == Some(&known) {
+            return Ok(());
+        }
+        e.set_known_endpoints(&known).map_err(step(Step::KnownEndpoints))?;
+        tracing::info!(endpoints = ?known, "guard: known endpoints updated");
+        self.known = Some(known);
+        Ok(())
     }
 
     fn execute(&mut self, plan: &Plan, actual: &Actual, view: &NodeView) -> Result<(), ApplyError> {

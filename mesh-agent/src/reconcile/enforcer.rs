@@ -2,7 +2,7 @@
 //! force on the overlay interface. The eBPF dataplane implements it; tests
 //! use [`super::fake::FakeEnforcer`].
 
-use std::fmt;
+use std::{collections::BTreeSet, fmt, net::IpAddr};
 
 use mesh_policy::CompiledPolicy;
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,15 @@ pub trait PolicyEnforcer: Send {
 
     /// Attaches to `overlay_if` if needed and installs `policy`.
     fn enforce(&mut self, overlay_if: &str, policy: &CompiledPolicy, mtu: u32) -> Result<(), EnforcerError>;
+
+    /// Makes the underlay guard's known endpoints exactly `endpoints` (see
+    /// [`super::known_endpoints`]): adding before removing, so an endpoint
+    /// that stays known is never briefly unknown. Enforcers without a guard
+    /// ignore it.
+    fn set_known_endpoints(&mut self, endpoints: &BTreeSet<IpAddr>) -> Result<(), EnforcerError> {
+        let _ = endpoints;
+        Ok(())
+    }
 
     /// The enforcement counters (verdicts, rules, MSS clamp, guard), if the
     /// enforcer keeps any.

@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeSet,
+    net::IpAddr,
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -27,6 +28,8 @@ pub struct FakeState {
     pub fail: BTreeSet<&'static str>,
     /// Every mutating operation, in order.
     pub log: Vec<&'static str>,
+    /// The guard's known endpoints, as the enforcer was last told.
+    pub known_endpoints: BTreeSet<IpAddr>,
 }
 
 impl std::ops::Deref for FakeState {
@@ -277,6 +280,15 @@ impl PolicyEnforcer for FakeEnforcer {
             return Err(EnforcerError("injected failure".into()));
         }
         s.policy = Some(PolicyDigest::of(policy));
+        Ok(())
+    }
+
+    fn set_known_endpoints(&mut self, endpoints: &BTreeSet<IpAddr>) -> Result<(), EnforcerError> {
+        let mut s = lock(&self.state);
+        if gate(&mut s, "set_known_endpoints") {
+            return Err(EnforcerError("injected failure".into()));
+        }
+        s.known_endpoints.clone_from(endpoints);
         Ok(())
     }
 }

@@ -4,12 +4,14 @@
 //! settings; [`Actual`] is read from the kernel and the WireGuard backend;
 //! [`diff()`] (pure) turns the difference into a [`Plan`] of minimal changes;
 //! [`Applier`] executes a plan in a fail-closed order and re-reads to
-//! confirm.
+//! confirm. [`known_endpoints`] (pure) is what the underlay guard must
+//! never rate-limit; the applier keeps the enforcer's copy equal to it.
 
 mod apply;
 mod diff;
 pub mod enforcer;
 pub mod fake;
+mod guard;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,6 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use apply::{Applier, ApplyError, Report, Step};
 pub use diff::{ENDPOINT_STICKY, diff};
 pub use enforcer::{EnforcerError, PolicyDigest, PolicyEnforcer};
+pub use guard::known_endpoints;
 
 use crate::{
     keys::{PublicKey, SecretKey},

@@ -160,6 +160,28 @@ impl Gateway {
         f.write_all(toml.as_bytes()).unwrap();
     }
 
+    /// Turns the underlay guard on (XDP on `ifname`), as a production
+    /// gateway runs: a top-level key, so it goes before the tables.
+    pub fn guard_underlay(&self, ifname: &str) {
+        let path = self.dir.path().join("agent.toml");
+        let config = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("underlay_interface = \"{ifname}\"\n{config}")).unwrap();
+    }
+
+    /// The agent's status as JSON (`mesh-agent status --format json`).
+    pub fn status_json(&self) -> serde_json::Value {
+        let config = self.dir.path().join("agent.toml");
+        let out = self.host.exec(BIN, ["status", "--config", config.to_str().unwrap(), "--format", "json"]).unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Frames the underlay guard counted with `verdict` (`"DropRateLimited"`).
+    pub fn guard_count(&self, verdict: &str) -> u64 {
+        let status = self.status_json();
+        let guard = status["dataplane"]["guard"].as_array().cloned().unwrap_or_default();
+        guard.iter().find(|e| e[0] == verdict).and_then(|e| e[1].as_u64()).unwrap_or(0)
+    }
+
     pub fn start(&mut self) {
         let log = File::options().create(true).append(true).open(self.dir.path().join("agent.log")).unwrap();
         let config = self.dir.path().join("agent.toml");

@@ -61,7 +61,7 @@ impl Side {
 /// Both agents. Dropping it stops them and deletes their interfaces: the
 /// agent keeps its TUN device across restarts on purpose, which here would
 /// leave the overlay addresses behind for the next engine.
-pub(super) struct Ours {
+pub(crate) struct Ours {
     pub(super) sides: [(Host, String, Side); 2],
 }
 
@@ -78,7 +78,7 @@ impl Drop for Ours {
 
 /// Starts both agents (with `knobs`: configuration lines that turn the
 /// fast-path steps being measured off) and applies the two node views.
-pub(super) fn up(lab: &Lab, left: &Host, right: &Host, knobs: &str) -> anyhow::Result<Ours> {
+pub(crate) fn up(lab: &Lab, left: &Host, right: &Host, knobs: &str) -> anyhow::Result<Ours> {
     let (lif, rif) = (lab.unique_ifname("wgm"), lab.unique_ifname("wgm"));
     let l = Side::start(left, &lif, knobs).context("starting mesh-agent (left)")?;
     let r = Side::start(right, &rif, knobs).context("starting mesh-agent (right)")?;
