@@ -1,5 +1,5 @@
-//! The engine's UDP transport: gotatun's socket (recvmmsg with UDP GRO on
-//! receive), plus UDP GSO on send: a run of equal-size datagrams to one
+//! The engine's UDP transport: gotatun's socket (recvmmsg on receive, with
+//! UDP GRO turned off: see [`GsoUdpFactory`]'s bind), plus UDP GSO on send: a run of equal-size datagrams to one
 //! peer leaves in one `sendmsg` with `UDP_SEGMENT`, so the underlay stack
 //! is walked once per run instead of once per datagram. Buffers are sized
 //! with `SO_*BUFFORCE` (we are root), past `net.core.[rw]mem_max`.
@@ -25,6 +25,8 @@ use tokio::io::Interest;
 
 /// `UDP_SEGMENT` (linux/udp.h), missing from libc for glibc targets.
 const UDP_SEGMENT: libc::c_int = 103;
+/// `UDP_GRO` (linux/udp.h).
+const UDP_GRO: libc::c_int = 104;
 /// Most datagrams in one GSO send (the kernel's `UDP_MAX_SEGMENTS` is 64).
 const MAX_SEGMENTS: usize = 64;
 /// Most bytes in one GSO send (an IPv4 datagram's limit, with headers).
@@ -57,6 +59,17 @@ impl UdpTransportFactory for GsoUdpFactory {
             {
                 tracing::debug!(error = %e, opt, "cannot force the UDP buffer size (not root?): the capped size stays");
             }
+        }
+        // gotatun 0.10.2 turns UDP GRO on for its receive socket, but splits
+        // a coalesced datagram over its whole 256 KiB receive buffer instead
+        // of the bytes received: every GRO read then yields dozens of stale
+        // "packets" (old handshakes, replays), and bulk TCP through the
+        // tunnel stalls. GRO happens whenever the underlay interface
+        // coalesces UDP (any NIC with GRO; a veth once an XDP program, such
+        // as our guard, is attached). With the option off the kernel hands
+        // the socket each datagram on its own.
+        if let Err(e) = setsockopt_int(rx.as_fd().as_raw_fd(), libc::SOL_UDP, UDP_GRO, 0) {
+            tracing::warn!(error = %e, "cannot turn UDP GRO off on the WireGuard socket");
         }
         let gso = self.gso && {
             // Probing the option tells whether the kernel knows it (4.18+).
