@@ -620,7 +620,7 @@ pub async fn run(
         drop(overrides_tx);
     } else {
         let out = probe::Outputs { overrides: overrides_tx, events: events_tx, shared: probes.clone(), owned };
-        tokio::spawn(probe::run(config.probe.clone(), plan_rx, routes.clone(), out));
+        tokio::spawn(probe::run(config.probe.clone(), config.interface.clone(), plan_rx, routes.clone(), out));
     }
     let (feed_tx, feed_rx) = mpsc::channel(4);
     let local = convert::Local {

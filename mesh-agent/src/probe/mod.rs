@@ -93,6 +93,8 @@ pub struct ProbeState {
     pub bad_packets: u64,
     /// Whether the probe socket is open.
     pub listening: bool,
+    /// Probe requests answered.
+    pub requests_answered: u64,
     /// The prefixes whose site side this gateway owns.
     pub owned: owner::Ownership,
     /// Changes of ownership per prefix since the start.
@@ -189,6 +191,11 @@ impl ProbeState {
         }
         let _ = writeln!(
             s,
+            "# HELP mesh_agent_probe_requests_answered_total Probe requests this node answered (on the overlay, from mesh peers).\n# TYPE mesh_agent_probe_requests_answered_total counter\nmesh_agent_probe_requests_answered_total {}",
+            self.requests_answered
+        );
+        let _ = writeln!(
+            s,
             "# HELP mesh_agent_probe_bad_packets_total Datagrams on the probe port that were not probe messages.\n# TYPE mesh_agent_probe_bad_packets_total counter\nmesh_agent_probe_bad_packets_total {}",
             self.bad_packets
         );
@@ -273,8 +280,15 @@ fn dest(sock_v6: bool, addr: IpAddr, port: u16) -> SocketAddr {
 
 /// The prober: answers probes, sends its own, decides local failover.
 /// Runs until `plan`'s sender is dropped.
+///
+/// The socket answers only on the overlay interface `ifname`
+/// (`SO_BINDTODEVICE`, renewed when the interface is recreated) and only
+/// to mesh peers' addresses: a request spoofed on the underlay (whose
+/// reply would be up to 50 times its size, sent into the overlay) is never
+/// answered, and until the interface exists nothing is.
 pub async fn run(
     cfg: ProbeConfig,
+    ifname: String,
     mut plan: watch::Receiver<Plan>,
     health: watch::Receiver<Vec<RouteHealth>>,
     out: Outputs,
@@ -314,6 +328,11 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = vec![0u8; 2048];
     let mut refresh_plan = true;
+    // The overlay interface the socket is bound to (its index), checked
+    // every half second.
+    let mut bound: Option<u32> = None;
+    let mut next_bind_check = Instant::now();
+    let mut answered = 0u64;
     loop {
         if refresh_plan {
             refresh_plan = false;
@@ -362,7 +381,9 @@ pub async fn run(
                         dirty = true;
                         tracing::debug!(%src, error = %e, "not a probe message");
                     }
+                    Ok(wire::Message::Request { .. }) if bound.is_none() => {}
                     Ok(wire::Message::Request { seq, version }) => {
+                        answered += 1;
                         let routes = route_states(&health.borrow(), &owned);
                         let reply = wire::Message::Reply { seq, version, routes }.encode();
                         if let Err(e) = sock.send_to(&reply, src).await {
@@ -396,6 +417,25 @@ pub async fn run(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
+                if now >= next_bind_check {
+                    next_bind_check = now + Duration::from_millis(500);
+                    let index = nix::net::if_::if_nametoindex(ifname.as_str()).ok();
+                    if index != bound {
+                        bound = match index {
+                            Some(i) => match socket2::SockRef::from(&sock).bind_device(Some(ifname.as_bytes())) {
+                                Ok(()) => {
+                                    tracing::info!(interface = %ifname, "probe responder bound to the overlay interface");
+                                    Some(i)
+                                }
+                                Err(e) => {
+                                    tracing::warn!(interface = %ifname, error = %e, "cannot bind the probe socket to the overlay interface; not answering");
+                                    None
+                                }
+                            },
+                            None => None,
+                        };
+                    }
+                }
                 for p in peers.values_mut() {
                     while let Some(&(_, sent)) = p.pending.front() && now.duration_since(sent) >= timeout {
                         p.pending.pop_front();
@@ -489,6 +529,7 @@ pub async fn run(
                     s.effective.clone_from(&effective);
                     s.switches.clone_from(&switches);
                     s.bad_packets = bad_packets;
+                    s.requests_answered = answered;
                     s.listening = true;
                     s.owned.clone_from(&owned);
                     s.owner_changes.clone_from(&owner_changes);
