@@ -27,6 +27,45 @@ fn acl_verdicts() {
     let mut dp = Dataplane::load_unpinned().expect("load (verifier)");
     default_deny_rules_replies_and_counters(&mut dp);
     odd_packets_get_their_documented_verdicts(&mut dp);
+    replies_of_a_revoked_flow_are_dropped(&mut dp);
+}
+
+/// Packets per verdict so far: the later cases check differences.
+fn verdicts(dp: &Dataplane) -> [u64; AclVerdict::COUNT as usize] {
+    dp.counters().unwrap().verdicts.map(|c| c.packets)
+}
+
+/// `after - before` for one verdict.
+fn delta(before: &[u64; AclVerdict::COUNT as usize], dp: &Dataplane, v: AclVerdict) -> u64 {
+    verdicts(dp)[v as usize] - before[v as usize]
+}
+
+fn two_way_policy(generation: u64, v4: &str, v6: &str, proto: Proto, ports: PortRange) -> CompiledPolicy {
+    CompiledPolicy {
+        generation,
+        rules: vec![rule(1, "100.64.0.0/24", v4, proto, ports), rule(2, "fd7a:6d65:7368::/64", v6, proto, ports)],
+    }
+}
+
+/// Reply entries are bound to the policy that accepted their flow: once a
+/// new policy revokes the flow, its replies are dropped too (issue 13).
+fn replies_of_a_revoked_flow_are_dropped(dp: &mut Dataplane) {
+    for (client, server) in [("100.64.0.1", "198.18.20.5"), ("fd7a:6d65:7368::1", "2001:db8:20::5")] {
+        dp.install_policy(&two_way_policy(10, "198.18.20.0/24", "2001:db8:20::/64", Proto::Udp, PortRange::single(53)))
+            .unwrap();
+        let query = packet(client, server, 17, 40000, 53);
+        let answer = packet(server, client, 17, 53, 40000);
+        assert_eq!(run(dp, &frame(&query)), TC_ACT_OK, "{client}: allowed query");
+        assert_eq!(run(dp, &frame(&answer)), TC_ACT_OK, "{client}: its answer");
+        // The new policy allows only other ports (and another protocol).
+        dp.install_policy(&two_way_policy(11, "198.18.20.0/24", "2001:db8:20::/64", Proto::Udp, PortRange::single(54)))
+            .unwrap();
+        let before = verdicts(dp);
+        assert_eq!(run(dp, &frame(&answer)), TC_ACT_SHOT, "{client}: the answer of a revoked flow");
+        assert_eq!(run(dp, &frame(&query)), TC_ACT_SHOT, "{client}: the revoked query");
+        assert_eq!(delta(&before, dp, AclVerdict::DropNoRule), 2);
+        assert_eq!(delta(&before, dp, AclVerdict::AcceptEstablished), 0);
+    }
 }
 
 fn default_deny_rules_replies_and_counters(dp: &mut Dataplane) {

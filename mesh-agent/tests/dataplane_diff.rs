@@ -203,6 +203,7 @@ fn ebpf_acl_agrees_with_the_reference_evaluator() {
                 .collect(),
         };
         let report = dp.install_policy(&policy).unwrap_or_else(|e| panic!("install policy {g} ({size} rules): {e}"));
+        state.new_policy();
         max_rules = max_rules.max(size);
         let started = std::time::Instant::now();
         eprintln!("policy {g}: {size} rules, {} entries, installed in {:?}", report.entries, report.elapsed);

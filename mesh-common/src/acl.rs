@@ -4,14 +4,15 @@
 //! # How a packet is decided (cilium `policy.h` style)
 //!
 //! 1. **Flow table** (`ACL_FLOWS2`, LRU hash, key [`FlowKey`] built from the
-//!    packet as it is): a [`FlowKind::Reply`] entry that has not expired
-//!    accepts the packet as a reply of an accepted flow
-//!    (`AcceptEstablished`). A [`FlowKind::Forward`] entry that has not
-//!    expired and was made under the policy active now (its `active` word
-//!    equals `ACL_ACTIVE[0]`) accepts the packet with the rule it records
-//!    (`AcceptRule`, counted to that rule): the policy would decide the same,
-//!    as the decision depends only on fields of the flow key. Any other case
-//!    goes on to the policy (steps 2-4).
+//!    packet as it is). Entries answer only while they have not expired and
+//!    were made under the policy active now (their `active` word equals
+//!    `ACL_ACTIVE[0]`, which changes on every install). A
+//!    [`FlowKind::Reply`] entry accepts the packet as a reply of an accepted
+//!    flow (`AcceptEstablished`). A [`FlowKind::Forward`] entry accepts the
+//!    packet with the rule it records (`AcceptRule`, counted to that rule):
+//!    the policy would decide the same, as the decision depends only on
+//!    fields of the flow key. Any other case goes on to the policy (steps
+//!    2-4).
 //! 2. **Source identity**: the source address is looked up in
 //!    `SRCH4_<slot>` / `SRCH6_<slot>` (hash maps, key [`SrcKey4`] /
 //!    [`SrcKey6`] = prefix length and the address masked to it) once per
@@ -54,11 +55,13 @@
 //! number of entries.
 //!
 //! On accept, the packet's flow key is written as a forward entry and the
-//! reverse key as a reply entry, so the replies pass (step 1) even if a new
-//! policy no longer allows the flow. A new policy applies to new flows and
-//! to every packet that is not a reply (forward entries of the old policy
-//! no longer answer). Later packets of an accepted flow refresh the reply
-//! entry at most once a second, so it may expire up to a second before its
+//! reverse key as a reply entry (bound to the active policy), so the
+//! replies pass (step 1). A new policy applies to every packet, replies
+//! included: after a swap, entries of the old policy no longer answer, so a
+//! flow the new policy revokes loses its replies too; a flow it still
+//! accepts is re-accepted by its next forward packet, which rebinds the
+//! reply entry. Later packets of an accepted flow refresh the reply entry
+//! at most once a second, so it may expire up to a second before its
 //! timeout.
 //!
 //! # Double buffering

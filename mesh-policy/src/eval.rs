@@ -3,7 +3,7 @@
 //! eBPF and no cleverness. The eBPF data path is tested against it packet by
 //! packet, so when the two disagree this one is presumed right.
 
-use std::{collections::HashSet, net::IpAddr};
+use std::{collections::HashMap, net::IpAddr};
 
 use crate::{CompiledPolicy, Proto};
 
@@ -99,11 +99,23 @@ struct FlowId {
     dport: u16,
 }
 
-/// The policy plus the set of accepted flows (no timeouts: a test runs in
-/// far less than any flow timeout).
+/// What a flow-table entry stands for (the dataplane's `FlowKind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// A packet of an accepted flow, keyed by its own identity.
+    Forward,
+    /// The replies of an accepted flow, keyed by their identity.
+    Reply,
+}
+
+/// The flow table: which flows were accepted, in which direction, under
+/// which policy (no timeouts: a test runs in far less than any flow
+/// timeout). Policies are numbered by [`Stateful::new_policy`]; an entry
+/// made under an earlier one no longer answers.
 #[derive(Debug, Default)]
 pub struct Stateful {
-    flows: HashSet<FlowId>,
+    flows: HashMap<FlowId, (Kind, u64)>,
+    epoch: u64,
 }
 
 impl Stateful {
@@ -113,15 +125,30 @@ impl Stateful {
         Self::default()
     }
 
+    /// A new policy is in force: the flows accepted so far are decided
+    /// again (their entries stay, but no longer answer).
+    pub fn new_policy(&mut self) {
+        self.epoch += 1;
+    }
+
+    /// The kind of the entry at `id`, if it was made under the policy in
+    /// force.
+    fn live(&self, id: &FlowId) -> Option<Kind> {
+        self.flows.get(id).filter(|(_, epoch)| *epoch == self.epoch).map(|(kind, _)| *kind)
+    }
+
     /// Decides `p` under `policy` and records its flow if it is accepted.
     pub fn decide(&mut self, policy: &CompiledPolicy, p: &Packet) -> Verdict {
-        if self.flows.contains(&Self::id_of(p)) {
+        // A live forward entry decides as the policy does (same rule), so
+        // only reply entries short-cut the policy here.
+        if self.live(&Self::id_of(p)) == Some(Kind::Reply) {
             return Verdict::AcceptEstablished;
         }
         match first_match(policy, p) {
             Some(index) => {
+                self.flows.insert(Self::id_of(p), (Kind::Forward, self.epoch));
                 if let Some(reply) = Self::reply_id(p) {
-                    self.flows.insert(reply);
+                    self.flows.insert(reply, (Kind::Reply, self.epoch));
                 }
                 Verdict::AcceptRule(index)
             }

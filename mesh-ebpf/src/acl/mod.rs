@@ -171,14 +171,15 @@ fn flow_check(p: &Packet, active: u32, now: u64, expires_ns: u64) -> u32 {
     if flow.expires_ns <= now {
         return NO_RULE;
     }
+    // An entry answers only under the policy that made it: after a swap
+    // the packet is decided again, so a revoked flow's replies stop with
+    // it.
+    if flow.active != active {
+        return NO_RULE;
+    }
     if flow.kind == FlowKind::Reply as u32 {
         flow.expires_ns = expires_ns;
         return FLOW_REPLY;
-    }
-    // A forward entry answers only for the policy that made it: after a
-    // swap the packet is decided again.
-    if flow.active != active {
-        return NO_RULE;
     }
     flow.expires_ns = expires_ns;
     let rule_index = flow.rule_index;
@@ -216,8 +217,11 @@ fn refresh_reverse(p: &Packet, rule_index: u32, active: u32, expires_ns: u64) {
     let Some(reverse) = reverse_key(p) else { return };
     match ACL_FLOWS.get_ptr_mut(&reverse) {
         // SAFETY: as in `flow_check`.
+        // Refreshed and bound to the policy that accepted the flow now.
         Some(existing) if unsafe { (*existing).kind } == FlowKind::Reply as u32 => unsafe {
             (*existing).expires_ns = expires_ns;
+            (*existing).active = active;
+            (*existing).rule_index = rule_index;
         },
         // Absent, or the other direction's forward entry: the reverse
         // direction is now a reply (as it would have been before forward
