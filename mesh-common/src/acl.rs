@@ -8,7 +8,7 @@
 //!    - a **non-first fragment** (IPv4 offset != 0, IPv6 fragment header
 //!      with offset != 0) passes (`AcceptEstablished`) iff the fragment
 //!      table (`ACL_FRAGS`, LRU, key [`FragKey`] = source, destination,
-//!      protocol, identification) holds its datagram: a first fragment
+//!      identification, and the protocol on IPv4) holds its datagram: a first fragment
 //!      (offset 0, more fragments) that passed, by any step, is written
 //!      there, valid for `other_timeout_s`. Otherwise `DropFragment`.
 //!      First fragments carry the ports and are decided like whole
@@ -386,7 +386,11 @@ pub struct FragKey {
     /// Identification as on the wire (IPv4: 16 bits in the last two bytes;
     /// IPv6: the fragment header's 32 bits).
     pub id: [u8; 4],
-    /// IP protocol (IPv6: the fragment header's next header).
+    /// IPv4: the IP protocol (the identification is unique per source,
+    /// destination and protocol). IPv6: zero; the identification is unique
+    /// per source and destination (RFC 8200), and the fragment header's
+    /// next header is not the transport protocol when more extension
+    /// headers follow it.
     pub proto: u8,
     /// 4 or 6.
     pub family: u8,

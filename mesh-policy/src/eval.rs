@@ -152,6 +152,13 @@ impl Packet {
             && if self.is_v4() { matches!(self.icmp_type, 3 | 11) } else { matches!(self.icmp_type, 1..=3) }
     }
 
+    /// The datagram a fragment with identification `id` belongs to: source,
+    /// destination, protocol (IPv4 only: an IPv6 identification is unique
+    /// per source and destination) and identification.
+    fn datagram(&self, id: u32) -> (IpAddr, IpAddr, u8, u32) {
+        (self.src, self.dst, if self.is_v4() { self.proto } else { 0 }, id)
+    }
+
     /// The same packet in the other direction: addresses and ports
     /// swapped, an echo reply turned into its request.
     fn reversed(&self) -> Self {
@@ -201,8 +208,7 @@ enum Kind {
 #[derive(Debug, Default)]
 pub struct Stateful {
     flows: HashMap<FlowId, (Kind, u64)>,
-    /// Datagrams whose first fragment passed: (source, destination,
-    /// protocol, identification).
+    /// Datagrams whose first fragment passed, by [`Packet::datagram`].
     frags: HashSet<(IpAddr, IpAddr, u8, u32)>,
     epoch: u64,
 }
@@ -245,12 +251,12 @@ impl Stateful {
     /// A first fragment that passes lets its datagram's later fragments in.
     pub fn decide(&mut self, policy: &CompiledPolicy, p: &Packet) -> Verdict {
         if let Fragment::Later { id } = p.fragment {
-            let known = self.frags.contains(&(p.src, p.dst, p.proto, id));
+            let known = self.frags.contains(&p.datagram(id));
             return if known { Verdict::AcceptEstablished } else { Verdict::DropFragment };
         }
         let verdict = self.decide_whole(policy, p);
         if let (Fragment::First { id }, true) = (p.fragment, verdict.passes()) {
-            self.frags.insert((p.src, p.dst, p.proto, id));
+            self.frags.insert(p.datagram(id));
         }
         verdict
     }

@@ -329,7 +329,8 @@ fn frag_key(p: &Packet) -> FragKey {
         src: addr_bytes(p.src),
         dst: addr_bytes(p.dst),
         id: p.frag_id,
-        proto: p.proto,
+        // See `FragKey::proto`.
+        proto: if p.family == 4 { p.proto } else { 0 },
         family: p.family,
         pad: [0; 2],
     }
