@@ -1,6 +1,9 @@
 //! Differential test: random policies (v4 and v6, nested CIDRs, overlapping
 //! port ranges, every protocol kind, up to 2,000 rules) and random packets
-//! (including replies of earlier packets) run through the real ACL program
+//! (including replies of earlier packets, reply-direction packets of flows
+//! never seen, first and later fragments, and ICMP errors quoting packets
+//! that passed or not, forged ones included; IPv4 and IPv6) run through the
+//! real ACL program
 //! with BPF_PROG_TEST_RUN and through the plain-Rust reference evaluator.
 //! Every packet's pass/drop must agree, and after each policy the per-rule
 //! and per-verdict counters must equal the evaluator's tallies. Root only.
@@ -12,12 +15,12 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use dataplane_support::frame;
+use dataplane_support::{frame, quote};
 use ipnet::IpNet;
 use mesh_agent::dataplane::{AclVerdict, Dataplane, PROG_ACL_ETH, PacketCount};
 use mesh_policy::{
     CompiledPolicy, PortRange, Proto, Rule,
-    eval::{Packet, Stateful, Verdict},
+    eval::{Fragment, Packet, Stateful, Verdict},
 };
 
 /// xorshift64*: deterministic, no dependency.
@@ -129,29 +132,107 @@ fn random_rule(rng: &mut Rng, u: &Universe, id: u32, wide: u64) -> Rule {
     Rule { id, src, dst, proto, ports }
 }
 
-fn random_packet(rng: &mut Rng, u: &Universe, sent: &[Packet]) -> Packet {
-    if !sent.is_empty() && rng.chance(25) {
-        // A reply (or a reply-looking packet) of something sent before.
-        let p = sent[rng.below(sent.len() as u64) as usize];
-        let mut r = Packet { src: p.dst, dst: p.src, sport: p.dport, dport: p.sport, ..p };
-        match p.proto {
-            6 => r.tcp_flags = rng.pick(&[0x12, 0x10, 0x11]),
-            1 | 58 => {
-                r.sport = p.sport;
-                r.dport = 0;
-                r.icmp_type = match p.icmp_type {
-                    8 => 0,
-                    128 => 129,
-                    t => t,
-                };
-            }
-            _ => {}
+/// What [`random_packet`] made, for the coverage tally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Made {
+    Fresh,
+    /// A reply (or reply-looking packet) of something that passed.
+    ReplyOfSent,
+    /// A reply-direction packet of a flow never seen: passes only by the
+    /// reversed tuple.
+    ReplyWithoutFlow,
+    FirstFragment,
+    LaterFragment,
+    /// An ICMP error quoting a packet that passed (maybe since revoked).
+    ErrorAboutSent,
+    /// An ICMP error quoting a packet never seen, or addressed elsewhere.
+    ErrorUnrelated,
+}
+
+/// A reply-direction packet of `p` (TCP flags of a reply, echo reply for
+/// an echo request, sometimes with the wrong source port).
+fn reply_of(rng: &mut Rng, p: &Packet) -> Packet {
+    let mut r = Packet { src: p.dst, dst: p.src, sport: p.dport, dport: p.sport, quoted: None, ..*p };
+    match p.proto {
+        6 => r.tcp_flags = rng.pick(&[0x12, 0x10, 0x11, 0x14, 0x18]),
+        1 | 58 => {
+            r.sport = p.sport;
+            r.dport = 0;
+            r.icmp_type = match p.icmp_type {
+                8 => 0,
+                128 => 129,
+                t => t,
+            };
         }
-        if rng.chance(10) {
-            r.sport = r.sport.wrapping_add(1);
-        }
-        return r;
+        _ => {}
     }
+    if rng.chance(10) {
+        r.sport = r.sport.wrapping_add(1);
+    }
+    r
+}
+
+/// A datagram identifier of the packet's family.
+fn frag_id(rng: &mut Rng, p: &Packet) -> u32 {
+    if p.src.is_ipv4() { rng.below(1 << 16) as u32 } else { rng.next() as u32 }
+}
+
+fn random_packet(rng: &mut Rng, u: &Universe, sent: &[Packet]) -> (Packet, Made) {
+    let roll = rng.below(100);
+    if !sent.is_empty() && roll < 20 {
+        let p = sent[rng.below(sent.len() as u64) as usize];
+        return (Packet { fragment: Fragment::Whole, ..reply_of(rng, &p) }, Made::ReplyOfSent);
+    }
+    if roll < 28 {
+        let p = fresh_packet(rng, u);
+        return (reply_of(rng, &p), Made::ReplyWithoutFlow);
+    }
+    if roll < 33 {
+        let p = fresh_packet(rng, u);
+        return (Packet { fragment: Fragment::First { id: frag_id(rng, &p) }, ..p }, Made::FirstFragment);
+    }
+    if roll < 38 {
+        // Mostly the tail of a datagram whose head was sent.
+        let firsts: Vec<&Packet> = sent.iter().filter(|p| matches!(p.fragment, Fragment::First { .. })).collect();
+        let p = if !firsts.is_empty() && rng.chance(70) {
+            *firsts[rng.below(firsts.len() as u64) as usize]
+        } else if sent.is_empty() {
+            fresh_packet(rng, u)
+        } else {
+            sent[rng.below(sent.len() as u64) as usize]
+        };
+        let id = match p.fragment {
+            Fragment::First { id } if rng.chance(80) => id,
+            _ => frag_id(rng, &p),
+        };
+        return (Packet { fragment: Fragment::Later { id }, quoted: None, ..p }, Made::LaterFragment);
+    }
+    if roll < 46 {
+        let about_sent = !sent.is_empty() && rng.chance(75);
+        let about = if about_sent { sent[rng.below(sent.len() as u64) as usize] } else { fresh_packet(rng, u) };
+        let v4 = about.src.is_ipv4();
+        let mut e = Packet {
+            src: u.addr(rng, v4),
+            dst: about.src,
+            proto: if v4 { 1 } else { 58 },
+            sport: 0,
+            dport: 0,
+            // Errors, and a redirect / parameter problem (not related).
+            icmp_type: if v4 { rng.pick(&[3, 3, 11, 5, 12]) } else { rng.pick(&[1, 2, 2, 3, 4, 137]) },
+            tcp_flags: 0,
+            fragment: Fragment::Whole,
+            quoted: Some(quote(&about)),
+        };
+        let forged = rng.chance(10);
+        if forged {
+            e.dst = u.addr(rng, v4);
+        }
+        return (e, if about_sent && !forged { Made::ErrorAboutSent } else { Made::ErrorUnrelated });
+    }
+    (fresh_packet(rng, u), Made::Fresh)
+}
+
+fn fresh_packet(rng: &mut Rng, u: &Universe) -> Packet {
     let v4 = rng.chance(55);
     let proto = rng.pick(&[6, 6, 17, 17, 1, 58, 132, 47]);
     let port = |rng: &mut Rng| {
@@ -165,6 +246,8 @@ fn random_packet(rng: &mut Rng, u: &Universe, sent: &[Packet]) -> Packet {
         dport: port(rng),
         icmp_type: 0,
         tcp_flags: 0,
+        fragment: Fragment::Whole,
+        quoted: None,
     };
     match proto {
         6 => p.tcp_flags = rng.pick(&[0x02, 0x02, 0x10, 0x12, 0x18]),
@@ -193,6 +276,8 @@ fn ebpf_acl_agrees_with_the_reference_evaluator() {
     let sizes: Vec<usize> = (0..30).map(|i| [1, 3, 10, 30, 100, 300][i % 6]).chain([1000, 2000]).collect();
     let (mut pairs, mut max_rules, mut total_entries) = (0u64, 0usize, 0usize);
     let mut verdicts_expected = [PacketCount::default(); AclVerdict::COUNT as usize];
+    // (what was made, whether it passed) -> packets.
+    let mut made: std::collections::BTreeMap<(Made, bool), u64> = std::collections::BTreeMap::new();
 
     for (g, &size) in sizes.iter().enumerate() {
         let universe = Universe::new(&mut rng);
@@ -203,6 +288,7 @@ fn ebpf_acl_agrees_with_the_reference_evaluator() {
                 .collect(),
         };
         let report = dp.install_policy(&policy).unwrap_or_else(|e| panic!("install policy {g} ({size} rules): {e}"));
+        state.new_policy();
         max_rules = max_rules.max(size);
         let started = std::time::Instant::now();
         eprintln!("policy {g}: {size} rules, {} entries, installed in {:?}", report.entries, report.elapsed);
@@ -212,7 +298,7 @@ fn ebpf_acl_agrees_with_the_reference_evaluator() {
         let packets = if size >= 1000 { 1500 } else { 700 };
         let mut per_rule: HashMap<u32, PacketCount> = HashMap::new();
         for n in 0..packets {
-            let p = random_packet(&mut rng, &universe, &sent);
+            let (p, kind) = random_packet(&mut rng, &universe, &sent);
             let f = frame(&p);
             let expected = state.decide(&policy, &p);
             let (ret, _) = dp.test_run_tc(PROG_ACL_ETH, &f).expect("test run");
@@ -233,7 +319,9 @@ fn ebpf_acl_agrees_with_the_reference_evaluator() {
                 Verdict::AcceptEstablished => AclVerdict::AcceptEstablished,
                 Verdict::DropNoRule => AclVerdict::DropNoRule,
                 Verdict::DropNoFlow => AclVerdict::DropNoFlow,
+                Verdict::DropFragment => AclVerdict::DropFragment,
             };
+            *made.entry((kind, passed)).or_default() += 1;
             verdicts_expected[slot as usize].packets += 1;
             verdicts_expected[slot as usize].bytes += len;
             if expected.passes() {
@@ -253,11 +341,19 @@ fn ebpf_acl_agrees_with_the_reference_evaluator() {
     let v = |x: AclVerdict| verdicts_expected[x as usize].packets;
     println!(
         "differential: {pairs} policy/packet pairs compared over {} policies (up to {max_rules} rules, {total_entries} decision entries in all); all agree \
-         (accepted by a rule {}, as replies {}, dropped without a rule {}, reply-looking without a flow {})",
+         (accepted by a rule {}, as replies or related {}, dropped without a rule {}, reply-looking without a flow {}, \
+         later fragments without their first {})",
         sizes.len(),
         v(AclVerdict::AcceptRule),
         v(AclVerdict::AcceptEstablished),
         v(AclVerdict::DropNoRule),
         v(AclVerdict::DropNoFlow),
+        v(AclVerdict::DropFragment),
     );
+    println!("differential: packets made (kind, passed): {made:?}");
+    for kind in [Made::ReplyWithoutFlow, Made::LaterFragment, Made::ErrorAboutSent, Made::ErrorUnrelated] {
+        for passed in [true, false] {
+            assert!(made.get(&(kind, passed)).copied().unwrap_or(0) > 20, "too few {kind:?} that passed={passed}");
+        }
+    }
 }

@@ -3,15 +3,52 @@
 //!
 //! # How a packet is decided (cilium `policy.h` style)
 //!
+//! 0. **Parts of accepted flows without a flow key of their own** (checked
+//!    first; a non-first fragment is decided here alone):
+//!    - a **non-first fragment** (IPv4 offset != 0, IPv6 fragment header
+//!      with offset != 0) passes (`AcceptEstablished`) iff the fragment
+//!      table (`ACL_FRAGS`, LRU, key [`FragKey`] = source, destination,
+//!      identification, and the protocol on IPv4) holds its datagram: a first fragment
+//!      (offset 0, more fragments) that passed, by any step, is written
+//!      there, valid for `other_timeout_s`. Otherwise `DropFragment`.
+//!      First fragments carry the ports and are decided like whole
+//!      packets. *Why tracked, not passed as Tailscale's `wgengine/filter`
+//!      does* (it passes every non-first fragment, since without its first
+//!      one nothing can be reassembled): passing them lets any overlay
+//!      node park fragments in the reassembly queues of every host behind
+//!      the gateway, hosts the policy does not let it reach at all. The
+//!      cost here is one LRU write per fragmented datagram and one lookup
+//!      per later fragment, flat. The price: a later fragment that
+//!      overtakes its first is dropped (senders, Linux included, emit the
+//!      first fragment first and WireGuard keeps a peer's order, so this
+//!      is rare; the datagram is then lost as on any lossy path). The
+//!      entries are not bound to the policy: a datagram whose head passed
+//!      may finish.
+//!    - an **ICMP error** (ICMPv4 destination unreachable, fragmentation
+//!      needed included, and time exceeded; ICMPv6 destination
+//!      unreachable, packet too big and time exceeded) passes as related
+//!      (`AcceptEstablished`) when the packet it quotes has a flow entry,
+//!      of either kind, that is live under the active policy (step 1's
+//!      validity), keyed by the quoted packet's own [`FlowKey`]. The quoted
+//!      packet is one the error's receiver sent through this ACL, so its
+//!      key holds a forward entry (a packet of a flow accepted here) or a
+//!      reply entry (a reply of one): both directions of a flow are
+//!      covered. The quote must be addressed from the error's destination
+//!      (else the error is forged), hold at least 8 bytes of the transport
+//!      header, and not be a non-first fragment; IPv6 quotes may carry one
+//!      fragment header and no other extension header. Any other ICMP
+//!      error (and every other ICMP message) goes on to step 1 like any
+//!      packet.
 //! 1. **Flow table** (`ACL_FLOWS2`, LRU hash, key [`FlowKey`] built from the
-//!    packet as it is): a [`FlowKind::Reply`] entry that has not expired
-//!    accepts the packet as a reply of an accepted flow
-//!    (`AcceptEstablished`). A [`FlowKind::Forward`] entry that has not
-//!    expired and was made under the policy active now (its `active` word
-//!    equals `ACL_ACTIVE[0]`) accepts the packet with the rule it records
-//!    (`AcceptRule`, counted to that rule): the policy would decide the same,
-//!    as the decision depends only on fields of the flow key. Any other case
-//!    goes on to the policy (steps 2-4).
+//!    packet as it is). Entries answer only while they have not expired and
+//!    were made under the policy active now (their `active` word equals
+//!    `ACL_ACTIVE[0]`, which changes on every install). A
+//!    [`FlowKind::Reply`] entry accepts the packet as a reply of an accepted
+//!    flow (`AcceptEstablished`). A [`FlowKind::Forward`] entry accepts the
+//!    packet with the rule it records (`AcceptRule`, counted to that rule):
+//!    the policy would decide the same, as the decision depends only on
+//!    fields of the flow key. Any other case goes on to the policy (steps
+//!    2-4).
 //! 2. **Source identity**: the source address is looked up in
 //!    `SRCH4_<slot>` / `SRCH6_<slot>` (hash maps, key [`SrcKey4`] /
 //!    [`SrcKey6`] = prefix length and the address masked to it) once per
@@ -41,24 +78,46 @@
 //!    most specific first, then the any-protocol entry if the policy has
 //!    one; the first hit wins. Its value is the index of the *first* rule
 //!    (in policy order) that matches every packet reaching this entry,
-//!    which is the rule whose counter is bumped. No hit: default deny.
+//!    which is the rule whose counter is bumped. No hit: step 5.
+//! 5. **Reply without a flow** (issue 12: connections set up through
+//!    another gateway, which this one takes over, or flows of an older
+//!    policy): a TCP packet without SYN, a UDP datagram, or an ICMP(v6)
+//!    echo reply passes as a reply (`AcceptEstablished`, no rule counter)
+//!    when steps 2-4 accept its *reversed* tuple: source and destination
+//!    addresses swapped, ports swapped (the reversed destination port is
+//!    the packet's source port), an echo reply turned into the echo
+//!    request with its identifier. Its flow's entries are then written as
+//!    if the reversed packet had been accepted (forward entry on the
+//!    reversed key, reply entry on the packet's own key), so later packets
+//!    of the flow hit step 1. Anything else is dropped: `DropNoFlow` if it
+//!    looks like a reply (TCP ACK without SYN, echo reply), else
+//!    `DropNoRule`. A TCP SYN (or SYN-ACK) is never judged reversed, so a
+//!    server cannot open connections towards a client by posing as its
+//!    reply; SCTP and other protocols have no such rule either (their
+//!    replies pass only by a reply entry).
 //!
-//! So a packet costs one flow-table lookup plus one hash lookup per prefix
+//! So a packet costs (step 0 aside: one lookup for a later fragment or a
+//! recognised ICMP error) one flow-table lookup plus one hash lookup per prefix
 //! length in use on each side and per port level in use; none of that grows
 //! with the rule count, which only changes how many entries the hash maps
 //! hold (a typical policy of host and site CIDRs with single ports costs
-//! two or three source/destination probes and one decision probe). The
+//! two or three source/destination probes and one decision probe; a packet
+//! no rule accepts and that step 5 applies to pays for the probes twice). The
 //! worst case, a policy using every prefix length, is 33 (IPv4) or 129
 //! (IPv6) probes per side, still independent of the rule count. This
 //! replaces LPM tries, whose lookup walks a trie that deepens with the
 //! number of entries.
 //!
 //! On accept, the packet's flow key is written as a forward entry and the
-//! reverse key as a reply entry, so the replies pass (step 1) even if a new
-//! policy no longer allows the flow. A new policy applies to new flows and
-//! to every packet that is not a reply (forward entries of the old policy
-//! no longer answer). Later packets of an accepted flow refresh the reply
-//! entry at most once a second, so it may expire up to a second before its
+//! reverse key as a reply entry (bound to the active policy), so the
+//! replies pass (step 1). A new policy applies to every packet, replies
+//! included: after a swap, entries of the old policy no longer answer, so a
+//! flow the new policy revokes loses its replies too; a flow it still
+//! accepts is re-accepted by its next forward packet, which rebinds the
+//! reply entry, or by its next reply through step 5. (So a reinstall of an
+//! equal policy drops, until the forward side sends again, only replies
+//! step 5 does not cover: a SYN-ACK in flight, SCTP and other protocols.) Later packets of an accepted flow refresh the reply entry
+//! at most once a second, so it may expire up to a second before its
 //! timeout.
 //!
 //! # Double buffering
@@ -77,9 +136,9 @@
 //! - malformed IP (truncated or inconsistent headers, IPv4 IHL < 5, a
 //!   transport header too short to read the ports / ICMP id, more than four
 //!   IPv6 extension headers): drop (`DropMalformed`);
-//! - fragments other than the first (IPv4 offset != 0, IPv6 fragment header
-//!   with offset != 0): drop (`DropFragment`); they carry no ports to decide
-//!   on. First fragments are decided like whole packets.
+//! - fragments other than the first: step 0 (`DropFragment` unless their
+//!   datagram's first fragment passed). First fragments are decided like
+//!   whole packets.
 
 /// Largest number of rules in one policy (size of the per-rule counters).
 pub const MAX_RULES: u32 = 16_384;
@@ -94,6 +153,10 @@ pub const MAX_CIDRS: u32 = 1 << 16;
 pub const MAX_DST_ENTRIES: u32 = 1 << 18;
 /// Flow-table size (LRU: the least recently used flows are evicted).
 pub const MAX_FLOWS: u32 = 1 << 17;
+/// Fragmented datagrams remembered at once (LRU). A datagram's fragments
+/// follow its first within milliseconds, so this only needs to cover the
+/// datagrams in flight.
+pub const MAX_FRAGS: u32 = 1 << 14;
 
 /// Decision level of the any-protocol, any-port entry (levels 0..=16 are
 /// the port prefix bits of a one-protocol entry).
@@ -310,6 +373,31 @@ pub struct FlowValue {
     pub pad: u32,
 }
 
+/// Key of the fragment table (`ACL_FRAGS`, value: the `bpf_ktime` after
+/// which the entry is stale): a datagram whose first fragment passed.
+/// Aligned to 8 like [`FlowKey`].
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Source address (IPv4 in the first four bytes, rest zero).
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Identification as on the wire (IPv4: 16 bits in the last two bytes;
+    /// IPv6: the fragment header's 32 bits).
+    pub id: [u8; 4],
+    /// IPv4: the IP protocol (the identification is unique per source,
+    /// destination and protocol). IPv6: zero; the identification is unique
+    /// per source and destination (RFC 8200), and the fragment header's
+    /// next header is not the transport protocol when more extension
+    /// headers follow it.
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// Zero.
+    pub pad: [u8; 2],
+}
+
 /// What a flow-table entry stands for.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,7 +447,10 @@ pub struct SlotMeta {
 pub enum AclVerdict {
     /// Accepted by a rule (a new flow or a non-reply packet).
     AcceptRule = 0,
-    /// Accepted as a reply of an accepted flow.
+    /// Accepted as part of an accepted flow: a reply (including one
+    /// accepted by the reversed tuple), a later fragment of a datagram
+    /// whose first fragment passed, or an ICMP error about a packet of the
+    /// flow.
     AcceptEstablished = 1,
     /// No rule matched (default deny).
     DropNoRule = 2,
@@ -368,7 +459,8 @@ pub enum AclVerdict {
     DropNoFlow = 3,
     /// Malformed IP packet.
     DropMalformed = 4,
-    /// Non-first fragment.
+    /// Non-first fragment of a datagram whose first fragment did not pass
+    /// (or was not seen).
     DropFragment = 5,
     /// Non-IP frame, passed.
     PassNonIp = 6,
@@ -434,6 +526,8 @@ pub mod names {
     /// Flow table (`LruHashMap<FlowKey, FlowValue>`; "2": the value grew,
     /// so an agent adopting older pins starts a fresh table).
     pub const FLOWS: &str = "ACL_FLOWS2";
+    /// Fragment table (`LruHashMap<FragKey, u64>`).
+    pub const FRAGS: &str = "ACL_FRAGS";
     /// Verdict counters (`PerCpuArray<PacketCount>`).
     pub const VERDICTS: &str = "ACL_VERDICTS";
     /// MSS counters (`PerCpuArray<u64>`).
@@ -474,6 +568,7 @@ mod pod {
     unsafe impl aya::Pod for super::DstKey6 {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::AclConfig {}
     unsafe impl aya::Pod for super::SlotMeta {}
 }

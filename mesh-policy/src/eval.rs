@@ -3,7 +3,10 @@
 //! eBPF and no cleverness. The eBPF data path is tested against it packet by
 //! packet, so when the two disagree this one is presumed right.
 
-use std::{collections::HashSet, net::IpAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
 
 use crate::{CompiledPolicy, Proto};
 
@@ -24,6 +27,67 @@ pub struct Packet {
     pub icmp_type: u8,
     /// TCP flags byte.
     pub tcp_flags: u8,
+    /// Where the packet sits in a fragmented datagram.
+    pub fragment: Fragment,
+    /// For an ICMP error: the packet it quotes.
+    pub quoted: Option<Quoted>,
+}
+
+/// Where a packet sits in a fragmented datagram (IPv4 flags and offset,
+/// or the IPv6 fragment header).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Fragment {
+    /// Not fragmented (IPv6: also an atomic fragment, offset 0 and no more).
+    #[default]
+    Whole,
+    /// Offset 0, more fragments follow: carries the transport header.
+    First {
+        /// The datagram's identification (IPv4: 16 bits).
+        id: u32,
+    },
+    /// Offset above 0: no transport header.
+    Later {
+        /// The datagram's identification (IPv4: 16 bits).
+        id: u32,
+    },
+}
+
+/// The packet an ICMP error is about, as the error quotes it (its IP
+/// header and the first 8 bytes of its transport header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Quoted {
+    /// Source address: the error's receiver, if the error is genuine.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// IP protocol number.
+    pub proto: u8,
+    /// As [`Packet::sport`].
+    pub sport: u16,
+    /// As [`Packet::dport`].
+    pub dport: u16,
+    /// ICMP / ICMPv6 type when the quoted packet is ICMP.
+    pub icmp_type: u8,
+    /// Where the quoted packet sits in its datagram.
+    pub fragment: Fragment,
+}
+
+impl Quoted {
+    /// The quoted packet, as far as its flow identity goes.
+    #[must_use]
+    pub const fn packet(&self) -> Packet {
+        Packet {
+            src: self.src,
+            dst: self.dst,
+            proto: self.proto,
+            sport: self.sport,
+            dport: self.dport,
+            icmp_type: self.icmp_type,
+            tcp_flags: 0,
+            fragment: self.fragment,
+            quoted: None,
+        }
+    }
 }
 
 /// TCP flag SYN.
@@ -45,6 +109,9 @@ pub enum Verdict {
     /// No rule matches and the packet looks like a reply (TCP ACK without
     /// SYN, ICMP echo reply).
     DropNoFlow,
+    /// A non-first fragment of a datagram whose first fragment did not
+    /// pass.
+    DropFragment,
 }
 
 impl Verdict {
@@ -76,6 +143,32 @@ impl Packet {
     fn is_echo_reply(&self) -> bool {
         self.is_family_icmp() && self.icmp_type == if self.is_v4() { 0 } else { 129 }
     }
+
+    /// An ICMP error that relates to a flow: IPv4 destination unreachable
+    /// and time exceeded; ICMPv6 destination unreachable, packet too big
+    /// and time exceeded.
+    fn is_error(&self) -> bool {
+        self.is_family_icmp()
+            && if self.is_v4() { matches!(self.icmp_type, 3 | 11) } else { matches!(self.icmp_type, 1..=3) }
+    }
+
+    /// The datagram a fragment with identification `id` belongs to: source,
+    /// destination, protocol (IPv4 only: an IPv6 identification is unique
+    /// per source and destination) and identification.
+    fn datagram(&self, id: u32) -> (IpAddr, IpAddr, u8, u32) {
+        (self.src, self.dst, if self.is_v4() { self.proto } else { 0 }, id)
+    }
+
+    /// The same packet in the other direction: addresses and ports
+    /// swapped, an echo reply turned into its request.
+    fn reversed(&self) -> Self {
+        let mut r = Self { src: self.dst, dst: self.src, sport: self.dport, dport: self.sport, ..*self };
+        if self.is_echo_reply() {
+            (r.sport, r.dport) = (self.sport, 0);
+            r.icmp_type = if self.is_v4() { 8 } else { 128 };
+        }
+        r
+    }
 }
 
 /// Index of the first rule that matches `p`, or `None` (default deny).
@@ -99,11 +192,25 @@ struct FlowId {
     dport: u16,
 }
 
-/// The policy plus the set of accepted flows (no timeouts: a test runs in
-/// far less than any flow timeout).
+/// What a flow-table entry stands for (the dataplane's `FlowKind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// A packet of an accepted flow, keyed by its own identity.
+    Forward,
+    /// The replies of an accepted flow, keyed by their identity.
+    Reply,
+}
+
+/// The flow table: which flows were accepted, in which direction, under
+/// which policy (no timeouts: a test runs in far less than any flow
+/// timeout). Policies are numbered by [`Stateful::new_policy`]; an entry
+/// made under an earlier one no longer answers.
 #[derive(Debug, Default)]
 pub struct Stateful {
-    flows: HashSet<FlowId>,
+    flows: HashMap<FlowId, (Kind, u64)>,
+    /// Datagrams whose first fragment passed, by [`Packet::datagram`].
+    frags: HashSet<(IpAddr, IpAddr, u8, u32)>,
+    epoch: u64,
 }
 
 impl Stateful {
@@ -113,23 +220,83 @@ impl Stateful {
         Self::default()
     }
 
+    /// A new policy is in force: the flows accepted so far are decided
+    /// again (their entries stay, but no longer answer).
+    pub fn new_policy(&mut self) {
+        self.epoch += 1;
+    }
+
+    /// The kind of the entry at `id`, if it was made under the policy in
+    /// force.
+    fn live(&self, id: &FlowId) -> Option<Kind> {
+        self.flows.get(id).filter(|(_, epoch)| *epoch == self.epoch).map(|(kind, _)| *kind)
+    }
+
     /// Decides `p` under `policy` and records its flow if it is accepted.
+    ///
+    /// In order (the dataplane's precedence, `mesh_common::acl`):
+    /// 1. a non-first fragment passes iff its datagram's first fragment
+    ///    passed (`DropFragment` otherwise), and nothing else applies;
+    /// 2. an ICMP error passes as related if the packet it quotes is not a
+    ///    non-first fragment, was sent by the error's receiver (its source
+    ///    is the error's destination) and has a live entry (either kind);
+    /// 3. a live reply entry accepts the packet;
+    /// 4. the first matching rule accepts it, writing its forward entry and
+    ///    its replies' entry;
+    /// 5. a TCP packet without SYN, a UDP datagram or an echo reply whose
+    ///    reversed tuple a rule accepts passes as a reply, writing the
+    ///    entries as if the reversed packet had been accepted;
+    /// 6. otherwise it is dropped.
+    ///
+    /// A first fragment that passes lets its datagram's later fragments in.
     pub fn decide(&mut self, policy: &CompiledPolicy, p: &Packet) -> Verdict {
-        if self.flows.contains(&Self::id_of(p)) {
+        if let Fragment::Later { id } = p.fragment {
+            let known = self.frags.contains(&p.datagram(id));
+            return if known { Verdict::AcceptEstablished } else { Verdict::DropFragment };
+        }
+        let verdict = self.decide_whole(policy, p);
+        if let (Fragment::First { id }, true) = (p.fragment, verdict.passes()) {
+            self.frags.insert(p.datagram(id));
+        }
+        verdict
+    }
+
+    fn decide_whole(&mut self, policy: &CompiledPolicy, p: &Packet) -> Verdict {
+        if p.is_error() && p.quoted.is_some_and(|q| self.related(p, &q)) {
             return Verdict::AcceptEstablished;
         }
-        match first_match(policy, p) {
-            Some(index) => {
-                if let Some(reply) = Self::reply_id(p) {
-                    self.flows.insert(reply);
-                }
-                Verdict::AcceptRule(index)
-            }
-            None => {
-                let tcp_reply = p.proto == 6 && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK;
-                if tcp_reply || p.is_echo_reply() { Verdict::DropNoFlow } else { Verdict::DropNoRule }
-            }
+        // A live forward entry decides as the policy does (same rule), so
+        // only reply entries short-cut the policy here.
+        if self.live(&Self::id_of(p)) == Some(Kind::Reply) {
+            return Verdict::AcceptEstablished;
         }
+        if let Some(index) = first_match(policy, p) {
+            self.accept(p);
+            return Verdict::AcceptRule(index);
+        }
+        let tcp_reply = p.proto == 6 && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK;
+        let reply_candidate = (p.proto == 6 && p.tcp_flags & TCP_SYN == 0) || p.proto == 17 || p.is_echo_reply();
+        if reply_candidate && first_match(policy, &p.reversed()).is_some() {
+            self.accept(&p.reversed());
+            return Verdict::AcceptEstablished;
+        }
+        if tcp_reply || p.is_echo_reply() { Verdict::DropNoFlow } else { Verdict::DropNoRule }
+    }
+
+    /// Writes the entries of an accepted packet: its own (forward) and its
+    /// replies'.
+    fn accept(&mut self, p: &Packet) {
+        self.flows.insert(Self::id_of(p), (Kind::Forward, self.epoch));
+        if let Some(reply) = Self::reply_id(p) {
+            self.flows.insert(reply, (Kind::Reply, self.epoch));
+        }
+    }
+
+    /// Whether the ICMP error `p` is about a packet of an accepted flow.
+    fn related(&self, p: &Packet, q: &Quoted) -> bool {
+        q.src == p.dst
+            && !matches!(q.fragment, Fragment::Later { .. })
+            && self.live(&Self::id_of(&q.packet())).is_some()
     }
 
     /// How the packet itself is identified.
@@ -182,6 +349,8 @@ mod tests {
             dport,
             icmp_type: 0,
             tcp_flags: TCP_SYN,
+            fragment: Fragment::Whole,
+            quoted: None,
         }
     }
 
@@ -223,10 +392,12 @@ mod tests {
         let mut synack = pkt("198.18.20.5", "100.64.1.2", 6, 40000);
         synack.sport = 5432;
         synack.tcp_flags = TCP_SYN | TCP_ACK;
+        // From a port the policy does not open in the other direction.
         let mut stray = synack;
-        stray.dport = 40001;
+        stray.sport = 5433;
         stray.tcp_flags = TCP_ACK;
         assert_eq!(s.decide(&p, &stray), Verdict::DropNoFlow);
+        assert_eq!(s.decide(&p, &synack), Verdict::DropNoRule, "a SYN-ACK is never a reply by the reversed tuple");
         assert_eq!(s.decide(&p, &syn), Verdict::AcceptRule(0));
         assert_eq!(s.decide(&p, &synack), Verdict::AcceptEstablished);
         assert_eq!(s.decide(&p, &stray), Verdict::DropNoFlow);
@@ -237,9 +408,80 @@ mod tests {
         let mut reply = pkt("198.18.30.1", "100.64.0.1", 1, 0);
         reply.icmp_type = 0;
         reply.sport = 77;
-        assert_eq!(s.decide(&p, &reply), Verdict::DropNoFlow);
         assert_eq!(s.decide(&p, &echo), Verdict::AcceptRule(1));
         assert_eq!(s.decide(&p, &reply), Verdict::AcceptEstablished);
+        // To a host whose requests no rule accepts.
+        let back = Packet { dst: "100.64.0.9".parse().unwrap(), ..reply };
+        assert_eq!(s.decide(&p, &back), Verdict::DropNoFlow);
         assert!(matches_icmp(Proto::Icmp) && matches_icmp(Proto::Any) && !matches_icmp(Proto::Tcp));
+    }
+
+    #[test]
+    fn replies_pass_by_the_reversed_tuple_and_stop_with_a_revoking_policy() {
+        let p = policy();
+        let mut s = Stateful::new();
+        // An established connection's reply, first seen here (the flow was
+        // set up through another gateway).
+        let mut ack = pkt("198.18.20.5", "100.64.1.2", 6, 40000);
+        ack.sport = 5432;
+        ack.tcp_flags = TCP_ACK;
+        assert_eq!(s.decide(&p, &ack), Verdict::AcceptEstablished);
+        // Its entry was written: a SYN-ACK on that tuple is now a reply.
+        let synack = Packet { tcp_flags: TCP_SYN | TCP_ACK, ..ack };
+        assert_eq!(s.decide(&p, &synack), Verdict::AcceptEstablished);
+        // A policy without the rule: the reply entry no longer answers and
+        // the reversed tuple is not accepted either.
+        let revoking = CompiledPolicy { generation: 2, rules: p.rules[1..].to_vec() };
+        s.new_policy();
+        assert_eq!(s.decide(&revoking, &ack), Verdict::DropNoFlow);
+        assert_eq!(s.decide(&revoking, &synack), Verdict::DropNoRule);
+        // Back to a policy that accepts it: re-decided, passes again.
+        s.new_policy();
+        assert_eq!(s.decide(&p, &ack), Verdict::AcceptEstablished);
+    }
+
+    #[test]
+    fn later_fragments_follow_their_first() {
+        let p = policy();
+        let mut s = Stateful::new();
+        let first = Packet { fragment: Fragment::First { id: 9 }, ..pkt("100.64.1.2", "198.18.20.5", 6, 5432) };
+        let later = Packet { fragment: Fragment::Later { id: 9 }, ..first };
+        let other = Packet { fragment: Fragment::Later { id: 10 }, ..first };
+        assert_eq!(s.decide(&p, &later), Verdict::DropFragment, "before its first fragment");
+        assert_eq!(s.decide(&p, &first), Verdict::AcceptRule(0));
+        assert_eq!(s.decide(&p, &later), Verdict::AcceptEstablished);
+        assert_eq!(s.decide(&p, &other), Verdict::DropFragment);
+        let denied = Packet { dport: 5433, fragment: Fragment::First { id: 11 }, ..first };
+        assert_eq!(s.decide(&p, &denied), Verdict::DropNoRule);
+        assert_eq!(s.decide(&p, &Packet { fragment: Fragment::Later { id: 11 }, ..denied }), Verdict::DropFragment);
+    }
+
+    #[test]
+    fn icmp_errors_about_accepted_flows_are_related() {
+        let p = policy();
+        let mut s = Stateful::new();
+        let syn = pkt("100.64.1.2", "198.18.20.5", 6, 5432);
+        let quote = |q: &Packet| Quoted {
+            src: q.src,
+            dst: q.dst,
+            proto: q.proto,
+            sport: q.sport,
+            dport: q.dport,
+            icmp_type: q.icmp_type,
+            fragment: q.fragment,
+        };
+        let mut error = pkt("198.18.20.1", "100.64.1.2", 1, 0);
+        error.icmp_type = 3;
+        error.quoted = Some(quote(&syn));
+        // No ICMP rule for this source: only the flow makes it pass.
+        assert_eq!(s.decide(&p, &error), Verdict::DropNoRule, "before the flow");
+        assert_eq!(s.decide(&p, &syn), Verdict::AcceptRule(0));
+        assert_eq!(s.decide(&p, &error), Verdict::AcceptEstablished);
+        let elsewhere = Packet { dst: "100.64.1.3".parse().unwrap(), ..error };
+        assert_eq!(s.decide(&p, &elsewhere), Verdict::DropNoRule, "addressed to someone else");
+        let unrelated = Packet { quoted: Some(Quoted { dport: 5433, ..quote(&syn) }), ..error };
+        assert_eq!(s.decide(&p, &unrelated), Verdict::DropNoRule);
+        let not_error = Packet { icmp_type: 5, ..error };
+        assert_eq!(s.decide(&p, &not_error), Verdict::DropNoRule, "a redirect is not related");
     }
 }

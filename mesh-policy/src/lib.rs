@@ -10,7 +10,14 @@
 //!   the protocol matches ([`Proto::Any`] matches every protocol) and, for
 //!   TCP, UDP and SCTP, the destination port is inside the rule's range
 //!   (ICMP and other protocols ignore the port range);
-//! - replies of an accepted flow are accepted (stateful; see the dataplane);
+//! - replies of an accepted flow are accepted (stateful; see the dataplane),
+//!   as long as the policy that accepted the flow is in force; a reply
+//!   whose flow was not seen (TCP without SYN, UDP, echo reply) is
+//!   accepted when the policy accepts its reversed tuple;
+//! - the later fragments of a datagram whose first fragment was accepted
+//!   are accepted, and so are ICMP errors about a packet of an accepted
+//!   flow (the exact rules: [`eval::Stateful::decide`] and
+//!   `mesh_common::acl`);
 //! - IPv4 and IPv6 rules are independent: a v4 CIDR never matches a v6 packet;
 //! - which rule "decided" a packet (for per-rule counters) is the first
 //!   matching rule in policy order.

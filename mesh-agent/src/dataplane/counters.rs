@@ -8,7 +8,8 @@ use mesh_common::{
 use mesh_policy::RuleId;
 
 /// Packets and bytes one rule accepted (new flows and non-reply packets;
-/// replies count as [`AclVerdict::AcceptEstablished`]).
+/// replies, later fragments and related ICMP errors count as
+/// [`AclVerdict::AcceptEstablished`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleCounter {
     /// The rule's id in the installed policy.

@@ -56,6 +56,7 @@ fn pinned_maps() -> Vec<&'static str> {
         acl::names::SLOT_META,
         acl::names::LENS,
         acl::names::FLOWS,
+        acl::names::FRAGS,
         acl::names::VERDICTS,
         acl::names::MSS_STATS,
         guard_maps::names::CONFIG,

@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use mesh_policy::eval::Packet;
+use mesh_policy::eval::{Fragment, Packet, Quoted};
 
 /// Extra shape for a frame.
 #[derive(Clone, Debug, Default)]
@@ -60,8 +60,12 @@ fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
     s
 }
 
-/// The transport segment of `p` with its checksum.
+/// The transport segment of `p` with its checksum; for a non-first
+/// fragment, just payload bytes.
 fn segment(p: &Packet, shape: &Shape) -> Vec<u8> {
+    if let Fragment::Later { .. } = p.fragment {
+        return (0..16 + shape.payload).map(|i| i as u8).collect();
+    }
     let mut seg = match p.proto {
         6 => {
             let mut opts = shape.tcp_options.clone();
@@ -88,6 +92,12 @@ fn segment(p: &Packet, shape: &Shape) -> Vec<u8> {
             let mut h = vec![0u8; 8];
             h[0] = p.icmp_type;
             h[4..6].copy_from_slice(&p.sport.to_be_bytes());
+            // An error quotes the packet it is about: its IP header and at
+            // least 8 bytes after it, as ICMP requires (here its transport
+            // header and 8 payload bytes).
+            if let Some(q) = &p.quoted {
+                h.extend_from_slice(&frame_with(&q.packet(), &Shape { payload: 8, ..Shape::default() })[14..]);
+            }
             h
         }
         _ => Vec::new(),
@@ -127,7 +137,13 @@ pub fn frame_with(p: &Packet, shape: &Shape) -> Vec<u8> {
             let mut ip = vec![0u8; 20];
             ip[0] = 0x45;
             ip[2..4].copy_from_slice(&((20 + seg.len()) as u16).to_be_bytes());
-            ip[6..8].copy_from_slice(&shape.frag_offset.to_be_bytes());
+            let (id, frag) = match p.fragment {
+                Fragment::Whole => (0, 0),
+                Fragment::First { id } => (id, 0x2000),
+                Fragment::Later { id } => (id, 185),
+            };
+            ip[4..6].copy_from_slice(&u16::try_from(id).expect("IPv4 fragment ids are 16 bits").to_be_bytes());
+            ip[6..8].copy_from_slice(&(shape.frag_offset | frag).to_be_bytes());
             ip[8] = 64;
             ip[9] = p.proto;
             ip[12..16].copy_from_slice(&s.octets());
@@ -140,9 +156,22 @@ pub fn frame_with(p: &Packet, shape: &Shape) -> Vec<u8> {
             f.extend([0x86, 0xDD]);
             let mut ext = Vec::new();
             let mut kinds = shape.v6_ext.clone();
+            let frag = match p.fragment {
+                Fragment::Whole => None,
+                Fragment::First { id } => Some((id, 0x0001u16)),
+                Fragment::Later { id } => Some((id, 185 << 3)),
+            };
+            if frag.is_some() {
+                kinds.push(44);
+            }
             kinds.push(p.proto);
-            for w in kinds.windows(2) {
-                if w[0] == 44 {
+            for (i, w) in kinds.windows(2).enumerate() {
+                if let (Some((id, off)), true) = (frag, i + 2 == kinds.len()) {
+                    ext.push(w[1]);
+                    ext.push(0);
+                    ext.extend(off.to_be_bytes());
+                    ext.extend(id.to_be_bytes());
+                } else if w[0] == 44 {
                     ext.extend([w[1], 0, 0, 0, 0, 0, 0, 1]);
                 } else {
                     ext.extend([w[1], 0, 1, 4, 0, 0, 0, 0]);
@@ -194,5 +223,30 @@ pub fn packet(src: &str, dst: &str, proto: u8, sport: u16, dport: u16) -> Packet
         dport,
         icmp_type: 0,
         tcp_flags: if proto == 6 { 0x02 } else { 0 },
+        fragment: Fragment::Whole,
+        quoted: None,
     }
+}
+
+/// How an ICMP error quotes `p`.
+pub fn quote(p: &Packet) -> Quoted {
+    Quoted {
+        src: p.src,
+        dst: p.dst,
+        proto: p.proto,
+        sport: p.sport,
+        dport: p.dport,
+        icmp_type: p.icmp_type,
+        fragment: p.fragment,
+    }
+}
+
+/// An ICMP error of type `ty` (ICMP or ICMPv6 by `about`'s family) from
+/// `from` to `about`'s sender, quoting `about`.
+pub fn icmp_error(from: &str, ty: u8, about: &Packet) -> Packet {
+    let proto = if about.src.is_ipv4() { 1 } else { 58 };
+    let mut e = packet(from, &about.src.to_string(), proto, 0, 0);
+    e.icmp_type = ty;
+    e.quoted = Some(quote(about));
+    e
 }

@@ -27,10 +27,24 @@ impl Gateway {
     /// Userspace WireGuard, no enforcement, listening on 51820; `extra` is
     /// more top-level configuration (`log = "debug"`, `udp_gso = false`).
     pub fn new(host: Host, ifname: &str, extra: &str) -> Self {
+        Self::with_enforcement(host, ifname, "enforcement = \"off\"\n", extra)
+    }
+
+    /// As [`Gateway::new`], with the eBPF ACL enforcing the views'
+    /// policies. The pins go to a bpffs the agent mounts on /sys/fs/bpf in
+    /// its own mount namespace (`ip netns exec` gives it one), so they go
+    /// away with it.
+    pub fn enforcing(host: Host, ifname: &str, extra: &str) -> Self {
+        let settings =
+            format!("enforcement = \"ebpf\"\nbpf_pin_dir = \"/sys/fs/bpf/{ifname}\"\nkeep_dataplane_on_exit = false\n");
+        Self::with_enforcement(host, ifname, &settings, extra)
+    }
+
+    fn with_enforcement(host: Host, ifname: &str, enforcement: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
             "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{}\"\n\
-             enforcement = \"off\"\n{extra}",
+             {enforcement}{extra}",
             dir.path().join("state").display()
         );
         std::fs::write(dir.path().join("agent.toml"), config).unwrap();

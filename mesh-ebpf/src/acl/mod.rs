@@ -15,13 +15,13 @@ use aya_ebpf::{
 };
 use mesh_common::{
     acl::{
-        AclConfig, AclVerdict, DstKey4, DstKey6, FlowKey, FlowKind, FlowValue, LENS4, LENS6, LEVEL_ANY_PROTO,
-        MAX_CIDRS, MAX_DST_ENTRIES, MAX_FLOWS, MAX_POLICY_ENTRIES, MAX_RULES, PORT_LEVELS, PolicyKey, PolicyValue,
-        SlotLens, SlotMeta, SrcKey4, SrcKey6,
+        AclConfig, AclVerdict, DstKey4, DstKey6, FlowKey, FlowKind, FlowValue, FragKey, LENS4, LENS6, LEVEL_ANY_PROTO,
+        MAX_CIDRS, MAX_DST_ENTRIES, MAX_FLOWS, MAX_FRAGS, MAX_POLICY_ENTRIES, MAX_RULES, PORT_LEVELS, PolicyKey,
+        PolicyValue, SlotLens, SlotMeta, SrcKey4, SrcKey6,
     },
     counter::PacketCount,
 };
-use parse::{Packet, TCP_FLAG_ACK, TCP_FLAG_SYN, addr_bytes};
+use parse::{FRAG_FIRST, FRAG_LATER, Packet, TCP_FLAG_ACK, TCP_FLAG_SYN, addr_bytes};
 
 const NS_PER_S: u64 = 1_000_000_000;
 /// The policy maps allocate entries on insert: a slot's capacity would
@@ -41,6 +41,8 @@ static SLOT_META: Array<SlotMeta> = Array::with_max_entries(2, 0);
 static ACL_LENS: Array<SlotLens> = Array::with_max_entries(2, 0);
 #[map(name = "ACL_FLOWS2")]
 static ACL_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+#[map(name = "ACL_FRAGS")]
+static ACL_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
 #[map(name = "ACL_VERDICTS")]
 static ACL_VERDICTS: PerCpuArray<PacketCount> = PerCpuArray::with_max_entries(AclVerdict::COUNT, 0);
 #[map(name = "MSS_STATS")]
@@ -101,8 +103,11 @@ fn acl(ctx: &TcContext, l3_off: usize) -> i32 {
     let config = ACL_CONFIG.get(0).copied().unwrap_or(AclConfig::DEFAULT);
     let verdict = match parse::parse(ctx, l3_off) {
         Ok(packet) => {
-            let verdict = decide(&packet, len, &config);
+            let verdict = decide(ctx, &packet, len, &config);
             if verdict.passes() {
+                if packet.frag == FRAG_FIRST {
+                    frag_remember(&packet, config.other_timeout_s);
+                }
                 mss::clamp(ctx, &packet, config.mss_mtu, &MSS_STATS);
             }
             verdict
@@ -114,7 +119,7 @@ fn acl(ctx: &TcContext, l3_off: usize) -> i32 {
 }
 
 #[inline(always)]
-fn decide(p: &Packet, len: u64, config: &AclConfig) -> AclVerdict {
+fn decide(ctx: &TcContext, p: &Packet, len: u64, config: &AclConfig) -> AclVerdict {
     let timeout_s = if p.proto == parse::PROTO_TCP { config.tcp_timeout_s } else { config.other_timeout_s };
     // The coarse clock (one tick, 1-4 ms, of resolution) is plenty for
     // timeouts in seconds and, unlike `bpf_ktime_get_ns`, reads no clock
@@ -123,6 +128,16 @@ fn decide(p: &Packet, len: u64, config: &AclConfig) -> AclVerdict {
     let expires_ns = now + u64::from(timeout_s) * NS_PER_S;
     // The active policy, read once: slot in bit 0, install epoch above.
     let active = ACL_ACTIVE.get(0).copied().unwrap_or(0);
+
+    // 0. Parts of accepted flows that carry no flow key of their own: the
+    //    later fragments of a datagram whose first fragment passed, ICMP
+    //    errors about a packet of an accepted flow.
+    if p.frag == FRAG_LATER {
+        return if frag_check(p, now) { AclVerdict::AcceptEstablished } else { AclVerdict::DropFragment };
+    }
+    if p.icmp_error && related(ctx, p, active, now) {
+        return AclVerdict::AcceptEstablished;
+    }
 
     // 1. A reply of an accepted flow, or a later packet of a flow the
     //    active policy accepted.
@@ -136,8 +151,13 @@ fn decide(p: &Packet, len: u64, config: &AclConfig) -> AclVerdict {
     }
 
     // 2-4. The active policy.
-    let rule_index = if active & 1 == 0 { lookup::<0>(p) } else { lookup::<1>(p) };
+    let rule_index = if active & 1 == 0 { lookup::<0>(p, false) } else { lookup::<1>(p, false) };
     if rule_index == NO_RULE {
+        // 5. A reply whose flow this ACL has not seen (set up through
+        //    another gateway, or under an older policy).
+        if reply_rule(p, active, expires_ns) {
+            return AclVerdict::AcceptEstablished;
+        }
         let reply_like = (p.proto == parse::PROTO_TCP && p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_ACK)
             || (p.echo && parse::echo_reply_type(p.family, p.icmp_type).is_none());
         return if reply_like { AclVerdict::DropNoFlow } else { AclVerdict::DropNoRule };
@@ -171,14 +191,15 @@ fn flow_check(p: &Packet, active: u32, now: u64, expires_ns: u64) -> u32 {
     if flow.expires_ns <= now {
         return NO_RULE;
     }
+    // An entry answers only under the policy that made it: after a swap
+    // the packet is decided again (a reply by the reversed tuple, step 5),
+    // so a revoked flow's replies stop with it.
+    if flow.active != active {
+        return NO_RULE;
+    }
     if flow.kind == FlowKind::Reply as u32 {
         flow.expires_ns = expires_ns;
         return FLOW_REPLY;
-    }
-    // A forward entry answers only for the policy that made it: after a
-    // swap the packet is decided again.
-    if flow.active != active {
-        return NO_RULE;
     }
     flow.expires_ns = expires_ns;
     let rule_index = flow.rule_index;
@@ -196,6 +217,13 @@ fn flow_check(p: &Packet, active: u32, now: u64, expires_ns: u64) -> u32 {
 /// packets skip the policy while it stays active) and let the replies in.
 #[inline(never)]
 fn flow_accept(p: &Packet, rule_index: u32, active: u32, expires_ns: u64) {
+    remember(&flow_key(p), rule_index, active, expires_ns);
+    refresh_reverse(p, rule_index, active, expires_ns);
+}
+
+/// Writes the forward entry of an accepted flow.
+#[inline(always)]
+fn remember(key: &FlowKey, rule_index: u32, active: u32, expires_ns: u64) {
     let forward = FlowValue {
         expires_ns,
         reverse_until_ns: expires_ns,
@@ -206,18 +234,69 @@ fn flow_accept(p: &Packet, rule_index: u32, active: u32, expires_ns: u64) {
     };
     // A full LRU evicts the least recently used flow; an error here only
     // means the next packet is decided by the policy again.
-    let _ = ACL_FLOWS.insert(&flow_key(p), &forward, 0);
-    refresh_reverse(p, rule_index, active, expires_ns);
+    let _ = ACL_FLOWS.insert(key, &forward, 0);
+}
+
+/// Step 5: whether `p`, which no rule accepts, is a reply-direction packet
+/// (TCP without SYN, UDP, ICMP(v6) echo reply) of a flow the active policy
+/// accepts in the other direction: a connection set up through another
+/// gateway (HA failover) or under an older policy. If so, the flow's
+/// entries are written as if its forward packet had just been accepted
+/// (forward entry on the reversed tuple, reply entry on `p`'s key), so its
+/// later packets hit the flow table. The lookup runs in this frame, not in
+/// an out-of-line helper's: its probe loop's frames stack on it, and the
+/// three would pass the 512 bytes.
+#[inline(always)]
+fn reply_rule(p: &Packet, active: u32, expires_ns: u64) -> bool {
+    let candidate = match p.proto {
+        parse::PROTO_TCP => p.tcp_flags & TCP_FLAG_SYN == 0,
+        parse::PROTO_UDP => true,
+        _ => p.echo && parse::echo_reply_type(p.family, p.icmp_type).is_none(),
+    };
+    if !candidate {
+        return false;
+    }
+    let rule_index = if active & 1 == 0 { lookup::<0>(p, true) } else { lookup::<1>(p, true) };
+    if rule_index == NO_RULE {
+        return false;
+    }
+    reply_accept(p, rule_index, active, expires_ns);
+    true
+}
+
+/// Writes the entries of step 5 (see [`reply_rule`]).
+#[inline(never)]
+fn reply_accept(p: &Packet, rule_index: u32, active: u32, expires_ns: u64) {
+    let mut forward = flow_key(p);
+    (forward.src, forward.dst) = (forward.dst, forward.src);
+    forward.sport = p.dport;
+    forward.dport = p.sport;
+    if p.echo {
+        forward.sport = p.sport;
+        forward.dport = [0, parse::echo_counterpart(p.family, p.icmp_type)];
+    }
+    remember(&forward, rule_index, active, expires_ns);
+    write_reply(&flow_key(p), rule_index, active, expires_ns);
 }
 
 /// Writes or refreshes the entry the replies of `p`'s flow will find.
 #[inline(always)]
 fn refresh_reverse(p: &Packet, rule_index: u32, active: u32, expires_ns: u64) {
-    let Some(reverse) = reverse_key(p) else { return };
-    match ACL_FLOWS.get_ptr_mut(&reverse) {
+    if let Some(reverse) = reverse_key(p) {
+        write_reply(&reverse, rule_index, active, expires_ns);
+    }
+}
+
+/// Writes or refreshes (and binds to the policy `active`) the reply entry
+/// at `reverse`.
+#[inline(always)]
+fn write_reply(reverse: &FlowKey, rule_index: u32, active: u32, expires_ns: u64) {
+    match ACL_FLOWS.get_ptr_mut(reverse) {
         // SAFETY: as in `flow_check`.
         Some(existing) if unsafe { (*existing).kind } == FlowKind::Reply as u32 => unsafe {
             (*existing).expires_ns = expires_ns;
+            (*existing).active = active;
+            (*existing).rule_index = rule_index;
         },
         // Absent, or the other direction's forward entry: the reverse
         // direction is now a reply (as it would have been before forward
@@ -226,9 +305,56 @@ fn refresh_reverse(p: &Packet, rule_index: u32, active: u32, expires_ns: u64) {
             let value =
                 FlowValue { expires_ns, reverse_until_ns: 0, rule_index, active, kind: FlowKind::Reply as u32, pad: 0 };
             // As in `flow_accept`: an error only costs this flow's replies.
-            let _ = ACL_FLOWS.insert(&reverse, &value, 0);
+            let _ = ACL_FLOWS.insert(reverse, &value, 0);
         }
     }
+}
+
+/// Step 0 for an ICMP(v6) error: whether the packet it quotes belongs to a
+/// flow with a live entry under the active policy. The quoted packet is
+/// one the error's receiver sent through this ACL, so its own key holds a
+/// forward entry (it was a packet of a flow accepted here) or a reply
+/// entry (it was a reply of one): either direction of an accepted flow.
+#[inline(never)]
+fn related(ctx: &TcContext, p: &Packet, active: u32, now: u64) -> bool {
+    let Some(inner) = parse::embedded(ctx, p) else { return false };
+    // SAFETY: a copy is taken at once.
+    unsafe { ACL_FLOWS.get(&flow_key(&inner)) }.is_some_and(|f| f.expires_ns > now && f.active == active)
+}
+
+/// The key of the datagram a fragment belongs to.
+#[inline(always)]
+fn frag_key(p: &Packet) -> FragKey {
+    FragKey {
+        src: addr_bytes(p.src),
+        dst: addr_bytes(p.dst),
+        id: p.frag_id,
+        // See `FragKey::proto`.
+        proto: if p.family == 4 { p.proto } else { 0 },
+        family: p.family,
+        pad: [0; 2],
+    }
+}
+
+/// A first fragment passed: its datagram's later fragments may follow.
+#[inline(never)]
+fn frag_remember(p: &Packet, timeout_s: u32) {
+    // SAFETY: no arguments.
+    let expires_ns = unsafe { bpf_ktime_get_coarse_ns() } + u64::from(timeout_s) * NS_PER_S;
+    // As in `flow_accept`: an error only costs this datagram's tail.
+    let _ = ACL_FRAGS.insert(&frag_key(p), &expires_ns, 0);
+}
+
+/// Step 0 for a non-first fragment: whether its datagram's first fragment
+/// passed (and not longer ago than a flow's timeout). Tracked rather than
+/// passed unconditionally (Tailscale's way): otherwise any overlay node
+/// could fill the reassembly queues of hosts the policy keeps it from; the
+/// cost is a later fragment that overtakes its first being dropped (see
+/// `mesh_common::acl`, step 0).
+#[inline(never)]
+fn frag_check(p: &Packet, now: u64) -> bool {
+    // SAFETY: a copy is taken at once.
+    unsafe { ACL_FRAGS.get(&frag_key(p)) }.is_some_and(|&expires| expires > now)
 }
 
 /// The context of one probe loop (`bpf_loop`): the address, the source
@@ -261,22 +387,24 @@ fn probe_loop(rounds: u8, round: extern "C" fn(u64, *mut c_void) -> i64, probe: 
     found
 }
 
-/// Steps 2-4 on the maps of slot `S`. Out of line: its probe context and
+/// Steps 2-4 on the maps of slot `S`, for `p` or (`reversed`) for `p` with
+/// source and destination (addresses and ports) swapped. Out of line: its probe context and
 /// `bpf_loop`'s bookkeeping then live in their own small stack frame, not
 /// in the caller's, which the MSS rewrite's frame is stacked on (512 bytes
 /// combined; one probe context is reused for the same reason).
 #[inline(never)]
-fn lookup<const S: u32>(p: &Packet) -> u32 {
+fn lookup<const S: u32>(p: &Packet, reversed: bool) -> u32 {
     let Some(lens) = ACL_LENS.get(S) else { return NO_RULE };
     let v6 = p.family == 6;
-    let mut probe = Probe { addr: p.src, src_class: 0, arg: 0, found: 0, found_any: 0 };
+    let (src, dst, dport) = if reversed { (p.dst, p.src, p.sport) } else { (p.src, p.dst, p.dport) };
+    let mut probe = Probe { addr: src, src_class: 0, arg: 0, found: 0, found_any: 0 };
     let src_class = if v6 {
         probe_loop(lens.n_src6, src6_round::<S>, &mut probe)
     } else {
         probe_loop(lens.n_src4, src4_round::<S>, &mut probe)
     };
     let Some(src_class) = src_class else { return NO_RULE };
-    probe.addr = p.dst;
+    probe.addr = dst;
     probe.src_class = src_class;
     let dst_class = if v6 {
         probe_loop(lens.n_dst6, dst6_round::<S>, &mut probe)
@@ -284,7 +412,7 @@ fn lookup<const S: u32>(p: &Packet) -> u32 {
         probe_loop(lens.n_dst4, dst4_round::<S>, &mut probe)
     };
     let Some(dst_class) = dst_class else { return NO_RULE };
-    let port = if p.has_ports() { u16::from_be_bytes(p.dport) } else { 0 };
+    let port = if p.has_ports() { u16::from_be_bytes(dport) } else { 0 };
     probe.addr = [u64::from((u32::from(p.proto) << 16) | u32::from(port)), 0];
     probe.arg = dst_class;
     if let Some(rule_index) = probe_loop(lens.n_ports, port_round::<S>, &mut probe) {

@@ -45,7 +45,24 @@ pub(crate) struct Packet {
     pub(crate) icmp_type: u8,
     /// Whether this is an ICMP(v6) echo request or reply.
     pub(crate) echo: bool,
+    /// Whether this is an ICMP(v6) error that carries the header of the
+    /// packet it is about (see [`embedded`]).
+    pub(crate) icmp_error: bool,
+    /// [`FRAG_NONE`], [`FRAG_FIRST`] or [`FRAG_LATER`].
+    pub(crate) frag: u8,
+    /// The fragment's datagram identifier (IPv4: 16 bits; IPv6: 32), as
+    /// on the wire; zero for whole packets.
+    pub(crate) frag_id: [u8; 4],
 }
+
+/// A whole packet.
+pub(crate) const FRAG_NONE: u8 = 0;
+/// The first fragment of a datagram (offset 0, more to come): it carries
+/// the transport header and is decided like a whole packet.
+pub(crate) const FRAG_FIRST: u8 = 1;
+/// A fragment other than the first: no transport header, only the
+/// datagram identity (addresses, protocol, identifier) to go by.
+pub(crate) const FRAG_LATER: u8 = 2;
 
 impl Packet {
     /// Whether the protocol's destination port is part of the decision.
@@ -100,6 +117,9 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
         tcp_flags: 0,
         icmp_type: 0,
         echo: false,
+        icmp_error: false,
+        frag: FRAG_NONE,
+        frag_id: [0; 4],
     };
     // Length of the transport segment (header and payload).
     let l4_len: usize;
@@ -111,13 +131,19 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
             if ip.ver_ihl >> 4 != 4 || ihl < 20 || tot_len < ihl || l3_off + tot_len > skb_len {
                 return Err(AclVerdict::DropMalformed);
             }
-            if u16::from_be_bytes(ip.frag) & 0x1fff != 0 {
-                return Err(AclVerdict::DropFragment);
-            }
             p.family = 4;
             p.src = [u64::from(u32::from_ne_bytes(ip.src)), 0];
             p.dst = [u64::from(u32::from_ne_bytes(ip.dst)), 0];
             p.proto = ip.proto;
+            let frag = u16::from_be_bytes(ip.frag);
+            if frag & 0x3fff != 0 {
+                p.frag_id = [0, 0, ip.id[0], ip.id[1]];
+                if frag & 0x1fff != 0 {
+                    p.frag = FRAG_LATER;
+                    return Ok(p);
+                }
+                p.frag = FRAG_FIRST;
+            }
             p.l4_off = l3_off + ihl;
             l4_len = tot_len - ihl;
         }
@@ -153,11 +179,20 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
                     }
                     44 => {
                         let h: [u8; 8] = read(ctx, at)?;
-                        if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
-                            return Err(AclVerdict::DropFragment);
-                        }
                         next = h[0];
                         ext_len += 8;
+                        let frag = u16::from_be_bytes([h[2], h[3]]);
+                        // An atomic fragment (offset 0, no more) is a
+                        // whole packet.
+                        if frag & 0xfff9 != 0 {
+                            p.frag_id = [h[4], h[5], h[6], h[7]];
+                            if frag & 0xfff8 != 0 {
+                                p.frag = FRAG_LATER;
+                                p.proto = next;
+                                return Ok(p);
+                            }
+                            p.frag = FRAG_FIRST;
+                        }
                     }
                     _ => break,
                 }
@@ -171,29 +206,40 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
         }
         _ => return Err(AclVerdict::PassNonIp),
     }
+    let min_len = match p.proto {
+        PROTO_TCP => 20,
+        PROTO_UDP | PROTO_SCTP => 8,
+        PROTO_ICMP | PROTO_ICMPV6 if is_icmp_of_family(p.proto, p.family) => 8,
+        _ => return Ok(p),
+    };
+    if l4_len < min_len {
+        return Err(AclVerdict::DropMalformed);
+    }
+    if p.proto == PROTO_TCP {
+        // One read for the ports and the flags.
+        let h: [u8; 14] = read(ctx, p.l4_off)?;
+        p.tcp_flags = h[13];
+        set_ports(&mut p, &[h[0], h[1], h[2], h[3], 0, 0, 0, 0]);
+    } else {
+        let h: [u8; 8] = read(ctx, p.l4_off)?;
+        set_ports(&mut p, &h);
+    }
+    p.icmp_error = is_icmp_of_family(p.proto, p.family) && is_error(p.family, p.icmp_type);
+    Ok(p)
+}
+
+/// The flow-key fields of a transport header from its first 8 bytes (the
+/// part an ICMP error quotes): ports for TCP, UDP and SCTP; type and, for
+/// echo messages, identifier and `[0, type]` as ports for ICMP of the
+/// packet's family; nothing for other protocols.
+#[inline(always)]
+fn set_ports(p: &mut Packet, h: &[u8; 8]) {
     match p.proto {
-        PROTO_TCP => {
-            if l4_len < 20 {
-                return Err(AclVerdict::DropMalformed);
-            }
-            let h: [u8; 14] = read(ctx, p.l4_off)?;
-            p.sport = [h[0], h[1]];
-            p.dport = [h[2], h[3]];
-            p.tcp_flags = h[13];
-        }
-        PROTO_UDP | PROTO_SCTP => {
-            if l4_len < 8 {
-                return Err(AclVerdict::DropMalformed);
-            }
-            let h: [u8; 4] = read(ctx, p.l4_off)?;
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
             p.sport = [h[0], h[1]];
             p.dport = [h[2], h[3]];
         }
         PROTO_ICMP | PROTO_ICMPV6 if is_icmp_of_family(p.proto, p.family) => {
-            if l4_len < 8 {
-                return Err(AclVerdict::DropMalformed);
-            }
-            let h: [u8; 8] = read(ctx, p.l4_off)?;
             p.icmp_type = h[0];
             if is_echo(p.family, h[0]) {
                 p.echo = true;
@@ -203,7 +249,63 @@ pub(crate) fn parse(ctx: &TcContext, l3_off: usize) -> Result<Packet, AclVerdict
         }
         _ => {}
     }
-    Ok(p)
+}
+
+/// The packet an ICMP(v6) error `p` quotes (its IP header and the first 8
+/// bytes of its transport header), as far as its flow key goes; `None`
+/// when the quote is not one this ACL can relate to a flow:
+/// - it is not addressed back to its own source (an error goes to the
+///   sender of the packet it is about; one that does not is forged);
+/// - its IP header is malformed or truncated, or it is a non-first
+///   fragment (no transport header);
+/// - IPv6: it has extension headers other than one fragment header
+///   (routers quote what they forward, and fragments are what this
+///   overlay's senders add).
+#[inline(always)]
+pub(crate) fn embedded(ctx: &TcContext, p: &Packet) -> Option<Packet> {
+    let at = p.l4_off + 8;
+    let mut inner = *p;
+    inner.tcp_flags = 0;
+    inner.icmp_type = 0;
+    inner.echo = false;
+    inner.icmp_error = false;
+    inner.sport = [0; 2];
+    inner.dport = [0; 2];
+    let l4_at = if p.family == 4 {
+        let ip: Ipv4Hdr = read(ctx, at).ok()?;
+        let ihl = ((ip.ver_ihl & 0x0f) as usize) * 4;
+        if ip.ver_ihl >> 4 != 4 || ihl < 20 || u16::from_be_bytes(ip.frag) & 0x1fff != 0 {
+            return None;
+        }
+        inner.src = [u64::from(u32::from_ne_bytes(ip.src)), 0];
+        inner.dst = [u64::from(u32::from_ne_bytes(ip.dst)), 0];
+        inner.proto = ip.proto;
+        at + ihl
+    } else {
+        let ip: Ipv6Hdr = read(ctx, at).ok()?;
+        if ip.ver_tc_flow[0] >> 4 != 6 {
+            return None;
+        }
+        inner.src = [ip.addrs[0], ip.addrs[1]];
+        inner.dst = [ip.addrs[2], ip.addrs[3]];
+        inner.proto = ip.next;
+        if ip.next == 44 {
+            let h: [u8; 8] = read(ctx, at + 40).ok()?;
+            if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                return None;
+            }
+            inner.proto = h[0];
+            at + 48
+        } else {
+            at + 40
+        }
+    };
+    if inner.src != p.dst {
+        return None;
+    }
+    let h: [u8; 8] = read(ctx, l4_at).ok()?;
+    set_ports(&mut inner, &h);
+    Some(inner)
 }
 
 /// Copies a `T` from `off` bytes into the packet: directly when the linear
@@ -248,6 +350,25 @@ pub(crate) fn is_icmp_of_family(proto: u8, family: u8) -> bool {
 #[inline(always)]
 fn is_echo(family: u8, ty: u8) -> bool {
     if family == 4 { ty == 8 || ty == 0 } else { ty == 128 || ty == 129 }
+}
+
+/// Whether `ty` is an ICMP error that relates to a flow: IPv4 destination
+/// unreachable (fragmentation needed included) and time exceeded; ICMPv6
+/// destination unreachable, packet too big and time exceeded.
+#[inline(always)]
+fn is_error(family: u8, ty: u8) -> bool {
+    if family == 4 { ty == 3 || ty == 11 } else { matches!(ty, 1..=3) }
+}
+
+/// The other echo type of an echo message: request for reply and back.
+#[inline(always)]
+pub(crate) fn echo_counterpart(family: u8, ty: u8) -> u8 {
+    match (family, ty) {
+        (4, 8) => 0,
+        (4, _) => 8,
+        (_, 128) => 129,
+        _ => 128,
+    }
 }
 
 /// Whether `ty` is an echo request (its flow's replies are echo replies).
