@@ -391,6 +391,38 @@ fn snat_routes_need_no_return_route() {
     let mut s = Sites::build(true, &snat, &|site| {
         (site == 10).then(|| ("198.18.10.1".to_owned(), "2001:db8:10::1".to_owned()))
     });
+    // The probe responder answers only on the overlay: a burst of requests
+    // spoofed on nyc's LAN from fsn-gw1's overlay address (whose answers
+    // would go into the overlay, 50 times larger) gets none.
+    let f1 = s.rt.block_on(async {
+        let nodes = admin(s.ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+        nodes.into_iter().find(|n| n.name == "fsngw1").unwrap().ipv4
+    });
+    let nyc = &mut s.gw("nycgw1").gw;
+    nyc.stop();
+    nyc.prepend_config("metrics_listen = \"127.0.0.1:9300\"\n");
+    nyc.start();
+    let answered =
+        |s: &Sites| s.gws[0].1.gw.metric("127.0.0.1:9300", "mesh_agent_probe_requests_answered_total").unwrap_or(-1.0);
+    s.wait("nyc-gw1 answering fsn's probes on the overlay", || answered(&s) > 5.0);
+    s.app.addr("eth0", &format!("{f1}/32")).unwrap();
+    let before = answered(&s);
+    let spoof = f1.clone();
+    s.app
+        .run(move || {
+            let sock = std::net::UdpSocket::bind((spoof.parse::<std::net::IpAddr>().unwrap(), 0)).unwrap();
+            let mut req = b"MSHP\x02\x01\x00\x00".to_vec();
+            req.extend_from_slice(&[0; 9]);
+            for _ in 0..500 {
+                sock.send_to(&req, "198.18.10.1:51900").unwrap();
+            }
+        })
+        .unwrap();
+    // Let the burst land (the socket would answer it within milliseconds).
+    let t = Instant::now() + Duration::from_millis(500);
+    s.wait("the spoofed burst to land", || Instant::now() > t);
+    let delta = answered(&s) - before;
+    assert!(delta < 100.0, "{delta} requests answered in half a second: the spoofed ones were too");
     let conv = conversation(&s);
     // The db sees the gateway's LAN address as the source.
     let peer = |s: &Sites| -> Option<String> {

@@ -163,9 +163,33 @@ impl Gateway {
     /// Turns the underlay guard on (XDP on `ifname`), as a production
     /// gateway runs: a top-level key, so it goes before the tables.
     pub fn guard_underlay(&self, ifname: &str) {
+        self.prepend_config(&format!("underlay_interface = \"{ifname}\"\n"));
+    }
+
+    /// Puts top-level TOML keys before the configuration's tables.
+    pub fn prepend_config(&self, toml: &str) {
         let path = self.dir.path().join("agent.toml");
         let config = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, format!("underlay_interface = \"{ifname}\"\n{config}")).unwrap();
+        std::fs::write(&path, format!("{toml}{config}")).unwrap();
+    }
+
+    /// One metric's value from the agent's metrics endpoint at `addr`
+    /// (inside its namespace), if it is there.
+    pub fn metric(&self, addr: &str, name: &str) -> Option<f64> {
+        use std::io::{Read as _, Write as _};
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let body = self
+            .host
+            .run(move || {
+                let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+                let mut body = String::new();
+                s.read_to_string(&mut body)?;
+                Ok::<_, std::io::Error>(body)
+            })
+            .unwrap()
+            .ok()?;
+        body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     /// The agent's status as JSON (`mesh-agent status --format json`).
