@@ -160,12 +160,22 @@ pub struct Desired {
 
 impl Desired {
     /// The rules wanted given what is observed: the fixed exceptions plus
-    /// the host's connected networks and the endpoints peers roamed to.
+    /// the host's connected networks and the endpoints that peers still in
+    /// the view roamed to (a peer being removed needs none: otherwise its
+    /// exception would outlive it and the run would never converge).
     #[must_use]
     pub fn rules(&self, actual: &Actual) -> BTreeSet<RouteRule> {
         let mut exceptions = self.exceptions.clone();
         exceptions.extend(actual.connected.iter().map(IpNet::trunc));
-        exceptions.extend(actual.wg.peers.values().filter_map(|p| p.endpoint).map(|e| host(e.ip())));
+        exceptions.extend(
+            actual
+                .wg
+                .peers
+                .iter()
+                .filter(|(key, _)| self.peers.contains_key(*key))
+                .filter_map(|(_, p)| p.endpoint)
+                .map(|e| host(e.ip())),
+        );
         self.routing.rules(self.fwmark, &exceptions)
     }
 }
