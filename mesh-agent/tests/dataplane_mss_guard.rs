@@ -126,6 +126,8 @@ fn guard_checks_wireguard_messages_rate_limits_unknown_sources_and_enforces_stri
     assert_eq!(run!(&wg("192.0.2.10", 2, 92)), XDP_PASS);
     assert_eq!(run!(&wg("192.0.2.10", 3, 64)), XDP_PASS);
     assert_eq!(run!(&wg("192.0.2.10", 4, 32)), XDP_PASS);
+    // A full-MTU packet at the usual MTU of 1420 is not padded to 16.
+    assert_eq!(run!(&wg("192.0.2.10", 4, 32 + 1420)), XDP_PASS, "unpadded full-MTU transport data");
     // Wrong sizes and types.
     assert_eq!(run!(&wg("192.0.2.10", 1, 100)), XDP_DROP);
     assert_eq!(run!(&wg("192.0.2.10", 4, 40)), XDP_DROP);
@@ -215,7 +217,7 @@ fn guard_checks_wireguard_messages_rate_limits_unknown_sources_and_enforces_stri
 
     let c = dp.counters().unwrap();
     let g = |v: GuardVerdict| c.guard(v).packets;
-    assert_eq!(g(GuardVerdict::PassUnknown), 4 + 3 + 10 + 1 + 1 + 1 + 1, "in budget, transport, responses");
+    assert_eq!(g(GuardVerdict::PassUnknown), 4 + 3 + 10 + 1 + 1 + 1 + 1 + 1, "in budget, transport, responses");
     assert_eq!(g(GuardVerdict::PassKnown), 1);
     assert_eq!(g(GuardVerdict::DropBadSize), 3);
     assert_eq!(g(GuardVerdict::DropBadType), 3);

@@ -12,7 +12,10 @@
 //! 3. UDP to the WireGuard port (`GUARD_CONFIG.wg_port`): the payload must be
 //!    a WireGuard message: type 1 and exactly 148 bytes (handshake
 //!    initiation), type 2 and 92 (response), type 3 and 64 (cookie reply),
-//!    type 4 and at least 32 bytes, a multiple of 16 (transport data);
+//!    type 4 and at least 32 bytes, a multiple of 16 over those 32 unless
+//!    the plaintext is a full-MTU packet, which WireGuard does not pad past
+//!    the MTU (at least [`WG_MIN_MTU`]; 1420 is no multiple of 16)
+//!    (transport data);
 //!    the three reserved bytes are zero. Anything else: `DropBadType` /
 //!    `DropBadSize`. A source in `GUARD_KNOWN` (the peers' endpoints, kept
 //!    by the agent on every reconcile) passes (`PassKnown`). From any other
@@ -49,6 +52,9 @@ pub const WG_RESPONSE_LEN: usize = 92;
 pub const WG_COOKIE_LEN: usize = 64;
 /// Smallest transport message (a keepalive).
 pub const WG_TRANSPORT_MIN_LEN: usize = 32;
+/// The smallest tunnel MTU the guard allows for: a transport message whose
+/// plaintext is at least this long may be unpadded (it fills the MTU).
+pub const WG_MIN_MTU: usize = 576;
 
 /// `GUARD_CONFIG[0]`.
 #[repr(C)]

@@ -15,7 +15,7 @@ use mesh_common::{
     counter::PacketCount,
     guard::{
         AllowKey, GuardAddr, GuardConfig, GuardVerdict, MAX_ALLOW, MAX_BUCKETS, MAX_KNOWN, TokenBucket, WG_COOKIE_LEN,
-        WG_INITIATION_LEN, WG_RESPONSE_LEN, WG_TRANSPORT_MIN_LEN,
+        WG_INITIATION_LEN, WG_MIN_MTU, WG_RESPONSE_LEN, WG_TRANSPORT_MIN_LEN,
     },
 };
 
@@ -194,7 +194,13 @@ fn check_wireguard(ctx: &XdpContext, at: usize, len: usize) -> Result<u8, GuardV
         WG_INITIATION => len == WG_INITIATION_LEN,
         WG_RESPONSE => len == WG_RESPONSE_LEN,
         WG_COOKIE => len == WG_COOKIE_LEN,
-        WG_TRANSPORT => len >= WG_TRANSPORT_MIN_LEN && len % 16 == 0,
+        // The plaintext is padded to a multiple of 16, except where that
+        // would pass the tunnel's MTU: a full-MTU packet keeps its length
+        // (1420 is not a multiple of 16). MTUs are at least 576.
+        WG_TRANSPORT => {
+            len >= WG_TRANSPORT_MIN_LEN
+                && ((len - WG_TRANSPORT_MIN_LEN) % 16 == 0 || len - WG_TRANSPORT_MIN_LEN >= WG_MIN_MTU)
+        }
         _ => return Err(GuardVerdict::DropBadType),
     };
     if size_ok { Ok(h[0]) } else { Err(GuardVerdict::DropBadSize) }
