@@ -158,10 +158,7 @@ pub fn lan_up(prefix: &IpNet) -> bool {
     addrs.into_iter().any(|ifa| {
         let up = ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
             && ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_RUNNING);
-        let ip = ifa.address.as_ref().and_then(|a| {
-            a.as_sockaddr_in().map(|s| IpAddr::V4(s.ip())).or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
-        });
-        up && ip.is_some_and(|ip| prefix.contains(&ip))
+        up && crate::net::ifaddr_ip(&ifa).is_some_and(|ip| prefix.contains(&ip))
     })
 }
 

@@ -14,6 +14,16 @@ use std::collections::BTreeSet;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+/// The IP address of a `getifaddrs` entry, if it has one (link-layer
+/// entries have none).
+#[must_use]
+pub fn ifaddr_ip(ifa: &nix::ifaddrs::InterfaceAddress) -> Option<std::net::IpAddr> {
+    let a = ifa.address.as_ref()?;
+    a.as_sockaddr_in()
+        .map(|s| std::net::IpAddr::V4(s.ip()))
+        .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())))
+}
+
 /// Routes and rules the agent installs carry this `rtm_protocol` /
 /// `FRA_PROTOCOL`, so the agent only ever removes its own (`ip route` and
 /// `ip rule` show it as `proto 109`).

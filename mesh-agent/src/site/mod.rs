@@ -35,7 +35,7 @@ use tokio::sync::watch;
 
 use crate::{
     config::RouteOptions,
-    net::{NetOps as _, rtnl::Rtnl},
+    net::{NetOps as _, ifaddr_ip, rtnl::Rtnl},
     probe::owner::Ownership,
 };
 
@@ -65,11 +65,7 @@ struct Held {
 fn lan_interface(prefix: &IpNet, virtual_addrs: &[IpAddr]) -> Option<(u32, [u8; 6], String)> {
     let addrs: Vec<_> = nix::ifaddrs::getifaddrs().ok()?.collect();
     let name = addrs.iter().find_map(|ifa| {
-        let a = ifa.address.as_ref()?;
-        let ip = a
-            .as_sockaddr_in()
-            .map(|s| IpAddr::V4(s.ip()))
-            .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))?;
+        let ip = ifaddr_ip(ifa)?;
         (ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
             && prefix.contains(&ip)
             && !virtual_addrs.contains(&ip))
@@ -86,17 +82,7 @@ fn lan_interface(prefix: &IpNet, virtual_addrs: &[IpAddr]) -> Option<(u32, [u8; 
 /// Every interface index holding `addr` (as a host address).
 fn holders(rtnl: &mut Rtnl, addr: IpAddr) -> Vec<u32> {
     let Ok(ifs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
-    let mut names: Vec<String> = ifs
-        .filter(|ifa| {
-            ifa.address.as_ref().is_some_and(|a| {
-                a.as_sockaddr_in()
-                    .map(|s| IpAddr::V4(s.ip()))
-                    .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
-                    == Some(addr)
-            })
-        })
-        .map(|ifa| ifa.interface_name)
-        .collect();
+    let mut names: Vec<String> = ifs.filter(|ifa| ifaddr_ip(ifa) == Some(addr)).map(|ifa| ifa.interface_name).collect();
     names.dedup();
     names.iter().filter_map(|n| rtnl.link(n).ok().flatten().map(|l| l.index)).collect()
 }

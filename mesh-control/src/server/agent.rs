@@ -202,12 +202,15 @@ impl AgentApi {
                             "options for {prefix}, which is not advertised"
                         )));
                     }
-                    let mut addrs = Vec::with_capacity(o.virtual_addresses.len());
+                    let mut addrs: Vec<String> = Vec::with_capacity(o.virtual_addresses.len());
+                    let mut families = (0, 0);
                     for a in &o.virtual_addresses {
                         let ip: std::net::IpAddr = a.parse().map_err(|_| {
                             ApiError::InvalidArgument(format!("virtual address {a:?} of {prefix} is not an IP address"))
                         })?;
-                        if !prefix.contains(&ip) || addrs.len() >= 2 {
+                        let count = if ip.is_ipv4() { &mut families.0 } else { &mut families.1 };
+                        *count += 1;
+                        if !prefix.contains(&ip) || *count > 1 {
                             return Err(ApiError::InvalidArgument(format!(
                                 "virtual address {ip} of {prefix}: at most one IPv4 and one IPv6, inside the prefix"
                             )));
