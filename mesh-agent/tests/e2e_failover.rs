@@ -326,20 +326,36 @@ fn two_way_traffic_survives_failover_fail_back_lan_loss_control_loss_and_split_b
     assert!(cuts.worst() < 2 * BOUND, "control away: {cuts}");
 
     // 4. Split brain: fsn-gw1 comes back (control still away) and takes the
-    //    site back (first in the order); then fsn-gw2 can no longer probe
-    //    fsn-gw1 (nor be probed): both claim the site.
+    //    site back (first in the order).
     s.revive("fsngw1");
     s.wait("fsn-gw1 back as the site's owner", || {
         s.holds("fsngw1", "198.18.20.254") && !s.holds("fsngw2", "198.18.20.254")
     });
-    // Probes between the two (requests and replies, both ways) are dropped
-    // at fsn-gw2; everything else passes.
-    let rule = format!(
-        "add table inet split; add chain inet split in {{ type filter hook input priority 0; }}; \
-         add rule inet split in ip saddr {f1} udp dport 51900 drop; \
-         add rule inet split in ip saddr {f1} udp sport 51900 drop"
-    );
-    s.gw("fsngw2").gw.host.exec("nft", [rule.as_str()]).unwrap();
+    // 4a. The overlay path between the two breaks: their probes over the
+    //     overlay (requests and replies, both ways) are dropped at fsn-gw2.
+    //     They still probe each other on the LAN, so fsn-gw2 claims nothing.
+    let cut = |from: &str| {
+        format!(
+            "add table inet split; add chain inet split in {{ type filter hook input priority 0; }}; \
+             add rule inet split in ip saddr {from} udp dport 51900 drop; \
+             add rule inet split in ip saddr {from} udp sport 51900 drop"
+        )
+    };
+    s.gw("fsngw2").gw.host.exec("nft", [cut(&f1).as_str()]).unwrap();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert!(
+            !s.holds("fsngw2", "198.18.20.254"),
+            "fsn-gw2 claimed the site although fsn-gw1 answers on the LAN\n{}",
+            s.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // 4b. The LAN path breaks too (fsn-gw1's LAN address): now fsn-gw2 can
+    //     no longer probe fsn-gw1 (nor be probed) at all, and both claim
+    //     the site. (This also shows that 4a's rule did cut the overlay
+    //     probes: without it, they would still hold fsn-gw2 back.)
+    s.gw("fsngw2").gw.host.exec("nft", [cut("198.18.20.1").as_str()]).unwrap();
     s.wait("both fsn gateways claiming the site", || {
         s.holds("fsngw1", "198.18.20.254") && s.holds("fsngw2", "198.18.20.254")
     });

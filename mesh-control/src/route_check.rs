@@ -163,6 +163,7 @@ mod tests {
             priority: 0,
             healthy: true,
             virtual_addresses: Vec::new(),
+            lan_addresses: Vec::new(),
             snat: false,
             owner: false,
             owner_since: 0,

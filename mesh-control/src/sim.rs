@@ -190,6 +190,11 @@ impl SyncSession {
         self.send(pb::sync_request::Msg::Routes(pb::RouteAdvertisement { prefixes, options: Vec::new() })).await
     }
 
+    /// Replaces the advertised routes, with options.
+    pub async fn advertise_with(&self, advertisement: pb::RouteAdvertisement) -> Result<(), SimError> {
+        self.send(pb::sync_request::Msg::Routes(advertisement)).await
+    }
+
     /// Reports a local failover.
     pub async fn failover(&self, report: pb::FailoverReport) -> Result<(), SimError> {
         self.send(pb::sync_request::Msg::Failover(report)).await

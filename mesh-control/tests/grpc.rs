@@ -364,6 +364,81 @@ async fn probe_reports_status_and_failover_audit() {
     assert!(err.contains("not-a-prefix"), "{err}");
 }
 
+/// Each gateway's site LAN addresses reach the site's other gateways, and
+/// nobody else; an address outside the prefix ends the stream with an
+/// error naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_lan_addresses_reach_only_the_sites_gateways() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = control(dir.path()).await;
+    let addr = c.addr.to_string();
+    let mut a = admin(&c, c.bootstrap_admin_token.clone()).await;
+    let policy = r#"{"tagOwners": {"tag:app": [], "tag:gw": []},
+        "acls": [{"action": "accept", "src": ["tag:app"], "dst": ["198.18.20.0/24:*"]}]}"#;
+    a.set_policy(pb::PolicyDocument { text: policy.into(), generation: 0 }).await.unwrap();
+    let gw_key = key(&mut a, true, true, &["tag:gw"], 0).await;
+    let app_key = key(&mut a, true, true, &["tag:app"], 0).await;
+    let prefix = "198.18.20.0/24";
+    let options = |lan: &str| pb::RouteAdvertisement {
+        prefixes: vec![prefix.into()],
+        options: vec![pb::RouteOptions {
+            prefix: prefix.into(),
+            lan_addresses: vec![lan.into()],
+            ..Default::default()
+        }],
+    };
+    let mut gws = Vec::new();
+    for (name, lan) in [("gw-1", "198.18.20.1"), ("gw-2", "198.18.20.2")] {
+        let gw = SimAgent::enroll(&addr, &gw_key, name, &[prefix]).await.unwrap();
+        let s = gw.sync().await.unwrap();
+        s.advertise_with(options(lan)).await.unwrap();
+        a.approve_route(pb::RouteRef { node_id: gw.node.id, prefix: prefix.into() }).await.unwrap();
+        gws.push((gw, s));
+    }
+    let app = SimAgent::enroll(&addr, &app_key, "app-1", &[]).await.unwrap();
+    let mut app_s = app.sync().await.unwrap();
+    let (ids, lans) = (vec![gws[0].0.node.id, gws[1].0.node.id], vec!["198.18.20.1", "198.18.20.2"]);
+    let route = |v: &Option<pb::NodeView>| v.as_ref()?.routes.iter().find(|r| r.prefix == prefix).cloned();
+    let mut seen = None;
+    for _ in 0..50 {
+        gws[0].1.next(Duration::from_millis(100)).await.unwrap();
+        seen = route(&gws[0].1.view);
+        if seen.as_ref().is_some_and(|r| r.lan.len() == 2) {
+            break;
+        }
+    }
+    let seen = seen.expect("gw-1 gets the route");
+    let got: Vec<(u64, Vec<String>)> = seen.lan.iter().map(|g| (g.node_id, g.addresses.clone())).collect();
+    let want: Vec<(u64, Vec<String>)> = ids.iter().zip(&lans).map(|(i, l)| (*i, vec![(*l).to_owned()])).collect();
+    assert_eq!(got, want, "both gateways' LAN addresses, in control's order");
+    let mut app_route = None;
+    for _ in 0..50 {
+        app_s.next(Duration::from_millis(100)).await.unwrap();
+        app_route = route(&app_s.view);
+        if app_route.as_ref().is_some_and(|r| r.gateways.len() == 2) {
+            break;
+        }
+    }
+    let app_route = app_route.expect("app-1 routes the prefix");
+    assert_eq!(app_route.gateways.len(), 2);
+    assert!(app_route.lan.is_empty(), "app-1 is no gateway of the site: {app_route:?}");
+    let listed = a.list_routes(pb::Empty {}).await.unwrap().into_inner().routes;
+    assert_eq!(listed.iter().find(|r| r.node_name == "gw-2").unwrap().lan_addresses, ["198.18.20.2"]);
+
+    // A LAN address outside the prefix: refused, named.
+    let (_, s) = &mut gws[1];
+    s.advertise_with(options("10.0.0.2")).await.unwrap();
+    let mut err = None;
+    for _ in 0..20 {
+        if let Err(e) = s.next(Duration::from_millis(250)).await {
+            err = Some(e.to_string());
+            break;
+        }
+    }
+    let err = err.expect("the stream ends");
+    assert!(err.contains("LAN address 10.0.0.2"), "{err}");
+}
+
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();

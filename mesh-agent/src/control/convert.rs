@@ -136,9 +136,10 @@ pub fn node_view(v: &pb::NodeView, local: &Local) -> Result<NodeView, ConvertErr
 
 /// The probe plan of a view: every peer at its first overlay address
 /// (IPv4 preferred), fast for the gateways of the prefixes this node routes
-/// into the overlay and for the other gateways of its own site prefixes,
-/// those prefixes with control's gateway order, and whether the view is
-/// `fresh` (from control in this run).
+/// into the overlay and for the other gateways of its own site prefixes
+/// (which are also probed at their LAN address on that site, IPv4
+/// preferred), those prefixes with control's gateway order, and whether the
+/// view is `fresh` (from control in this run).
 #[must_use]
 pub fn probe_plan(v: &pb::NodeView, local: &Local, fresh: bool) -> crate::probe::Plan {
     let me = v.self_.as_ref().map_or(0, |m| m.id);
@@ -156,6 +157,19 @@ pub fn probe_plan(v: &pb::NodeView, local: &Local, fresh: bool) -> crate::probe:
         .filter(|r| r.gateways.contains(&me))
         .filter_map(|r| Some((net(&r.prefix).ok()?.trunc(), r.gateways.clone())))
         .collect();
+    // The LAN address of each other gateway of a site this node serves.
+    let mut lan: BTreeMap<u64, (std::net::IpAddr, IpNet)> = BTreeMap::new();
+    for r in v.routes.iter().filter(|r| r.gateways.contains(&me)) {
+        let Ok(prefix) = net(&r.prefix) else { continue };
+        for g in r.lan.iter().filter(|g| g.node_id != me) {
+            let mut addrs: Vec<std::net::IpAddr> =
+                g.addresses.iter().filter_map(|a| a.parse().ok()).filter(|a| prefix.contains(a)).collect();
+            addrs.sort_by_key(std::net::IpAddr::is_ipv6);
+            if let Some(a) = addrs.first() {
+                lan.entry(g.node_id).or_insert((*a, prefix.trunc()));
+            }
+        }
+    }
     let assigned: BTreeSet<IpNet> = v.routes.iter().filter_map(|r| net(&r.prefix).ok().map(|n| n.trunc())).collect();
     let targets = v
         .peers
@@ -173,6 +187,7 @@ pub fn probe_plan(v: &pb::NodeView, local: &Local, fresh: bool) -> crate::probe:
                 name: if p.name.is_empty() { format!("node-{}", p.node_id) } else { p.name.clone() },
                 addr,
                 fast: routes.iter().chain(&site).any(|(_, gws)| gws.contains(&p.node_id)),
+                lan: lan.get(&p.node_id).copied(),
             })
         })
         .collect();
@@ -207,9 +222,9 @@ mod tests {
                 allowed_ips: vec!["100.64.0.2/32".into(), "fd7a:6d65:7368::2/128".into(), "198.18.20.0/24".into()],
             }],
             routes: vec![
-                pb::RouteAssignment { prefix: "198.18.10.0/24".into(), gateways: vec![1, 3] },
-                pb::RouteAssignment { prefix: "198.18.20.0/24".into(), gateways: vec![2] },
-                pb::RouteAssignment { prefix: "198.18.30.0/24".into(), gateways: vec![5] },
+                pb::RouteAssignment { prefix: "198.18.10.0/24".into(), gateways: vec![1, 3], lan: Vec::new() },
+                pb::RouteAssignment { prefix: "198.18.20.0/24".into(), gateways: vec![2], lan: Vec::new() },
+                pb::RouteAssignment { prefix: "198.18.30.0/24".into(), gateways: vec![5], lan: Vec::new() },
             ],
             mtu: 1280,
             policy: Some(pb::CompiledPolicy {
@@ -264,8 +279,8 @@ mod tests {
                 peer(4, "", &["fd7a:6d65:7368::4/128"]),
             ],
             routes: vec![
-                pb::RouteAssignment { prefix: "198.18.20.0/24".into(), gateways: vec![2, 3] },
-                pb::RouteAssignment { prefix: "198.18.10.0/24".into(), gateways: vec![1] },
+                pb::RouteAssignment { prefix: "198.18.20.0/24".into(), gateways: vec![2, 3], lan: Vec::new() },
+                pb::RouteAssignment { prefix: "198.18.10.0/24".into(), gateways: vec![1], lan: Vec::new() },
             ],
             ..Default::default()
         }
@@ -312,6 +327,32 @@ mod tests {
                 (3, "fsn-gw2".into(), "100.64.0.3".into(), true),
                 (4, "node-4".into(), "fd7a:6d65:7368::4".into(), false),
             ]
+        );
+        assert!(plan.targets.iter().all(|t| t.lan.is_none()), "no LAN addresses in the view");
+    }
+
+    #[test]
+    fn site_peers_are_probed_on_the_lan_too() {
+        // Node 1 serves 198.18.10.0/24 with node 4; control passed both
+        // gateways' LAN addresses (its own, and a bogus one outside the
+        // prefix, are ignored).
+        let mut v = two_gateways();
+        let lan = |id: u64, addrs: &[&str]| pb::GatewayLan {
+            node_id: id,
+            addresses: addrs.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        v.routes[1] = pb::RouteAssignment {
+            prefix: "198.18.10.0/24".into(),
+            gateways: vec![1, 4],
+            lan: vec![lan(1, &["198.18.10.1"]), lan(4, &["2001:db8::2", "198.18.99.2", "198.18.10.2"])],
+        };
+        let plan = probe_plan(&v, &Local::default(), true);
+        let t: Vec<(u64, bool, Option<String>)> =
+            plan.targets.iter().map(|t| (t.node_id, t.fast, t.lan.map(|(a, p)| format!("{a} on {p}")))).collect();
+        assert_eq!(
+            t,
+            vec![(2, true, None), (3, true, None), (4, true, Some("198.18.10.2 on 198.18.10.0/24".into()))],
+            "the site peer fast, at its LAN address inside the prefix"
         );
     }
 

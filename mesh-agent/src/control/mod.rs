@@ -323,17 +323,26 @@ pub fn health_report(
     }
 }
 
-/// The routes this gateway advertises, with their options.
+/// The routes this gateway advertises, with their options and this
+/// gateway's current addresses on each site LAN (looked up now: the
+/// session re-sends the advertisement when they change).
 fn advertisement(cc: &ControlConfig) -> pb::RouteAdvertisement {
     pb::RouteAdvertisement {
         prefixes: cc.advertise_routes.iter().map(ToString::to_string).collect(),
         options: cc
-            .route_options
+            .advertise_routes
             .iter()
-            .map(|(prefix, o)| pb::RouteOptions {
-                prefix: prefix.to_string(),
-                virtual_addresses: o.virtual_addresses.iter().map(ToString::to_string).collect(),
-                snat: o.snat,
+            .map(|prefix| {
+                let o = cc.route_options.get(prefix).cloned().unwrap_or_default();
+                pb::RouteOptions {
+                    prefix: prefix.to_string(),
+                    virtual_addresses: o.virtual_addresses.iter().map(ToString::to_string).collect(),
+                    snat: o.snat,
+                    lan_addresses: crate::site::lan_addresses(prefix, &o.virtual_addresses)
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                }
             })
             .collect(),
     }
@@ -511,7 +520,8 @@ async fn session(
     }
     // The configured routes, every session: a changed `advertise_routes`
     // takes effect at the next start, not only at enrollment.
-    send(pb::sync_request::Msg::Routes(advertisement(cc))).await?;
+    let mut advertised = advertisement(cc);
+    send(pb::sync_request::Msg::Routes(advertised.clone())).await?;
     // Switches made while control was away.
     while let Some(r) = links.unsent.pop_front() {
         send(pb::sync_request::Msg::Failover(r)).await?;
@@ -578,6 +588,14 @@ async fn session(
                     if let Err(e) = renew(&channel, &mut cred, &cred_path).await {
                         tracing::warn!(error = %e, "credential renewal failed");
                     }
+                }
+                // A site LAN address appeared or changed: the site's other
+                // gateways need it to probe this one there.
+                let now_advertised = advertisement(cc);
+                if now_advertised != advertised {
+                    tracing::info!("this gateway's site LAN addresses changed; advertising them again");
+                    advertised = now_advertised;
+                    send(pb::sync_request::Msg::Routes(advertised.clone())).await?;
                 }
                 true
             }

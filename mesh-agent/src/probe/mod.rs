@@ -15,14 +15,18 @@
 //! each prefix it serves ([`owner`]): the owner holds the site's virtual
 //! gateway address (the `site` module acts on [`Outputs::owned`]) and says
 //! so in its probe replies, and remote agents route the prefix through it.
+//! The site's gateways probe each other on the site LAN as well as over the
+//! overlay ([`lan`]): a peer counts as available while either path answers,
+//! so a broken overlay path between them alone never splits the site.
 
 pub mod failover;
+pub mod lan;
 pub mod owner;
 pub mod stats;
 pub mod wire;
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
@@ -49,6 +53,9 @@ pub struct Target {
     pub addr: IpAddr,
     /// Probed at the gateway rate (this node routes a prefix through it).
     pub fast: bool,
+    /// Its address on the LAN of a site both serve, and that site's prefix:
+    /// also probed there (see [`lan`]).
+    pub lan: Option<(IpAddr, IpNet)>,
 }
 
 /// What to probe and which routes to decide, from the current view.
@@ -76,8 +83,10 @@ pub struct PeerEntry {
     pub name: String,
     /// The probed address.
     pub addr: IpAddr,
-    /// The statistics.
+    /// The statistics (over the overlay).
     pub stats: PeerStats,
+    /// A site peer's LAN address and its reachability there.
+    pub lan: Option<(IpAddr, Reach)>,
 }
 
 /// What the prober knows, for metrics and health reports.
@@ -146,6 +155,20 @@ impl ProbeState {
                 Reach::Unknown => -1.0,
             },
         );
+        let _ = writeln!(
+            s,
+            "# HELP mesh_agent_peer_lan_probe_up A site peer's probes on the site LAN: 1 answered, 0 down, -1 unknown.\n# TYPE mesh_agent_peer_lan_probe_up gauge"
+        );
+        for p in self.peers.values() {
+            if let Some((_, reach)) = p.lan {
+                let up = match reach {
+                    Reach::Up => 1,
+                    Reach::Down => 0,
+                    Reach::Unknown => -1,
+                };
+                let _ = writeln!(s, "mesh_agent_peer_lan_probe_up{{peer=\"{}\"}} {up}", label(&p.name));
+            }
+        }
         for (name, help, pick) in [
             ("mesh_agent_peer_probes_answered_total", "Probes answered.", 0),
             ("mesh_agent_peer_probes_lost_total", "Probes lost.", 1),
@@ -217,25 +240,93 @@ pub struct Outputs {
     pub owned: watch::Sender<owner::Ownership>,
 }
 
+/// Probing one peer along one path.
+#[derive(Debug)]
+struct Path {
+    stats: PeerStats,
+    next_send: Instant,
+    pending: VecDeque<(u64, Instant)>,
+}
+
+impl Path {
+    fn new(cfg: &ProbeConfig) -> Self {
+        Self { stats: PeerStats::new(cfg.window, cfg.down_after), next_send: Instant::now(), pending: VecDeque::new() }
+    }
+
+    /// Matches a reply to its request; `false` if it matches none.
+    fn answered(&mut self, seq: u64, now: Instant) -> bool {
+        let Some(i) = self.pending.iter().position(|(s, _)| *s == seq) else { return false };
+        let Some((_, sent)) = self.pending.remove(i) else { return false };
+        self.stats.answered(now.duration_since(sent));
+        true
+    }
+
+    /// Counts the requests that timed out as lost: `None` if none did,
+    /// else whether the peer just went down on this path.
+    fn expire(&mut self, now: Instant, timeout: Duration) -> Option<bool> {
+        let mut expired = None;
+        while let Some(&(_, sent)) = self.pending.front()
+            && now.duration_since(sent) >= timeout
+        {
+            self.pending.pop_front();
+            let was = self.stats.reach();
+            self.stats.lost();
+            let down = was != Reach::Down && self.stats.reach() == Reach::Down;
+            expired = Some(expired.unwrap_or(false) || down);
+        }
+        expired
+    }
+
+    /// A new request's sequence number if one is due, scheduling the next.
+    fn due(&mut self, now: Instant, every: Duration, seq: &mut u64) -> Option<u64> {
+        if now < self.next_send {
+            return None;
+        }
+        *seq = seq.wrapping_add(1);
+        self.pending.push_back((*seq, now));
+        self.next_send = now + every;
+        Some(*seq)
+    }
+}
+
+/// A site peer's LAN address, the site's prefix, and the probing there.
+#[derive(Debug)]
+struct LanPath {
+    addr: IpAddr,
+    prefix: IpNet,
+    path: Path,
+}
+
 struct Peer {
     name: String,
     addr: IpAddr,
     fast: bool,
-    stats: PeerStats,
-    next_send: Instant,
-    pending: VecDeque<(u64, Instant)>,
-    /// Route states from its last reply.
+    /// Over the overlay.
+    overlay: Path,
+    /// On the site LAN (a gateway of a site this one serves).
+    lan: Option<LanPath>,
+    /// Route states from its last reply or notice, on either path.
     routes: Vec<wire::RouteState>,
     /// When it became a probe target.
     since: Instant,
 }
 
 impl Peer {
+    /// Reachability over both paths: up while either answers.
+    fn reach(&self) -> Reach {
+        let lan = self.lan.as_ref().map_or(Reach::Unknown, |l| l.path.stats.reach());
+        match (self.overlay.stats.reach(), lan) {
+            (Reach::Up, _) | (_, Reach::Up) => Reach::Up,
+            (Reach::Down, _) | (_, Reach::Down) => Reach::Down,
+            _ => Reach::Unknown,
+        }
+    }
+
     /// What this peer's probes say about `prefix`.
     fn sight(&self, prefix: &IpNet, now: Instant) -> owner::PeerSight {
         let entry = self.routes.iter().find(|r| r.prefix.trunc() == prefix.trunc());
         owner::PeerSight {
-            reach: self.stats.reach(),
+            reach: self.reach(),
             known_for: now.duration_since(self.since),
             reports_unhealthy: entry.is_some_and(|r| !r.healthy),
             claims: entry.is_some_and(|r| r.owner),
@@ -281,11 +372,12 @@ fn dest(sock_v6: bool, addr: IpAddr, port: u16) -> SocketAddr {
 /// The prober: answers probes, sends its own, decides local failover.
 /// Runs until `plan`'s sender is dropped.
 ///
-/// The socket answers only on the overlay interface `ifname`
+/// The overlay socket answers only on the overlay interface `ifname`
 /// (`SO_BINDTODEVICE`, renewed when the interface is recreated) and only
-/// to mesh peers' addresses: a request spoofed on the underlay (whose
-/// reply would be up to 50 times its size, sent into the overlay) is never
-/// answered, and until the interface exists nothing is.
+/// to mesh peers' overlay addresses: a request spoofed on the underlay
+/// (whose reply would be up to 50 times its size, sent into the overlay) is
+/// never answered, and until the interface exists nothing is. The LAN
+/// sockets ([`lan`]) answer only the site peers' LAN addresses.
 pub async fn run(
     cfg: ProbeConfig,
     ifname: String,
@@ -304,6 +396,7 @@ pub async fn run(
     };
     let v6 = sock.local_addr().is_ok_and(|a| a.is_ipv6());
     tracing::info!(port = cfg.port, "probe responder listening");
+    let (mut lan_socks, mut lan_rx) = lan::LanSockets::new(cfg.port);
     let secs = Duration::from_secs_f64;
     let (fast, slow, timeout) = (secs(cfg.gateway_interval_secs), secs(cfg.peer_interval_secs), secs(cfg.timeout_secs));
     let mut selector = failover::Selector::new(secs(cfg.failback_hold_secs));
@@ -314,6 +407,7 @@ pub async fn run(
     let started = Instant::now();
     let mut peers: BTreeMap<u64, Peer> = BTreeMap::new();
     let mut by_addr: HashMap<IpAddr, u64> = HashMap::new();
+    let mut by_lan_addr: HashMap<IpAddr, u64> = HashMap::new();
     let mut routes: Vec<(IpNet, Vec<u64>)> = Vec::new();
     let (mut me, mut site, mut fresh) = (0u64, Vec::<(IpNet, Vec<u64>)>::new(), false);
     let mut owned = owner::Ownership::new();
@@ -328,38 +422,35 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = vec![0u8; 2048];
     let mut refresh_plan = true;
-    // The overlay interface the socket is bound to (its index), checked
-    // every half second.
+    // The overlay interface the socket is bound to (its index), and the LAN
+    // interface of each site prefix with a LAN peer, checked every half
+    // second.
     let mut bound: Option<u32> = None;
+    let mut lan_ifs: BTreeMap<IpNet, String> = BTreeMap::new();
     let mut next_bind_check = Instant::now();
     let mut answered = 0u64;
     loop {
         if refresh_plan {
             refresh_plan = false;
             dirty = true;
+            next_bind_check = Instant::now();
             let p = plan.borrow_and_update().clone();
             let mut next = BTreeMap::new();
             for t in p.targets {
-                let (stats, routes, since) = match peers.remove(&t.node_id) {
-                    Some(old) if old.addr == t.addr => (old.stats, old.routes, old.since),
-                    _ => (PeerStats::new(cfg.window, cfg.down_after), Vec::new(), Instant::now()),
+                let old = peers.remove(&t.node_id);
+                let (overlay, routes, since, old_lan) = match old {
+                    Some(old) if old.addr == t.addr => (old.overlay, old.routes, old.since, old.lan),
+                    _ => (Path::new(&cfg), Vec::new(), Instant::now(), None),
                 };
-                next.insert(
-                    t.node_id,
-                    Peer {
-                        name: t.name,
-                        addr: t.addr,
-                        fast: t.fast,
-                        stats,
-                        next_send: Instant::now(),
-                        pending: VecDeque::new(),
-                        routes,
-                        since,
-                    },
-                );
+                let lan = t.lan.map(|(addr, prefix)| match old_lan {
+                    Some(l) if l.addr == addr => LanPath { prefix, ..l },
+                    _ => LanPath { addr, prefix, path: Path::new(&cfg) },
+                });
+                next.insert(t.node_id, Peer { name: t.name, addr: t.addr, fast: t.fast, overlay, lan, routes, since });
             }
             peers = next;
             by_addr = peers.iter().map(|(id, p)| (p.addr, *id)).collect();
+            by_lan_addr = peers.iter().filter_map(|(id, p)| Some((p.lan.as_ref()?.addr, *id))).collect();
             routes = p.routes;
             me = p.me;
             site = p.site;
@@ -368,50 +459,38 @@ pub async fn run(
         tokio::select! {
             r = sock.recv_from(&mut buf) => {
                 let Ok((n, src)) = r else { continue };
-                let src_ip = src.ip().to_canonical();
-                let Some(&node) = by_addr.get(&src_ip) else {
+                let Some(&node) = by_addr.get(&src.ip().to_canonical()) else {
                     // Only mesh peers are answered: nothing to reflect at others.
                     bad_packets += 1;
                     dirty = true;
                     continue;
                 };
-                match wire::Message::decode(&buf[..n]) {
-                    Err(e) => {
-                        bad_packets += 1;
-                        dirty = true;
-                        tracing::debug!(%src, error = %e, "not a probe message");
+                if bound.is_none() {
+                    continue;
+                }
+                let reply = on_message(&buf[..n], src, node, false, &mut peers, &health, &owned, &mut bad_packets);
+                dirty = true;
+                if let Some(reply) = reply {
+                    answered += 1;
+                    if let Err(e) = sock.send_to(&reply, src).await {
+                        tracing::debug!(%src, error = %e, "probe reply not sent");
                     }
-                    Ok(wire::Message::Request { .. }) if bound.is_none() => {}
-                    Ok(wire::Message::Request { seq, version }) => {
-                        answered += 1;
-                        let routes = route_states(&health.borrow(), &owned);
-                        let reply = wire::Message::Reply { seq, version, routes }.encode();
-                        if let Err(e) = sock.send_to(&reply, src).await {
-                            tracing::debug!(%src, error = %e, "probe reply not sent");
-                        }
-                    }
-                    Ok(wire::Message::Notice { routes }) => {
-                        // A handover: follow it now, not at the next probe.
-                        if let Some(p) = peers.get_mut(&node) {
-                            tracing::debug!(peer = %p.name, ?routes, "route notice");
-                            p.routes = routes;
-                            dirty = true;
-                        }
-                    }
-                    Ok(wire::Message::Reply { seq, routes, .. }) => {
-                        let now = Instant::now();
-                        if let Some(p) = peers.get_mut(&node)
-                            && let Some(i) = p.pending.iter().position(|(s, _)| *s == seq)
-                            && let Some((_, sent)) = p.pending.remove(i)
-                        {
-                            let was = p.stats.reach();
-                            p.stats.answered(now.duration_since(sent));
-                            p.routes = routes;
-                            dirty = true;
-                            if was != Reach::Up {
-                                tracing::info!(peer = %p.name, addr = %p.addr, "peer answers probes");
-                            }
-                        }
+                }
+            }
+            Some(d) = lan_rx.recv() => {
+                let Some(&node) = by_lan_addr.get(&d.src.ip().to_canonical()) else {
+                    bad_packets += 1;
+                    dirty = true;
+                    continue;
+                };
+                let reply = on_message(&d.data, d.src, node, true, &mut peers, &health, &owned, &mut bad_packets);
+                dirty = true;
+                if let Some(reply) = reply
+                    && let Some((s, _)) = lan_socks.get(&d.ifname)
+                {
+                    answered += 1;
+                    if let Err(e) = s.send_to(&reply, d.src).await {
+                        tracing::debug!(src = %d.src, error = %e, "probe reply not sent on the LAN");
                     }
                 }
             }
@@ -435,24 +514,47 @@ pub async fn run(
                             None => None,
                         };
                     }
+                    // The LAN sockets open once the overlay socket is bound
+                    // to its interface (they share the port).
+                    let prefixes: BTreeSet<IpNet> = peers.values().filter_map(|p| Some(p.lan.as_ref()?.prefix)).collect();
+                    let mut wanted = BTreeMap::new();
+                    lan_ifs.clear();
+                    for prefix in prefixes {
+                        if let Some((index, _, name)) = crate::site::lan_interface(&prefix, &[]) {
+                            wanted.insert(name.clone(), index);
+                            lan_ifs.insert(prefix, name);
+                        }
+                    }
+                    if bound.is_some() {
+                        lan_socks.sync(&wanted);
+                    }
                 }
                 for p in peers.values_mut() {
-                    while let Some(&(_, sent)) = p.pending.front() && now.duration_since(sent) >= timeout {
-                        p.pending.pop_front();
-                        let was = p.stats.reach();
-                        p.stats.lost();
+                    if let Some(down) = p.overlay.expire(now, timeout) {
                         dirty = true;
-                        if was != Reach::Down && p.stats.reach() == Reach::Down {
+                        if down {
                             tracing::warn!(peer = %p.name, addr = %p.addr, "peer stopped answering probes");
                         }
                     }
-                    if now >= p.next_send {
-                        seq = seq.wrapping_add(1);
-                        let msg = wire::Message::request(seq).encode();
+                    let every = if p.fast { fast } else { slow };
+                    if let Some(seq) = p.overlay.due(now, every, &mut seq) {
                         // A send error (no route yet) is a lost probe like any other.
-                        let _ = sock.send_to(&msg, dest(v6, p.addr, cfg.port)).await;
-                        p.pending.push_back((seq, now));
-                        p.next_send = now + if p.fast { fast } else { slow };
+                        let _ = sock.send_to(&wire::Message::request(seq).encode(), dest(v6, p.addr, cfg.port)).await;
+                    }
+                    if let Some(l) = p.lan.as_mut() {
+                        if let Some(down) = l.path.expire(now, timeout) {
+                            dirty = true;
+                            if down {
+                                tracing::warn!(peer = %p.name, addr = %l.addr, "peer stopped answering probes on the site LAN");
+                            }
+                        }
+                        // Without a socket on that LAN, requests are not
+                        // even sent: the path stays unknown, not down.
+                        if let Some((s, s_v6)) = lan_ifs.get(&l.prefix).and_then(|i| lan_socks.get(i))
+                            && let Some(seq) = l.path.due(now, fast, &mut seq)
+                        {
+                            let _ = s.send_to(&wire::Message::request(seq).encode(), dest(s_v6, l.addr, cfg.port)).await;
+                        }
                     }
                 }
                 // This gateway's own site prefixes: who owns them.
@@ -480,10 +582,16 @@ pub async fn run(
                     owned = next;
                     out.owned.send_replace(owned.clone());
                     dirty = true;
-                    // Tell every peer at once (see `wire`'s notices).
+                    // Tell every peer at once (see `wire`'s notices), on
+                    // every path.
                     let notice = wire::Message::Notice { routes: route_states(&health.borrow(), &owned) }.encode();
                     for p in peers.values() {
                         let _ = sock.send_to(&notice, dest(v6, p.addr, cfg.port)).await;
+                        if let Some(l) = &p.lan
+                            && let Some((s, s_v6)) = lan_ifs.get(&l.prefix).and_then(|i| lan_socks.get(i))
+                        {
+                            let _ = s.send_to(&notice, dest(s_v6, l.addr, cfg.port)).await;
+                        }
                     }
                 }
                 let decision = selector.evaluate(
@@ -491,7 +599,7 @@ pub async fn run(
                     &routes,
                     |gw, prefix| {
                         let p = peers.get(&gw)?;
-                        if p.stats.reach() == Reach::Down {
+                        if p.reach() == Reach::Down {
                             return Some(format!("probes to {} lost", p.name));
                         }
                         p.sight(prefix, now)
@@ -524,7 +632,15 @@ pub async fn run(
                 if dirty && let Ok(mut s) = out.shared.lock() {
                     s.peers = peers
                         .iter()
-                        .map(|(id, p)| (*id, PeerEntry { name: p.name.clone(), addr: p.addr, stats: p.stats.clone() }))
+                        .map(|(id, p)| {
+                            let entry = PeerEntry {
+                                name: p.name.clone(),
+                                addr: p.addr,
+                                stats: p.overlay.stats.clone(),
+                                lan: p.lan.as_ref().map(|l| (l.addr, l.path.stats.reach())),
+                            };
+                            (*id, entry)
+                        })
                         .collect();
                     s.effective.clone_from(&effective);
                     s.switches.clone_from(&switches);
@@ -544,5 +660,126 @@ pub async fn run(
                 refresh_plan = true;
             }
         }
+    }
+}
+
+/// Handles a datagram from peer `node` on the overlay or (`on_lan`) the
+/// site LAN; returns the reply to send, if it is a request.
+#[allow(clippy::too_many_arguments)]
+fn on_message(
+    data: &[u8],
+    src: SocketAddr,
+    node: u64,
+    on_lan: bool,
+    peers: &mut BTreeMap<u64, Peer>,
+    health: &watch::Receiver<Vec<RouteHealth>>,
+    owned: &owner::Ownership,
+    bad_packets: &mut u64,
+) -> Option<Vec<u8>> {
+    let msg = match wire::Message::decode(data) {
+        Ok(m) => m,
+        Err(e) => {
+            *bad_packets += 1;
+            tracing::debug!(%src, error = %e, "not a probe message");
+            return None;
+        }
+    };
+    let p = peers.get_mut(&node)?;
+    match msg {
+        wire::Message::Request { seq, version } => {
+            let routes = route_states(&health.borrow(), owned);
+            Some(wire::Message::Reply { seq, version, routes }.encode())
+        }
+        wire::Message::Notice { routes } => {
+            // A handover: follow it now, not at the next probe.
+            tracing::debug!(peer = %p.name, on_lan, ?routes, "route notice");
+            p.routes = routes;
+            None
+        }
+        wire::Message::Reply { seq, routes, .. } => {
+            let now = Instant::now();
+            let was = p.reach();
+            let path = if on_lan { &mut p.lan.as_mut()?.path } else { &mut p.overlay };
+            if path.answered(seq, now) {
+                p.routes = routes;
+                if was != Reach::Up {
+                    tracing::info!(peer = %p.name, on_lan, "peer answers probes");
+                }
+            }
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ProbeConfig {
+        ProbeConfig { window: 10, down_after: 2, ..ProbeConfig::default() }
+    }
+
+    /// A path whose last two probes were answered (`Some(true)`), lost
+    /// after one answered (`Some(false)`), or never resolved (`None`).
+    fn path(answered: Option<bool>) -> Path {
+        let mut p = Path::new(&cfg());
+        if answered == Some(false) {
+            p.stats.answered(Duration::from_millis(1));
+        }
+        for _ in 0..2 {
+            match answered {
+                Some(true) => p.stats.answered(Duration::from_millis(1)),
+                Some(false) => p.stats.lost(),
+                None => {}
+            }
+        }
+        p
+    }
+
+    fn peer(overlay: Option<bool>, lan: Option<Option<bool>>) -> Peer {
+        Peer {
+            name: "gw".into(),
+            addr: "100.64.0.2".parse().unwrap(),
+            fast: true,
+            overlay: path(overlay),
+            lan: lan.map(|l| LanPath {
+                addr: "198.18.20.2".parse().unwrap(),
+                prefix: "198.18.20.0/24".parse().unwrap(),
+                path: path(l),
+            }),
+            routes: Vec::new(),
+            since: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_site_peer_is_up_while_either_path_answers() {
+        assert_eq!(peer(Some(true), None).reach(), Reach::Up);
+        assert_eq!(peer(Some(false), None).reach(), Reach::Down);
+        assert_eq!(peer(None, None).reach(), Reach::Unknown);
+        // The overlay path broken, the LAN answers: up (no split brain).
+        assert_eq!(peer(Some(false), Some(Some(true))).reach(), Reach::Up);
+        assert_eq!(peer(Some(true), Some(Some(false))).reach(), Reach::Up);
+        // Both lost: down; one lost, the other unresolved: down.
+        assert_eq!(peer(Some(false), Some(Some(false))).reach(), Reach::Down);
+        assert_eq!(peer(Some(false), Some(None)).reach(), Reach::Down);
+        assert_eq!(peer(None, Some(None)).reach(), Reach::Unknown);
+    }
+
+    #[test]
+    fn a_path_matches_replies_and_counts_timeouts() {
+        let mut p = Path::new(&cfg());
+        let (t0, mut seq) = (Instant::now(), 7u64);
+        let every = Duration::from_millis(100);
+        let first = p.due(t0, every, &mut seq).unwrap();
+        assert!(p.due(t0 + Duration::from_millis(50), every, &mut seq).is_none(), "not yet due");
+        let second = p.due(t0 + every, every, &mut seq).unwrap();
+        assert_ne!(first, second);
+        assert!(!p.answered(999, t0 + every), "a reply to nothing pending");
+        assert!(p.answered(second, t0 + every));
+        assert_eq!(p.expire(t0 + every, Duration::from_millis(500)), None, "nothing timed out yet");
+        // The first request times out: lost, but one loss is not down.
+        assert_eq!(p.expire(t0 + Duration::from_secs(1), Duration::from_millis(500)), Some(false));
+        assert!(p.pending.is_empty());
     }
 }

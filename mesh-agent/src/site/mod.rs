@@ -60,9 +60,30 @@ struct Held {
     first: bool,
 }
 
+/// This gateway's own addresses on the LAN of `prefix`: on up interfaces,
+/// inside the prefix, not one of its virtual addresses; the first of each
+/// family. The site's other gateways probe it there.
+#[must_use]
+pub fn lan_addresses(prefix: &IpNet, virtual_addrs: &[IpAddr]) -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    let mut out: Vec<IpAddr> = Vec::new();
+    for ifa in addrs {
+        let Some(ip) = ifaddr_ip(&ifa) else { continue };
+        if ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
+            && prefix.contains(&ip)
+            && !virtual_addrs.contains(&ip)
+            && !out.iter().any(|o| o.is_ipv4() == ip.is_ipv4())
+        {
+            out.push(ip);
+        }
+    }
+    out.sort_by_key(IpAddr::is_ipv6);
+    out
+}
+
 /// The LAN interface for `prefix`: an up interface with an address inside
-/// it other than the virtual ones; its index and MAC.
-fn lan_interface(prefix: &IpNet, virtual_addrs: &[IpAddr]) -> Option<(u32, [u8; 6], String)> {
+/// it other than the virtual ones; its index, MAC and name.
+pub(crate) fn lan_interface(prefix: &IpNet, virtual_addrs: &[IpAddr]) -> Option<(u32, [u8; 6], String)> {
     let addrs: Vec<_> = nix::ifaddrs::getifaddrs().ok()?.collect();
     let name = addrs.iter().find_map(|ifa| {
         let ip = ifaddr_ip(ifa)?;

@@ -246,7 +246,7 @@ fn route_json(r: &pb::Route) -> serde_json::Value {
     json!({"prefix": r.prefix, "node_id": r.node_id, "node": r.node_name, "approved": r.approved,
         "auto_approved": r.auto_approved, "priority": r.priority, "healthy": r.healthy, "primary": r.primary,
         "rank": r.rank, "virtual_addresses": r.virtual_addresses, "snat": r.snat, "owner": r.owner,
-        "owner_since_unix": r.owner_since_unix, "refusal": r.refusal})
+        "owner_since_unix": r.owner_since_unix, "lan_addresses": r.lan_addresses, "refusal": r.refusal})
 }
 
 /// "owner since <time>" for the gateway holding the site side, else "-".

@@ -119,8 +119,33 @@ pub fn compute(input: &ViewInput<'_>, selector: &mut RouteSelector) -> Views {
         .collect();
     let route_msgs: Vec<pb::RouteAssignment> = routes
         .iter()
-        .map(|(p, order)| pb::RouteAssignment { prefix: p.to_string(), gateways: order.clone() })
+        .map(|(p, order)| pb::RouteAssignment { prefix: p.to_string(), gateways: order.clone(), lan: Vec::new() })
         .collect();
+    // The site's own gateways also get each other's LAN addresses (they
+    // probe each other there); nobody else needs the site's LAN layout.
+    let lan_of: BTreeMap<(u64, IpNet), &Vec<String>> = approved_routes
+        .iter()
+        .filter(|r| !r.lan_addresses.is_empty())
+        .map(|r| ((r.node_id, r.prefix), &r.lan_addresses))
+        .collect();
+    let site_msgs: Vec<pb::RouteAssignment> = routes
+        .iter()
+        .zip(&route_msgs)
+        .map(|((p, order), plain)| pb::RouteAssignment {
+            lan: order
+                .iter()
+                .filter_map(|g| lan_of.get(&(*g, *p)).map(|a| pb::GatewayLan { node_id: *g, addresses: (*a).clone() }))
+                .collect(),
+            ..plain.clone()
+        })
+        .collect();
+    let views_routes = |id: u64| -> Vec<pb::RouteAssignment> {
+        routes
+            .values()
+            .enumerate()
+            .map(|(i, order)| if order.contains(&id) { site_msgs[i].clone() } else { route_msgs[i].clone() })
+            .collect()
+    };
 
     let mut nodes = BTreeMap::new();
     for (i, n) in active.iter().enumerate() {
@@ -128,7 +153,7 @@ pub fn compute(input: &ViewInput<'_>, selector: &mut RouteSelector) -> Views {
             generation: 0,
             self_: Some(convert::node(n, now, false)),
             peers: peers[i].iter().map(|&j| peer_msgs[j].clone()).collect(),
-            routes: route_msgs.clone(),
+            routes: views_routes(n.id),
             mtu: input.mtu,
             policy: compiled.get(&n.id).map(convert::policy_to_proto),
         };

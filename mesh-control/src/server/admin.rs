@@ -135,6 +135,7 @@ impl AdminApi {
                         .unwrap_or(-1),
                     virtual_addresses: r.virtual_addresses.clone(),
                     snat: r.snat,
+                    lan_addresses: r.lan_addresses.clone(),
                     owner,
                     owner_since_unix: if owner { r.owner_since } else { 0 },
                 }

@@ -15,7 +15,7 @@ use crate::auth::{self, EnrollmentKeyText};
 use crate::engine::{Engine, convert, now};
 use crate::policy::{self, InventoryNode};
 use crate::route_check;
-use crate::store::{KeyRecord, NewNode, NodeRecord};
+use crate::store::{KeyRecord, NewNode, NodeRecord, RouteOptionsRecord};
 
 /// The agent-facing service.
 #[derive(Debug, Clone)]
@@ -202,24 +202,18 @@ impl AgentApi {
                             "options for {prefix}, which is not advertised"
                         )));
                     }
-                    let mut addrs: Vec<String> = Vec::with_capacity(o.virtual_addresses.len());
-                    let mut families = (0, 0);
-                    for a in &o.virtual_addresses {
-                        let ip: std::net::IpAddr = a.parse().map_err(|_| {
-                            ApiError::InvalidArgument(format!("virtual address {a:?} of {prefix} is not an IP address"))
-                        })?;
-                        let count = if ip.is_ipv4() { &mut families.0 } else { &mut families.1 };
-                        *count += 1;
-                        if !prefix.contains(&ip) || *count > 1 {
-                            return Err(ApiError::InvalidArgument(format!(
-                                "virtual address {ip} of {prefix}: at most one IPv4 and one IPv6, inside the prefix"
-                            )));
-                        }
-                        addrs.push(ip.to_string());
-                    }
+                    let options = RouteOptionsRecord {
+                        virtual_addresses: site_addresses(&prefix, &o.virtual_addresses, "virtual address")?,
+                        snat: o.snat,
+                        lan_addresses: site_addresses(&prefix, &o.lan_addresses, "LAN address")?,
+                    };
                     let known = stored.routes.iter().find(|r| r.node_id == node && r.prefix == prefix);
-                    if known.is_some_and(|r| r.virtual_addresses != addrs || r.snat != o.snat) {
-                        self.engine.store().set_route_options(node, &prefix, addrs, o.snat, now()).await?;
+                    if known.is_some_and(|r| {
+                        r.virtual_addresses != options.virtual_addresses
+                            || r.snat != options.snat
+                            || r.lan_addresses != options.lan_addresses
+                    }) {
+                        self.engine.store().set_route_options(node, &prefix, options, now()).await?;
                     }
                 }
                 for (n, c) in &refused {
@@ -262,6 +256,28 @@ type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncResponse, Status>> + 
 
 /// Sends the latest view if it is newer than `sent`: a delta when it
 /// follows what the agent has, a snapshot otherwise.
+/// A route option's site addresses (`what`: "virtual address", "LAN
+/// address"), checked: IP addresses inside the prefix, at most one per
+/// family.
+fn site_addresses(prefix: &ipnet::IpNet, list: &[String], what: &str) -> Result<Vec<String>, ApiError> {
+    let mut out: Vec<String> = Vec::with_capacity(list.len());
+    let mut families = (0, 0);
+    for a in list {
+        let ip: std::net::IpAddr = a
+            .parse()
+            .map_err(|_| ApiError::InvalidArgument(format!("{what} {a:?} of {prefix} is not an IP address")))?;
+        let count = if ip.is_ipv4() { &mut families.0 } else { &mut families.1 };
+        *count += 1;
+        if !prefix.contains(&ip) || *count > 1 {
+            return Err(ApiError::InvalidArgument(format!(
+                "{what} {ip} of {prefix}: at most one IPv4 and one IPv6, inside the prefix"
+            )));
+        }
+        out.push(ip.to_string());
+    }
+    Ok(out)
+}
+
 fn next_message(p: &crate::engine::Published, sent: u64) -> Option<pb::SyncResponse> {
     use pb::sync_response::Msg;
     if p.view.generation == sent {

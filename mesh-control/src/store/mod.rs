@@ -17,7 +17,9 @@ use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
 
-pub use records::{AuditFilter, AuditRecord, KeyRecord, NodeRecord, NodeState, PolicyRecord, RouteRecord, Snapshot};
+pub use records::{
+    AuditFilter, AuditRecord, KeyRecord, NodeRecord, NodeState, PolicyRecord, RouteOptionsRecord, RouteRecord, Snapshot,
+};
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +148,7 @@ fn route_row(r: &AnyRow) -> Result<RouteRecord> {
         healthy: r.try_get::<i64, _>("healthy")? != 0,
         virtual_addresses: list(&r.try_get::<String, _>("virtual_addresses")?),
         snat: r.try_get::<i64, _>("snat")? != 0,
+        lan_addresses: list(&r.try_get::<String, _>("lan_addresses")?),
         owner: r.try_get::<i64, _>("owner")? != 0,
         owner_since: r.try_get("owner_since")?,
     })
@@ -656,7 +659,7 @@ impl Store {
         if after != before {
             sqlx::query(
                 "UPDATE routes SET approved = $3, auto_approved = $4, priority = $5, healthy = $6, \
-                 virtual_addresses = $7, snat = $8, owner = $9, owner_since = $10 \
+                 virtual_addresses = $7, snat = $8, owner = $9, owner_since = $10, lan_addresses = $11 \
                  WHERE node_id = $1 AND prefix = $2",
             )
             .bind(i(node))
@@ -669,6 +672,7 @@ impl Store {
             .bind(b(after.snat))
             .bind(b(after.owner))
             .bind(after.owner_since)
+            .bind(json(&after.lan_addresses))
             .execute(&mut *tx)
             .await?;
             audit(&mut tx, now, actor, action, &format!("route/{node}/{prefix}"), json(&before), json(&after)).await?;
@@ -719,13 +723,13 @@ impl Store {
         &self,
         node: u64,
         prefix: &IpNet,
-        virtual_addresses: Vec<String>,
-        snat: bool,
+        options: RouteOptionsRecord,
         now: i64,
     ) -> Result<RouteRecord> {
         self.update_route(node, prefix, &format!("node/{node}"), "route.options", now, |r| {
-            r.virtual_addresses = virtual_addresses;
-            r.snat = snat;
+            r.virtual_addresses = options.virtual_addresses;
+            r.snat = options.snat;
+            r.lan_addresses = options.lan_addresses;
         })
         .await
     }

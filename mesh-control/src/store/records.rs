@@ -98,10 +98,24 @@ pub struct RouteRecord {
     pub virtual_addresses: Vec<String>,
     /// The gateway masquerades overlay traffic into the prefix.
     pub snat: bool,
+    /// The gateway's own addresses on the site LAN (as advertised): its
+    /// site peers probe it there.
+    pub lan_addresses: Vec<String>,
     /// The gateway says it owns the site side of the prefix.
     pub owner: bool,
     /// Since when (unix seconds; 0 when not the owner).
     pub owner_since: i64,
+}
+
+/// A route's options as its gateway advertises them (validated).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteOptionsRecord {
+    /// See [`RouteRecord::virtual_addresses`].
+    pub virtual_addresses: Vec<String>,
+    /// See [`RouteRecord::snat`].
+    pub snat: bool,
+    /// See [`RouteRecord::lan_addresses`].
+    pub lan_addresses: Vec<String>,
 }
 
 /// An enrollment key (its secret is only stored hashed).

@@ -85,6 +85,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
      ALTER TABLE routes ADD COLUMN owner BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE routes ADD COLUMN owner_since BIGINT NOT NULL DEFAULT 0;",
     ),
+    (
+        // A site's gateways probe each other on the site LAN: each route
+        // carries its gateway's LAN addresses as advertised.
+        3,
+        "ALTER TABLE routes ADD COLUMN lan_addresses TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 /// Applies the migrations `pool` has not seen yet.
