@@ -53,14 +53,7 @@ fn event(
         gw.kill()?
     }
     let prefixes = [REGIONS[region].lan(), REGIONS[region].lan6()];
-    let settled = || {
-        routes().is_ok_and(|rs| {
-            prefixes.iter().all(|p| {
-                rs.iter().any(|r| &r.prefix == p && r.node_name == expect && r.primary && r.owner)
-                    && !rs.iter().any(|r| &r.prefix == p && r.node_name != expect && r.owner)
-            })
-        })
-    };
+    let settled = || routes().is_ok_and(|rs| prefixes.iter().all(|p| mesh_lab::control::settled_on(&rs, p, expect)));
     wait_for(
         &format!("{expect} to be primary and owner of {}", prefixes.join(" and ")),
         Duration::from_secs(40),

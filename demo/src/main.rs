@@ -235,14 +235,8 @@ fn agent_config(gw: &Gateway, bpf: &Path, key_file: &Path, underlay: &str, r: &R
     )
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait_for(what: &str, timeout: Duration, f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    mesh_lab::wait_for(what, timeout, f)?;
     Ok(())
 }
 
@@ -361,7 +355,7 @@ fn demo(args: &Args) -> anyhow::Result<()> {
 
     println!("== starting mesh-control at {}", control::ADDRESS);
     let ctl_dir = work.path().join("control");
-    let _control = control::Control::start(&ctl, &ctl_dir)?;
+    let _control = control::start(&ctl, &ctl_dir)?;
     let key = rt.block_on(async {
         let mut a = control::admin(&ctl_dir).await?;
         a.set_policy(pb::PolicyDocument { text: policy(), generation: 0 }).await?;

@@ -265,6 +265,12 @@ mod tests {
         drop(l);
         // Refused still proves the host is there.
         assert_eq!(check(&open, Duration::from_secs(1)), Ok(()));
+    }
+
+    #[test]
+    fn loopback_icmp_targets() {
+        // A raw ICMP socket.
+        mesh_lab::require_root!();
         assert_eq!(check(&Target::Icmp("127.0.0.1".parse().unwrap()), Duration::from_secs(1)), Ok(()));
         let lo: IpNet = "127.0.0.0/8".parse().unwrap();
         let h = check_all(&[lo], &std::collections::BTreeMap::new(), Duration::from_secs(1));

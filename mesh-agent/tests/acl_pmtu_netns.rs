@@ -129,6 +129,7 @@ fn cached_mtu(host: &Host, dst: &str) -> Option<u32> {
 
 #[test]
 fn large_udp_and_pmtu_discovery_cross_the_acl_on_v4_and_v6() {
+    mesh_lab::require_root!();
     let lab = Lab::new().unwrap();
     let (gw1h, gw2h, h1, h2) = two_sites(&lab);
     addr6(&gw1h, "lan0", "2001:db8:10::1/64");

@@ -10,7 +10,7 @@
 //! `MESH_EXPECT_KERNEL_WG=1` (set by the VM runner) turns a probe that finds
 //! no kernel WireGuard into a failure instead of the host-side checks.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use mesh_agent::{
     keys::SecretKey,
@@ -29,6 +29,7 @@ fn expect_kernel() -> bool {
 
 #[test]
 fn probe_drives_the_backend_choice() {
+    mesh_lab::require_root!();
     let lab = Lab::new().unwrap();
     let host = lab.host("probe").unwrap();
     let probe = host.run(probe_kernel).unwrap();
@@ -125,12 +126,8 @@ fn reconcile(host: &Host, mut a: Applier, v: &NodeView) -> (Applier, Report) {
     (a, r.unwrap_or_else(|e| panic!("reconcile on {}: {e}", host.name())))
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait_for(what: &str, f: impl FnMut() -> bool) {
+    mesh_lab::wait_for(what, Duration::from_secs(30), f).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Only on a kernel with WireGuard (the VM): a real kernel tunnel through the
@@ -139,6 +136,7 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 /// WireGuard, `probe_drives_the_backend_choice` covers the fallback instead.
 #[test]
 fn kernel_backend_tunnel() {
+    mesh_lab::require_root!();
     let lab = Lab::new().unwrap();
     let gw1 = lab.host("k1").unwrap();
     if gw1.run(probe_kernel).unwrap() != KernelProbe::Available {

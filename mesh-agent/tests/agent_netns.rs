@@ -75,6 +75,7 @@ fn dump(gws: &[&Gateway]) -> String {
 
 #[test]
 fn two_sites_through_the_userspace_tunnel() {
+    mesh_lab::require_root!();
     let lab = Lab::new().unwrap();
     let (gw1h, gw2h, h1, h2) = two_sites(&lab);
 
@@ -157,6 +158,7 @@ fn two_sites_through_the_userspace_tunnel() {
 
 #[test]
 fn covering_prefixes_leave_the_underlay_and_main_table_alone() {
+    mesh_lab::require_root!();
     let lab = Lab::new().unwrap();
     let (gw1h, gw2h, h1, h2) = two_sites(&lab);
     // gw1 tears its data path down on exit: its rules must go with it.

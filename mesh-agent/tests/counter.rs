@@ -18,6 +18,7 @@ fn frame(ethertype: u16, payload_len: usize) -> Vec<u8> {
 
 #[test]
 fn test_run_counts_crafted_frames_by_family() {
+    mesh_lab::require_root!();
     let counter = Counter::load().expect("load the counter");
     let v4 = frame(0x0800, 46);
     let v6 = frame(0x86DD, 86);
@@ -41,6 +42,7 @@ fn test_run_counts_crafted_frames_by_family() {
 
 #[test]
 fn real_pings_between_lab_hosts_are_counted_exactly() {
+    mesh_lab::require_root!();
     const PINGS: u64 = 7;
     // 14 Ethernet + 20 IPv4 + 8 ICMP + 56 bytes of ping payload.
     const FRAME: u64 = 98;

@@ -27,6 +27,7 @@ fn run(dp: &Dataplane, f: &[u8]) -> i32 {
 /// cases before it leave at zero.
 #[test]
 fn acl_verdicts() {
+    mesh_lab::require_root!();
     let mut dp = Dataplane::load_unpinned().expect("load (verifier)");
     default_deny_rules_replies_and_counters(&mut dp);
     odd_packets_get_their_documented_verdicts(&mut dp);

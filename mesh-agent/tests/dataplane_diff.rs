@@ -266,6 +266,7 @@ fn fresh_packet(rng: &mut Rng, u: &Universe) -> Packet {
 
 #[test]
 fn ebpf_acl_agrees_with_the_reference_evaluator() {
+    mesh_lab::require_root!();
     let mut dp = Dataplane::load_unpinned().expect("load");
     // The evaluator's flows never expire; neither may the program's during
     // the test.

@@ -44,6 +44,7 @@ fn clamp(dp: &Dataplane, src: &str, dst: &str, flags: u8, options: &[u8]) -> Vec
 /// and its own, so running them in order on one dataplane keeps both exact.
 #[test]
 fn mss_clamp_and_guard() {
+    mesh_lab::require_root!();
     let mut dp = Dataplane::load_unpinned().expect("load (verifier)");
     mss_is_clamped_with_correct_checksums_and_nothing_else_changes(&mut dp);
     guard_checks_wireguard_messages_rate_limits_unknown_sources_and_enforces_strict_mode(&mut dp);

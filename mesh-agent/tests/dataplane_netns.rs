@@ -56,9 +56,10 @@ fn pings(from: &Host, to: &str, count: u32) -> bool {
 /// Whether a TCP connection from `from` to `to:port` gets through (iperf3
 /// server on `server`, one short client run).
 fn tcp_ok(server: &Host, from: &Host, to: &str, port: u16) -> bool {
+    let port_n = port;
     let port = port.to_string();
     let _srv = server.spawn("iperf3", ["-s", "-1", "-p", &port]).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    mesh_lab::wait_for("the iperf3 server", Duration::from_secs(10), || server.tcp_listening(port_n)).unwrap();
     let out = from.exec_unchecked("iperf3", ["-c", to, "-p", &port, "-n", "64K", "--connect-timeout", "1000"]).unwrap();
     if !out.status.success() {
         eprintln!("iperf3 to {to}:{port}: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -68,6 +69,7 @@ fn tcp_ok(server: &Host, from: &Host, to: &str, port: u16) -> bool {
 
 #[test]
 fn allowed_flows_pass_with_replies_others_drop_counters_match_and_swaps_apply() {
+    mesh_lab::require_root!();
     let n = net();
     assert!(pings(&n.a, B, 1), "the lab forwards before any filter");
     let mut dp =
@@ -106,6 +108,7 @@ fn allowed_flows_pass_with_replies_others_drop_counters_match_and_swaps_apply() 
 
 #[test]
 fn pinned_enforcement_survives_the_agent_and_is_adopted() {
+    mesh_lab::require_root!();
     let n = net();
     let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/mesh-test-{}-{}", std::process::id(), n.gw.netns()));
     let dir = pin_dir.clone();
@@ -156,6 +159,7 @@ fn pinned_enforcement_survives_the_agent_and_is_adopted() {
 /// filter, left open if that attach failed too).
 #[test]
 fn a_stale_pin_is_replaced_by_a_new_link_in_place() {
+    mesh_lab::require_root!();
     let n = net();
     let pin_dir =
         std::path::PathBuf::from(format!("/sys/fs/bpf/mesh-test-stale-{}-{}", std::process::id(), n.gw.netns()));

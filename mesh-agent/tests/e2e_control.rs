@@ -140,6 +140,7 @@ async fn one_off_key(a: &mut Admin) -> String {
 
 #[test]
 fn agents_follow_control_and_survive_its_restart() {
+    mesh_lab::require_root!();
     let lab = Lab::new().unwrap();
     let ctl = lab.host("ctl").unwrap();
     let gw_nyc = lab.host("gwnyc").unwrap();
@@ -337,8 +338,7 @@ fn agents_follow_control_and_survive_its_restart() {
     assert!(!tcp(&app, "198.18.20.20:7000"), "TCP 7000 left the policy");
     assert!(tcp(&app, "198.18.20.20:5432"), "new flows of a kept rule pass");
     let before = flow.round_trips();
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(flow.round_trips() > before + 20, "the established conversation goes on\n{}", logs());
+    wait_for("the established conversation to go on", &logs, || flow.round_trips() > before + 20);
     assert_eq!(flow.error(), None, "the established conversation was not cut");
     drop(flow);
 
@@ -355,6 +355,7 @@ fn chrono_now() -> i64 {
 /// acknowledges what control sends.
 #[test]
 fn an_agent_without_probes_still_follows_control() {
+    mesh_lab::require_root!();
     const NO_PROBES: Tuning = Tuning { metrics_listen: None, health_interval_secs: 1.0, extra: "[probe]\nport = 0\n" };
     let lab = Lab::new().unwrap();
     let ctl = lab.host("ctl").unwrap();

@@ -212,10 +212,9 @@ impl Sites {
     /// both of `site`'s prefixes, at control.
     fn settled_on(&self, site: u8, node: &str) -> bool {
         let rs = routes(&self.rt, self.ctl_dir.path());
-        [format!("198.18.{site}.0/24"), format!("2001:db8:{site}::/64")].iter().all(|p| {
-            rs.iter().any(|r| &r.prefix == p && r.node_name == node && r.primary && r.owner)
-                && !rs.iter().any(|r| &r.prefix == p && r.node_name != node && r.owner)
-        })
+        [format!("198.18.{site}.0/24"), format!("2001:db8:{site}::/64")]
+            .iter()
+            .all(|p| mesh_lab::control::settled_on(&rs, p, node))
     }
 
     /// Whether the gateway holds the site's IPv4 virtual address.
@@ -251,6 +250,7 @@ fn conversation(s: &Sites) -> Conversation {
 
 #[test]
 fn two_way_traffic_survives_failover_fail_back_lan_loss_control_loss_and_split_brain() {
+    mesh_lab::require_root!();
     let mut s = Sites::build(false, &vip_options, &|site| {
         Some((format!("198.18.{site}.254"), format!("2001:db8:{site}::254")))
     });
@@ -394,6 +394,7 @@ fn two_way_traffic_survives_failover_fail_back_lan_loss_control_loss_and_split_b
 
 #[test]
 fn snat_routes_need_no_return_route() {
+    mesh_lab::require_root!();
     let snat = |site: u8| {
         if site == 20 {
             "[control.route_options.\"198.18.20.0/24\"]\nsnat = true\n[control.route_options.\"2001:db8:20::/64\"]\nsnat = true\n"

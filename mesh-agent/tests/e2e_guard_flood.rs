@@ -36,6 +36,7 @@ const SECS: f64 = 4.0;
 
 #[test]
 fn two_way_traffic_through_a_flooded_gateway_keeps_its_rate() {
+    mesh_lab::require_root!();
     let lab = Lab::new().unwrap();
     let ctl = lab.host("ctl").unwrap();
     let nyc = lab.host("gwnyc").unwrap();

@@ -12,6 +12,7 @@ use mesh_lab::Lab;
 
 #[test]
 fn route_health_follows_the_site_lan() {
+    mesh_lab::require_root!();
     let lab = Lab::new().unwrap();
     let gw = lab.host("gw").unwrap();
     let db = lab.host("db").unwrap();

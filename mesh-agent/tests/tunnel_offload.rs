@@ -167,10 +167,12 @@ fn traffic_through_the_tunnel(knobs1: &str, knobs2: &str) {
 
 #[test]
 fn fast_path_carries_tcp_udp_and_icmp_intact() {
+    mesh_lab::require_root!();
     traffic_through_the_tunnel("", "");
 }
 
 #[test]
 fn fast_path_interoperates_with_the_plain_path() {
+    mesh_lab::require_root!();
     traffic_through_the_tunnel("", "tun_offload = false\nudp_gso = false\n");
 }

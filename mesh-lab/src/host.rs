@@ -122,6 +122,14 @@ impl Host {
         Ok(cmd::run(&mut self.command(program, args))?)
     }
 
+    /// Whether a socket in the namespace listens on TCP `port` (a server
+    /// the test started is ready to accept).
+    #[must_use]
+    pub fn tcp_listening(&self, port: u16) -> bool {
+        self.exec_unchecked("ss", ["-Hltn", &format!("sport = :{port}")])
+            .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+    }
+
     /// Runs a program inside the namespace to completion, whatever its exit
     /// status (for commands expected to fail, such as a blocked `ping`).
     pub fn exec_unchecked<I, S>(&self, program: &str, args: I) -> Result<Output>

@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use mesh_lab::{Host, Lab, Process, traffic::UdpFlow, twoway::Conversation};
+use mesh_lab::{Host, Lab, Process, control::ControlInNs, traffic::UdpFlow, twoway::Conversation};
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::admin_service_client::AdminServiceClient;
 
@@ -49,61 +49,18 @@ fn policy(extra_port: Option<u16>) -> String {
 }
 
 /// mesh-control on a thread inside the `ctl` namespace.
-struct Control {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Control {
-    fn start(host: &Host, dir: &Path) -> anyhow::Result<Self> {
-        let (host, dir) = (host.clone(), dir.to_owned());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        let thread = std::thread::spawn(move || {
-            let ok_tx = ready_tx.clone();
-            let run = move || -> Result<(), String> {
-                host.enter_current_thread().map_err(|e| e.to_string())?;
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                rt.block_on(async move {
-                    let config = mesh_control::config::Config {
-                        listen: CONTROL.parse().map_err(|e: std::net::AddrParseError| e.to_string())?,
-                        tls_names: vec!["192.0.2.100".into()],
-                        data_dir: dir.clone(),
-                        metrics_listen: None,
-                        admin_socket: Some(dir.join("admin.sock")),
-                        poll_interval_ms: 100,
-                        hold_down_secs: HOLD_DOWN_SECS,
-                        ..mesh_control::config::Config::default()
-                    };
-                    let running = mesh_control::run::start(&config).await.map_err(|e| e.to_string())?;
-                    let _ = ok_tx.send(Ok(()));
-                    let _ = stopped.await;
-                    running.shutdown();
-                    Ok::<(), String>(())
-                })
-            };
-            if let Err(e) = run() {
-                let _ = ready_tx.send(Err(e));
-            }
-        });
-        ready_rx.recv_timeout(Duration::from_secs(30))?.map_err(|e| anyhow::anyhow!("mesh-control: {e}"))?;
-        Ok(Self { stop: Some(stop), thread: Some(thread) })
-    }
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+fn start_control(host: &Host, dir: &Path) -> anyhow::Result<ControlInNs> {
+    let config = mesh_control::config::Config {
+        listen: CONTROL.parse()?,
+        tls_names: vec!["192.0.2.100".into()],
+        data_dir: dir.to_owned(),
+        metrics_listen: None,
+        admin_socket: Some(dir.join("admin.sock")),
+        poll_interval_ms: 100,
+        hold_down_secs: HOLD_DOWN_SECS,
+        ..mesh_control::config::Config::default()
+    };
+    Ok(ControlInNs::start(host, config)?)
 }
 
 type Admin = AdminServiceClient<mesh_control::client::Channel>;
@@ -159,14 +116,8 @@ impl Gateway {
     }
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > timeout {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for(what: &str, timeout: Duration, f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    mesh_lab::wait_for(what, timeout, f)?;
     Ok(())
 }
 
@@ -214,7 +165,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
         rt: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
         dir: work.path().join("control"),
     };
-    let mut control = Some(Control::start(&ctl, &env.dir)?);
+    let mut control = Some(start_control(&ctl, &env.dir)?);
     let key = env.admin(async |a| {
         a.set_policy(pb::PolicyDocument { text: policy(None), generation: 0 }).await?;
         let k = a
@@ -336,7 +287,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
         let gap = kill_primary(&mut gws[1])?;
         results.push("primary-killed-control-down", "fsn", "outage", gap, "ms", run);
         revive_primary(&mut gws[1])?;
-        control = Some(Control::start(&ctl, &env.dir)?);
+        control = Some(start_control(&ctl, &env.dir)?);
         fail_back(&flow)?;
 
         // 4. Policy change to enforcement: a flow to a denied port starts
@@ -367,7 +318,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
         let owner = |name: &str| {
             env.admin(async |a| {
                 let routes = a.list_routes(pb::Empty {}).await?.into_inner().routes;
-                Ok(routes.iter().any(|r| r.prefix == "198.18.20.0/24" && r.node_name == name && r.primary && r.owner))
+                Ok(mesh_lab::control::settled_on(&routes, "198.18.20.0/24", name))
             })
             .unwrap_or(false)
         };

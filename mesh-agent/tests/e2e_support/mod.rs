@@ -7,7 +7,7 @@ use std::{
     fs::File,
     path::{Path, PathBuf},
     process::Stdio,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use mesh_control::client::connect_unix;
@@ -29,56 +29,26 @@ pub struct Tuning {
 }
 
 /// mesh-control running on its own thread inside the `ctl` namespace.
-pub struct Control {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+pub struct Control(mesh_lab::control::ControlInNs);
 
 impl Control {
     /// Starts control with fail-back hold-down `hold_down_secs`.
     pub fn start(host: &Host, dir: &Path, hold_down_secs: i64) -> Self {
-        let host = host.clone();
-        let dir = dir.to_owned();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            host.enter_current_thread().unwrap();
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-            rt.block_on(async move {
-                let config = mesh_control::config::Config {
-                    listen: CONTROL.parse().unwrap(),
-                    tls_names: vec!["192.0.2.100".into()],
-                    data_dir: dir.clone(),
-                    metrics_listen: None,
-                    admin_socket: Some(dir.join("admin.sock")),
-                    poll_interval_ms: 100,
-                    hold_down_secs,
-                    ..mesh_control::config::Config::default()
-                };
-                let running = mesh_control::run::start(&config).await.expect("control starts");
-                ready_tx.send(()).unwrap();
-                let _ = stopped.await;
-                running.shutdown();
-            });
-            rt.shutdown_timeout(Duration::from_secs(2));
-        });
-        ready_rx.recv_timeout(Duration::from_secs(30)).expect("control ready");
-        Self { stop: Some(stop), thread: Some(thread) }
+        let config = mesh_control::config::Config {
+            listen: CONTROL.parse().unwrap(),
+            tls_names: vec!["192.0.2.100".into()],
+            data_dir: dir.to_owned(),
+            metrics_listen: None,
+            admin_socket: Some(dir.join("admin.sock")),
+            poll_interval_ms: 100,
+            hold_down_secs,
+            ..mesh_control::config::Config::default()
+        };
+        Self(mesh_lab::control::ControlInNs::start(host, config).expect("control starts"))
     }
 
     pub fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        self.stop();
+        self.0.stop();
     }
 }
 
@@ -230,10 +200,9 @@ impl Gateway {
     }
 }
 
-pub fn wait_for(what: &str, logs: &dyn Fn() -> String, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < Duration::from_secs(40), "timed out waiting for {what}\n{}", logs());
-        std::thread::sleep(Duration::from_millis(200));
+/// [`mesh_lab::wait_for`] for 40 s; a timeout fails the test with the logs.
+pub fn wait_for(what: &str, logs: &dyn Fn() -> String, f: impl FnMut() -> bool) {
+    if let Err(e) = mesh_lab::wait_for(what, Duration::from_secs(40), f) {
+        panic!("{e}\n{}", logs());
     }
 }

@@ -4,12 +4,7 @@
 
 #![allow(dead_code, unreachable_pub, reason = "each test file uses part of it")]
 
-use std::{
-    fs::File,
-    path::PathBuf,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::{fs::File, path::PathBuf, process::Stdio, time::Duration};
 
 use mesh_lab::{Host, Lab, Process};
 
@@ -105,13 +100,10 @@ impl Drop for Gateway {
     }
 }
 
-/// Polls `f` for up to 20 s (liveness, not a performance assertion).
-pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// [`mesh_lab::wait_for`] for up to 20 s (liveness, not a performance
+/// assertion); a timeout fails the test.
+pub fn wait_for(what: &str, f: impl FnMut() -> bool) {
+    mesh_lab::wait_for(what, Duration::from_secs(20), f).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The view of a gateway with overlay addresses `own` whose one peer (at
