@@ -17,6 +17,11 @@ use std::{
 };
 
 use ipnet::IpNet;
+use mesh_metrics::{
+    Label,
+    family::{gauge, gauges},
+    prometheus_client::encoding::DescriptorEncoder,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use mesh_control::{
@@ -70,27 +75,25 @@ pub struct ControlState {
 }
 
 impl ControlState {
-    /// Prometheus text of these facts.
-    #[must_use]
-    pub fn prometheus(&self) -> String {
-        let mut s = String::from(
-            "# HELP mesh_agent_control_connected Whether the Sync stream to mesh-control is open.\n# TYPE mesh_agent_control_connected gauge\n",
-        );
-        s.push_str(&format!("mesh_agent_control_connected {}\n", u8::from(self.connected)));
+    /// Writes these facts as metric families (on each scrape).
+    pub fn encode_metrics(&self, e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        gauge(
+            e,
+            "mesh_agent_control_connected",
+            "Whether the Sync stream to mesh-control is open.",
+            i64::from(self.connected),
+        )?;
         if let Some(t) = self.key_expiry_unix {
-            s.push_str("# HELP mesh_agent_key_expiry_timestamp_seconds When this node's key expires at control.\n");
-            s.push_str(&format!(
-                "# TYPE mesh_agent_key_expiry_timestamp_seconds gauge\nmesh_agent_key_expiry_timestamp_seconds {t}\n"
-            ));
+            gauge(e, "mesh_agent_key_expiry_timestamp_seconds", "When this node's key expires at control.", t)?;
         }
-        s.push_str(
-            "# HELP mesh_agent_route_primary The primary gateway of each prefix in control's order (1 per prefix).\n",
-        );
-        s.push_str("# TYPE mesh_agent_route_primary gauge\n");
-        for (prefix, gw) in &self.primaries {
-            s.push_str(&format!("mesh_agent_route_primary{{prefix=\"{prefix}\",gateway=\"{gw}\"}} 1\n"));
-        }
-        s
+        gauges(
+            e,
+            "mesh_agent_route_primary",
+            "The primary gateway of each prefix in control's order (1 per prefix).",
+            self.primaries.iter().map(|(prefix, gw)| {
+                ([("prefix", Label::from(prefix.as_str())), ("gateway", Label::from(gw.as_str()))], 1i64)
+            }),
+        )
     }
 
     /// Records the view's facts; `overrides` are the local failover's
