@@ -13,7 +13,7 @@ use mesh_metrics::{
     prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry},
 };
 
-use crate::{agent::WorkerHandle, control::SharedControlState, probe::SharedProbe, status::Status};
+use crate::{control::SharedControlState, probe::SharedProbe, reconcile::worker::WorkerHandle, status::Status};
 
 /// Serves `GET /metrics` on `addr` until the runtime stops. With a control
 /// session, its facts and the probes' statistics are included.
@@ -127,7 +127,8 @@ mod tests {
         control::ControlState,
         keys::PublicKey,
         probe::{PeerEntry, ProbeState, owner::Owned, stats::PeerStats},
-        status::{DataplaneStats, PeerStatus},
+        reconcile::DataplaneStats,
+        status::PeerStatus,
         wg::{BackendKind, Selection},
     };
 

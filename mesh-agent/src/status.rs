@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     keys::PublicKey,
-    reconcile::{Actual, Report},
+    reconcile::{Actual, DataplaneStats, Report},
     view::NodeView,
     wg::Selection,
 };
@@ -90,19 +90,6 @@ pub struct Status {
     /// The eBPF dataplane's counters (none without enforcement).
     #[serde(default)]
     pub dataplane: Option<DataplaneStats>,
-}
-
-/// The enforcement counters, as plain numbers (packets).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DataplaneStats {
-    /// Packets per ACL verdict (`AcceptRule`, `DropNoRule`, ...).
-    pub verdicts: Vec<(String, u64)>,
-    /// Packets decided by each rule of the active policy (rule id).
-    pub rules: Vec<(u32, u64)>,
-    /// SYN / SYN-ACK segments per MSS clamp event.
-    pub mss: Vec<(String, u64)>,
-    /// Underlay frames per guard verdict.
-    pub guard: Vec<(String, u64)>,
 }
 
 /// Seconds since the epoch.

@@ -35,11 +35,11 @@ use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    agent::WorkerHandle,
     config::{Config, ControlConfig},
     keys::PublicKey,
     probe::{self, ProbeState, SharedProbe, stats::Reach},
     reach::{self, RouteHealth},
+    reconcile::worker::WorkerHandle,
     status::Status,
 };
 
