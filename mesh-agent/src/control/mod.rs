@@ -11,7 +11,6 @@ pub mod convert;
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    io::Write as _,
     path::Path,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -40,6 +39,7 @@ use crate::{
     probe::{self, ProbeState, SharedProbe, stats::Reach},
     reach::{self, RouteHealth},
     reconcile::worker::WorkerHandle,
+    state::write_atomic,
     status::Status,
 };
 
@@ -184,18 +184,8 @@ impl Credential {
     }
 
     fn save(&self, path: &Path) -> Result<(), SessionError> {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let tmp = path.with_extension("tmp");
         let text = serde_json::to_vec_pretty(self).map_err(|e| SessionError(e.to_string()))?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(err("writing the credential"))?;
-        f.write_all(&text).and_then(|()| f.sync_all()).map_err(err("writing the credential"))?;
-        std::fs::rename(&tmp, path).map_err(err("writing the credential"))
+        write_atomic(path, &text, 0o600).map_err(err("writing the credential"))
     }
 }
 
@@ -396,8 +386,7 @@ impl Feeder {
 
     fn save(&self, v: &pb::NodeView) {
         use prost::Message as _;
-        let tmp = self.saved.with_extension("tmp");
-        if let Err(e) = std::fs::write(&tmp, v.encode_to_vec()).and_then(|()| std::fs::rename(&tmp, &self.saved)) {
+        if let Err(e) = write_atomic(&self.saved, &v.encode_to_vec(), 0o600) {
             tracing::warn!(path = %self.saved.display(), error = %e, "could not save the control view");
         }
     }
