@@ -20,7 +20,10 @@ use crate::{
     enforce::DataplaneEnforcer,
     keys::{self, KeyError},
     net::{NetError, rtnl::Rtnl},
-    reconcile::{Applier, ApplyError, Local, PolicyEnforcer, Report},
+    reconcile::{
+        Applier, ApplyError, Local, PolicyEnforcer, Report,
+        worker::{Command, WorkerHandle},
+    },
     state::{StateError, StateStore},
     status::{LastRun, Status, unix_now},
     view::NodeView,
@@ -123,35 +126,6 @@ pub fn choose_backend(config: &Config) -> Result<Selection, AgentError> {
     let selection = wg::select(config.backend, wg::probe_kernel)?;
     tracing::info!(mode = ?config.backend, backend = %selection.kind, reason = %selection.reason, "WireGuard backend selected");
     Ok(selection)
-}
-
-#[derive(Debug)]
-enum Command {
-    Apply(Box<NodeView>, oneshot::Sender<Result<Report, String>>),
-    Reconcile(oneshot::Sender<Result<Report, String>>),
-    Status(oneshot::Sender<Status>),
-    Shutdown,
-}
-
-/// A handle on the reconcile worker for in-process clients (the control
-/// session): requests go through the same channel as the admin socket's.
-#[derive(Clone, Debug)]
-pub struct WorkerHandle(mpsc::Sender<Command>);
-
-impl WorkerHandle {
-    /// Makes `view` desired and reconciles it; the worker's answer.
-    pub async fn apply(&self, view: NodeView) -> Result<Report, String> {
-        let (reply, rx) = oneshot::channel();
-        self.0.send(Command::Apply(Box::new(view), reply)).map_err(|_| "the reconcile thread stopped".to_owned())?;
-        rx.await.map_err(|_| "the reconcile thread stopped".to_owned())?
-    }
-
-    /// The status; `None` if the worker is gone.
-    pub async fn status(&self) -> Option<Status> {
-        let (reply, rx) = oneshot::channel();
-        self.0.send(Command::Status(reply)).ok()?;
-        rx.await.ok()
-    }
 }
 
 /// One node's agent: configuration, backends, state.
@@ -369,10 +343,17 @@ impl Agent {
             let probes = crate::probe::SharedProbe::default();
             if let Some(addr) = config.metrics_listen {
                 let control = config.control.is_some().then(|| (shared.clone(), probes.clone()));
-                tokio::spawn(crate::metrics::serve(addr, WorkerHandle(tx.clone()), control));
+                tokio::spawn(crate::metrics::serve(addr, WorkerHandle::new(tx.clone()), control));
             }
             if let Some(owned) = owned {
-                tokio::spawn(crate::control::run(config, public_key, WorkerHandle(tx.clone()), shared, probes, owned));
+                tokio::spawn(crate::control::run(
+                    config,
+                    public_key,
+                    WorkerHandle::new(tx.clone()),
+                    shared,
+                    probes,
+                    owned,
+                ));
             } else {
                 tracing::info!("no [control] configured: views come through `mesh-agent apply` only");
             }

@@ -81,10 +81,10 @@ impl PolicyEnforcer for DataplaneEnforcer {
         self.dp.set_known_endpoints(&endpoints).map_err(|e| EnforcerError(Box::new(e)))
     }
 
-    fn stats(&self) -> Option<crate::status::DataplaneStats> {
+    fn stats(&self) -> Option<crate::reconcile::DataplaneStats> {
         use crate::dataplane::{AclVerdict, GuardVerdict, MssEvent};
         let c = self.dp.counters().map_err(|e| tracing::warn!(error = %e, "reading dataplane counters")).ok()?;
-        Some(crate::status::DataplaneStats {
+        Some(crate::reconcile::DataplaneStats {
             verdicts: AclVerdict::ALL.iter().map(|v| (format!("{v:?}"), c.verdict(*v).packets)).collect(),
             rules: c.rules.iter().map(|r| (r.rule_id, r.count.packets)).collect(),
             mss: [MssEvent::Clamped, MssEvent::Unchanged, MssEvent::NoOption]

@@ -172,7 +172,7 @@ fn status(config: &Config, format: Format) -> anyhow::Result<()> {
     };
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),
-        Format::Prometheus => print!("{}", status.prometheus()),
+        Format::Prometheus => print!("{}", mesh_agent::metrics::status_text(&status)),
         Format::Text => print_text(&status),
     }
     Ok(())

@@ -1,19 +1,25 @@
 //! What the agent reports about itself: `mesh-agent status` prints it (JSON
-//! or Prometheus text), and the health report to control will carry it.
+//! or Prometheus text, through [`crate::metrics`]), and the health report to
+//! control will carry it.
 
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
+    fmt,
     net::SocketAddr,
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use ipnet::IpNet;
+use mesh_metrics::{
+    Label,
+    family::{counters, gauge, gauges},
+    prometheus_client::encoding::DescriptorEncoder,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     keys::PublicKey,
-    reconcile::{Actual, Report},
+    reconcile::{Actual, DataplaneStats, Report},
     view::NodeView,
     wg::Selection,
 };
@@ -86,19 +92,6 @@ pub struct Status {
     pub dataplane: Option<DataplaneStats>,
 }
 
-/// The enforcement counters, as plain numbers (packets).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DataplaneStats {
-    /// Packets per ACL verdict (`AcceptRule`, `DropNoRule`, ...).
-    pub verdicts: Vec<(String, u64)>,
-    /// Packets decided by each rule of the active policy (rule id).
-    pub rules: Vec<(u32, u64)>,
-    /// SYN / SYN-ACK segments per MSS clamp event.
-    pub mss: Vec<(String, u64)>,
-    /// Underlay frames per guard verdict.
-    pub guard: Vec<(String, u64)>,
-}
-
 /// Seconds since the epoch.
 #[must_use]
 pub fn unix_now() -> f64 {
@@ -134,105 +127,97 @@ impl Status {
             .collect();
     }
 
-    /// Prometheus text exposition of the numbers operators watch.
-    #[must_use]
-    pub fn prometheus(&self) -> String {
-        let mut s = String::new();
-        let mut gauge = |name: &str, help: &str, rows: Vec<(String, f64)>| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for (labels, v) in rows {
-                let _ = writeln!(s, "{name}{labels} {v}");
-            }
-        };
-        let iface = &self.interface;
+    /// Writes the numbers operators watch as metric families (the agent's
+    /// registry calls this on each scrape with the status of that moment).
+    pub fn encode_metrics(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
         if let Some(b) = &self.backend {
-            gauge(
+            gauges(
+                e,
                 "mesh_agent_wireguard_backend",
                 "WireGuard backend in use (1 for the active one).",
-                vec![(format!("{{interface=\"{iface}\",backend=\"{}\"}}", b.kind), 1.0)],
-            );
+                [([("interface", Label::from(self.interface.as_str())), ("backend", Label::new(b.kind))], 1i64)],
+            )?;
         }
+        gauge(e, "mesh_agent_up", "Whether a running agent answered.", i64::from(self.running))?;
         gauge(
-            "mesh_agent_up",
-            "Whether a running agent answered.",
-            vec![(String::new(), f64::from(u8::from(self.running)))],
-        );
-        gauge(
+            e,
             "mesh_agent_policy_enforced",
             "Whether the compiled policy is enforced.",
-            vec![(String::new(), f64::from(u8::from(self.policy_enforced)))],
-        );
+            i64::from(self.policy_enforced),
+        )?;
         if let Some(g) = self.applied_generation {
-            gauge(
-                "mesh_agent_applied_generation",
-                "Generation of the last applied node view.",
-                vec![(String::new(), g as f64)],
-            );
+            gauge(e, "mesh_agent_applied_generation", "Generation of the last applied node view.", g)?;
         }
         gauge(
+            e,
             "mesh_agent_reconcile_consecutive_failures",
             "Failed reconcile runs since the last success.",
-            vec![(String::new(), f64::from(self.consecutive_failures))],
-        );
+            i64::from(self.consecutive_failures),
+        )?;
         if let Some(r) = self.last_run.as_ref().and_then(|r| r.report.as_ref()) {
             gauge(
+                e,
                 "mesh_agent_reconcile_duration_seconds",
                 "Duration of the last successful reconcile run.",
-                vec![(String::new(), r.duration.as_secs_f64())],
-            );
+                r.duration.as_secs_f64(),
+            )?;
         }
-        gauge("mesh_agent_peers", "WireGuard peers configured.", vec![(String::new(), self.peers.len() as f64)]);
-        let per_peer = |f: &dyn Fn(&PeerStatus) -> Option<f64>| {
-            self.peers
-                .iter()
-                .filter_map(|p| Some((format!("{{public_key=\"{}\"}}", p.public_key), f(p)?)))
-                .collect::<Vec<_>>()
-        };
-        gauge("mesh_agent_peer_rx_bytes", "Bytes received from the peer.", per_peer(&|p| Some(p.rx_bytes as f64)));
-        gauge("mesh_agent_peer_tx_bytes", "Bytes sent to the peer.", per_peer(&|p| Some(p.tx_bytes as f64)));
+        gauge(e, "mesh_agent_peers", "WireGuard peers configured.", self.peers.len() as i64)?;
+        let key = |p: &PeerStatus| [("public_key", Label::new(p.public_key))];
+        gauges(
+            e,
+            "mesh_agent_peer_rx_bytes",
+            "Bytes received from the peer.",
+            self.peers.iter().map(|p| (key(p), p.rx_bytes)),
+        )?;
+        gauges(
+            e,
+            "mesh_agent_peer_tx_bytes",
+            "Bytes sent to the peer.",
+            self.peers.iter().map(|p| (key(p), p.tx_bytes)),
+        )?;
         let now = unix_now();
-        gauge(
+        gauges(
+            e,
             "mesh_agent_peer_handshake_age_seconds",
             "Seconds since the last handshake with the peer.",
-            per_peer(&|p| p.last_handshake_unix.map(|t| (now - t as f64).max(0.0))),
-        );
-        gauge(
+            self.peers.iter().filter_map(|p| Some((key(p), (now - p.last_handshake_unix? as f64).max(0.0)))),
+        )?;
+        gauges(
+            e,
             "mesh_agent_peer_last_handshake_seconds",
             "Time of the last handshake (seconds since the epoch).",
-            per_peer(&|p| p.last_handshake_unix.map(|t| t as f64)),
-        );
+            self.peers.iter().filter_map(|p| Some((key(p), p.last_handshake_unix?))),
+        )?;
         if let Some(d) = &self.dataplane {
-            let mut counter = |name: &str, help: &str, label: &str, rows: Vec<(String, u64)>| {
-                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
-                for (l, v) in rows {
-                    let _ = writeln!(s, "{name}{{{label}=\"{l}\"}} {v}");
-                }
+            let rows = |label: &'static str, rows: &[(String, u64)]| {
+                rows.iter().map(move |(l, v)| ([(label, Label::from(l.as_str()))], *v)).collect::<Vec<_>>()
             };
-            counter(
-                "mesh_agent_acl_verdict_packets_total",
+            counters(
+                e,
+                "mesh_agent_acl_verdict_packets",
                 "Packets per ACL verdict on the overlay interface.",
-                "verdict",
-                d.verdicts.clone(),
-            );
-            counter(
-                "mesh_agent_acl_rule_packets_total",
+                rows("verdict", &d.verdicts),
+            )?;
+            counters(
+                e,
+                "mesh_agent_acl_rule_packets",
                 "Packets accepted by each rule of the active policy (reset when a policy is installed).",
-                "rule",
-                d.rules.iter().map(|(id, v)| (id.to_string(), *v)).collect(),
-            );
-            counter(
-                "mesh_agent_mss_events_total",
+                d.rules.iter().map(|(id, v)| ([("rule", Label::new(id))], *v)),
+            )?;
+            counters(
+                e,
+                "mesh_agent_mss_events",
                 "SYN and SYN-ACK segments per MSS clamp outcome.",
-                "event",
-                d.mss.clone(),
-            );
-            counter(
-                "mesh_agent_guard_packets_total",
+                rows("event", &d.mss),
+            )?;
+            counters(
+                e,
+                "mesh_agent_guard_packets",
                 "Underlay frames per XDP guard verdict.",
-                "verdict",
-                d.guard.clone(),
-            );
+                rows("verdict", &d.guard),
+            )?;
         }
-        s
+        Ok(())
     }
 }

@@ -245,7 +245,8 @@ fn agents_follow_control_and_survive_its_restart() {
         })
         .unwrap();
     let (head, metrics) = body.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // An HTTP/1.0 request gets an HTTP/1.0 answer.
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
     for m in [
         "mesh_agent_up 1",
         "mesh_agent_policy_enforced 1",
@@ -256,7 +257,8 @@ fn agents_follow_control_and_survive_its_restart() {
         "mesh_agent_control_connected 1",
         "mesh_agent_key_expiry_timestamp_seconds ",
         "mesh_agent_route_primary{prefix=\"198.18.20.0/24\",gateway=\"gwfsn\"} 1",
-        "mesh_agent_peer_rtt_seconds_bucket{peer=\"gwfsn\",le=\"+Inf\"}",
+        // prometheus-client writes `le` first; label order carries no meaning.
+        "mesh_agent_peer_rtt_seconds_bucket{le=\"+Inf\",peer=\"gwfsn\"}",
         "mesh_agent_peer_probe_loss_ratio{peer=\"gwfsn\"}",
         "mesh_agent_peer_probe_up{peer=\"gwfsn\"} 1",
     ] {

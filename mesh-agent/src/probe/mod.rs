@@ -27,13 +27,17 @@ pub mod wire;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
-    fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use ipnet::IpNet;
+use mesh_metrics::{
+    Label,
+    family::{counter, counters, gauges, histograms},
+    prometheus_client::encoding::DescriptorEncoder,
+};
 use tokio::{
     net::UdpSocket,
     sync::{mpsc, watch},
@@ -115,114 +119,100 @@ pub struct ProbeState {
 /// [`ProbeState`] shared with the metrics endpoint and the control session.
 pub type SharedProbe = Arc<Mutex<ProbeState>>;
 
-/// Escapes a Prometheus label value.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
 impl ProbeState {
-    /// Prometheus text: per-peer RTT histogram, loss, reachability, probe
-    /// totals, and local route switches.
-    #[must_use]
-    pub fn prometheus(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(s, "# HELP mesh_agent_peer_rtt_seconds Round-trip time of answered probes over the overlay.");
-        let _ = writeln!(s, "# TYPE mesh_agent_peer_rtt_seconds histogram");
-        for p in self.peers.values() {
-            let peer = label(&p.name);
-            let (rows, sum, count) = p.stats.histogram();
-            for (le, n) in rows {
-                let _ = writeln!(s, "mesh_agent_peer_rtt_seconds_bucket{{peer=\"{peer}\",le=\"{le}\"}} {n}");
-            }
-            let _ = writeln!(s, "mesh_agent_peer_rtt_seconds_sum{{peer=\"{peer}\"}} {sum}");
-            let _ = writeln!(s, "mesh_agent_peer_rtt_seconds_count{{peer=\"{peer}\"}} {count}");
-        }
-        let mut gauge = |name: &str, help: &str, f: &dyn Fn(&PeerEntry) -> f64| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for p in self.peers.values() {
-                let _ = writeln!(s, "{name}{{peer=\"{}\"}} {}", label(&p.name), f(p));
-            }
-        };
-        gauge("mesh_agent_peer_probe_loss_ratio", "Share of lost probes over the recent window.", &|p| {
-            p.stats.loss_ratio()
-        });
-        gauge(
+    /// Writes per-peer RTT histograms, loss, reachability, probe totals,
+    /// local route switches and site ownership as metric families (on each
+    /// scrape).
+    pub fn encode_metrics(&self, e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        let peer = |p: &PeerEntry| [("peer", Label::from(p.name.as_str()))];
+        histograms(
+            e,
+            "mesh_agent_peer_rtt_seconds",
+            "Round-trip time of answered probes over the overlay.",
+            self.peers.values().map(|p| (peer(p), p.stats.rtt_buckets())),
+        )?;
+        gauges(
+            e,
+            "mesh_agent_peer_probe_loss_ratio",
+            "Share of lost probes over the recent window.",
+            self.peers.values().map(|p| (peer(p), p.stats.loss_ratio())),
+        )?;
+        gauges(
+            e,
             "mesh_agent_peer_probe_up",
             "1 if the last probe was answered, 0 if the peer is down, -1 unknown.",
-            &|p| match p.stats.reach() {
-                Reach::Up => 1.0,
-                Reach::Down => 0.0,
-                Reach::Unknown => -1.0,
-            },
-        );
-        let _ = writeln!(
-            s,
-            "# HELP mesh_agent_peer_lan_probe_up A site peer's probes on the site LAN: 1 answered, 0 down, -1 unknown.\n# TYPE mesh_agent_peer_lan_probe_up gauge"
-        );
-        for p in self.peers.values() {
-            if let Some((_, reach)) = p.lan {
-                let up = match reach {
-                    Reach::Up => 1,
+            self.peers.values().map(|p| {
+                let up = match p.stats.reach() {
+                    Reach::Up => 1i64,
                     Reach::Down => 0,
                     Reach::Unknown => -1,
                 };
-                let _ = writeln!(s, "mesh_agent_peer_lan_probe_up{{peer=\"{}\"}} {up}", label(&p.name));
-            }
-        }
-        for (name, help, pick) in [
-            ("mesh_agent_peer_probes_answered_total", "Probes answered.", 0),
-            ("mesh_agent_peer_probes_lost_total", "Probes lost.", 1),
-        ] {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
-            for p in self.peers.values() {
-                let (a, l) = p.stats.totals();
-                let _ = writeln!(s, "{name}{{peer=\"{}\"}} {}", label(&p.name), if pick == 0 { a } else { l });
-            }
-        }
-        let _ = writeln!(
-            s,
-            "# HELP mesh_agent_route_local_failovers_total Switches of a prefix's gateway decided by this agent's probes.\n# TYPE mesh_agent_route_local_failovers_total counter"
-        );
-        for (prefix, n) in &self.switches {
-            let _ = writeln!(s, "mesh_agent_route_local_failovers_total{{prefix=\"{prefix}\"}} {n}");
-        }
-        let _ = writeln!(
-            s,
-            "# HELP mesh_agent_route_owner 1 while this gateway owns the prefix's site side (holds its virtual address).\n# TYPE mesh_agent_route_owner gauge"
-        );
-        for prefix in self.site_prefixes.iter() {
-            let _ = writeln!(
-                s,
-                "mesh_agent_route_owner{{prefix=\"{prefix}\"}} {}",
-                u8::from(self.owned.contains_key(prefix))
-            );
-        }
-        let _ = writeln!(
-            s,
-            "# HELP mesh_agent_route_owner_since_timestamp_seconds Since when this gateway has owned the prefix's site side.\n# TYPE mesh_agent_route_owner_since_timestamp_seconds gauge"
-        );
-        for (prefix, o) in &self.owned {
-            let _ =
-                writeln!(s, "mesh_agent_route_owner_since_timestamp_seconds{{prefix=\"{prefix}\"}} {}", o.since_unix);
-        }
-        let _ = writeln!(
-            s,
-            "# HELP mesh_agent_route_owner_changes_total Times this gateway took or gave up a prefix's site side.\n# TYPE mesh_agent_route_owner_changes_total counter"
-        );
-        for (prefix, n) in &self.owner_changes {
-            let _ = writeln!(s, "mesh_agent_route_owner_changes_total{{prefix=\"{prefix}\"}} {n}");
-        }
-        let _ = writeln!(
-            s,
-            "# HELP mesh_agent_probe_requests_answered_total Probe requests this node answered (on the overlay, from mesh peers).\n# TYPE mesh_agent_probe_requests_answered_total counter\nmesh_agent_probe_requests_answered_total {}",
-            self.requests_answered
-        );
-        let _ = writeln!(
-            s,
-            "# HELP mesh_agent_probe_bad_packets_total Datagrams on the probe port that were not probe messages.\n# TYPE mesh_agent_probe_bad_packets_total counter\nmesh_agent_probe_bad_packets_total {}",
-            self.bad_packets
-        );
-        s
+                (peer(p), up)
+            }),
+        )?;
+        gauges(
+            e,
+            "mesh_agent_peer_lan_probe_up",
+            "A site peer's probes on the site LAN: 1 answered, 0 down, -1 unknown.",
+            self.peers.values().filter_map(|p| {
+                let (_, reach) = p.lan?;
+                let up = match reach {
+                    Reach::Up => 1i64,
+                    Reach::Down => 0,
+                    Reach::Unknown => -1,
+                };
+                Some((peer(p), up))
+            }),
+        )?;
+        counters(
+            e,
+            "mesh_agent_peer_probes_answered",
+            "Probes answered.",
+            self.peers.values().map(|p| (peer(p), p.stats.totals().0)),
+        )?;
+        counters(
+            e,
+            "mesh_agent_peer_probes_lost",
+            "Probes lost.",
+            self.peers.values().map(|p| (peer(p), p.stats.totals().1)),
+        )?;
+        let prefix = |p: &IpNet| [("prefix", Label::new(p))];
+        counters(
+            e,
+            "mesh_agent_route_local_failovers",
+            "Switches of a prefix's gateway decided by this agent's probes.",
+            self.switches.iter().map(|(p, n)| (prefix(p), *n)),
+        )?;
+        gauges(
+            e,
+            "mesh_agent_route_owner",
+            "1 while this gateway owns the prefix's site side (holds its virtual address).",
+            self.site_prefixes.iter().map(|p| (prefix(p), i64::from(self.owned.contains_key(p)))),
+        )?;
+        gauges(
+            e,
+            "mesh_agent_route_owner_since_timestamp_seconds",
+            "Since when this gateway has owned the prefix's site side.",
+            self.owned.iter().map(|(p, o)| (prefix(p), o.since_unix)),
+        )?;
+        counters(
+            e,
+            "mesh_agent_route_owner_changes",
+            "Times this gateway took or gave up a prefix's site side.",
+            self.owner_changes.iter().map(|(p, n)| (prefix(p), *n)),
+        )?;
+        counter(
+            e,
+            "mesh_agent_probe_requests_answered",
+            "Probe requests this node answered (on the overlay, from mesh peers).",
+            self.requests_answered,
+        )?;
+        counter(
+            e,
+            "mesh_agent_probe_bad_packets",
+            "Datagrams on the probe port that were not probe messages.",
+            self.bad_packets,
+        )
     }
 }
 

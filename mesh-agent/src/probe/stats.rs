@@ -4,6 +4,8 @@
 
 use std::{collections::VecDeque, time::Duration};
 
+use mesh_metrics::family::Buckets;
+
 /// Upper bounds (seconds) of the RTT histogram buckets: from a LAN's
 /// sub-millisecond to an intercontinental second.
 pub const RTT_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
@@ -132,18 +134,13 @@ impl PeerStats {
         Some(v[rank - 1])
     }
 
-    /// Cumulative histogram rows `(le, count)` ending with `+Inf`, the sum
-    /// of observed seconds and the count, for Prometheus.
+    /// The RTT histogram for Prometheus: per-bucket counts of
+    /// [`RTT_BUCKETS`], the answers above the last bucket and the sum of
+    /// observed seconds.
     #[must_use]
-    pub fn histogram(&self) -> (Vec<(String, u64)>, f64, u64) {
-        let mut rows = Vec::with_capacity(RTT_BUCKETS.len() + 1);
-        let mut acc = 0;
-        for (b, n) in RTT_BUCKETS.iter().zip(self.buckets) {
-            acc += n;
-            rows.push((b.to_string(), acc));
-        }
-        rows.push(("+Inf".into(), self.answered));
-        (rows, self.rtt_sum, self.answered)
+    pub fn rtt_buckets(&self) -> Buckets<'_> {
+        let above = self.answered - self.buckets.iter().sum::<u64>();
+        Buckets { bounds: &RTT_BUCKETS, counts: &self.buckets, above, sum: self.rtt_sum }
     }
 
     /// Probes answered and lost since the start.
@@ -198,17 +195,16 @@ mod tests {
     }
 
     #[test]
-    fn histogram_is_cumulative() {
+    fn histogram_buckets_and_overflow() {
         let mut s = PeerStats::new(8, 3);
         s.answered(Duration::from_micros(300));
         s.answered(2 * MS);
         s.answered(Duration::from_secs(5));
-        let (rows, sum, count) = s.histogram();
-        assert_eq!(rows[0], ("0.0005".into(), 1));
-        assert_eq!(rows[2], ("0.0025".into(), 2));
-        assert_eq!(rows[RTT_BUCKETS.len() - 1].1, 2, "5 s is above the last bucket");
-        assert_eq!(rows.last().unwrap(), &("+Inf".into(), 3));
-        assert_eq!(count, 3);
-        assert!((sum - 5.0023).abs() < 1e-9);
+        let b = s.rtt_buckets();
+        assert_eq!(b.counts[0], 1, "0.3 ms is in the 0.5 ms bucket");
+        assert_eq!(b.counts[2], 1, "2 ms is in the 2.5 ms bucket");
+        assert_eq!(b.counts.iter().sum::<u64>(), 2);
+        assert_eq!(b.above, 1, "5 s is above the last bucket");
+        assert!((b.sum - 5.0023).abs() < 1e-9);
     }
 }

@@ -225,7 +225,7 @@ impl Applier {
 
     /// The enforcer's counters, if any.
     #[must_use]
-    pub fn dataplane_stats(&self) -> Option<crate::status::DataplaneStats> {
+    pub fn dataplane_stats(&self) -> Option<super::DataplaneStats> {
         self.enforcer.as_ref().and_then(|e| e.stats())
     }
 

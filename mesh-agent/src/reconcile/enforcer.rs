@@ -34,6 +34,20 @@ impl fmt::Debug for PolicyDigest {
     }
 }
 
+/// The enforcement counters, as plain numbers (packets): what an enforcer
+/// reports through [`PolicyEnforcer::stats`] and the status shows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataplaneStats {
+    /// Packets per ACL verdict (`AcceptRule`, `DropNoRule`, ...).
+    pub verdicts: Vec<(String, u64)>,
+    /// Packets decided by each rule of the active policy (rule id).
+    pub rules: Vec<(u32, u64)>,
+    /// SYN / SYN-ACK segments per MSS clamp event.
+    pub mss: Vec<(String, u64)>,
+    /// Underlay frames per guard verdict.
+    pub guard: Vec<(String, u64)>,
+}
+
 /// An enforcer failure, with the implementation's own error inside.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -67,7 +81,7 @@ pub trait PolicyEnforcer: Send {
 
     /// The enforcement counters (verdicts, rules, MSS clamp, guard), if the
     /// enforcer keeps any.
-    fn stats(&self) -> Option<crate::status::DataplaneStats> {
+    fn stats(&self) -> Option<DataplaneStats> {
         None
     }
 }

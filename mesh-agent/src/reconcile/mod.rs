@@ -12,6 +12,7 @@ mod diff;
 pub mod enforcer;
 pub mod fake;
 mod guard;
+pub mod worker;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use apply::{Applier, ApplyError, Report, Step};
 pub use diff::{ENDPOINT_STICKY, diff};
-pub use enforcer::{EnforcerError, PolicyDigest, PolicyEnforcer};
+pub use enforcer::{DataplaneStats, EnforcerError, PolicyDigest, PolicyEnforcer};
 pub use guard::known_endpoints;
 
 use crate::{

@@ -33,6 +33,7 @@ pub const UAPI_DIR: &str = "/var/run/wireguard";
 
 mod checksum;
 pub mod gso;
+mod scratch;
 mod tun;
 pub mod udp;
 

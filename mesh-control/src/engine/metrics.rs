@@ -1,56 +1,72 @@
-//! Engine counters, rendered as Prometheus text by [`crate::metrics`].
+//! The engine's counters and push-latency histogram: prometheus-client
+//! metrics, registered in control's registry by [`crate::metrics`].
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use prometheus_client::{
+    metrics::{counter::Counter, histogram::Histogram},
+    registry::Registry,
+};
 
 /// Upper bounds (seconds) of the push-latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
 /// Counters of the engine.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Views published (one per node whose view changed).
-    pub pushes: AtomicU64,
+    pub pushes: Counter,
     /// Refreshes run.
     pub refreshes: AtomicU64,
     /// Changes of a prefix's primary gateway.
-    pub primary_changes: AtomicU64,
+    pub primary_changes: Counter,
     /// Acks carrying an error (an agent could not fully apply a view).
-    pub nacks: AtomicU64,
-    latency: Mutex<Histogram>,
+    pub nacks: Counter,
+    /// From publishing a view to the agent's ack.
+    pub push_latency: Histogram,
 }
 
-/// A cumulative histogram.
-#[derive(Clone, Debug, Default)]
-pub struct Histogram {
-    /// Counts per bucket of [`LATENCY_BUCKETS`] (not cumulative).
-    pub buckets: [u64; 10],
-    /// Observations.
-    pub count: u64,
-    /// Sum of observations, seconds.
-    pub sum: f64,
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            pushes: Counter::default(),
+            refreshes: AtomicU64::new(0),
+            primary_changes: Counter::default(),
+            nacks: Counter::default(),
+            push_latency: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
 }
 
 impl Metrics {
     pub(crate) fn record_refresh(&self, published: u64, _took: Duration) {
-        self.pushes.fetch_add(published, Ordering::Relaxed);
+        self.pushes.inc_by(published);
         self.refreshes.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn observe_push_latency(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        let mut h = self.latency.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| s <= *b) {
-            h.buckets[i] += 1;
-        }
-        h.count += 1;
-        h.sum += s;
+        self.push_latency.observe(d.as_secs_f64());
     }
 
-    /// The push-latency histogram (publish to the agent's ack).
-    #[must_use]
-    pub fn latency(&self) -> Histogram {
-        self.latency.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    /// Registers the exported metrics (handles to the same values) in
+    /// `registry`. Help texts have no final period: prometheus-client adds it.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("mesh_control_pushes", "Node view generations published", self.pushes.clone());
+        registry.register(
+            "mesh_control_route_primary_changes",
+            "Changes of a prefix's primary gateway",
+            self.primary_changes.clone(),
+        );
+        registry.register(
+            "mesh_control_push_latency_seconds",
+            "From publishing a view to the agent's ack",
+            self.push_latency.clone(),
+        );
+        registry.register(
+            "mesh_control_view_nacks",
+            "Acks carrying an error: an agent could not fully apply a view",
+            self.nacks.clone(),
+        );
     }
 }

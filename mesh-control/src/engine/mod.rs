@@ -216,7 +216,7 @@ impl Engine {
     pub fn nack(&self, node: u64, generation: u64, error: &str) {
         // The reason is the agent's text: bounded before it is kept.
         let error: String = error.chars().take(500).collect();
-        self.metrics.nacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.nacks.inc();
         self.lock().nacks.insert(node, (generation, error));
     }
 
@@ -356,7 +356,7 @@ impl Engine {
         for c in &changes {
             let json = |g: Option<u64>| g.map_or_else(|| "{}".to_owned(), |g| format!("{{\"primary\":{g}}}"));
             tracing::info!(prefix = %c.prefix, from = ?c.from, to = ?c.to, "route primary changed");
-            self.metrics.primary_changes.fetch_add(1, Ordering::Relaxed);
+            self.metrics.primary_changes.inc();
             // The audit entry is history, not state: a failure to write it
             // must not fail the refresh that already published the views.
             if let Err(e) = self

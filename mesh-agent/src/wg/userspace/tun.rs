@@ -29,6 +29,7 @@ use tokio::{
 };
 
 use super::gso::{Coalescer, GSO_ECN, GSO_NONE, VNET_HDR_LEN, VnetHdr, segment};
+use super::scratch::Scratch;
 
 /// Largest read: a 64 KiB GSO packet, with room to spare.
 const READ_BUF: usize = 1 << 17;
@@ -188,32 +189,30 @@ async fn writer(fd: Arc<AsyncFd<OwnedFd>>, mut rx: mpsc::Receiver<Packet<Ip>>, m
     let mut coalescer = Coalescer::default();
     let zero = [0u8; VNET_HDR_LEN];
     let mut udp_refused = false;
+    let mut iov = Scratch::default();
     while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
         coalescer.set_merge_udp(!udp_refused);
         bytes.extend(batch.drain(..).map(Packet::into_bytes));
         match mode {
             Mode::Plain => {
                 for p in &bytes {
-                    let _ = write_logged(&fd, &[p.as_ref()]).await;
+                    let _ = write_logged(&fd, &mut iov, [p.as_ref()]).await;
                 }
             }
             Mode::Offload => {
                 for g in coalescer.plan(&bytes) {
                     let Some(head) = g.head() else {
-                        let _ = write_logged(&fd, &[&zero, bytes[g.members[0]].as_ref()]).await;
+                        let _ = write_logged(&fd, &mut iov, [&zero[..], bytes[g.members[0]].as_ref()]).await;
                         continue;
                     };
-                    let mut iov: Vec<&[u8]> = Vec::with_capacity(g.members.len() + 2);
-                    iov.push(&g.vnet);
-                    iov.push(head);
-                    iov.extend(g.members.iter().map(|&m| &bytes[m].as_ref()[g.payload_offset()..]));
-                    if let Err(e) = write_logged(&fd, &iov).await
+                    let payloads = g.members.iter().map(|&m| &bytes[m].as_ref()[g.payload_offset()..]);
+                    if let Err(e) = write_logged(&fd, &mut iov, [&g.vnet[..], head].into_iter().chain(payloads)).await
                         && e.raw_os_error() == Some(libc::EINVAL)
                     {
                         // The kernel refused the merged packet: deliver the
                         // segments one by one rather than lose them.
                         for &m in &g.members {
-                            let _ = write_logged(&fd, &[&zero, bytes[m].as_ref()]).await;
+                            let _ = write_logged(&fd, &mut iov, [&zero[..], bytes[m].as_ref()]).await;
                         }
                         if g.is_udp() && !udp_refused {
                             tracing::warn!(error = %e, "the kernel refuses merged UDP (USO) on the TUN: writing datagrams one by one");
@@ -229,26 +228,35 @@ async fn writer(fd: Arc<AsyncFd<OwnedFd>>, mut rx: mpsc::Receiver<Packet<Ip>>, m
 
 /// Writes one packet (gathered from `parts`), waiting while the queue is
 /// full; errors are logged (a down interface refuses writes for a while).
-async fn write_logged(fd: &AsyncFd<OwnedFd>, parts: &[&[u8]]) -> io::Result<()> {
-    loop {
-        let mut guard = fd.writable().await?;
+/// The iovecs are built in `iov`, the writer's reused scratch.
+async fn write_logged<'a>(
+    fd: &AsyncFd<OwnedFd>,
+    iov: &mut Scratch<libc::iovec>,
+    parts: impl IntoIterator<Item = &'a [u8]>,
+) -> io::Result<()> {
+    iov.fill()
+        .extend(parts.into_iter().map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() }));
+    let result = loop {
+        let mut guard = match fd.writable().await {
+            Ok(g) => g,
+            Err(e) => break Err(e),
+        };
         match guard.try_io(|fd| {
-            let iov: Vec<libc::iovec> = parts
-                .iter()
-                .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
-                .collect();
-            // SAFETY: the iovecs point into `parts`, alive for the call.
-            let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+            let (iovs, len) = iov.raw();
+            // SAFETY: the iovecs point into `parts`, borrowed for this call.
+            let n = unsafe { libc::writev(fd.as_raw_fd(), iovs, len as libc::c_int) };
             if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
         }) {
-            Ok(Ok(())) => return Ok(()),
+            Ok(Ok(())) => break Ok(()),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "TUN write failed");
-                return Err(e);
+                break Err(e);
             }
             Err(_would_block) => {}
         }
-    }
+    };
+    iov.clear();
+    result
 }
 
 /// The receiving half: reads, split into the packets to encrypt.

@@ -23,6 +23,8 @@ use gotatun::{
 };
 use tokio::io::Interest;
 
+use super::scratch::Scratch;
+
 /// `UDP_SEGMENT` (linux/udp.h), missing from libc for glibc targets.
 const UDP_SEGMENT: libc::c_int = 103;
 /// `UDP_GRO` (linux/udp.h).
@@ -113,10 +115,10 @@ pub struct GsoUdpSend {
 /// Splits a batch into runs that can leave as one GSO send: same
 /// destination, same size, except the last of a run which may be shorter;
 /// at most [`MAX_SEGMENTS`] datagrams and [`MAX_GSO_BYTES`] bytes.
-/// Returns the run lengths, in order.
-#[must_use]
-pub fn gso_runs(packets: &[(usize, SocketAddr)]) -> Vec<usize> {
-    let mut runs = Vec::new();
+/// Puts the run lengths, in order, in `runs` (cleared first: it is the
+/// sender's reused scratch).
+pub fn gso_runs(packets: &[(usize, SocketAddr)], runs: &mut Vec<usize>) {
+    runs.clear();
     let mut i = 0;
     while i < packets.len() {
         let (size, dst) = packets[i];
@@ -136,7 +138,6 @@ pub fn gso_runs(packets: &[(usize, SocketAddr)]) -> Vec<usize> {
         runs.push(n);
         i += n;
     }
-    runs
 }
 
 /// A socket address as the kernel takes it.
@@ -171,26 +172,59 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 #[derive(Clone, Copy)]
 struct CmsgBuf([u8; 24]);
 
+/// What one `sendmmsg` needs besides the packets, kept between calls.
+#[derive(Default)]
+struct MsgScratch {
+    addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
+    cmsgs: Vec<CmsgBuf>,
+    iovs: Scratch<libc::iovec>,
+    msgs: Scratch<libc::mmsghdr>,
+}
+
+/// What [`GsoUdpSend`] reuses from batch to batch (gotatun keeps one per
+/// sending task as [`UdpSend::SendManyBuf`]), so that sending a batch
+/// allocates nothing once the vectors have grown to the batch size.
+#[derive(Default)]
+#[expect(missing_debug_implementations, reason = "holds libc and gotatun types without Debug")]
+pub struct SendScratch {
+    /// Each packet's size and destination.
+    shape: Vec<(usize, SocketAddr)>,
+    /// Run lengths ([`gso_runs`]).
+    runs: Vec<usize>,
+    io: MsgScratch,
+    /// gotatun's own buffer and a chunk, for one datagram per send.
+    plain: <UdpSocket as UdpSend>::SendManyBuf,
+    chunk: Vec<(Packet, SocketAddr)>,
+}
+
 /// Sends runs `from..` of `packets` (split by `runs`) with one `sendmmsg`,
 /// one message per run, `UDP_SEGMENT` on runs of two or more. Returns how
-/// many runs the kernel took. Everything the kernel reads is built here,
-/// so no raw pointer outlives the call.
-fn sendmmsg_runs(fd: libc::c_int, packets: &[(Packet, SocketAddr)], runs: &[usize], from: usize) -> io::Result<usize> {
+/// many runs the kernel took. Everything the kernel reads is built here in
+/// `io`, and `io`'s pointers are dropped before returning, so no raw
+/// pointer outlives the call.
+fn sendmmsg_runs(
+    fd: libc::c_int,
+    packets: &[(Packet, SocketAddr)],
+    runs: &[usize],
+    from: usize,
+    io: &mut MsgScratch,
+) -> io::Result<usize> {
     let skip: usize = runs[..from].iter().sum();
     let packets = &packets[skip..];
     let runs = &runs[from..];
-    let iovs: Vec<libc::iovec> = packets
-        .iter()
-        .map(|(p, _)| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
-        .collect();
-    let mut addrs: Vec<_> = Vec::with_capacity(runs.len());
-    let mut cmsgs = vec![CmsgBuf([0; 24]); runs.len()];
+    let iovs = io.iovs.fill();
+    iovs.extend(
+        packets.iter().map(|(p, _)| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() }),
+    );
+    io.addrs.clear();
+    io.cmsgs.clear();
+    io.cmsgs.resize(runs.len(), CmsgBuf([0; 24]));
     // SAFETY: a pure size computation.
     let space = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
     debug_assert!(space <= size_of::<CmsgBuf>());
     let mut first = 0;
-    for (run, cm) in runs.iter().zip(&mut cmsgs) {
-        addrs.push(sockaddr(&packets[first].1));
+    for (run, cm) in runs.iter().zip(&mut io.cmsgs) {
+        io.addrs.push(sockaddr(&packets[first].1));
         if *run > 1 {
             let seg = packets[first].0.len() as u16;
             // SAFETY: CMSG_* walk a buffer we own, sized for one u16 cmsg.
@@ -207,46 +241,51 @@ fn sendmmsg_runs(fd: libc::c_int, packets: &[(Packet, SocketAddr)], runs: &[usiz
         }
         first += run;
     }
-    let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
+    // `addrs` and `cmsgs` are complete: the pointers taken below stay valid.
+    let msgs = io.msgs.fill();
     let mut first = 0;
     for (i, run) in runs.iter().enumerate() {
         // SAFETY: mmsghdr is plain old data; all zeroes is valid.
         let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-        m.msg_hdr.msg_name = (&raw mut addrs[i].0).cast();
-        m.msg_hdr.msg_namelen = addrs[i].1;
+        m.msg_hdr.msg_name = (&raw mut io.addrs[i].0).cast();
+        m.msg_hdr.msg_namelen = io.addrs[i].1;
         m.msg_hdr.msg_iov = iovs[first..].as_ptr().cast_mut();
         m.msg_hdr.msg_iovlen = *run;
         if *run > 1 {
-            m.msg_hdr.msg_control = cmsgs[i].0.as_mut_ptr().cast();
+            m.msg_hdr.msg_control = io.cmsgs[i].0.as_mut_ptr().cast();
             m.msg_hdr.msg_controllen = space;
         }
         msgs.push(m);
         first += run;
     }
     // SAFETY: every pointer in `msgs` points into `iovs`, `addrs`, `cmsgs`
-    // or `packets`, all alive until we return.
+    // or `packets`, all alive and unchanged until we return.
     let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), msgs.len() as libc::c_uint, libc::MSG_DONTWAIT) };
+    io.iovs.clear();
+    io.msgs.clear();
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
 impl GsoUdpSend {
     /// Sends `packets` as GSO runs, with as few `sendmmsg` calls as the
     /// socket buffer allows.
-    async fn send_gso(&self, packets: &[(Packet, SocketAddr)]) -> io::Result<()> {
-        let shape: Vec<(usize, SocketAddr)> = packets.iter().map(|(p, a)| (p.len(), *a)).collect();
-        let runs = gso_runs(&shape);
+    async fn send_gso(&self, scratch: &mut SendScratch, packets: &[(Packet, SocketAddr)]) -> io::Result<()> {
+        scratch.shape.clear();
+        scratch.shape.extend(packets.iter().map(|(p, a)| (p.len(), *a)));
+        gso_runs(&scratch.shape, &mut scratch.runs);
+        let (runs, io) = (&scratch.runs, &mut scratch.io);
         let socket = self.inner.socket();
         let fd = socket.as_raw_fd();
         let mut sent = 0;
         while sent < runs.len() {
-            sent += socket.async_io(Interest::WRITABLE, || sendmmsg_runs(fd, packets, &runs, sent)).await?;
+            sent += socket.async_io(Interest::WRITABLE, || sendmmsg_runs(fd, packets, runs, sent, io)).await?;
         }
         Ok(())
     }
 }
 
 impl UdpSend for GsoUdpSend {
-    type SendManyBuf = ();
+    type SendManyBuf = SendScratch;
 
     async fn send_to(&self, packet: Packet, destination: SocketAddr) -> io::Result<()> {
         self.inner.send_to(packet, destination).await
@@ -256,9 +295,9 @@ impl UdpSend for GsoUdpSend {
         MAX_BATCH
     }
 
-    async fn send_many_to(&self, _buf: &mut (), packets: &mut Vec<(Packet, SocketAddr)>) -> io::Result<()> {
+    async fn send_many_to(&self, buf: &mut SendScratch, packets: &mut Vec<(Packet, SocketAddr)>) -> io::Result<()> {
         if self.gso.load(Ordering::Relaxed) {
-            match self.send_gso(packets).await {
+            match self.send_gso(buf, packets).await {
                 Ok(()) => {
                     packets.clear();
                     return Ok(());
@@ -274,10 +313,13 @@ impl UdpSend for GsoUdpSend {
             }
         }
         // gotatun's own sendmmsg takes at most 100 at a time.
-        let mut buf = Default::default();
         while !packets.is_empty() {
-            let mut chunk: Vec<_> = packets.drain(..packets.len().min(100)).collect();
-            self.inner.send_many_to(&mut buf, &mut chunk).await?;
+            // Emptied before and after: a cancelled send may have left some.
+            buf.chunk.clear();
+            buf.chunk.extend(packets.drain(..packets.len().min(100)));
+            let sent = self.inner.send_many_to(&mut buf.plain, &mut buf.chunk).await;
+            buf.chunk.clear();
+            sent?;
         }
         Ok(())
     }
@@ -297,6 +339,13 @@ mod tests {
 
     fn a(port: u16) -> SocketAddr {
         SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    fn gso_runs(packets: &[(usize, SocketAddr)]) -> Vec<usize> {
+        // Reused scratch, as the sender does: a stale content must not leak.
+        let mut runs = vec![99, 99];
+        super::gso_runs(packets, &mut runs);
+        runs
     }
 
     #[test]

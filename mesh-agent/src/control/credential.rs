@@ -1,0 +1,172 @@
+//! The node's credential at control: enrollment with the enrollment key on
+//! first start, the stored credential afterwards (`<state_dir>/control.json`,
+//! 0600, written atomically), and its renewal at half its lifetime.
+
+use std::path::Path;
+
+use mesh_control::{
+    auth::EnrollmentKeyText,
+    client::{self, Trust},
+    sim::Bearer,
+};
+use mesh_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
+use serde::{Deserialize, Serialize};
+
+use super::{SessionError, err, now_secs};
+use crate::{
+    config::{Config, ControlConfig},
+    keys::PublicKey,
+    state::write_atomic,
+};
+
+/// The credential control gave at enrollment, kept in
+/// `<state_dir>/control.json` (0600).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Credential {
+    /// Our node id at control.
+    pub node_id: u64,
+    /// Node name control assigned.
+    pub name: String,
+    /// Bearer token.
+    pub token: String,
+    /// SHA-256 of control's CA certificate (hex).
+    pub ca_pin: String,
+    /// Expiry of the credential (unix seconds).
+    pub expires_unix: i64,
+    /// When it was issued or last renewed (unix seconds; 0: unknown).
+    #[serde(default)]
+    pub renewed_unix: i64,
+}
+
+impl Credential {
+    /// Whether to renew now: less than half of the lifetime left (a day
+    /// when the lifetime is unknown). An expired credential cannot be
+    /// renewed: control refuses it, and re-enrollment is the operator's call.
+    #[must_use]
+    pub fn renewal_due(&self, now: i64) -> bool {
+        let lifetime = if self.renewed_unix > 0 { self.expires_unix - self.renewed_unix } else { 2 * 86_400 };
+        self.expires_unix - now < lifetime / 2
+    }
+
+    pub(super) fn pin(&self) -> Result<[u8; 32], SessionError> {
+        hex::decode(&self.ca_pin)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| SessionError("bad CA pin in the credential".into()))
+    }
+
+    /// Reads the stored credential, if any.
+    pub fn load(path: &Path) -> Result<Option<Self>, SessionError> {
+        match std::fs::read_to_string(path) {
+            Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| SessionError(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SessionError(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    fn save(&self, path: &Path) -> Result<(), SessionError> {
+        let text = serde_json::to_vec_pretty(self).map_err(|e| SessionError(e.to_string()))?;
+        write_atomic(path, &text, 0o600).map_err(err("writing the credential"))
+    }
+}
+
+fn hostname(cc: &ControlConfig) -> String {
+    cc.hostname.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "mesh-agent".into(), |h| h.trim().to_owned())
+    })
+}
+
+fn enrollment_key(cc: &ControlConfig) -> Result<String, SessionError> {
+    if let Some(k) = &cc.enrollment_key {
+        return Ok(k.trim().to_owned());
+    }
+    let path = cc.enrollment_key_file.as_ref().ok_or_else(|| {
+        SessionError("not enrolled yet and no control.enrollment_key or control.enrollment_key_file configured".into())
+    })?;
+    std::fs::read_to_string(path)
+        .map(|k| k.trim().to_owned())
+        .map_err(|e| SessionError(format!("{}: {e}", path.display())))
+}
+
+/// The stored credential, or a new one from enrolling with the key.
+pub(super) async fn credential(
+    config: &Config,
+    cc: &ControlConfig,
+    public_key: PublicKey,
+) -> Result<Credential, SessionError> {
+    let path = config.control_credential_path();
+    if let Some(c) = Credential::load(&path)? {
+        return Ok(c);
+    }
+    let key = enrollment_key(cc)?;
+    let parsed =
+        EnrollmentKeyText::parse(&key).ok_or_else(|| SessionError("the enrollment key is malformed".into()))?;
+    let pin = parsed.ca_pin.ok_or_else(|| SessionError("the enrollment key carries no CA pin".into()))?;
+    let channel = client::connect(&cc.address, &Trust::Pin(pin)).await.map_err(err("connecting to control"))?;
+    let resp = AgentServiceClient::new(channel)
+        .enroll(pb::EnrollRequest {
+            capabilities: Some(mesh_proto::capabilities("mesh-agent")),
+            enrollment_key: key,
+            wireguard_public_key: public_key.0.to_vec(),
+            hostname: hostname(cc),
+            advertised_routes: cc.advertise_routes.iter().map(ToString::to_string).collect(),
+            endpoints: cc.endpoints.clone(),
+        })
+        .await
+        .map_err(err("enrolling"))?
+        .into_inner();
+    let node = resp.node.ok_or_else(|| SessionError("enrollment: no node in the answer".into()))?;
+    let cred = resp.credential.ok_or_else(|| SessionError("enrollment: no credential in the answer".into()))?;
+    let c = Credential {
+        node_id: node.id,
+        name: node.name,
+        token: cred.token,
+        ca_pin: hex::encode(pin),
+        expires_unix: cred.expires_unix,
+        renewed_unix: now_secs(),
+    };
+    c.save(&path)?;
+    tracing::info!(node = c.node_id, name = %c.name, state = ?node.state, "enrolled with control");
+    Ok(c)
+}
+
+/// Renews the credential with control (same WireGuard key) and stores it.
+pub(super) async fn renew(
+    channel: &mesh_control::client::Channel,
+    cred: &mut Credential,
+    path: &Path,
+) -> Result<(), SessionError> {
+    let mut client = AgentServiceClient::with_interceptor(channel.clone(), Bearer(Some(cred.token.clone())));
+    let resp = client.renew(pb::RenewRequest::default()).await.map_err(err("renewing the credential"))?.into_inner();
+    let c = resp.credential.ok_or_else(|| SessionError("renewal: no credential in the answer".into()))?;
+    cred.token = c.token;
+    cred.expires_unix = c.expires_unix;
+    cred.renewed_unix = now_secs();
+    cred.save(path)?;
+    tracing::info!(node = cred.node_id, expires_unix = cred.expires_unix, "credential renewed");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_at_half_life() {
+        let c = |renewed_unix, expires_unix| Credential {
+            node_id: 1,
+            name: "n".into(),
+            token: "t".into(),
+            ca_pin: String::new(),
+            expires_unix,
+            renewed_unix,
+        };
+        // Issued at 1000 for 1000 s: due from 1500 on.
+        assert!(!c(1000, 2000).renewal_due(1499));
+        assert!(c(1000, 2000).renewal_due(1501));
+        // Unknown lifetime (older credential files): due within a day.
+        assert!(!c(0, 100_000 + 86_401).renewal_due(100_000));
+        assert!(c(0, 100_000 + 86_399).renewal_due(100_000));
+    }
+}

@@ -1,0 +1,262 @@
+//! Sessions with control: the Sync stream (hello, views applied and
+//! acknowledged, health and failover reports, renewals) and the loop that
+//! reconnects with backoff while everything local keeps running.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use mesh_control::{
+    client::{self, Trust},
+    engine::view as pbview,
+    sim::Bearer,
+};
+use mesh_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{
+    SessionError, SharedControlState, convert,
+    credential::{credential, renew},
+    err,
+    feeder::{Feed, Feeder},
+    now_secs,
+    report::{advertisement, capabilities, failover_report, health_report},
+};
+use crate::{
+    config::{Config, ControlConfig},
+    keys::PublicKey,
+    probe::{self, SharedProbe},
+    reach::{self, RouteHealth},
+    reconcile::worker::WorkerHandle,
+};
+
+/// What a session shares with the long-lived parts of the control module.
+struct Links {
+    feed: mpsc::Sender<Feed>,
+    events: mpsc::Receiver<probe::failover::Event>,
+    /// Failover reports not yet delivered to control.
+    unsent: VecDeque<pb::FailoverReport>,
+    routes: watch::Receiver<Vec<RouteHealth>>,
+    /// False once the reachability checks are gone (a node that advertises
+    /// nothing has none): their channel is then no longer polled.
+    routes_checked: bool,
+    /// What this gateway owns (a change is reported at once); `None` once
+    /// the prober is gone.
+    owned: Option<watch::Receiver<probe::owner::Ownership>>,
+    probes: SharedProbe,
+    shared: SharedControlState,
+}
+
+/// One session: credential, stream, apply/ack until the stream breaks.
+/// `got_view` is set once control sent something (to reset the backoff).
+async fn session(
+    config: &Config,
+    cc: &ControlConfig,
+    public_key: PublicKey,
+    worker: &WorkerHandle,
+    got_view: &mut bool,
+    links: &mut Links,
+) -> Result<(), SessionError> {
+    let mut cred = credential(config, cc, public_key).await?;
+    let channel = client::connect(&cc.address, &Trust::Pin(cred.pin()?)).await.map_err(err("connecting to control"))?;
+    let cred_path = config.control_credential_path();
+    if cred.renewal_due(now_secs()) {
+        renew(&channel, &mut cred, &cred_path).await?;
+    }
+    let mut client = AgentServiceClient::with_interceptor(channel.clone(), Bearer(Some(cred.token.clone())));
+    let status = worker.status().await.ok_or_else(|| SessionError("the reconcile worker stopped".into()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let send = |msg| {
+        let tx = tx.clone();
+        async move { tx.send(pb::SyncRequest { msg: Some(msg) }).await.map_err(|_| SessionError("stream closed".into())) }
+    };
+    send(pb::sync_request::Msg::Hello(pb::SyncHello {
+        capabilities: Some(capabilities(status.policy_enforced)),
+        last_generation: status.applied_generation.unwrap_or(0),
+        endpoints: cc.endpoints.clone(),
+        node_id: cred.node_id,
+    }))
+    .await?;
+    let mut stream = client.sync(ReceiverStream::new(rx)).await.map_err(err("opening the sync stream"))?.into_inner();
+    tracing::info!(node = cred.node_id, address = %cc.address, "sync stream open");
+    if let Ok(mut st) = links.shared.lock() {
+        st.connected = true;
+    }
+    // The configured routes, every session: a changed `advertise_routes`
+    // takes effect at the next start, not only at enrollment.
+    let mut advertised = advertisement(cc);
+    send(pb::sync_request::Msg::Routes(advertised.clone())).await?;
+    // Switches made while control was away.
+    while let Some(r) = links.unsent.pop_front() {
+        send(pb::sync_request::Msg::Failover(r)).await?;
+    }
+    let mut current: Option<pb::NodeView> = None;
+    let mut rotation_warned = false;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(cc.health_interval_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let report_now = tokio::select! {
+            msg = stream.message() => {
+                let msg = msg.map_err(err("sync stream"))?.ok_or_else(|| SessionError("control ended the stream".into()))?;
+                let kind = match msg.msg {
+                    Some(pb::sync_response::Msg::Snapshot(v)) => { current = Some(v); "snapshot" }
+                    Some(pb::sync_response::Msg::Delta(d)) => {
+                        let v = current.as_mut().ok_or_else(|| SessionError("delta before any snapshot".into()))?;
+                        // A delta on the wrong base: reconnect, the new stream starts with a snapshot.
+                        pbview::apply(v, &d).map_err(err("applying a delta"))?;
+                        "delta"
+                    }
+                    None => continue,
+                };
+                *got_view = true;
+                let Some(v) = current.as_ref() else { continue };
+                if !rotation_warned && v.self_.as_ref().is_some_and(|m| m.key_rotation_requested) {
+                    rotation_warned = true;
+                    tracing::warn!("control asks for a key rotation; this agent renews its credential but does not rotate its WireGuard key yet");
+                }
+                let generation = v.generation;
+                let started = Instant::now();
+                let (reply, result) = oneshot::channel();
+                links.feed.send(Feed { view: v.clone(), reply }).await.map_err(|_| SessionError("the view feeder stopped".into()))?;
+                let result = result.await.unwrap_or_else(|_| Err("the view feeder stopped".into()));
+                match &result {
+                    Ok(()) => tracing::info!(generation, kind, ms = started.elapsed().as_secs_f64() * 1e3, "applied view from control"),
+                    Err(e) => tracing::error!(generation, kind, error = %e, "view from control not applied"),
+                }
+                send(pb::sync_request::Msg::Ack(pb::Ack { generation, error: result.err().unwrap_or_default() })).await?;
+                false
+            }
+            Some(e) = links.events.recv() => {
+                let report = failover_report(e);
+                if let Err(err) = send(pb::sync_request::Msg::Failover(report.clone())).await {
+                    links.unsent.push_back(report);
+                    return Err(err);
+                }
+                false
+            }
+            r = links.routes.changed(), if links.routes_checked => {
+                // A route's health changed: tell control now, not at the next tick.
+                links.routes_checked = r.is_ok();
+                r.is_ok()
+            }
+            r = async { links.owned.as_mut()?.changed().await.ok() } , if links.owned.is_some() => {
+                // Ownership moved: control audits it and shows it now.
+                if r.is_none() {
+                    links.owned = None;
+                }
+                r.is_some()
+            }
+            _ = tick.tick() => {
+                if cred.renewal_due(now_secs()) {
+                    // A failure is retried at the next tick; the stream goes on.
+                    if let Err(e) = renew(&channel, &mut cred, &cred_path).await {
+                        tracing::warn!(error = %e, "credential renewal failed");
+                    }
+                }
+                // A site LAN address appeared or changed: the site's other
+                // gateways need it to probe this one there.
+                let now_advertised = advertisement(cc);
+                if now_advertised != advertised {
+                    tracing::info!("this gateway's site LAN addresses changed; advertising them again");
+                    advertised = now_advertised;
+                    send(pb::sync_request::Msg::Routes(advertised.clone())).await?;
+                }
+                true
+            }
+        };
+        if report_now {
+            let Some(st) = worker.status().await else {
+                return Err(SessionError("the reconcile worker stopped".into()));
+            };
+            let probes = links.probes.lock().map(|p| p.clone()).unwrap_or_default();
+            let routes = links.routes.borrow_and_update().clone();
+            send(pb::sync_request::Msg::Health(health_report(&st, current.as_ref(), &routes, &probes))).await?;
+        }
+    }
+}
+
+/// Runs forever: the reachability checks, the prober, the view feeder, and
+/// sessions with control, reconnecting with exponential backoff (capped at
+/// `max_backoff_secs`, with jitter) in between.
+pub async fn run(
+    config: Config,
+    public_key: PublicKey,
+    worker: WorkerHandle,
+    shared: SharedControlState,
+    probes: SharedProbe,
+    owned: watch::Sender<probe::owner::Ownership>,
+) {
+    let Some(cc) = config.control.clone() else { return };
+    let routes = reach::spawn(
+        cc.advertise_routes.clone(),
+        cc.reachability.clone(),
+        Duration::from_secs_f64(cc.reachability_interval_secs),
+        Duration::from_secs_f64(cc.reachability_timeout_secs),
+    );
+    let (plan_tx, plan_rx) = watch::channel(probe::Plan::default());
+    let (overrides_tx, overrides_rx) = watch::channel(BTreeMap::new());
+    let (events_tx, events_rx) = mpsc::channel(256);
+    let owned_rx = owned.subscribe();
+    if config.probe.port == 0 {
+        tracing::warn!("probe.port = 0: no health probes and no local failover");
+        drop(overrides_tx);
+    } else {
+        let out = probe::Outputs { overrides: overrides_tx, events: events_tx, shared: probes.clone(), owned };
+        tokio::spawn(probe::run(config.probe.clone(), config.interface.clone(), plan_rx, routes.clone(), out));
+    }
+    let (feed_tx, feed_rx) = mpsc::channel(4);
+    let local = convert::Local {
+        advertised: cc.advertise_routes.clone(),
+        persistent_keepalive: cc.persistent_keepalive,
+        probe_port: config.probe.port,
+        overrides: BTreeMap::new(),
+    };
+    let feeder = Feeder {
+        worker: worker.clone(),
+        local,
+        plan: plan_tx,
+        shared: shared.clone(),
+        saved: config.state_dir.join("control-view.pb"),
+    };
+    tokio::spawn(feeder.run(feed_rx, overrides_rx));
+    let mut links = Links {
+        feed: feed_tx,
+        events: events_rx,
+        unsent: VecDeque::new(),
+        routes,
+        routes_checked: true,
+        owned: Some(owned_rx),
+        probes,
+        shared: shared.clone(),
+    };
+    let min = Duration::from_millis(100);
+    let max = Duration::from_secs_f64(cc.max_backoff_secs);
+    let mut backoff = min;
+    loop {
+        let mut got_view = false;
+        match session(&config, &cc, public_key, &worker, &mut got_view, &mut links).await {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "control session ended; keeping the last applied view"),
+        }
+        if let Ok(mut st) = shared.lock() {
+            st.connected = false;
+        }
+        if got_view {
+            backoff = min;
+        }
+        // Jitter (0-25 %) so a fleet does not reconnect in lockstep after a control restart.
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let wait = backoff + backoff.mul_f64(f64::from(nanos % 1000) / 4000.0);
+        // Meanwhile, local switches queue up for the next session (bounded).
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(e)) = tokio::time::timeout_at(deadline, links.events.recv()).await {
+            if links.unsent.len() >= 256 {
+                links.unsent.pop_front();
+            }
+            links.unsent.push_back(failover_report(e));
+        }
+        backoff = (backoff * 2).min(max);
+    }
+}
