@@ -4,34 +4,18 @@
 
 use std::time::Duration;
 
+use mesh_client::bearer::{Authed, Bearer};
+use mesh_client::channel::{self, Channel, Trust};
+use mesh_client::enrollment::EnrollmentKeyText;
+use mesh_client::view;
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::agent_service_client::AgentServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::service::Interceptor;
-use tonic::transport::Channel;
-use tonic::{Request, Status, Streaming};
-
-use crate::auth::EnrollmentKeyText;
-use crate::client::{self, Trust};
-use crate::engine::view;
-
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone, Debug)]
-pub struct Bearer(pub Option<String>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(t) = &self.0 {
-            let v = format!("Bearer {t}").parse().map_err(|_| Status::invalid_argument("bad token"))?;
-            req.metadata_mut().insert("authorization", v);
-        }
-        Ok(req)
-    }
-}
+use tonic::{Status, Streaming};
 
 /// An agent client with a credential.
-pub type AgentClient = AgentServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+pub type AgentClient = AgentServiceClient<Authed>;
 
 /// An enrolled simulated agent.
 #[derive(Debug, Clone)]
@@ -49,7 +33,7 @@ pub struct SimAgent {
 pub enum SimError {
     /// Could not connect.
     #[error(transparent)]
-    Connect(#[from] client::ConnectError),
+    Connect(#[from] channel::ConnectError),
     /// Control said no.
     #[error("{0}")]
     Status(#[from] Status),
@@ -72,8 +56,8 @@ impl SimAgent {
     pub async fn enroll(addr: &str, key: &str, hostname: &str, routes: &[&str]) -> Result<Self, SimError> {
         let parsed = EnrollmentKeyText::parse(key).ok_or_else(|| SimError::Bad("not an enrollment key".into()))?;
         let pin = parsed.ca_pin.ok_or_else(|| SimError::Bad("the key carries no CA pin".into()))?;
-        let channel = client::connect(addr, &Trust::Pin(pin)).await?;
-        Self::enroll_on(channel, key, hostname, routes).await
+        let ch = channel::connect(addr, &Trust::Pin(pin)).await?;
+        Self::enroll_on(ch, key, hostname, routes).await
     }
 
     /// Enrolls over an existing channel.
@@ -162,7 +146,7 @@ impl SyncSession {
             Some(pb::sync_response::Msg::Delta(d)) => {
                 self.received.push(false);
                 let view = self.view.as_mut().ok_or_else(|| SimError::Bad("delta before snapshot".into()))?;
-                view::apply(view, &d).map_err(SimError::Bad)?;
+                view::apply(view, &d).map_err(|e| SimError::Bad(e.to_string()))?;
                 Ok(Some(d.generation))
             }
             None => Err(SimError::Bad("empty message".into())),

@@ -19,11 +19,11 @@ use std::{
 use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use mesh_control::{
-    auth::EnrollmentKeyText,
-    client::{self, Trust},
-    engine::view as pbview,
-    sim::Bearer,
+use mesh_client::{
+    bearer::Bearer,
+    channel::{self, Channel, Trust},
+    enrollment::EnrollmentKeyText,
+    view as pbview,
 };
 use mesh_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
 use serde::{Deserialize, Serialize};
@@ -225,7 +225,7 @@ async fn credential(config: &Config, cc: &ControlConfig, public_key: PublicKey) 
     let parsed =
         EnrollmentKeyText::parse(&key).ok_or_else(|| SessionError("the enrollment key is malformed".into()))?;
     let pin = parsed.ca_pin.ok_or_else(|| SessionError("the enrollment key carries no CA pin".into()))?;
-    let channel = client::connect(&cc.address, &Trust::Pin(pin)).await.map_err(err("connecting to control"))?;
+    let channel = channel::connect(&cc.address, &Trust::Pin(pin)).await.map_err(err("connecting to control"))?;
     let resp = AgentServiceClient::new(channel)
         .enroll(pb::EnrollRequest {
             capabilities: Some(mesh_proto::capabilities("mesh-agent")),
@@ -458,11 +458,7 @@ struct Links {
 }
 
 /// Renews the credential with control (same WireGuard key) and stores it.
-async fn renew(
-    channel: &mesh_control::client::Channel,
-    cred: &mut Credential,
-    path: &Path,
-) -> Result<(), SessionError> {
+async fn renew(channel: &Channel, cred: &mut Credential, path: &Path) -> Result<(), SessionError> {
     let mut client = AgentServiceClient::with_interceptor(channel.clone(), Bearer(Some(cred.token.clone())));
     let resp = client.renew(pb::RenewRequest::default()).await.map_err(err("renewing the credential"))?.into_inner();
     let c = resp.credential.ok_or_else(|| SessionError("renewal: no credential in the answer".into()))?;
@@ -485,7 +481,8 @@ async fn session(
     links: &mut Links,
 ) -> Result<(), SessionError> {
     let mut cred = credential(config, cc, public_key).await?;
-    let channel = client::connect(&cc.address, &Trust::Pin(cred.pin()?)).await.map_err(err("connecting to control"))?;
+    let channel =
+        channel::connect(&cc.address, &Trust::Pin(cred.pin()?)).await.map_err(err("connecting to control"))?;
     let cred_path = config.control_credential_path();
     if cred.renewal_due(now_secs()) {
         renew(&channel, &mut cred, &cred_path).await?;

@@ -423,7 +423,7 @@ impl Engine {
                 continue;
             }
             new.generation = self.next_generation.fetch_add(1, Ordering::SeqCst);
-            let delta = old.map(|o| view::delta(&o.view, &new));
+            let delta = old.map(|o| mesh_client::view::delta(&o.view, &new));
             let published = Arc::new(Published { view: new, delta, at: Instant::now() });
             st.views.insert(id, published.clone());
             match st.slots.get(&id) {

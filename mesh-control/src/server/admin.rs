@@ -11,7 +11,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{ApiError, bearer, cidr, record_refusal};
-use crate::auth::{self, EnrollmentKeyText};
+use mesh_client::enrollment::EnrollmentKeyText;
+
+use crate::auth;
 use crate::engine::{Engine, convert, now, view};
 use crate::policy::{self, Policy, compile};
 use crate::route_check;

@@ -11,7 +11,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ApiError, bearer, cidr, record_refusal};
-use crate::auth::{self, EnrollmentKeyText};
+use mesh_client::enrollment::EnrollmentKeyText;
+
+use crate::auth;
 use crate::engine::{Engine, convert, now};
 use crate::policy::{self, InventoryNode};
 use crate::route_check;
