@@ -1,6 +1,7 @@
 //! mesh-control: the control plane and orchestration API.
 //!
-//! Modules by concern: [`policy`] (HuJSON ACL, compiler, tests, diff),
+//! Modules by concern: [`capability`] (what an agent's capability version
+//! lets control read), [`policy`] (HuJSON ACL, compiler, tests, diff),
 //! [`routes`] (gateway ordering and failover), [`route_check`] (which
 //! prefixes may be routed), [`store`] (SQLite /
 //! PostgreSQL, audit log), [`auth`] (secrets and their hashes), [`engine`]
@@ -14,6 +15,7 @@
 //! `mesh-client`, so that agents and meshctl never link the server.
 
 pub mod auth;
+pub mod capability;
 pub mod config;
 pub mod engine;
 pub mod metrics;

@@ -87,19 +87,27 @@ impl SimAgent {
 
     /// Opens the Sync stream claiming to be `node_id` (0: say nothing).
     pub async fn sync_as(&self, node_id: u64) -> Result<SyncSession, SimError> {
-        self.sync_with(node_id, None).await
+        self.sync_with(node_id, mesh_proto::capabilities("mesh-sim-agent")).await
     }
 
     /// Opens the Sync stream reporting data path `limits` in the hello.
     pub async fn sync_with_limits(&self, limits: pb::DataplaneLimits) -> Result<SyncSession, SimError> {
-        self.sync_with(self.node.id, Some(limits)).await
+        let caps = pb::Capabilities { limits: Some(limits), ..mesh_proto::capabilities("mesh-sim-agent") };
+        self.sync_with(self.node.id, caps).await
     }
 
-    async fn sync_with(&self, node_id: u64, limits: Option<pb::DataplaneLimits>) -> Result<SyncSession, SimError> {
+    /// Opens the Sync stream as an agent of capability `version` (an older
+    /// agent than this build).
+    pub async fn sync_as_version(&self, version: u32) -> Result<SyncSession, SimError> {
+        let caps = pb::Capabilities { capability_version: version, ..mesh_proto::capabilities("mesh-sim-agent") };
+        self.sync_with(self.node.id, caps).await
+    }
+
+    async fn sync_with(&self, node_id: u64, capabilities: pb::Capabilities) -> Result<SyncSession, SimError> {
         let (tx, rx) = mpsc::channel(16);
         tx.send(pb::SyncRequest {
             msg: Some(pb::sync_request::Msg::Hello(pb::SyncHello {
-                capabilities: Some(pb::Capabilities { limits, ..mesh_proto::capabilities("mesh-sim-agent") }),
+                capabilities: Some(capabilities),
                 last_generation: 0,
                 endpoints: Vec::new(),
                 node_id,

@@ -261,6 +261,72 @@ async fn local_socket_admin_and_reflection() {
     );
 }
 
+/// Control reads what an agent's capability version defines and nothing
+/// more: a version-1 agent (no probes) shows no probe figures, and a
+/// version-2 gateway's site ownership is not read, while the same reports
+/// from a current agent are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_agents_are_read_by_their_capability_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = control(dir.path()).await;
+    let addr = c.addr.to_string();
+    let mut a = admin(&c, c.bootstrap_admin_token.clone()).await;
+    a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
+    let k = key(&mut a, true, true, &["tag:gw"], 0).await;
+    let old = SimAgent::enroll(&addr, &k, "gw-v2", &["198.18.10.0/24"]).await.unwrap();
+    let new = SimAgent::enroll(&addr, &k, "gw-v3", &["198.18.10.0/24"]).await.unwrap();
+    let oldest = SimAgent::enroll(&addr, &k, "gw-v1", &[]).await.unwrap();
+    let mut sessions = [
+        (&old, new.node.id, old.sync_as_version(2).await.unwrap()),
+        (&new, old.node.id, new.sync().await.unwrap()),
+        (&oldest, old.node.id, oldest.sync_as_version(1).await.unwrap()),
+    ];
+    // Every agent sends the same report: a probed peer, and ownership of
+    // the site prefix (when it serves one).
+    for (agent, peer, s) in &mut sessions {
+        let generation = s.next(WAIT).await.unwrap().expect("a snapshot");
+        s.health(pb::HealthReport {
+            peers: vec![pb::PeerHealth { node_id: *peer, probe_up: true, probe_rtt_ms: 1.5, ..Default::default() }],
+            routes: vec![pb::RouteHealth {
+                prefix: "198.18.10.0/24".into(),
+                healthy: true,
+                owner: true,
+                owner_since_unix: 1,
+                ..Default::default()
+            }],
+            backend: "userspace".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        // A stream's messages are handled in order: once the ack is in, so is the report.
+        s.ack(generation).await.unwrap();
+        let node = pb::NodeRef { id: agent.node.id, name: String::new() };
+        let mut acked = 0;
+        for _ in 0..50 {
+            acked = a.get_node(node.clone()).await.unwrap().into_inner().acked_generation;
+            if acked == generation {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(acked, generation, "{}", agent.node.name);
+    }
+
+    let routes = a.list_routes(pb::Empty {}).await.unwrap().into_inner().routes;
+    let owner = |id: u64| routes.iter().find(|r| r.node_id == id).map(|r| r.owner);
+    assert_eq!(owner(new.node.id), Some(true), "a version-3 gateway's ownership is read");
+    assert_eq!(owner(old.node.id), Some(false), "a version-2 gateway owns no site");
+    let st = a.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    let from: Vec<&str> = st.peers.iter().map(|l| l.from_name.as_str()).collect();
+    assert!(from.contains(&"gw-v2") && from.contains(&"gw-v3"), "{from:?}");
+    assert!(!from.contains(&"gw-v1"), "a version-1 agent has no probe figures: {from:?}");
+    let nodes = a.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    let backend = |name: &str| nodes.iter().find(|n| n.name == name).map(|n| n.backend.clone());
+    assert_eq!(backend("gw-v2").as_deref(), Some("userspace"));
+    assert_eq!(backend("gw-v1").as_deref(), Some(""), "version 1 reports no backend");
+}
+
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -14,6 +14,7 @@ use super::{ApiError, bearer, cidr, record_refusal};
 use mesh_client::enrollment::EnrollmentKeyText;
 
 use crate::auth;
+use crate::capability;
 use crate::engine::{Engine, convert, now};
 use crate::policy::{self, InventoryNode};
 use crate::route_check;
@@ -129,7 +130,9 @@ impl AgentApi {
         })
     }
 
-    async fn handle(&self, node: u64, msg: pb::sync_request::Msg) -> Result<(), ApiError> {
+    /// Handles one message of a Sync stream from an agent of capability
+    /// `version`.
+    async fn handle(&self, node: u64, version: u32, msg: pb::sync_request::Msg) -> Result<(), ApiError> {
         use pb::sync_request::Msg;
         match msg {
             Msg::Hello(_) => Err(ApiError::InvalidArgument("hello sent twice".into())),
@@ -143,6 +146,7 @@ impl AgentApi {
                 Ok(())
             }
             Msg::Health(report) => {
+                let report = capability::health(version, report);
                 let snap = self.engine.snapshot();
                 let mut changed = false;
                 for rh in &report.routes {
@@ -170,6 +174,7 @@ impl AgentApi {
                 Ok(())
             }
             Msg::Routes(adv) => {
+                let adv = capability::routes(version, adv);
                 let record = self.engine.snapshot().nodes.iter().find(|n| n.id == node).cloned();
                 let Some(record) = record else { return Err(ApiError::NotFound("node".into())) };
                 let (policy, _) = self.engine.policy();
@@ -300,8 +305,8 @@ impl AgentService for AgentApi {
             return Err(ApiError::PermissionDenied("this credential belongs to another node".into()).into());
         }
         let id = node.id;
-        let limits = hello.capabilities.as_ref().and_then(|c| c.limits.as_ref()).map(convert::limits);
-        self.engine.set_limits(id, limits);
+        let version = capability::version(hello.capabilities.as_ref());
+        self.engine.set_limits(id, capability::limits(hello.capabilities.as_ref()));
         let endpoints = (!hello.endpoints.is_empty()).then_some(hello.endpoints);
         if self.engine.stream_opened(id) == 1 || endpoints.is_some() {
             self.engine.store().set_presence(id, true, endpoints, now()).await.map_err(ApiError::from)?;
@@ -309,7 +314,12 @@ impl AgentService for AgentApi {
             // Presence matters for route failover only: do not hold up the stream.
             tokio::spawn(async move { engine.refresh().await });
         }
-        tracing::info!(node = id, last_generation = hello.last_generation, "sync stream opened");
+        tracing::info!(
+            node = id,
+            last_generation = hello.last_generation,
+            capability_version = version,
+            "sync stream opened"
+        );
         let mut slot = self.engine.subscribe(id);
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
@@ -331,7 +341,7 @@ impl AgentService for AgentApi {
                     changed = slot.changed() => if changed.is_err() { break },
                     msg = inbound.message() => match msg {
                         Ok(Some(pb::SyncRequest { msg: Some(m) })) => {
-                            if let Err(e) = this.handle(id, m).await {
+                            if let Err(e) = this.handle(id, version, m).await {
                                 let _ = tx.send(Err(e.into())).await;
                                 break;
                             }
