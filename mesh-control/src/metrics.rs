@@ -8,14 +8,14 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
 use crate::engine::metrics::LATENCY_BUCKETS;
-use crate::engine::{Engine, convert, now};
+use crate::engine::{Engine, convert};
 use crate::store::NodeState;
 
 /// The metrics text.
 #[must_use]
 pub fn render(engine: &Engine) -> String {
     let snap = engine.snapshot();
-    let now = now();
+    let now = engine.now();
     let mut s = String::new();
     let (mut pending, mut approved, mut expired, mut soon) = (0, 0, 0, 0);
     for n in &snap.nodes {

@@ -2,12 +2,14 @@
 //! changes reaching exactly the affected agents, refusals, reflection and
 //! metrics, over real TLS on loopback.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_client::bearer::{Authed, Bearer};
 use mesh_client::channel::{Trust, connect};
 use mesh_control::config::Config;
-use mesh_control::run::{Running, start};
+use mesh_control::engine::{Clock, ManualClock, SystemClock};
+use mesh_control::run::{Running, start_with_clock};
 use mesh_control::sim::SimAgent;
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::admin_service_client::AdminServiceClient;
@@ -16,6 +18,10 @@ use tonic::Code;
 type Admin = AdminServiceClient<Authed>;
 
 async fn control(dir: &std::path::Path) -> Running {
+    control_with_clock(dir, Arc::new(SystemClock)).await
+}
+
+async fn control_with_clock(dir: &std::path::Path, clock: Arc<dyn Clock>) -> Running {
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_owned(),
@@ -24,7 +30,7 @@ async fn control(dir: &std::path::Path) -> Running {
         poll_interval_ms: 100,
         ..Config::default()
     };
-    start(&config).await.expect("control starts")
+    start_with_clock(&config, clock).await.expect("control starts")
 }
 
 async fn admin(c: &Running, token: Option<String>) -> Admin {
@@ -61,7 +67,8 @@ const QUIET: Duration = Duration::from_millis(700);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enroll_sync_policy_push_and_refusals() {
     let dir = tempfile::tempdir().unwrap();
-    let c = control(dir.path()).await;
+    let clock = Arc::new(ManualClock::at_wall_clock());
+    let c = control_with_clock(dir.path(), clock.clone()).await;
     let addr = c.addr.to_string();
     let token = c.bootstrap_admin_token.clone().expect("first start makes an admin token");
     let mut a = admin(&c, Some(token.clone())).await;
@@ -79,8 +86,8 @@ async fn enroll_sync_policy_push_and_refusals() {
     // One-off key reused: refused, and the refusal says nothing more.
     let err = SimAgent::enroll(&addr, &one_off, "app-2", &[]).await.unwrap_err();
     assert!(matches!(&err, mesh_control::sim::SimError::Status(s) if s.code() == Code::Unauthenticated), "{err}");
-    // Expired key: refused.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Expired key (it lived 1 s): refused.
+    clock.advance(1);
     let err = SimAgent::enroll(&addr, &short, "app-3", &[]).await.unwrap_err();
     assert!(matches!(&err, mesh_control::sim::SimError::Status(s) if s.code() == Code::Unauthenticated), "{err}");
     // Pending until approved.

@@ -15,7 +15,7 @@ use mesh_client::enrollment::EnrollmentKeyText;
 
 use crate::auth;
 use crate::capability;
-use crate::engine::{Engine, convert, now};
+use crate::engine::{Engine, convert};
 use crate::policy::{self, InventoryNode};
 use crate::route_check;
 use crate::store::{KeyRecord, NewNode, NodeRecord};
@@ -41,7 +41,7 @@ impl AgentApi {
             .node_by_credential(&auth::sha256_hex(token.as_bytes()))
             .await?
             .ok_or(ApiError::Unauthenticated)?;
-        if node.expired(now()) {
+        if node.expired(self.engine.now()) {
             return Err(ApiError::Unauthenticated);
         }
         Ok(node)
@@ -90,7 +90,12 @@ impl AgentApi {
             key_lifetime: self.engine.config().key_lifetime_secs,
         };
         let secret_hash = auth::sha256_hex(key.secret.as_bytes());
-        let node = match self.engine.store().enroll(&key.id, &secret_hash, &new, self.auto_approver(), now()).await {
+        let node = match self
+            .engine
+            .store()
+            .enroll(&key.id, &secret_hash, &new, self.auto_approver(), self.engine.now())
+            .await
+        {
             Ok(n) => n,
             // Every key problem looks the same from outside.
             Err(crate::store::StoreError::Conflict(why)) => {
@@ -109,7 +114,7 @@ impl AgentApi {
         }
         Ok(pb::EnrollResponse {
             capabilities: Some(mesh_proto::capabilities("mesh-control")),
-            node: Some(convert::node(&node, now(), true)),
+            node: Some(convert::node(&node, self.engine.now(), true)),
             credential: Some(pb::Credential { token, expires_unix: node.key_expiry }),
         })
     }
@@ -121,12 +126,12 @@ impl AgentApi {
             _ => return Err(ApiError::InvalidArgument("new_wireguard_public_key must be 32 bytes".into())),
         };
         let (token, hash) = auth::new_credential();
-        let expiry = now() + self.engine.config().key_lifetime_secs;
-        let node = self.engine.store().renew(node.id, hash, new_key, expiry, now()).await?;
+        let expiry = self.engine.now() + self.engine.config().key_lifetime_secs;
+        let node = self.engine.store().renew(node.id, hash, new_key, expiry, self.engine.now()).await?;
         self.engine.refresh().await?;
         Ok(pb::RenewResponse {
             credential: Some(pb::Credential { token, expires_unix: node.key_expiry }),
-            node: Some(convert::node(&node, now(), true)),
+            node: Some(convert::node(&node, self.engine.now(), true)),
         })
     }
 
@@ -155,15 +160,19 @@ impl AgentApi {
                         continue;
                     };
                     if known.healthy != rh.healthy {
-                        self.engine.store().set_route_health(node, &prefix, rh.healthy, now()).await?;
+                        self.engine.store().set_route_health(node, &prefix, rh.healthy, self.engine.now()).await?;
                         changed = true;
                     }
                     // Ownership is shown and audited, not used for the
                     // order: the gateways decide it from control's order.
                     if known.owner != rh.owner {
-                        let since = if rh.owner_since_unix > 0 { rh.owner_since_unix.min(now()) } else { now() };
+                        let since = if rh.owner_since_unix > 0 {
+                            rh.owner_since_unix.min(self.engine.now())
+                        } else {
+                            self.engine.now()
+                        };
                         tracing::info!(node, %prefix, owner = rh.owner, "site ownership changed");
-                        self.engine.store().set_route_owner(node, &prefix, rh.owner, since, now()).await?;
+                        self.engine.store().set_route_owner(node, &prefix, rh.owner, since, self.engine.now()).await?;
                         changed = true;
                     }
                 }
@@ -200,7 +209,7 @@ impl AgentApi {
                         refused.push((n, c));
                     }
                 }
-                self.engine.store().set_advertised(node, &prefixes, now()).await?;
+                self.engine.store().set_advertised(node, &prefixes, self.engine.now()).await?;
                 let stored = self.engine.store().snapshot().await?;
                 for o in &adv.options {
                     let prefix = cidr(&o.prefix)?;
@@ -226,7 +235,7 @@ impl AgentApi {
                     }
                     let known = stored.routes.iter().find(|r| r.node_id == node && r.prefix == prefix);
                     if known.is_some_and(|r| r.virtual_addresses != addrs || r.snat != o.snat) {
-                        self.engine.store().set_route_options(node, &prefix, addrs, o.snat, now()).await?;
+                        self.engine.store().set_route_options(node, &prefix, addrs, o.snat, self.engine.now()).await?;
                     }
                 }
                 for (n, c) in &refused {
@@ -255,7 +264,7 @@ impl AgentApi {
                         &format!("route/{prefix}"),
                         before,
                         after,
-                        now(),
+                        self.engine.now(),
                     )
                     .await?;
                 self.engine.audit_changed();
@@ -309,7 +318,7 @@ impl AgentService for AgentApi {
         self.engine.set_limits(id, capability::limits(hello.capabilities.as_ref()));
         let endpoints = (!hello.endpoints.is_empty()).then_some(hello.endpoints);
         if self.engine.stream_opened(id) == 1 || endpoints.is_some() {
-            self.engine.store().set_presence(id, true, endpoints, now()).await.map_err(ApiError::from)?;
+            self.engine.store().set_presence(id, true, endpoints, self.engine.now()).await.map_err(ApiError::from)?;
             let engine = self.engine.clone();
             // Presence matters for route failover only: do not hold up the stream.
             tokio::spawn(async move { engine.refresh().await });
@@ -352,7 +361,7 @@ impl AgentService for AgentApi {
                 }
             }
             if this.engine.stream_closed(id) == 0 {
-                let _ = this.engine.store().set_presence(id, false, None, now()).await;
+                let _ = this.engine.store().set_presence(id, false, None, this.engine.now()).await;
                 let _ = this.engine.refresh().await;
             }
             tracing::info!(node = id, "sync stream closed");
