@@ -29,5 +29,5 @@ pub(crate) fn start(host: &Host, dir: &Path) -> anyhow::Result<ControlInNs> {
 
 /// An admin client over control's local socket (no token needed).
 pub(crate) async fn admin(dir: &Path) -> anyhow::Result<AdminServiceClient<tonic::transport::Channel>> {
-    Ok(AdminServiceClient::new(mesh_control::client::connect_unix(&dir.join("admin.sock")).await?))
+    Ok(AdminServiceClient::new(mesh_client::channel::connect_unix(&dir.join("admin.sock")).await?))
 }

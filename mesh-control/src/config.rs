@@ -105,6 +105,7 @@ impl Config {
             key_lifetime_secs: self.key_lifetime_days * 86_400,
             ephemeral_offline_secs: self.ephemeral_offline_secs,
             poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
+            ..crate::engine::EngineConfig::default()
         }
     }
 }

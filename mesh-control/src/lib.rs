@@ -1,15 +1,21 @@
 //! mesh-control: the control plane and orchestration API.
 //!
-//! Modules by concern: [`policy`] (HuJSON ACL, compiler, tests, diff),
+//! Modules by concern: [`capability`] (what an agent's capability version
+//! lets control read), [`policy`] (HuJSON ACL, compiler, tests, diff),
 //! [`routes`] (gateway ordering and failover), [`route_check`] (which
 //! prefixes may be routed), [`store`] (SQLite /
 //! PostgreSQL, audit log), [`auth`] (secrets and their hashes), [`engine`]
 //! (per-node views, deltas, fan-out), [`server`] (the gRPC services),
-//! [`tls`] (control's CA), [`client`] (pinned TLS connections for agents,
-//! meshctl, tests and benchmarks), [`metrics`], [`config`], [`run`].
+//! [`tls`] (control's CA), [`metrics`], [`config`], [`run`]; with the
+//! `test-support` feature, `sim` (a simulated agent for tests and
+//! benchmarks).
+//!
+//! What clients share with control (the TLS channel, bearer auth, the
+//! enrollment key text, view deltas, the policy on the wire) is in
+//! `mesh-client`, so that agents and meshctl never link the server.
 
 pub mod auth;
-pub mod client;
+pub mod capability;
 pub mod config;
 pub mod engine;
 pub mod metrics;
@@ -18,6 +24,7 @@ pub mod route_check;
 pub mod routes;
 pub mod run;
 pub mod server;
+#[cfg(feature = "test-support")]
 pub mod sim;
 pub mod store;
 pub mod tls;

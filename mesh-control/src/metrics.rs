@@ -13,7 +13,7 @@ use mesh_metrics::{
 };
 use tokio::net::TcpListener;
 
-use crate::engine::{Engine, convert, now};
+use crate::engine::{Engine, convert};
 use crate::store::NodeState;
 
 /// Control's registry: the engine's metrics and its snapshot's numbers.
@@ -53,7 +53,7 @@ impl Collector for EngineState {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         let engine = &self.0;
         let snap = engine.snapshot();
-        let now = now();
+        let now = engine.now();
         let (mut pending, mut approved, mut expired, mut soon) = (0i64, 0i64, 0i64, 0i64);
         for n in &snap.nodes {
             if n.expired(now) {

@@ -13,7 +13,7 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::config::Config;
-use crate::engine::{Engine, now};
+use crate::engine::{Clock, Engine, SystemClock};
 use crate::server::{admin::AdminApi, agent::AgentApi};
 use crate::store::Store;
 use crate::tls;
@@ -78,12 +78,19 @@ pub async fn create_admin_token(
     actor: &str,
 ) -> Result<String, crate::store::StoreError> {
     let (id, token, hash) = crate::auth::new_admin_token();
-    store.add_api_token(&id, &hash, description, actor, now()).await?;
+    // Outside any engine: the token's creation is stamped by the wall clock.
+    store.add_api_token(&id, &hash, description, actor, SystemClock.now()).await?;
     Ok(token)
 }
 
 /// Starts everything `config` asks for.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
+    start_with_clock(config, Arc::new(SystemClock)).await
+}
+
+/// [`start`], with the engine reading the time from `clock` (tests move a
+/// [`crate::engine::ManualClock`] instead of sleeping).
+pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
     if config.database_url.is_none() {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| StartError::Io(config.data_dir.display().to_string(), e))?;
@@ -94,7 +101,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     } else {
         None
     };
-    let engine = Engine::new(store.clone(), config.engine()).await?;
+    let engine = Engine::new(store.clone(), crate::engine::EngineConfig { clock, ..config.engine() }).await?;
     let server_tls = tls::server_tls(&store, &config.tls_names).await?;
     let reflection = || {
         tonic_reflection::server::Builder::configure()

@@ -4,34 +4,18 @@
 
 use std::time::Duration;
 
+use mesh_client::bearer::{Authed, Bearer};
+use mesh_client::channel::{self, Channel, Trust};
+use mesh_client::enrollment::EnrollmentKeyText;
+use mesh_client::view;
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::agent_service_client::AgentServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::service::Interceptor;
-use tonic::transport::Channel;
-use tonic::{Request, Status, Streaming};
-
-use crate::auth::EnrollmentKeyText;
-use crate::client::{self, Trust};
-use crate::engine::view;
-
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone, Debug)]
-pub struct Bearer(pub Option<String>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(t) = &self.0 {
-            let v = format!("Bearer {t}").parse().map_err(|_| Status::invalid_argument("bad token"))?;
-            req.metadata_mut().insert("authorization", v);
-        }
-        Ok(req)
-    }
-}
+use tonic::{Status, Streaming};
 
 /// An agent client with a credential.
-pub type AgentClient = AgentServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+pub type AgentClient = AgentServiceClient<Authed>;
 
 /// An enrolled simulated agent.
 #[derive(Debug, Clone)]
@@ -49,7 +33,7 @@ pub struct SimAgent {
 pub enum SimError {
     /// Could not connect.
     #[error(transparent)]
-    Connect(#[from] client::ConnectError),
+    Connect(#[from] channel::ConnectError),
     /// Control said no.
     #[error("{0}")]
     Status(#[from] Status),
@@ -72,8 +56,8 @@ impl SimAgent {
     pub async fn enroll(addr: &str, key: &str, hostname: &str, routes: &[&str]) -> Result<Self, SimError> {
         let parsed = EnrollmentKeyText::parse(key).ok_or_else(|| SimError::Bad("not an enrollment key".into()))?;
         let pin = parsed.ca_pin.ok_or_else(|| SimError::Bad("the key carries no CA pin".into()))?;
-        let channel = client::connect(addr, &Trust::Pin(pin)).await?;
-        Self::enroll_on(channel, key, hostname, routes).await
+        let ch = channel::connect(addr, &Trust::Pin(pin)).await?;
+        Self::enroll_on(ch, key, hostname, routes).await
     }
 
     /// Enrolls over an existing channel.
@@ -103,19 +87,27 @@ impl SimAgent {
 
     /// Opens the Sync stream claiming to be `node_id` (0: say nothing).
     pub async fn sync_as(&self, node_id: u64) -> Result<SyncSession, SimError> {
-        self.sync_with(node_id, None).await
+        self.sync_with(node_id, mesh_proto::capabilities("mesh-sim-agent")).await
     }
 
     /// Opens the Sync stream reporting data path `limits` in the hello.
     pub async fn sync_with_limits(&self, limits: pb::DataplaneLimits) -> Result<SyncSession, SimError> {
-        self.sync_with(self.node.id, Some(limits)).await
+        let caps = pb::Capabilities { limits: Some(limits), ..mesh_proto::capabilities("mesh-sim-agent") };
+        self.sync_with(self.node.id, caps).await
     }
 
-    async fn sync_with(&self, node_id: u64, limits: Option<pb::DataplaneLimits>) -> Result<SyncSession, SimError> {
+    /// Opens the Sync stream as an agent of capability `version` (an older
+    /// agent than this build).
+    pub async fn sync_as_version(&self, version: u32) -> Result<SyncSession, SimError> {
+        let caps = pb::Capabilities { capability_version: version, ..mesh_proto::capabilities("mesh-sim-agent") };
+        self.sync_with(self.node.id, caps).await
+    }
+
+    async fn sync_with(&self, node_id: u64, capabilities: pb::Capabilities) -> Result<SyncSession, SimError> {
         let (tx, rx) = mpsc::channel(16);
         tx.send(pb::SyncRequest {
             msg: Some(pb::sync_request::Msg::Hello(pb::SyncHello {
-                capabilities: Some(pb::Capabilities { limits, ..mesh_proto::capabilities("mesh-sim-agent") }),
+                capabilities: Some(capabilities),
                 last_generation: 0,
                 endpoints: Vec::new(),
                 node_id,
@@ -162,7 +154,7 @@ impl SyncSession {
             Some(pb::sync_response::Msg::Delta(d)) => {
                 self.received.push(false);
                 let view = self.view.as_mut().ok_or_else(|| SimError::Bad("delta before snapshot".into()))?;
-                view::apply(view, &d).map_err(SimError::Bad)?;
+                view::apply(view, &d).map_err(|e| SimError::Bad(e.to_string()))?;
                 Ok(Some(d.generation))
             }
             None => Err(SimError::Bad("empty message".into())),

@@ -85,7 +85,7 @@ pub async fn server_tls(store: &Store, names: &[String]) -> Result<ServerTls, Tl
         chain_pem: format!("{}{}", cert.pem(), ca_pem),
         key_pem: key.serialize_pem(),
         ca_pem: ca_pem.to_owned(),
-        ca_pin: crate::client::pin_of(&ca_der),
+        ca_pin: mesh_client::channel::pin_of(&ca_der),
     })
 }
 

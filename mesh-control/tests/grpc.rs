@@ -2,19 +2,26 @@
 //! changes reaching exactly the affected agents, refusals, reflection and
 //! metrics, over real TLS on loopback.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_control::client::{Trust, connect};
+use mesh_client::bearer::{Authed, Bearer};
+use mesh_client::channel::{Trust, connect};
 use mesh_control::config::Config;
-use mesh_control::run::{Running, start};
-use mesh_control::sim::{Bearer, SimAgent};
+use mesh_control::engine::{Clock, ManualClock, SystemClock};
+use mesh_control::run::{Running, start_with_clock};
+use mesh_control::sim::SimAgent;
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::admin_service_client::AdminServiceClient;
 use tonic::Code;
 
-type Admin = AdminServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+type Admin = AdminServiceClient<Authed>;
 
 async fn control(dir: &std::path::Path) -> Running {
+    control_with_clock(dir, Arc::new(SystemClock)).await
+}
+
+async fn control_with_clock(dir: &std::path::Path, clock: Arc<dyn Clock>) -> Running {
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_owned(),
@@ -23,7 +30,7 @@ async fn control(dir: &std::path::Path) -> Running {
         poll_interval_ms: 100,
         ..Config::default()
     };
-    start(&config).await.expect("control starts")
+    start_with_clock(&config, clock).await.expect("control starts")
 }
 
 async fn admin(c: &Running, token: Option<String>) -> Admin {
@@ -60,7 +67,8 @@ const QUIET: Duration = Duration::from_millis(700);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enroll_sync_policy_push_and_refusals() {
     let dir = tempfile::tempdir().unwrap();
-    let c = control(dir.path()).await;
+    let clock = Arc::new(ManualClock::at_wall_clock());
+    let c = control_with_clock(dir.path(), clock.clone()).await;
     let addr = c.addr.to_string();
     let token = c.bootstrap_admin_token.clone().expect("first start makes an admin token");
     let mut a = admin(&c, Some(token.clone())).await;
@@ -78,8 +86,8 @@ async fn enroll_sync_policy_push_and_refusals() {
     // One-off key reused: refused, and the refusal says nothing more.
     let err = SimAgent::enroll(&addr, &one_off, "app-2", &[]).await.unwrap_err();
     assert!(matches!(&err, mesh_control::sim::SimError::Status(s) if s.code() == Code::Unauthenticated), "{err}");
-    // Expired key: refused.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Expired key (it lived 1 s): refused.
+    clock.advance(1);
     let err = SimAgent::enroll(&addr, &short, "app-3", &[]).await.unwrap_err();
     assert!(matches!(&err, mesh_control::sim::SimError::Status(s) if s.code() == Code::Unauthenticated), "{err}");
     // Pending until approved.
@@ -224,7 +232,7 @@ async fn local_socket_admin_and_reflection() {
     let sock = dir.path().join("admin.sock");
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
-    let ch = mesh_control::client::connect_unix(&sock).await.unwrap();
+    let ch = mesh_client::channel::connect_unix(&sock).await.unwrap();
     let mut local = AdminServiceClient::new(ch);
     let st = local.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(st.nodes_total, 0);
@@ -260,108 +268,70 @@ async fn local_socket_admin_and_reflection() {
     );
 }
 
-/// Agents' probe figures and backends reach `GetStatus`, `ListNodes` and
-/// `meshctl status`; a local failover report becomes an audit entry; a
-/// report with a malformed prefix ends the stream with a clear error.
+/// Control reads what an agent's capability version defines and nothing
+/// more: a version-1 agent (no probes) shows no probe figures, and a
+/// version-2 gateway's site ownership is not read, while the same reports
+/// from a current agent are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn probe_reports_status_and_failover_audit() {
+async fn older_agents_are_read_by_their_capability_version() {
     let dir = tempfile::tempdir().unwrap();
     let c = control(dir.path()).await;
     let addr = c.addr.to_string();
     let mut a = admin(&c, c.bootstrap_admin_token.clone()).await;
     a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
     let k = key(&mut a, true, true, &["tag:gw"], 0).await;
-    let gw1 = SimAgent::enroll(&addr, &k, "gw-1", &[]).await.unwrap();
-    let gw2 = SimAgent::enroll(&addr, &k, "gw-2", &[]).await.unwrap();
-    let s1 = gw1.sync().await.unwrap();
-    s1.health(pb::HealthReport {
-        peers: vec![pb::PeerHealth {
-            node_id: gw2.node.id,
-            handshake_age_ms: 4000,
-            probe_rtt_ms: 1.5,
-            probe_loss: 0.25,
-            probe_rtt_p50_ms: 1.25,
-            probe_rtt_p95_ms: 3.5,
-            probe_up: true,
-            rx_bytes: 10,
-            tx_bytes: 20,
-        }],
-        backend: "userspace".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    s1.failover(pb::FailoverReport {
-        prefix: "198.18.20.0/24".into(),
-        from_node: gw2.node.id,
-        to_node: 0,
-        reason: "probes to gw-2 lost".into(),
-        at_unix_ms: 1,
-    })
-    .await
-    .unwrap();
-    let mut audited = Vec::new();
-    for _ in 0..50 {
-        let req = pb::ListAuditRequest { action_prefix: "route.failover".into(), ..Default::default() };
-        audited = a.list_audit(req).await.unwrap().into_inner().entries;
-        if !audited.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(audited.len(), 1, "{audited:?}");
-    assert_eq!(audited[0].actor, format!("node/{}", gw1.node.id));
-    assert_eq!(audited[0].subject, "route/198.18.20.0/24");
-    assert!(audited[0].after.contains("probes to gw-2 lost"), "{audited:?}");
-
-    let st = a.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
-    let link = st.peers.iter().find(|l| l.from_name == "gw-1" && l.to_name == "gw-2").expect("gw-1 -> gw-2");
-    assert_eq!(link.health.unwrap().probe_rtt_p95_ms, 3.5);
-    let nodes = a.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
-    assert_eq!(nodes.iter().find(|n| n.name == "gw-1").unwrap().backend, "userspace");
-    assert_eq!(nodes.iter().find(|n| n.name == "gw-2").unwrap().backend, "", "gw-2 reported nothing");
-
-    // What an operator sees.
-    let sock = dir.path().join("admin.sock");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .arg("--socket")
-        .arg(&sock)
-        .arg("status")
-        .output()
+    let old = SimAgent::enroll(&addr, &k, "gw-v2", &["198.18.10.0/24"]).await.unwrap();
+    let new = SimAgent::enroll(&addr, &k, "gw-v3", &["198.18.10.0/24"]).await.unwrap();
+    let oldest = SimAgent::enroll(&addr, &k, "gw-v1", &[]).await.unwrap();
+    let mut sessions = [
+        (&old, new.node.id, old.sync_as_version(2).await.unwrap()),
+        (&new, old.node.id, new.sync().await.unwrap()),
+        (&oldest, old.node.id, oldest.sync_as_version(1).await.unwrap()),
+    ];
+    // Every agent sends the same report: a probed peer, and ownership of
+    // the site prefix (when it serves one).
+    for (agent, peer, s) in &mut sessions {
+        let generation = s.next(WAIT).await.unwrap().expect("a snapshot");
+        s.health(pb::HealthReport {
+            peers: vec![pb::PeerHealth { node_id: *peer, probe_up: true, probe_rtt_ms: 1.5, ..Default::default() }],
+            routes: vec![pb::RouteHealth {
+                prefix: "198.18.10.0/24".into(),
+                healthy: true,
+                owner: true,
+                owner_since_unix: 1,
+                ..Default::default()
+            }],
+            backend: "userspace".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    let row = text.lines().find(|l| l.starts_with("gw-1 ") && l.contains("gw-2")).unwrap_or_default();
-    for cell in ["yes", "1.50", "1.25", "3.50", "25%", "4s ago"] {
-        assert!(row.contains(cell), "{cell} missing in {row:?}\n{text}");
-    }
-    assert!(text.lines().any(|l| l.starts_with("gw-1 (") && l.contains("userspace")), "{text}");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .arg("--socket")
-        .arg(&sock)
-        .args(["--json", "status"])
-        .output()
-        .await
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["peers"][0]["loss"], 0.25, "{v}");
-
-    // A malformed prefix: the stream ends with an error naming it.
-    let mut s2 = gw2.sync().await.unwrap();
-    s2.failover(pb::FailoverReport { prefix: "not-a-prefix".into(), ..Default::default() }).await.unwrap();
-    let mut err = None;
-    for _ in 0..10 {
-        match s2.next(Duration::from_secs(1)).await {
-            Ok(_) => {}
-            Err(e) => {
-                err = Some(e.to_string());
+        // A stream's messages are handled in order: once the ack is in, so is the report.
+        s.ack(generation).await.unwrap();
+        let node = pb::NodeRef { id: agent.node.id, name: String::new() };
+        let mut acked = 0;
+        for _ in 0..50 {
+            acked = a.get_node(node.clone()).await.unwrap().into_inner().acked_generation;
+            if acked == generation {
                 break;
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        assert_eq!(acked, generation, "{}", agent.node.name);
     }
-    let err = err.expect("the stream ends");
-    assert!(err.contains("not-a-prefix"), "{err}");
+
+    let routes = a.list_routes(pb::Empty {}).await.unwrap().into_inner().routes;
+    let owner = |id: u64| routes.iter().find(|r| r.node_id == id).map(|r| r.owner);
+    assert_eq!(owner(new.node.id), Some(true), "a version-3 gateway's ownership is read");
+    assert_eq!(owner(old.node.id), Some(false), "a version-2 gateway owns no site");
+    let st = a.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    let from: Vec<&str> = st.peers.iter().map(|l| l.from_name.as_str()).collect();
+    assert!(from.contains(&"gw-v2") && from.contains(&"gw-v3"), "{from:?}");
+    assert!(!from.contains(&"gw-v1"), "a version-1 agent has no probe figures: {from:?}");
+    let nodes = a.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    let backend = |name: &str| nodes.iter().find(|n| n.name == name).map(|n| n.backend.clone());
+    assert_eq!(backend("gw-v2").as_deref(), Some("userspace"));
+    assert_eq!(backend("gw-v1").as_deref(), Some(""), "version 1 reports no backend");
 }
 
 /// Each gateway's site LAN addresses reach the site's other gateways, and

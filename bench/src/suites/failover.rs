@@ -63,7 +63,7 @@ fn start_control(host: &Host, dir: &Path) -> anyhow::Result<ControlInNs> {
     Ok(ControlInNs::start(host, config)?)
 }
 
-type Admin = AdminServiceClient<mesh_control::client::Channel>;
+type Admin = AdminServiceClient<mesh_client::channel::Channel>;
 
 struct Env {
     rt: tokio::runtime::Runtime,
@@ -74,7 +74,7 @@ impl Env {
     fn admin<T>(&self, f: impl AsyncFnOnce(&mut Admin) -> anyhow::Result<T>) -> anyhow::Result<T> {
         self.rt.block_on(async {
             let mut a =
-                AdminServiceClient::new(mesh_control::client::connect_unix(&self.dir.join("admin.sock")).await?);
+                AdminServiceClient::new(mesh_client::channel::connect_unix(&self.dir.join("admin.sock")).await?);
             f(&mut a).await
         })
     }

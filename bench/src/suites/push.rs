@@ -21,9 +21,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use mesh_control::client::{Trust, connect};
+use mesh_client::bearer::Bearer;
+use mesh_client::channel::{Trust, connect};
 use mesh_control::config::Config;
-use mesh_control::sim::{Bearer, SimAgent};
+use mesh_control::sim::SimAgent;
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::admin_service_client::AdminServiceClient;
 

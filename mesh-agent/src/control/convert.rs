@@ -108,7 +108,7 @@ pub fn node_view(v: &pb::NodeView, local: &Local) -> Result<NodeView, ConvertErr
         }
     }
     let mut policy = match &v.policy {
-        Some(p) => mesh_control::engine::convert::policy_from_proto(p).map_err(|e| ConvertError(e.to_string()))?,
+        Some(p) => mesh_client::policy::from_proto(p).map_err(|e| ConvertError(e.to_string()))?,
         None => mesh_policy::CompiledPolicy::default(),
     };
     if local.probe_port != 0 && !overlay.is_empty() && !addresses.is_empty() {

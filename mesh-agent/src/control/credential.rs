@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use mesh_control::{
-    auth::EnrollmentKeyText,
-    client::{self, Trust},
-    sim::Bearer,
+use mesh_client::{
+    bearer::Bearer,
+    channel::{self as client, Channel, Trust},
+    enrollment::EnrollmentKeyText,
 };
 use mesh_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
 use serde::{Deserialize, Serialize};
@@ -133,7 +133,7 @@ pub(super) async fn credential(
 
 /// Renews the credential with control (same WireGuard key) and stores it.
 pub(super) async fn renew(
-    channel: &mesh_control::client::Channel,
+    channel: &Channel,
     cred: &mut Credential,
     path: &Path,
 ) -> Result<(), SessionError> {

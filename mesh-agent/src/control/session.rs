@@ -7,10 +7,10 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use mesh_control::{
-    client::{self, Trust},
-    engine::view as pbview,
-    sim::Bearer,
+use mesh_client::{
+    bearer::Bearer,
+    channel::{self as client, Trust},
+    view as pbview,
 };
 use mesh_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
 use tokio::sync::{mpsc, oneshot, watch};

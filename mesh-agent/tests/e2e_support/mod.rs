@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_control::client::connect_unix;
+use mesh_client::channel::connect_unix;
 use mesh_lab::{Host, Process};
 use mesh_proto::v1::admin_service_client::AdminServiceClient;
 

@@ -1,7 +1,6 @@
-//! Store records and compiled policies to their `mesh.v1` messages.
+//! Store records to their `mesh.v1` messages (compiled policies:
+//! `mesh_client::policy`).
 
-use ipnet::IpNet;
-use mesh_policy::{CompiledPolicy, PortRange, Proto, Rule};
 use mesh_proto::v1 as pb;
 
 use crate::store::{AuditRecord, KeyRecord, NodeRecord, NodeState};
@@ -58,74 +57,6 @@ pub fn node(n: &NodeRecord, now: i64, volatile: bool) -> pb::Node {
     }
 }
 
-/// A compiled policy on the wire.
-#[must_use]
-pub fn policy_to_proto(p: &CompiledPolicy) -> pb::CompiledPolicy {
-    pb::CompiledPolicy {
-        generation: p.generation,
-        rules: p
-            .rules
-            .iter()
-            .map(|r| {
-                let (proto, number) = match r.proto {
-                    Proto::Any => (pb::RuleProto::Any, 0),
-                    Proto::Tcp => (pb::RuleProto::Tcp, 6),
-                    Proto::Udp => (pb::RuleProto::Udp, 17),
-                    Proto::Icmp => (pb::RuleProto::Icmp, 1),
-                    Proto::Sctp => (pb::RuleProto::Sctp, 132),
-                    Proto::Other(n) => (pb::RuleProto::Other, u32::from(n)),
-                };
-                pb::PolicyRule {
-                    id: r.id,
-                    src: r.src.iter().map(ToString::to_string).collect(),
-                    dst: r.dst.iter().map(ToString::to_string).collect(),
-                    proto: proto.into(),
-                    proto_number: number,
-                    port_first: u32::from(r.ports.first),
-                    port_last: u32::from(r.ports.last),
-                }
-            })
-            .collect(),
-    }
-}
-
-/// A wire policy that does not convert back.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("bad compiled policy from the wire: {0}")]
-pub struct BadPolicy(String);
-
-/// The wire form back to [`CompiledPolicy`] (what an agent does).
-pub fn policy_from_proto(p: &pb::CompiledPolicy) -> Result<CompiledPolicy, BadPolicy> {
-    let nets = |v: &[String]| -> Result<Vec<IpNet>, BadPolicy> {
-        v.iter().map(|s| s.parse().map_err(|_| BadPolicy(format!("CIDR {s:?}")))).collect()
-    };
-    let port = |v: u32| u16::try_from(v).map_err(|_| BadPolicy(format!("port {v}")));
-    let rules = p
-        .rules
-        .iter()
-        .map(|r| {
-            let proto = match pb::RuleProto::try_from(r.proto).map_err(|_| BadPolicy(format!("proto {}", r.proto)))? {
-                pb::RuleProto::Any => Proto::Any,
-                pb::RuleProto::Tcp => Proto::Tcp,
-                pb::RuleProto::Udp => Proto::Udp,
-                pb::RuleProto::Icmp => Proto::Icmp,
-                pb::RuleProto::Sctp => Proto::Sctp,
-                pb::RuleProto::Other => {
-                    Proto::Other(u8::try_from(r.proto_number).map_err(|_| BadPolicy("proto number".into()))?)
-                }
-            };
-            Ok(Rule {
-                id: r.id,
-                src: nets(&r.src)?,
-                dst: nets(&r.dst)?,
-                proto,
-                ports: PortRange { first: port(r.port_first)?, last: port(r.port_last)? },
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(CompiledPolicy { generation: p.generation, rules })
-}
-
 /// An enrollment key as the API shows it.
 #[must_use]
 pub fn key(k: &KeyRecord) -> pb::EnrollmentKey {
@@ -155,34 +86,5 @@ pub fn audit(a: &AuditRecord) -> pb::AuditEntry {
         subject: a.subject.clone(),
         before: a.before.clone(),
         after: a.after.clone(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compiled_policy_round_trips_through_the_wire() {
-        let p = CompiledPolicy {
-            generation: 9,
-            rules: vec![
-                Rule {
-                    id: 1 << 16,
-                    src: vec!["100.64.0.1/32".parse().unwrap(), "fd7a:6d65:7368::1/128".parse().unwrap()],
-                    dst: vec!["198.18.10.0/24".parse().unwrap()],
-                    proto: Proto::Other(47),
-                    ports: PortRange::ANY,
-                },
-                Rule {
-                    id: 2,
-                    src: vec!["0.0.0.0/0".parse().unwrap()],
-                    dst: vec!["100.64.0.2/32".parse().unwrap()],
-                    proto: Proto::Tcp,
-                    ports: PortRange { first: 5000, last: 5100 },
-                },
-            ],
-        };
-        assert_eq!(policy_from_proto(&policy_to_proto(&p)).unwrap(), p);
     }
 }

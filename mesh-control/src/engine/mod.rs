@@ -9,6 +9,7 @@
 //! A background loop polls the store's change counter, which is how changes
 //! made by another replica on a shared PostgreSQL arrive.
 
+pub mod clock;
 pub mod convert;
 pub mod metrics;
 pub mod view;
@@ -26,6 +27,7 @@ use crate::policy::{DEFAULT_POLICY, Policy};
 use crate::routes::RouteSelector;
 use crate::store::{NodeRecord, Snapshot, Store, StoreError};
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use metrics::Metrics;
 
 /// Engine settings.
@@ -41,6 +43,8 @@ pub struct EngineConfig {
     pub ephemeral_offline_secs: i64,
     /// How often to look for changes made by other replicas.
     pub poll_interval: Duration,
+    /// Where "now" comes from (the wall clock but in tests).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +55,7 @@ impl Default for EngineConfig {
             key_lifetime_secs: 90 * 86_400,
             ephemeral_offline_secs: 600,
             poll_interval: Duration::from_millis(500),
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -116,14 +121,6 @@ pub struct Engine {
     audit_tx: watch::Sender<u64>,
 }
 
-/// Unix seconds now.
-#[must_use]
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
-}
-
 impl Engine {
     /// An engine over `store`; call [`Engine::refresh`] (or start
     /// [`Engine::run_background`]) to compute the first views.
@@ -155,6 +152,12 @@ impl Engine {
     #[must_use]
     pub const fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// Unix seconds now, by the engine's clock.
+    #[must_use]
+    pub fn now(&self) -> i64 {
+        self.cfg.clock.now()
     }
 
     /// The latest snapshot the views were computed from.
@@ -367,7 +370,7 @@ impl Engine {
                     &format!("route/{}", c.prefix),
                     json(c.from),
                     json(c.to),
-                    now(),
+                    self.now(),
                 )
                 .await
             {
@@ -383,7 +386,7 @@ impl Engine {
     /// primary gateway changed.
     fn recompute(&self, snap: Arc<Snapshot>) -> Vec<PrimaryChange> {
         let started = Instant::now();
-        let now = now();
+        let now = self.now();
         let mut st = self.lock();
         let st = &mut *st;
         // The policy, re-parsed only when its generation changed.
@@ -423,7 +426,7 @@ impl Engine {
                 continue;
             }
             new.generation = self.next_generation.fetch_add(1, Ordering::SeqCst);
-            let delta = old.map(|o| view::delta(&o.view, &new));
+            let delta = old.map(|o| mesh_client::view::delta(&o.view, &new));
             let published = Arc::new(Published { view: new, delta, at: Instant::now() });
             st.views.insert(id, published.clone());
             match st.slots.get(&id) {
@@ -501,7 +504,7 @@ impl Engine {
     }
 
     async fn collect_ephemeral(&self) {
-        let now = now();
+        let now = self.now();
         let snap = self.snapshot();
         for n in snap
             .nodes

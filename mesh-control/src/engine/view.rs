@@ -1,5 +1,6 @@
-//! Per-node views and the deltas between two views: pure functions of the
-//! store's snapshot, the policy and the route selector's memory.
+//! Per-node views: pure functions of the store's snapshot, the policy and
+//! the route selector's memory. The deltas between two views are
+//! `mesh_client::view` (the agent applies them with the same code).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -155,7 +156,7 @@ pub fn compute(input: &ViewInput<'_>, selector: &mut RouteSelector) -> Views {
             peers: peers[i].iter().map(|&j| peer_msgs[j].clone()).collect(),
             routes: views_routes(n.id),
             mtu: input.mtu,
-            policy: compiled.get(&n.id).map(convert::policy_to_proto),
+            policy: compiled.get(&n.id).map(mesh_client::policy::to_proto),
         };
         nodes.insert(n.id, view);
     }
@@ -184,50 +185,4 @@ pub fn compute(input: &ViewInput<'_>, selector: &mut RouteSelector) -> Views {
 pub fn same(a: &pb::NodeView, b: &pb::NodeView) -> bool {
     let rules = |v: &pb::NodeView| v.policy.as_ref().map(|p| p.rules.clone()).unwrap_or_default();
     a.self_ == b.self_ && a.peers == b.peers && a.routes == b.routes && a.mtu == b.mtu && rules(a) == rules(b)
-}
-
-/// The delta from `old` to `new`.
-#[must_use]
-pub fn delta(old: &pb::NodeView, new: &pb::NodeView) -> pb::NodeViewDelta {
-    let old_peers: BTreeMap<u64, &pb::Peer> = old.peers.iter().map(|p| (p.node_id, p)).collect();
-    let new_ids: BTreeSet<u64> = new.peers.iter().map(|p| p.node_id).collect();
-    let old_routes: BTreeMap<&str, &pb::RouteAssignment> = old.routes.iter().map(|r| (r.prefix.as_str(), r)).collect();
-    let new_prefixes: BTreeSet<&str> = new.routes.iter().map(|r| r.prefix.as_str()).collect();
-    pb::NodeViewDelta {
-        base_generation: old.generation,
-        generation: new.generation,
-        self_: (old.self_ != new.self_).then(|| new.self_.clone()).flatten(),
-        upsert_peers: new.peers.iter().filter(|p| old_peers.get(&p.node_id) != Some(p)).cloned().collect(),
-        removed_peers: old_peers.keys().filter(|id| !new_ids.contains(id)).copied().collect(),
-        upsert_routes: new.routes.iter().filter(|r| old_routes.get(r.prefix.as_str()) != Some(r)).cloned().collect(),
-        removed_routes: old_routes.keys().filter(|p| !new_prefixes.contains(*p)).map(|p| (*p).to_owned()).collect(),
-        mtu: if old.mtu == new.mtu { 0 } else { new.mtu },
-        policy: (old.policy != new.policy).then(|| new.policy.clone()).flatten(),
-    }
-}
-
-/// Applies a delta to a view (what an agent does; used by tests).
-pub fn apply(view: &mut pb::NodeView, d: &pb::NodeViewDelta) -> Result<(), String> {
-    if view.generation != d.base_generation {
-        return Err(format!("delta from {} onto {}", d.base_generation, view.generation));
-    }
-    view.generation = d.generation;
-    if let Some(s) = &d.self_ {
-        view.self_ = Some(s.clone());
-    }
-    view.peers
-        .retain(|p| !d.removed_peers.contains(&p.node_id) && !d.upsert_peers.iter().any(|u| u.node_id == p.node_id));
-    view.peers.extend(d.upsert_peers.iter().cloned());
-    view.peers.sort_by_key(|p| p.node_id);
-    view.routes
-        .retain(|r| !d.removed_routes.contains(&r.prefix) && !d.upsert_routes.iter().any(|u| u.prefix == r.prefix));
-    view.routes.extend(d.upsert_routes.iter().cloned());
-    view.routes.sort_by_key(|r| r.prefix.parse::<IpNet>().ok());
-    if d.mtu != 0 {
-        view.mtu = d.mtu;
-    }
-    if let Some(p) = &d.policy {
-        view.policy = Some(p.clone());
-    }
-    Ok(())
 }

@@ -11,8 +11,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{ApiError, bearer, cidr, record_refusal};
-use crate::auth::{self, EnrollmentKeyText};
-use crate::engine::{Engine, convert, now, view};
+use mesh_client::enrollment::EnrollmentKeyText;
+
+use crate::auth;
+use crate::engine::{Engine, convert, view};
 use crate::policy::{self, Policy, compile};
 use crate::route_check;
 use crate::store::{AuditFilter, KeyRecord, NodeRecord};
@@ -48,7 +50,7 @@ impl AdminApi {
         if let Some(id) = self.engine.store().api_token(&hash).await? {
             return Ok(format!("admin:{id}"));
         }
-        if self.engine.node_by_credential(&hash).await?.is_some_and(|n| !n.expired(now())) {
+        if self.engine.node_by_credential(&hash).await?.is_some_and(|n| !n.expired(self.engine.now())) {
             return Err(ApiError::PermissionDenied("node credentials cannot use the admin API".into()));
         }
         Err(ApiError::Unauthenticated)
@@ -62,7 +64,7 @@ impl AdminApi {
     }
 
     fn node_msg(&self, n: &NodeRecord) -> pb::Node {
-        let mut m = convert::node(n, now(), true);
+        let mut m = convert::node(n, self.engine.now(), true);
         m.acked_generation = self.engine.acked(n.id);
         m.backend = self.engine.backend(n.id).unwrap_or_default();
         if let Some((generation, error)) = self.engine.nacked(n.id) {
@@ -153,7 +155,7 @@ impl AdminApi {
     /// Parses and tests a candidate against the current nodes, then checks
     /// that every node's compiled rules fit the limits its agent reported.
     fn check(&self, text: &str) -> Result<(Policy, u32), Vec<policy::Problem>> {
-        let inv = view::inventory(&self.engine.snapshot(), now());
+        let inv = view::inventory(&self.engine.snapshot(), self.engine.now());
         let (policy, passed) = policy::check(text, &inv)?;
         let (_, generation) = self.engine.policy();
         let problems = policy::check_limits(&policy, &inv, generation + 1, &self.engine.limits());
@@ -186,7 +188,7 @@ impl AdminApi {
             if policy::auto_approved(policy, &inv, r.prefix) {
                 match route_check::conflict(&snap, r.node_id, r.prefix) {
                     None => {
-                        self.engine.store().auto_approve_route(r.node_id, &r.prefix, actor, now()).await?;
+                        self.engine.store().auto_approve_route(r.node_id, &r.prefix, actor, self.engine.now()).await?;
                     }
                     Some(c) => record_refusal(&self.engine, actor, r.node_id, &r.prefix, &c).await?,
                 }
@@ -217,7 +219,7 @@ impl AdminService for AdminApi {
     async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> R<pb::Status> {
         self.authorize(&req).await?;
         let snap = self.engine.snapshot();
-        let now = now();
+        let now = self.engine.now();
         let count = |f: &dyn Fn(&NodeRecord) -> bool| snap.nodes.iter().filter(|n| f(n)).count() as u64;
         Ok(Response::new(pb::Status {
             capabilities: Some(mesh_proto::capabilities("mesh-control")),
@@ -249,7 +251,7 @@ impl AdminService for AdminApi {
     async fn approve_node(&self, req: Request<pb::NodeRef>) -> R<pb::Node> {
         let actor = self.authorize(&req).await?;
         let n = self.find_node(req.get_ref())?;
-        let n = self.engine.store().approve_node(n.id, &actor, now()).await.map_err(ApiError::from)?;
+        let n = self.engine.store().approve_node(n.id, &actor, self.engine.now()).await.map_err(ApiError::from)?;
         Ok(Response::new(self.node_changed(n).await?))
     }
 
@@ -261,28 +263,28 @@ impl AdminService for AdminApi {
         if let Some(bad) = r.tags.iter().find(|t| !t.starts_with("tag:") || !policy.tag_owners.contains_key(*t)) {
             return Err(ApiError::InvalidArgument(format!("{bad:?} is not a tag declared in tagOwners")).into());
         }
-        let n = self.engine.store().set_tags(n.id, r.tags, &actor, now()).await.map_err(ApiError::from)?;
+        let n = self.engine.store().set_tags(n.id, r.tags, &actor, self.engine.now()).await.map_err(ApiError::from)?;
         Ok(Response::new(self.node_changed(n).await?))
     }
 
     async fn expire_node_key(&self, req: Request<pb::NodeRef>) -> R<pb::Node> {
         let actor = self.authorize(&req).await?;
         let n = self.find_node(req.get_ref())?;
-        let n = self.engine.store().expire_key(n.id, &actor, now()).await.map_err(ApiError::from)?;
+        let n = self.engine.store().expire_key(n.id, &actor, self.engine.now()).await.map_err(ApiError::from)?;
         Ok(Response::new(self.node_changed(n).await?))
     }
 
     async fn rotate_node_key(&self, req: Request<pb::NodeRef>) -> R<pb::Node> {
         let actor = self.authorize(&req).await?;
         let n = self.find_node(req.get_ref())?;
-        let n = self.engine.store().request_rotation(n.id, &actor, now()).await.map_err(ApiError::from)?;
+        let n = self.engine.store().request_rotation(n.id, &actor, self.engine.now()).await.map_err(ApiError::from)?;
         Ok(Response::new(self.node_changed(n).await?))
     }
 
     async fn remove_node(&self, req: Request<pb::NodeRef>) -> R<pb::Empty> {
         let actor = self.authorize(&req).await?;
         let n = self.find_node(req.get_ref())?;
-        self.engine.store().remove_node(n.id, &actor, now()).await.map_err(ApiError::from)?;
+        self.engine.store().remove_node(n.id, &actor, self.engine.now()).await.map_err(ApiError::from)?;
         self.engine.refresh().await.map_err(ApiError::from)?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -297,7 +299,7 @@ impl AdminService for AdminApi {
         if let Some(bad) = r.tags.iter().find(|t| !policy.tag_owners.contains_key(*t)) {
             return Err(ApiError::InvalidArgument(format!("{bad:?} is not a tag declared in tagOwners")).into());
         }
-        let now = now();
+        let now = self.engine.now();
         let secret = auth::secret(24);
         let text = EnrollmentKeyText { id: auth::secret(6), secret: secret.clone(), ca_pin: Some(self.ca_pin) };
         let key = KeyRecord {
@@ -327,7 +329,12 @@ impl AdminService for AdminApi {
 
     async fn revoke_enrollment_key(&self, req: Request<pb::RevokeEnrollmentKeyRequest>) -> R<pb::EnrollmentKey> {
         let actor = self.authorize(&req).await?;
-        let k = self.engine.store().revoke_key(&req.get_ref().id, &actor, now()).await.map_err(ApiError::from)?;
+        let k = self
+            .engine
+            .store()
+            .revoke_key(&req.get_ref().id, &actor, self.engine.now())
+            .await
+            .map_err(ApiError::from)?;
         self.engine.audit_changed();
         Ok(Response::new(convert::key(&k)))
     }
@@ -350,7 +357,7 @@ impl AdminService for AdminApi {
             }
             tracing::warn!(node, %prefix, %actor, conflict = %c, "admin approves a route over a conflict");
         }
-        self.engine.store().approve_route(node, &prefix, &actor, now()).await.map_err(ApiError::from)?;
+        self.engine.store().approve_route(node, &prefix, &actor, self.engine.now()).await.map_err(ApiError::from)?;
         self.engine.refresh().await.map_err(ApiError::from)?;
         Ok(Response::new(self.route_msg(node, &prefix)?))
     }
@@ -362,7 +369,7 @@ impl AdminService for AdminApi {
         let prefix = cidr(&route.prefix)?;
         self.engine
             .store()
-            .set_route_priority(route.node_id, &prefix, r.priority, &actor, now())
+            .set_route_priority(route.node_id, &prefix, r.priority, &actor, self.engine.now())
             .await
             .map_err(ApiError::from)?;
         self.engine.refresh().await.map_err(ApiError::from)?;
@@ -394,7 +401,7 @@ impl AdminService for AdminApi {
         self.authorize(&req).await?;
         let candidate = Policy::parse(&req.get_ref().text).map_err(|p| Self::problems_status(&p))?;
         let snap = self.engine.snapshot();
-        let inv = view::inventory(&snap, now());
+        let inv = view::inventory(&snap, self.engine.now());
         let (current, generation) = self.engine.policy();
         let old = compile(&current, &inv, generation);
         let new = compile(&candidate, &inv, generation + 1);
@@ -415,7 +422,8 @@ impl AdminService for AdminApi {
         let text = req.into_inner().text;
         // Parse, validate and run the tests first: a bad candidate changes nothing.
         let (policy, passed) = self.check(&text).map_err(|p| Self::problems_status(&p))?;
-        let generation = self.engine.store().set_policy(&text, &actor, now()).await.map_err(ApiError::from)?;
+        let generation =
+            self.engine.store().set_policy(&text, &actor, self.engine.now()).await.map_err(ApiError::from)?;
         tracing::info!(generation, tests_passed = passed, %actor, "policy set");
         self.apply_auto_approvers(&policy, "policy:autoApprovers").await?;
         self.engine.refresh().await.map_err(ApiError::from)?;

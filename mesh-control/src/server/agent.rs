@@ -11,8 +11,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ApiError, bearer, cidr, record_refusal};
-use crate::auth::{self, EnrollmentKeyText};
-use crate::engine::{Engine, convert, now};
+use mesh_client::enrollment::EnrollmentKeyText;
+
+use crate::auth;
+use crate::capability;
+use crate::engine::{Engine, convert};
 use crate::policy::{self, InventoryNode};
 use crate::route_check;
 use crate::store::{KeyRecord, NewNode, NodeRecord, RouteOptionsRecord};
@@ -38,7 +41,7 @@ impl AgentApi {
             .node_by_credential(&auth::sha256_hex(token.as_bytes()))
             .await?
             .ok_or(ApiError::Unauthenticated)?;
-        if node.expired(now()) {
+        if node.expired(self.engine.now()) {
             return Err(ApiError::Unauthenticated);
         }
         Ok(node)
@@ -87,7 +90,12 @@ impl AgentApi {
             key_lifetime: self.engine.config().key_lifetime_secs,
         };
         let secret_hash = auth::sha256_hex(key.secret.as_bytes());
-        let node = match self.engine.store().enroll(&key.id, &secret_hash, &new, self.auto_approver(), now()).await {
+        let node = match self
+            .engine
+            .store()
+            .enroll(&key.id, &secret_hash, &new, self.auto_approver(), self.engine.now())
+            .await
+        {
             Ok(n) => n,
             // Every key problem looks the same from outside.
             Err(crate::store::StoreError::Conflict(why)) => {
@@ -106,7 +114,7 @@ impl AgentApi {
         }
         Ok(pb::EnrollResponse {
             capabilities: Some(mesh_proto::capabilities("mesh-control")),
-            node: Some(convert::node(&node, now(), true)),
+            node: Some(convert::node(&node, self.engine.now(), true)),
             credential: Some(pb::Credential { token, expires_unix: node.key_expiry }),
         })
     }
@@ -118,16 +126,18 @@ impl AgentApi {
             _ => return Err(ApiError::InvalidArgument("new_wireguard_public_key must be 32 bytes".into())),
         };
         let (token, hash) = auth::new_credential();
-        let expiry = now() + self.engine.config().key_lifetime_secs;
-        let node = self.engine.store().renew(node.id, hash, new_key, expiry, now()).await?;
+        let expiry = self.engine.now() + self.engine.config().key_lifetime_secs;
+        let node = self.engine.store().renew(node.id, hash, new_key, expiry, self.engine.now()).await?;
         self.engine.refresh().await?;
         Ok(pb::RenewResponse {
             credential: Some(pb::Credential { token, expires_unix: node.key_expiry }),
-            node: Some(convert::node(&node, now(), true)),
+            node: Some(convert::node(&node, self.engine.now(), true)),
         })
     }
 
-    async fn handle(&self, node: u64, msg: pb::sync_request::Msg) -> Result<(), ApiError> {
+    /// Handles one message of a Sync stream from an agent of capability
+    /// `version`.
+    async fn handle(&self, node: u64, version: u32, msg: pb::sync_request::Msg) -> Result<(), ApiError> {
         use pb::sync_request::Msg;
         match msg {
             Msg::Hello(_) => Err(ApiError::InvalidArgument("hello sent twice".into())),
@@ -141,6 +151,7 @@ impl AgentApi {
                 Ok(())
             }
             Msg::Health(report) => {
+                let report = capability::health(version, report);
                 let snap = self.engine.snapshot();
                 let mut changed = false;
                 for rh in &report.routes {
@@ -149,15 +160,19 @@ impl AgentApi {
                         continue;
                     };
                     if known.healthy != rh.healthy {
-                        self.engine.store().set_route_health(node, &prefix, rh.healthy, now()).await?;
+                        self.engine.store().set_route_health(node, &prefix, rh.healthy, self.engine.now()).await?;
                         changed = true;
                     }
                     // Ownership is shown and audited, not used for the
                     // order: the gateways decide it from control's order.
                     if known.owner != rh.owner {
-                        let since = if rh.owner_since_unix > 0 { rh.owner_since_unix.min(now()) } else { now() };
+                        let since = if rh.owner_since_unix > 0 {
+                            rh.owner_since_unix.min(self.engine.now())
+                        } else {
+                            self.engine.now()
+                        };
                         tracing::info!(node, %prefix, owner = rh.owner, "site ownership changed");
-                        self.engine.store().set_route_owner(node, &prefix, rh.owner, since, now()).await?;
+                        self.engine.store().set_route_owner(node, &prefix, rh.owner, since, self.engine.now()).await?;
                         changed = true;
                     }
                 }
@@ -168,6 +183,7 @@ impl AgentApi {
                 Ok(())
             }
             Msg::Routes(adv) => {
+                let adv = capability::routes(version, adv);
                 let record = self.engine.snapshot().nodes.iter().find(|n| n.id == node).cloned();
                 let Some(record) = record else { return Err(ApiError::NotFound("node".into())) };
                 let (policy, _) = self.engine.policy();
@@ -193,7 +209,7 @@ impl AgentApi {
                         refused.push((n, c));
                     }
                 }
-                self.engine.store().set_advertised(node, &prefixes, now()).await?;
+                self.engine.store().set_advertised(node, &prefixes, self.engine.now()).await?;
                 let stored = self.engine.store().snapshot().await?;
                 for o in &adv.options {
                     let prefix = cidr(&o.prefix)?;
@@ -213,7 +229,7 @@ impl AgentApi {
                             || r.snat != options.snat
                             || r.lan_addresses != options.lan_addresses
                     }) {
-                        self.engine.store().set_route_options(node, &prefix, options, now()).await?;
+                        self.engine.store().set_route_options(node, &prefix, options, self.engine.now()).await?;
                     }
                 }
                 for (n, c) in &refused {
@@ -242,7 +258,7 @@ impl AgentApi {
                         &format!("route/{prefix}"),
                         before,
                         after,
-                        now(),
+                        self.engine.now(),
                     )
                     .await?;
                 self.engine.audit_changed();
@@ -314,16 +330,21 @@ impl AgentService for AgentApi {
             return Err(ApiError::PermissionDenied("this credential belongs to another node".into()).into());
         }
         let id = node.id;
-        let limits = hello.capabilities.as_ref().and_then(|c| c.limits.as_ref()).map(convert::limits);
-        self.engine.set_limits(id, limits);
+        let version = capability::version(hello.capabilities.as_ref());
+        self.engine.set_limits(id, capability::limits(hello.capabilities.as_ref()));
         let endpoints = (!hello.endpoints.is_empty()).then_some(hello.endpoints);
         if self.engine.stream_opened(id) == 1 || endpoints.is_some() {
-            self.engine.store().set_presence(id, true, endpoints, now()).await.map_err(ApiError::from)?;
+            self.engine.store().set_presence(id, true, endpoints, self.engine.now()).await.map_err(ApiError::from)?;
             let engine = self.engine.clone();
             // Presence matters for route failover only: do not hold up the stream.
             tokio::spawn(async move { engine.refresh().await });
         }
-        tracing::info!(node = id, last_generation = hello.last_generation, "sync stream opened");
+        tracing::info!(
+            node = id,
+            last_generation = hello.last_generation,
+            capability_version = version,
+            "sync stream opened"
+        );
         let mut slot = self.engine.subscribe(id);
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
@@ -345,7 +366,7 @@ impl AgentService for AgentApi {
                     changed = slot.changed() => if changed.is_err() { break },
                     msg = inbound.message() => match msg {
                         Ok(Some(pb::SyncRequest { msg: Some(m) })) => {
-                            if let Err(e) = this.handle(id, m).await {
+                            if let Err(e) = this.handle(id, version, m).await {
                                 let _ = tx.send(Err(e.into())).await;
                                 break;
                             }
@@ -356,7 +377,7 @@ impl AgentService for AgentApi {
                 }
             }
             if this.engine.stream_closed(id) == 0 {
-                let _ = this.engine.store().set_presence(id, false, None, now()).await;
+                let _ = this.engine.store().set_presence(id, false, None, this.engine.now()).await;
                 let _ = this.engine.refresh().await;
             }
             tracing::info!(node = id, "sync stream closed");

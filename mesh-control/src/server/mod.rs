@@ -11,7 +11,7 @@ pub mod agent;
 use ipnet::IpNet;
 use tonic::Status;
 
-use crate::engine::{Engine, now};
+use crate::engine::Engine;
 use crate::route_check::RouteConflict;
 use crate::store::StoreError;
 
@@ -94,7 +94,7 @@ pub(crate) async fn record_refusal(
             &format!("route/{node}/{prefix}"),
             String::new(),
             after.to_string(),
-            now(),
+            engine.now(),
         )
         .await?;
     engine.audit_changed();

@@ -9,13 +9,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use mesh_control::client::{self, Trust};
-use mesh_control::sim::Bearer;
+use mesh_client::bearer::{Authed, Bearer};
+use mesh_client::channel::{self, Trust};
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::admin_service_client::AdminServiceClient;
 use serde_json::json;
 
-type Admin = AdminServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+type Admin = AdminServiceClient<Authed>;
 
 #[derive(Parser, Debug)]
 #[command(about = "Operate the mesh")]
@@ -403,8 +403,8 @@ fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_o
 }
 
 async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
-    let channel = if let Some(sock) = &cli.socket {
-        client::connect_unix(sock).await?
+    let ch = if let Some(sock) = &cli.socket {
+        channel::connect_unix(sock).await?
     } else {
         let trust = match (&cli.ca_pin, &cli.ca_file) {
             (Some(pin), _) => {
@@ -413,9 +413,9 @@ async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
             (None, Some(f)) => Trust::CaPem(std::fs::read_to_string(f)?),
             (None, None) => bail!("give --ca-pin or --ca-file to trust control's CA (or --socket)"),
         };
-        client::connect(&cli.server, &trust).await?
+        channel::connect(&cli.server, &trust).await?
     };
-    Ok(AdminServiceClient::with_interceptor(channel, Bearer(cli.token.clone())))
+    Ok(AdminServiceClient::with_interceptor(ch, Bearer(cli.token.clone())))
 }
 
 async fn policy_file(path: &PathBuf) -> anyhow::Result<pb::PolicyDocument> {

@@ -1,6 +1,6 @@
 //! Connecting to control over TLS, trusting exactly control's CA: either by
-//! its SHA-256 pin (what an enrollment key carries) or by its PEM. Used by
-//! agents, meshctl, the tests and the push benchmark.
+//! its SHA-256 pin (what an enrollment key carries) or by its PEM; and to
+//! control's local admin socket.
 
 use std::future::Future;
 use std::pin::Pin;

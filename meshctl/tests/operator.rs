@@ -1,20 +1,23 @@
-//! In-process gRPC: what keeps one node from hurting the others. Site
-//! prefixes that could capture other traffic are refused with a reason
-//! (`meshctl routes`, the audit log, `ApproveRoute`); a policy that does not
-//! fit an agent's reported data path limits is refused up front; an agent's
-//! nack shows in the node, in `meshctl status` and in the metrics.
+//! What an operator sees through `meshctl`, against a real control
+//! in-process driven by simulated agents. Site prefixes that could capture
+//! other traffic are refused with a reason (`meshctl routes`, the audit log,
+//! `ApproveRoute`); a policy that does not fit an agent's reported data path
+//! limits is refused up front; an agent's nack shows in the node, in
+//! `meshctl status` and in the metrics; agents' probe figures and backends
+//! reach `meshctl status`.
 
 use std::time::Duration;
 
-use mesh_control::client::{Trust, connect};
+use mesh_client::bearer::{Authed, Bearer};
+use mesh_client::channel::{Trust, connect};
 use mesh_control::config::Config;
 use mesh_control::run::{Running, start};
-use mesh_control::sim::{Bearer, SimAgent};
+use mesh_control::sim::SimAgent;
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::admin_service_client::AdminServiceClient;
 use tonic::Code;
 
-type Admin = AdminServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+type Admin = AdminServiceClient<Authed>;
 
 async fn control(dir: &std::path::Path) -> (Running, Admin) {
     let config = Config {
@@ -188,6 +191,93 @@ async fn over_limit_policy_is_refused_and_nacks_are_visible() {
     assert_eq!(c.engine.nacked(gw.node.id), None, "an applied view clears the nack");
     let metrics = http_get(c.metrics_addr.unwrap(), "/metrics").await;
     assert!(metrics.contains("mesh_control_nodes_nacking 0"), "{metrics}");
+}
+
+/// Agents' probe figures and backends reach `GetStatus`, `ListNodes` and
+/// `meshctl status`; a local failover report becomes an audit entry; a
+/// report with a malformed prefix ends the stream with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_reports_status_and_failover_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, mut a) = control(dir.path()).await;
+    let addr = c.addr.to_string();
+    a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
+    let k = key(&mut a, &["tag:gw"]).await;
+    let gw1 = SimAgent::enroll(&addr, &k, "gw-1", &[]).await.unwrap();
+    let gw2 = SimAgent::enroll(&addr, &k, "gw-2", &[]).await.unwrap();
+    let s1 = gw1.sync().await.unwrap();
+    s1.health(pb::HealthReport {
+        peers: vec![pb::PeerHealth {
+            node_id: gw2.node.id,
+            handshake_age_ms: 4000,
+            probe_rtt_ms: 1.5,
+            probe_loss: 0.25,
+            probe_rtt_p50_ms: 1.25,
+            probe_rtt_p95_ms: 3.5,
+            probe_up: true,
+            rx_bytes: 10,
+            tx_bytes: 20,
+        }],
+        backend: "userspace".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    s1.failover(pb::FailoverReport {
+        prefix: "198.18.20.0/24".into(),
+        from_node: gw2.node.id,
+        to_node: 0,
+        reason: "probes to gw-2 lost".into(),
+        at_unix_ms: 1,
+    })
+    .await
+    .unwrap();
+    let mut audited = Vec::new();
+    for _ in 0..50 {
+        let req = pb::ListAuditRequest { action_prefix: "route.failover".into(), ..Default::default() };
+        audited = a.list_audit(req).await.unwrap().into_inner().entries;
+        if !audited.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(audited[0].actor, format!("node/{}", gw1.node.id));
+    assert_eq!(audited[0].subject, "route/198.18.20.0/24");
+    assert!(audited[0].after.contains("probes to gw-2 lost"), "{audited:?}");
+
+    let st = a.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    let link = st.peers.iter().find(|l| l.from_name == "gw-1" && l.to_name == "gw-2").expect("gw-1 -> gw-2");
+    assert_eq!(link.health.unwrap().probe_rtt_p95_ms, 3.5);
+    let nodes = a.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    assert_eq!(nodes.iter().find(|n| n.name == "gw-1").unwrap().backend, "userspace");
+    assert_eq!(nodes.iter().find(|n| n.name == "gw-2").unwrap().backend, "", "gw-2 reported nothing");
+
+    // What an operator sees.
+    let text = meshctl(dir.path(), &["status"]).await;
+    let row = text.lines().find(|l| l.starts_with("gw-1 ") && l.contains("gw-2")).unwrap_or_default();
+    for cell in ["yes", "1.50", "1.25", "3.50", "25%", "4s ago"] {
+        assert!(row.contains(cell), "{cell} missing in {row:?}\n{text}");
+    }
+    assert!(text.lines().any(|l| l.starts_with("gw-1 (") && l.contains("userspace")), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&meshctl(dir.path(), &["--json", "status"]).await).unwrap();
+    assert_eq!(v["peers"][0]["loss"], 0.25, "{v}");
+
+    // A malformed prefix: the stream ends with an error naming it.
+    let mut s2 = gw2.sync().await.unwrap();
+    s2.failover(pb::FailoverReport { prefix: "not-a-prefix".into(), ..Default::default() }).await.unwrap();
+    let mut err = None;
+    for _ in 0..10 {
+        match s2.next(Duration::from_secs(1)).await {
+            Ok(_) => {}
+            Err(e) => {
+                err = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let err = err.expect("the stream ends");
+    assert!(err.contains("not-a-prefix"), "{err}");
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {

@@ -1,0 +1,132 @@
+//! What an agent's capability version means to control.
+//!
+//! The history of the versions is in `proto/mesh/v1/mesh.proto`, next to
+//! `Capabilities`. Control reads a field only from an agent whose version
+//! defines it: proto3 reads a field the sender never set as zero or
+//! `false`, and control must not take that for a figure. A version-1
+//! agent's peer entries, for one, would show every peer as probed down at
+//! 0 ms, and a version-2 gateway's `owner: false` would say something about
+//! site ownership, which that version knows nothing of.
+//!
+//! Nothing control sends depends on the version yet: every field of a view
+//! has been there since version 1.
+
+use mesh_policy::tables::Limits;
+use mesh_proto::v1 as pb;
+
+use crate::engine::convert;
+
+/// Agents probe their peers (`PeerHealth.probe_*`), report their WireGuard
+/// backend (`HealthReport.backend`) and their local failovers.
+pub const PROBES: u32 = 2;
+
+/// HA gateways: site ownership (`RouteHealth.owner`), route options
+/// (`RouteAdvertisement.options`) and the data path's limits
+/// (`Capabilities.limits`).
+pub const HA_GATEWAYS: u32 = 3;
+
+/// The version a peer reported. Capabilities came with version 1, so a
+/// sender without them speaks 1.
+#[must_use]
+pub fn version(caps: Option<&pb::Capabilities>) -> u32 {
+    caps.map_or(1, |c| c.capability_version.max(1))
+}
+
+/// The data path limits a hello carries, when its version defines them.
+#[must_use]
+pub fn limits(caps: Option<&pb::Capabilities>) -> Option<Limits> {
+    let caps = caps.filter(|c| version(Some(c)) >= HA_GATEWAYS)?;
+    caps.limits.as_ref().map(convert::limits)
+}
+
+/// A health report without what the sender's version does not define.
+#[must_use]
+pub fn health(version: u32, mut report: pb::HealthReport) -> pb::HealthReport {
+    if version < PROBES {
+        // The peer entries are the probes' figures (`Status.peers`), and a
+        // version-1 agent has none.
+        report.peers.clear();
+        report.backend.clear();
+    }
+    if version < HA_GATEWAYS {
+        // The gateway holds no site address: it owns no site.
+        for r in &mut report.routes {
+            r.owner = false;
+            r.owner_since_unix = 0;
+        }
+    }
+    report
+}
+
+/// A route advertisement without what the sender's version does not
+/// define.
+#[must_use]
+pub fn routes(version: u32, mut adv: pb::RouteAdvertisement) -> pb::RouteAdvertisement {
+    if version < HA_GATEWAYS {
+        adv.options.clear();
+    }
+    adv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(version: u32, limits: Option<pb::DataplaneLimits>) -> pb::Capabilities {
+        pb::Capabilities { capability_version: version, software: "mesh-agent 0.1.0".into(), limits }
+    }
+
+    fn report() -> pb::HealthReport {
+        pb::HealthReport {
+            peers: vec![pb::PeerHealth { node_id: 2, probe_up: true, probe_rtt_ms: 1.5, ..Default::default() }],
+            routes: vec![pb::RouteHealth {
+                prefix: "198.18.10.0/24".into(),
+                healthy: true,
+                owner: true,
+                owner_since_unix: 100,
+                ..Default::default()
+            }],
+            counters: Some(pb::DataplaneCounters { accepted_packets: 7, ..Default::default() }),
+            backend: "userspace".into(),
+        }
+    }
+
+    #[test]
+    fn a_sender_without_capabilities_speaks_version_1() {
+        assert_eq!(version(None), 1);
+        assert_eq!(version(Some(&caps(0, None))), 1);
+        assert_eq!(version(Some(&caps(3, None))), 3);
+    }
+
+    #[test]
+    fn limits_are_read_from_version_3_on() {
+        let l = pb::DataplaneLimits { max_rules: 2, ..Default::default() };
+        assert_eq!(limits(Some(&caps(3, Some(l)))).map(|l| l.max_rules), Some(2));
+        assert_eq!(limits(Some(&caps(2, Some(l)))), None, "version 2 has no limits");
+        assert_eq!(limits(Some(&caps(3, None))), None);
+        assert_eq!(limits(None), None);
+    }
+
+    #[test]
+    fn health_keeps_what_the_version_defines() {
+        assert_eq!(health(3, report()), report());
+        let v2 = health(2, report());
+        assert_eq!((v2.peers.len(), v2.backend.as_str()), (1, "userspace"));
+        assert_eq!((v2.routes[0].owner, v2.routes[0].owner_since_unix), (false, 0));
+        assert!(v2.routes[0].healthy, "route health is version 1");
+        let v1 = health(1, report());
+        assert!(v1.peers.is_empty() && v1.backend.is_empty());
+        assert_eq!(v1.counters, report().counters, "counters are version 1");
+    }
+
+    #[test]
+    fn route_options_are_read_from_version_3_on() {
+        let adv = pb::RouteAdvertisement {
+            prefixes: vec!["198.18.10.0/24".into()],
+            options: vec![pb::RouteOptions { prefix: "198.18.10.0/24".into(), snat: true, ..Default::default() }],
+        };
+        assert_eq!(routes(3, adv.clone()), adv);
+        let old = routes(2, adv.clone());
+        assert_eq!((old.prefixes, old.options.len()), (adv.prefixes, 0));
+    }
+}

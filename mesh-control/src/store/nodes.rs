@@ -1,0 +1,278 @@
+//! Enrollment and node records.
+
+use ipnet::IpNet;
+use sqlx::{Any, Row, Transaction};
+
+use super::audit::audit;
+use super::records::{KeyRecord, NodeRecord, NodeState};
+use super::routes::insert_route;
+use super::rows::{NODE_COLS, b, i, json, key_row, node_row, u};
+use super::{MAX_ADDR_INDEX, Result, Store, StoreError};
+
+/// What a new node is enrolled with.
+#[derive(Clone, Debug)]
+pub struct NewNode {
+    /// Hostname.
+    pub hostname: String,
+    /// WireGuard public key, hex.
+    pub public_key: String,
+    /// Underlay endpoints.
+    pub endpoints: Vec<String>,
+    /// Advertised site routes, with whether autoApprovers approves each.
+    pub routes: Vec<(IpNet, bool)>,
+    /// Credential hash.
+    pub credential_hash: String,
+    /// Key lifetime in seconds.
+    pub key_lifetime: i64,
+}
+
+impl Store {
+    /// Enrolls a node with key `key_id` whose secret hashes to
+    /// `secret_hash`: checks and consumes the key, allocates addresses and a
+    /// unique name, stores the node and its routes, all in one transaction.
+    /// `auto_approve` says which advertised routes autoApprovers approves
+    /// for a node with the key's tags and owner.
+    pub async fn enroll(
+        &self,
+        key_id: &str,
+        secret_hash: &str,
+        node: &NewNode,
+        auto_approve: impl Fn(&KeyRecord, &IpNet) -> bool,
+        now: i64,
+    ) -> Result<NodeRecord> {
+        let mut last = None;
+        // Two replicas may pick the same address index at once; the unique
+        // index makes one fail, and it retries.
+        for _ in 0..5 {
+            match self.enroll_once(key_id, secret_hash, node, &auto_approve, now).await {
+                Err(StoreError::Db(e)) if is_unique_violation(&e) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(StoreError::Db(last.unwrap_or(sqlx::Error::PoolClosed)))
+    }
+
+    async fn enroll_once(
+        &self,
+        key_id: &str,
+        secret_hash: &str,
+        node: &NewNode,
+        auto_approve: &impl Fn(&KeyRecord, &IpNet) -> bool,
+        now: i64,
+    ) -> Result<NodeRecord> {
+        let mut tx = self.write_tx().await?;
+        let key = sqlx::query("SELECT * FROM enrollment_keys WHERE id = $1")
+            .bind(key_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| key_row(&r))
+            .transpose()?;
+        // One answer for every refusal: nothing about which keys exist.
+        let refuse = || StoreError::Conflict("enrollment key is invalid, used, revoked or expired".into());
+        let key = key.ok_or_else(refuse)?;
+        if !crate::auth::hash_eq(&key.secret_hash, secret_hash) || key.revoked || key.expires <= now {
+            return Err(refuse());
+        }
+        // Consume a one-off key atomically: only one enrollment sees uses = 0.
+        let consumed =
+            sqlx::query("UPDATE enrollment_keys SET uses = uses + 1 WHERE id = $1 AND (reusable = 1 OR uses = 0)")
+                .bind(key_id)
+                .execute(&mut *tx)
+                .await?;
+        if consumed.rows_affected() != 1 {
+            return Err(refuse());
+        }
+        let idx: i64 =
+            sqlx::query("SELECT COALESCE(MAX(addr_index), 0) + 1 FROM nodes").fetch_one(&mut *tx).await?.try_get(0)?;
+        if idx > MAX_ADDR_INDEX {
+            return Err(StoreError::Conflict("overlay address space exhausted".into()));
+        }
+        let name = unique_name(&mut tx, &node.hostname).await?;
+        let state = if key.preapproved { NodeState::Approved } else { NodeState::Pending };
+        let id: i64 = sqlx::query(
+            "INSERT INTO nodes (name, hostname, public_key, addr_index, tags, owner, state, ephemeral, created, \
+             last_seen, online, key_expiry, rotation_requested, endpoints, credential_hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, 0, $10, 0, $11, $12) RETURNING id",
+        )
+        .bind(&name)
+        .bind(&node.hostname)
+        .bind(&node.public_key)
+        .bind(idx)
+        .bind(json(&key.tags))
+        .bind(&key.owner)
+        .bind(state.as_str())
+        .bind(b(key.ephemeral))
+        .bind(now)
+        .bind(now + node.key_lifetime)
+        .bind(json(&node.endpoints))
+        .bind(&node.credential_hash)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get(0)?;
+        let id = u(id);
+        for (prefix, _) in &node.routes {
+            let auto = auto_approve(&key, prefix);
+            insert_route(&mut tx, id, prefix, auto).await?;
+        }
+        let rec = node_in(&mut tx, id).await?;
+        audit(&mut tx, now, &format!("key/{key_id}"), "node.enroll", &format!("node/{id}"), String::new(), json(&rec))
+            .await?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    /// Finds the node whose credential hashes to `hash`.
+    pub async fn node_by_credential(&self, hash: &str) -> Result<Option<NodeRecord>> {
+        sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE credential_hash = $1"))
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| node_row(&r))
+            .transpose()
+    }
+
+    /// One node.
+    pub async fn node(&self, id: u64) -> Result<NodeRecord> {
+        let mut tx = self.pool.begin().await?;
+        let n = node_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Applies `change` to node `id`, auditing it as `action`.
+    async fn update_node(
+        &self,
+        id: u64,
+        actor: &str,
+        action: &str,
+        now: i64,
+        change: impl FnOnce(&mut NodeRecord),
+    ) -> Result<NodeRecord> {
+        let mut tx = self.write_tx().await?;
+        let before = node_in(&mut tx, id).await?;
+        let mut after = before.clone();
+        change(&mut after);
+        if after == before {
+            tx.commit().await?;
+            return Ok(after);
+        }
+        sqlx::query(
+            "UPDATE nodes SET public_key = $2, tags = $3, state = $4, last_seen = $5, online = $6, key_expiry = $7, \
+             rotation_requested = $8, endpoints = $9, credential_hash = $10 WHERE id = $1",
+        )
+        .bind(i(id))
+        .bind(&after.public_key)
+        .bind(json(&after.tags))
+        .bind(after.state.as_str())
+        .bind(after.last_seen)
+        .bind(b(after.online))
+        .bind(after.key_expiry)
+        .bind(b(after.rotation_requested))
+        .bind(json(&after.endpoints))
+        .bind(&after.credential_hash)
+        .execute(&mut *tx)
+        .await?;
+        audit(&mut tx, now, actor, action, &format!("node/{id}"), json(&before), json(&after)).await?;
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    /// Approves a pending node.
+    pub async fn approve_node(&self, id: u64, actor: &str, now: i64) -> Result<NodeRecord> {
+        self.update_node(id, actor, "node.approve", now, |n| n.state = NodeState::Approved).await
+    }
+
+    /// Replaces a node's tags.
+    pub async fn set_tags(&self, id: u64, tags: Vec<String>, actor: &str, now: i64) -> Result<NodeRecord> {
+        self.update_node(id, actor, "node.set_tags", now, |n| n.tags = tags).await
+    }
+
+    /// Expires a node's key (and so its credential) now.
+    pub async fn expire_key(&self, id: u64, actor: &str, now: i64) -> Result<NodeRecord> {
+        self.update_node(id, actor, "node.expire_key", now, |n| n.key_expiry = n.key_expiry.min(now)).await
+    }
+
+    /// Asks the node to rotate its key.
+    pub async fn request_rotation(&self, id: u64, actor: &str, now: i64) -> Result<NodeRecord> {
+        self.update_node(id, actor, "node.rotate_key", now, |n| n.rotation_requested = true).await
+    }
+
+    /// A new credential (and maybe WireGuard key) for a node.
+    pub async fn renew(
+        &self,
+        id: u64,
+        credential_hash: String,
+        new_public_key: Option<String>,
+        expiry: i64,
+        now: i64,
+    ) -> Result<NodeRecord> {
+        self.update_node(id, &format!("node/{id}"), "node.renew", now, |n| {
+            n.credential_hash = credential_hash;
+            n.key_expiry = expiry;
+            if let Some(k) = new_public_key {
+                n.public_key = k;
+                n.rotation_requested = false;
+            }
+        })
+        .await
+    }
+
+    /// Records an agent stream opening or closing, and its endpoints.
+    pub async fn set_presence(
+        &self,
+        id: u64,
+        online: bool,
+        endpoints: Option<Vec<String>>,
+        now: i64,
+    ) -> Result<NodeRecord> {
+        let action = if online { "node.online" } else { "node.offline" };
+        self.update_node(id, &format!("node/{id}"), action, now, |n| {
+            n.online = online;
+            n.last_seen = now;
+            if let Some(e) = endpoints {
+                n.endpoints = e;
+            }
+        })
+        .await
+    }
+
+    /// Removes a node and its routes.
+    pub async fn remove_node(&self, id: u64, actor: &str, now: i64) -> Result<NodeRecord> {
+        let mut tx = self.write_tx().await?;
+        let before = node_in(&mut tx, id).await?;
+        sqlx::query("DELETE FROM routes WHERE node_id = $1").bind(i(id)).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM nodes WHERE id = $1").bind(i(id)).execute(&mut *tx).await?;
+        audit(&mut tx, now, actor, "node.remove", &format!("node/{id}"), json(&before), String::new()).await?;
+        tx.commit().await?;
+        Ok(before)
+    }
+}
+
+async fn node_in(tx: &mut Transaction<'_, Any>, id: u64) -> Result<NodeRecord> {
+    let row = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1"))
+        .bind(i(id))
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
+    node_row(&row)
+}
+
+async fn unique_name(tx: &mut Transaction<'_, Any>, hostname: &str) -> Result<String> {
+    let base: String = hostname
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    let base = if base.is_empty() { "node".to_owned() } else { base };
+    for n in 1.. {
+        let name = if n == 1 { base.clone() } else { format!("{base}-{n}") };
+        let taken = sqlx::query("SELECT 1 FROM nodes WHERE name = $1").bind(&name).fetch_optional(&mut **tx).await?;
+        if taken.is_none() {
+            return Ok(name);
+        }
+    }
+    unreachable!("some suffix is free")
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
