@@ -126,7 +126,11 @@ mod tests {
     use crate::{
         control::ControlState,
         keys::PublicKey,
-        probe::{PeerEntry, ProbeState, owner::Owned, stats::{PeerStats, Reach}},
+        probe::{
+            PeerEntry, ProbeState,
+            owner::Owned,
+            stats::{PeerStats, Reach},
+        },
         reconcile::DataplaneStats,
         status::PeerStatus,
         wg::{BackendKind, Selection},

@@ -72,7 +72,7 @@ mod tests {
     }
 
     fn route(prefix: &str, gateways: &[u64]) -> pb::RouteAssignment {
-        pb::RouteAssignment { prefix: prefix.into(), gateways: gateways.to_vec() }
+        pb::RouteAssignment { prefix: prefix.into(), gateways: gateways.to_vec(), lan: Vec::new() }
     }
 
     #[test]

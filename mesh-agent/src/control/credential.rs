@@ -132,11 +132,7 @@ pub(super) async fn credential(
 }
 
 /// Renews the credential with control (same WireGuard key) and stores it.
-pub(super) async fn renew(
-    channel: &Channel,
-    cred: &mut Credential,
-    path: &Path,
-) -> Result<(), SessionError> {
+pub(super) async fn renew(channel: &Channel, cred: &mut Credential, path: &Path) -> Result<(), SessionError> {
     let mut client = AgentServiceClient::with_interceptor(channel.clone(), Bearer(Some(cred.token.clone())));
     let resp = client.renew(pb::RenewRequest::default()).await.map_err(err("renewing the credential"))?.into_inner();
     let c = resp.credential.ok_or_else(|| SessionError("renewal: no credential in the answer".into()))?;
