@@ -118,7 +118,9 @@ fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, ConnectError> {
     Ok(config)
 }
 
-fn pem_der(pem: &str) -> Option<Vec<u8>> {
+/// The DER of the first certificate in `pem`.
+#[must_use]
+pub fn pem_der(pem: &str) -> Option<Vec<u8>> {
     use base64::Engine as _;
     let body: String = pem
         .lines()

@@ -69,7 +69,7 @@ pub async fn server_tls(store: &Store, names: &[String]) -> Result<ServerTls, Tl
     let split = stored.find("-----BEGIN PRIVATE KEY-----").ok_or_else(|| TlsError::Stored("no CA key".into()))?;
     let (ca_pem, ca_key_pem) = stored.split_at(split);
     let ca_key = KeyPair::from_pem(ca_key_pem)?;
-    let ca_der = rustls_pem_der(ca_pem).ok_or_else(|| TlsError::Stored("bad CA certificate".into()))?;
+    let ca_der = mesh_client::channel::pem_der(ca_pem).ok_or_else(|| TlsError::Stored("bad CA certificate".into()))?;
     let issuer = Issuer::new(ca_params()?, ca_key);
 
     let mut all: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
@@ -89,14 +89,3 @@ pub async fn server_tls(store: &Store, names: &[String]) -> Result<ServerTls, Tl
     })
 }
 
-/// The DER of the first certificate in `pem`.
-fn rustls_pem_der(pem: &str) -> Option<Vec<u8>> {
-    use base64::Engine as _;
-    let body: String = pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    base64::engine::general_purpose::STANDARD.decode(body).ok()
-}
