@@ -196,3 +196,19 @@ impl SyncSession {
         self.tx.send(pb::SyncRequest { msg: Some(msg) }).await.map_err(|_| SimError::Bad("stream closed".into()))
     }
 }
+
+/// A plain HTTP/1.1 GET (a metrics scrape, as a test sees it): the whole
+/// response, status line and headers included.
+///
+/// # Panics
+/// On a connection or I/O error.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}

@@ -88,4 +88,3 @@ pub async fn server_tls(store: &Store, names: &[String]) -> Result<ServerTls, Tl
         ca_pin: mesh_client::channel::pin_of(&ca_der),
     })
 }
-

@@ -219,7 +219,7 @@ async fn enroll_sync_policy_push_and_refusals() {
         .entries;
     assert_eq!(audit.len(), 2, "two accepted policy changes, the refused one is not there");
     assert!(audit[1].actor.starts_with("admin:"));
-    let metrics = http_get(c.metrics_addr.unwrap(), "/metrics").await;
+    let metrics = mesh_control::sim::http_get(c.metrics_addr.unwrap(), "/metrics").await;
     assert!(metrics.contains("mesh_control_nodes{state=\"approved\"} 3"), "{metrics}");
     assert!(metrics.contains("mesh_control_push_latency_seconds_count"), "{metrics}");
 }
@@ -407,13 +407,4 @@ async fn site_lan_addresses_reach_only_the_sites_gateways() {
     }
     let err = err.expect("the stream ends");
     assert!(err.contains("LAN address 10.0.0.2"), "{err}");
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }

@@ -174,7 +174,7 @@ async fn over_limit_policy_is_refused_and_nacks_are_visible() {
     assert!(node.view_error.contains("map full"), "{node:?}");
     let text = meshctl(dir.path(), &["status"]).await;
     assert!(text.lines().any(|l| l.starts_with("fsn-gw1 (") && l.contains(&format!("NACK gen {first}: "))), "{text}");
-    let metrics = http_get(c.metrics_addr.unwrap(), "/metrics").await;
+    let metrics = mesh_control::sim::http_get(c.metrics_addr.unwrap(), "/metrics").await;
     assert!(metrics.contains("mesh_control_nodes_nacking 1"), "{metrics}");
     assert!(
         metrics.contains(&format!("mesh_control_node_view_nacked{{node=\"fsn-gw1\",node_id=\"{}\"}} 1", gw.node.id))
@@ -189,7 +189,7 @@ async fn over_limit_policy_is_refused_and_nacks_are_visible() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(c.engine.nacked(gw.node.id), None, "an applied view clears the nack");
-    let metrics = http_get(c.metrics_addr.unwrap(), "/metrics").await;
+    let metrics = mesh_control::sim::http_get(c.metrics_addr.unwrap(), "/metrics").await;
     assert!(metrics.contains("mesh_control_nodes_nacking 0"), "{metrics}");
 }
 
@@ -278,13 +278,4 @@ async fn probe_reports_status_and_failover_audit() {
     }
     let err = err.expect("the stream ends");
     assert!(err.contains("not-a-prefix"), "{err}");
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
