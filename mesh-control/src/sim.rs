@@ -212,3 +212,17 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     s.read_to_string(&mut out).await.expect("read");
     out
 }
+
+/// A control configuration for in-process tests: gRPC and metrics on
+/// loopback ports the kernel picks, the admin socket and data in `dir`.
+#[must_use]
+pub fn loopback_config(dir: &std::path::Path) -> crate::config::Config {
+    crate::config::Config {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: dir.to_owned(),
+        metrics_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        admin_socket: Some(dir.join("admin.sock")),
+        poll_interval_ms: 100,
+        ..crate::config::Config::default()
+    }
+}

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use mesh_client::bearer::{Authed, Bearer};
 use mesh_client::channel::{Trust, connect};
-use mesh_control::config::Config;
 use mesh_control::engine::{Clock, ManualClock, SystemClock};
 use mesh_control::run::{Running, start_with_clock};
 use mesh_control::sim::SimAgent;
@@ -22,14 +21,7 @@ async fn control(dir: &std::path::Path) -> Running {
 }
 
 async fn control_with_clock(dir: &std::path::Path, clock: Arc<dyn Clock>) -> Running {
-    let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.to_owned(),
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        admin_socket: Some(dir.join("admin.sock")),
-        poll_interval_ms: 100,
-        ..Config::default()
-    };
+    let config = mesh_control::sim::loopback_config(dir);
     start_with_clock(&config, clock).await.expect("control starts")
 }
 

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use mesh_client::bearer::{Authed, Bearer};
 use mesh_client::channel::{Trust, connect};
-use mesh_control::config::Config;
 use mesh_control::run::{Running, start};
 use mesh_control::sim::SimAgent;
 use mesh_proto::v1 as pb;
@@ -20,14 +19,7 @@ use tonic::Code;
 type Admin = AdminServiceClient<Authed>;
 
 async fn control(dir: &std::path::Path) -> (Running, Admin) {
-    let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.to_owned(),
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        admin_socket: Some(dir.join("admin.sock")),
-        poll_interval_ms: 100,
-        ..Config::default()
-    };
+    let config = mesh_control::sim::loopback_config(dir);
     let c = start(&config).await.expect("control starts");
     let ch = connect(&c.addr.to_string(), &Trust::CaPem(c.ca_pem.clone())).await.unwrap();
     let a = AdminServiceClient::with_interceptor(ch, Bearer(c.bootstrap_admin_token.clone()));

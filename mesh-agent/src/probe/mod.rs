@@ -141,28 +141,13 @@ impl ProbeState {
             e,
             "mesh_agent_peer_probe_up",
             "1 if the last probe was answered, 0 if the peer is down, -1 unknown.",
-            self.peers.values().map(|p| {
-                let up = match p.stats.reach() {
-                    Reach::Up => 1i64,
-                    Reach::Down => 0,
-                    Reach::Unknown => -1,
-                };
-                (peer(p), up)
-            }),
+            self.peers.values().map(|p| (peer(p), p.stats.reach().gauge())),
         )?;
         gauges(
             e,
             "mesh_agent_peer_lan_probe_up",
             "A site peer's probes on the site LAN: 1 answered, 0 down, -1 unknown.",
-            self.peers.values().filter_map(|p| {
-                let (_, reach) = p.lan?;
-                let up = match reach {
-                    Reach::Up => 1i64,
-                    Reach::Down => 0,
-                    Reach::Unknown => -1,
-                };
-                Some((peer(p), up))
-            }),
+            self.peers.values().filter_map(|p| Some((peer(p), p.lan?.1.gauge()))),
         )?;
         counters(
             e,

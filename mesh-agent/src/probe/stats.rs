@@ -23,6 +23,18 @@ pub enum Reach {
     Down,
 }
 
+impl Reach {
+    /// As a metrics gauge: 1 up, 0 down, -1 unknown.
+    #[must_use]
+    pub const fn gauge(self) -> i64 {
+        match self {
+            Self::Up => 1,
+            Self::Down => 0,
+            Self::Unknown => -1,
+        }
+    }
+}
+
 /// The statistics of one peer.
 #[derive(Clone, Debug)]
 pub struct PeerStats {
