@@ -497,7 +497,13 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     match flood::check(&lab, &wan, nyc_gw1, std::net::Ipv4Addr::new(192, 0, 2, 11), &apps[0], echo) {
         Ok(f) => {
             println!("  {}", f.summary());
-            check("traffic through a flooded gateway keeps >= 80% of its rate, <= 5% ping loss", f.passed());
+            check(
+                &format!(
+                    "traffic through a flooded gateway keeps >= {:.0}% of its rate, <= 5% ping loss",
+                    100.0 * mesh_lab::traffic::FLOOD_RATE_BOUND
+                ),
+                f.passed(),
+            );
         }
         Err(e) => check(&format!("the flood check ran ({e:#})"), false),
     }

@@ -143,6 +143,84 @@ pub struct PathQuality {
     pub pings: u32,
 }
 
+/// The share of its unflooded TCP rate that a path through a guarded
+/// gateway must keep under a flood, in the lab (the median over paired
+/// rounds, [`Paired::rate_ratio`]). On a 2-core lab machine, where the
+/// debug build's userspace tunnel is CPU-bound, the guard's dropping of
+/// ~250 kpps costs it about 10% (median; single rounds range 80-110%).
+/// Without the guard the same flood leaves about a third of the rate
+/// (`cargo xtask bench guard`), so the bound still tells the two apart.
+pub const FLOOD_RATE_BOUND: f64 = 0.7;
+
+/// A path measured without and with a disturbance (a flood, say) in
+/// alternating rounds, so that the machine's own noise (other jobs, CPU
+/// frequency) falls on both alike; compared by medians over the rounds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Paired {
+    /// Without the disturbance, one per round.
+    pub calm: Vec<PathQuality>,
+    /// With it, one per round.
+    pub stormy: Vec<PathQuality>,
+}
+
+impl Paired {
+    /// Runs `rounds` rounds of `calm` then `stormy`.
+    pub fn measure<E>(
+        rounds: usize,
+        mut calm: impl FnMut() -> std::result::Result<PathQuality, E>,
+        mut stormy: impl FnMut() -> std::result::Result<PathQuality, E>,
+    ) -> std::result::Result<Self, E> {
+        let mut out = Self::default();
+        for _ in 0..rounds {
+            out.calm.push(calm()?);
+            out.stormy.push(stormy()?);
+        }
+        Ok(out)
+    }
+
+    /// The median over the rounds of the disturbed TCP rate as a share of
+    /// the same round's undisturbed one (0 if a calm round moved nothing).
+    #[must_use]
+    pub fn rate_ratio(&self) -> f64 {
+        let ratios: Vec<f64> = self
+            .calm
+            .iter()
+            .zip(&self.stormy)
+            .map(|(c, s)| if c.tcp_mbps > 0.0 { s.tcp_mbps / c.tcp_mbps } else { 0.0 })
+            .collect();
+        median(&ratios)
+    }
+
+    /// The median undisturbed and disturbed TCP rates, Mbit/s.
+    #[must_use]
+    pub fn rates(&self) -> (f64, f64) {
+        let rate = |v: &[PathQuality]| median(&v.iter().map(|q| q.tcp_mbps).collect::<Vec<_>>());
+        (rate(&self.calm), rate(&self.stormy))
+    }
+
+    /// The share of all pings lost without and with the disturbance.
+    #[must_use]
+    pub fn ping_losses(&self) -> (f64, f64) {
+        let loss = |v: &[PathQuality]| {
+            let sent: f64 = v.iter().map(|q| f64::from(q.pings)).sum();
+            let lost: f64 = v.iter().map(|q| q.ping_loss * f64::from(q.pings)).sum();
+            if sent > 0.0 { lost / sent } else { 1.0 }
+        };
+        (loss(&self.calm), loss(&self.stormy))
+    }
+}
+
+/// The median (the mean of the middle two for an even count; 0 if empty).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// Measures the path from `from` for `secs` seconds: a TCP stream to the
 /// echo server at `echo` (see [`echo_servers`]) whose bytes, a known
 /// pattern, are checked as they come back, and meanwhile a ping series to
@@ -212,4 +290,29 @@ fn duplex_echo(to: SocketAddr, time: Duration) -> std::io::Result<u64> {
     let _ = rx.shutdown(std::net::Shutdown::Both);
     let _ = writer.join();
     Ok(got)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(tcp_mbps: f64, ping_loss: f64) -> PathQuality {
+        PathQuality { tcp_mbps, ping_loss, pings: 100 }
+    }
+
+    #[test]
+    fn paired_rounds_compare_by_median_and_pool_losses() {
+        let p = Paired {
+            // The machine slowed down in the second round: its ratio is
+            // still fair, and one odd round does not decide.
+            calm: vec![q(60.0, 0.0), q(30.0, 0.0), q(58.0, 0.0)],
+            stormy: vec![q(54.0, 0.0), q(27.0, 0.1), q(20.0, 0.02)],
+        };
+        assert!((p.rate_ratio() - 0.9).abs() < 1e-9, "{}", p.rate_ratio());
+        assert_eq!(p.rates(), (58.0, 27.0));
+        let (calm, stormy) = p.ping_losses();
+        assert!(calm.abs() < 1e-9 && (stormy - 0.04).abs() < 1e-9, "{stormy}");
+        assert!(Paired::default().rate_ratio().abs() < 1e-9);
+        assert!((Paired::default().ping_losses().1 - 1.0).abs() < 1e-9, "no pings is no evidence");
+    }
 }
