@@ -45,7 +45,8 @@ fn event(
     } else {
         format!("kill {name} ({} primary)", REGIONS[region].name)
     };
-    println!("== {what}");
+    // The wall-clock time lines the event up with the agents' logs.
+    println!("== {what} (at {})", humantime::format_rfc3339_millis(std::time::SystemTime::now()));
     let t = Instant::now();
     if revive {
         gw.revive()?

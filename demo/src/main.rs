@@ -309,6 +309,16 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let lab = Lab::new()?;
     let work = tempfile::Builder::new().prefix("mesh-demo").tempdir()?;
+    // Control runs on a thread of this process: its log goes next to the
+    // agents' logs, so a failed check leaves the whole story behind.
+    let control_log = File::create(work.path().join("control.log"))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(control_log))
+        .try_init();
     println!("== building the lab: 3 regions x (2 gateways, app, db) + control");
     let ctl = lab.host("ctl")?;
     let wan = lab.switch("wan")?;
@@ -586,6 +596,12 @@ fn demo(args: &Args) -> anyhow::Result<()> {
             if let Some(a) = g.agent.take() {
                 let _ = a.terminate();
             }
+        }
+        // The logs of every gateway and of control, for the post-mortem
+        // (or on request: MESH_DEMO_KEEP=1).
+        if !ok.get() || std::env::var_os("MESH_DEMO_KEEP").is_some() {
+            let kept = work.keep();
+            println!("the lab's logs are kept in {}", kept.display());
         }
         if !ok.get() {
             bail!("some expectations failed");
