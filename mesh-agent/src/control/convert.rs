@@ -191,11 +191,11 @@ pub fn probe_plan(v: &pb::NodeView, local: &Local, fresh: bool) -> crate::probe:
             })
         })
         .collect();
-    crate::probe::Plan { targets, routes, me, site, fresh }
+    crate::probe::Plan { targets, routes, me, site, fresh, version: 0 }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::keys::SecretKey;
 
@@ -257,7 +257,7 @@ mod tests {
     }
 
     /// A node routing 198.18.20.0/24 through gateway 2 (primary) or 3.
-    fn two_gateways() -> pb::NodeView {
+    pub(in crate::control) fn two_gateways() -> pb::NodeView {
         let peer = |id: u64, name: &str, ips: &[&str]| pb::Peer {
             node_id: id,
             name: name.into(),

@@ -1,7 +1,7 @@
 //! The view feeder: control's last view combined with the local failover's
 //! overrides, applied through the reconcile worker.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use ipnet::IpNet;
 use mesh_proto::v1 as pb;
@@ -9,6 +9,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{ControlState, SharedControlState, convert};
 use crate::{probe, reconcile::worker::WorkerHandle, state::write_atomic};
+
+/// How long a new view from control waits for the prober's decision on its
+/// gateway order before it is applied with the previous decision.
+const DECISION_WAIT: Duration = Duration::from_millis(250);
 
 /// A view from control for the feeder, with where to say how applying it went.
 pub(super) struct Feed {
@@ -57,17 +61,18 @@ impl Feeder {
         }
     }
 
-    pub(super) async fn run(
-        self,
-        mut views: mpsc::Receiver<Feed>,
-        mut overrides: watch::Receiver<BTreeMap<IpNet, u64>>,
-    ) {
+    pub(super) async fn run(self, mut views: mpsc::Receiver<Feed>, mut overrides: watch::Receiver<probe::Overrides>) {
         // The worker re-applies the last applied view by itself; the saved
         // control view only feeds the prober and later overrides.
         let mut current = self.load();
+        let mut version = 0u64;
         if let Some(v) = &current {
-            self.plan.send_replace(convert::probe_plan(v, &self.local, false));
+            version += 1;
+            self.plan.send_replace(probe::Plan { version, ..convert::probe_plan(v, &self.local, false) });
         }
+        // The overrides applied with `current` (None: not applied yet, or
+        // the last apply failed).
+        let mut applied: Option<BTreeMap<IpNet, u64>> = None;
         // False once the prober is gone (or was never started): then only
         // views from control come in.
         let mut prober = true;
@@ -75,12 +80,30 @@ impl Feeder {
             tokio::select! {
                 feed = views.recv() => {
                     let Some(Feed { view, reply }) = feed else { return };
-                    self.plan.send_replace(convert::probe_plan(&view, &self.local, true));
-                    let o = overrides.borrow_and_update().clone();
+                    version += 1;
+                    self.plan.send_replace(probe::Plan { version, ..convert::probe_plan(&view, &self.local, true) });
+                    // Applied with the prober's decision on this view's
+                    // gateway order, not on the previous one: otherwise a
+                    // handover flaps (to control's new primary first, back
+                    // to the owner the prober still sees, then forward again
+                    // when the new one claims the site), a reconcile and a
+                    // cut each time.
+                    if prober {
+                        match tokio::time::timeout(DECISION_WAIT, overrides.wait_for(|o| o.plan >= version)).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(_)) => prober = false,
+                            Err(_) => tracing::warn!(
+                                wait_ms = DECISION_WAIT.as_millis(),
+                                "the prober did not decide on the new view in time; applying its last decision"
+                            ),
+                        }
+                    }
+                    let o = overrides.borrow_and_update().routes.clone();
                     let result = self.apply(&view, &o).await;
                     if result.is_ok() {
                         self.save(&view);
                     }
+                    applied = result.is_ok().then_some(o);
                     let _ = reply.send(result);
                     current = Some(view);
                 }
@@ -89,15 +112,93 @@ impl Feeder {
                         prober = false;
                         continue;
                     }
-                    let o = overrides.borrow_and_update().clone();
+                    let o = overrides.borrow_and_update().routes.clone();
+                    // A decision on a new plan that changes nothing.
+                    if applied.as_ref() == Some(&o) {
+                        continue;
+                    }
                     if let Some(v) = &current {
                         match self.apply(v, &o).await {
-                            Ok(()) => tracing::info!(generation = v.generation, overrides = ?o, "applied local failover"),
-                            Err(e) => tracing::error!(error = %e, "local failover not applied"),
+                            Ok(()) => {
+                                tracing::info!(generation = v.generation, overrides = ?o, "applied local failover");
+                                applied = Some(o);
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "local failover not applied");
+                                applied = None;
+                            }
                         }
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc as std_mpsc;
+
+    use super::*;
+    use crate::reconcile::{Changes, Report, worker::Command};
+
+    /// A feeder with a stand-in prober that routes 198.18.20.0/24 through
+    /// gateway 3 on every plan; returns the reconcile worker's end.
+    fn feeder(dir: &std::path::Path) -> (mpsc::Sender<Feed>, std_mpsc::Receiver<Command>) {
+        let (tx, rx) = std_mpsc::channel();
+        let (plan_tx, mut plan_rx) = watch::channel(probe::Plan::default());
+        let (overrides_tx, overrides_rx) = watch::channel(probe::Overrides::default());
+        let feeder = Feeder {
+            worker: WorkerHandle::new(tx),
+            local: convert::Local::default(),
+            plan: plan_tx,
+            shared: SharedControlState::default(),
+            saved: dir.join("control-view.pb"),
+        };
+        let (feed_tx, feed_rx) = mpsc::channel(4);
+        tokio::spawn(feeder.run(feed_rx, overrides_rx));
+        tokio::spawn(async move {
+            while plan_rx.changed().await.is_ok() {
+                let version = plan_rx.borrow_and_update().version;
+                // A prober that takes a moment to decide.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let routes = BTreeMap::from([("198.18.20.0/24".parse().unwrap(), 3)]);
+                overrides_tx.send_replace(probe::Overrides { plan: version, routes });
+            }
+        });
+        (feed_tx, rx)
+    }
+
+    #[tokio::test]
+    async fn a_new_view_is_applied_once_with_the_probers_decision_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (feed, worker) = feeder(dir.path());
+        let applied = std::thread::spawn(move || {
+            // Every apply in the next second, answered as a converged run.
+            let mut views = Vec::new();
+            while let Ok(Command::Apply(view, reply)) = worker.recv_timeout(Duration::from_secs(1)) {
+                let report = Report {
+                    generation: view.generation,
+                    backend: crate::wg::BackendKind::Userspace,
+                    changes: Changes::default(),
+                    duration: Duration::ZERO,
+                };
+                let _ = reply.send(Ok(report));
+                views.push(view);
+            }
+            views
+        });
+        let (reply, answer) = oneshot::channel();
+        feed.send(Feed { view: convert::tests::two_gateways(), reply }).await.unwrap();
+        answer.await.unwrap().unwrap();
+        let views = tokio::task::spawn_blocking(move || applied.join().unwrap()).await.unwrap();
+        // Once, and already through gateway 3: not through control's
+        // primary first and then moved by the decision.
+        assert_eq!(views.len(), 1, "{views:?}");
+        let p: IpNet = "198.18.20.0/24".parse().unwrap();
+        let through: Vec<&str> =
+            views[0].peers.iter().filter(|x| x.allowed_ips.contains(&p)).filter_map(|x| x.name.as_deref()).collect();
+        assert_eq!(through, ["fsn-gw2"]);
+        assert!(dir.path().join("control-view.pb").exists(), "the applied view is saved");
     }
 }

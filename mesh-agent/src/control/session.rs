@@ -196,7 +196,7 @@ pub async fn run(
         Duration::from_secs_f64(cc.reachability_timeout_secs),
     );
     let (plan_tx, plan_rx) = watch::channel(probe::Plan::default());
-    let (overrides_tx, overrides_rx) = watch::channel(BTreeMap::new());
+    let (overrides_tx, overrides_rx) = watch::channel(probe::Overrides::default());
     let (events_tx, events_rx) = mpsc::channel(256);
     let owned_rx = owned.subscribe();
     if config.probe.port == 0 {

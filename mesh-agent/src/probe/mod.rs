@@ -78,6 +78,19 @@ pub struct Plan {
     /// The plan comes from a view control sent in this run (not from the
     /// view saved by an earlier run, whose order may be stale).
     pub fresh: bool,
+    /// Counts the plans sent: the prober's [`Overrides`] say which plan
+    /// they were decided on.
+    pub version: u64,
+}
+
+/// The local failover's decision: the prefixes routed through another
+/// gateway than control's primary, and the plan it was made on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// The [`Plan::version`] the decision was made on.
+    pub plan: u64,
+    /// Prefix -> the node id of the gateway it goes through.
+    pub routes: BTreeMap<IpNet, u64>,
 }
 
 /// Probe results of one peer.
@@ -204,8 +217,9 @@ impl ProbeState {
 /// Where the prober sends its decisions.
 #[derive(Debug)]
 pub struct Outputs {
-    /// Prefixes routed through another gateway than control's primary.
-    pub overrides: watch::Sender<BTreeMap<IpNet, u64>>,
+    /// Prefixes routed through another gateway than control's primary
+    /// (published after every new plan, even when unchanged).
+    pub overrides: watch::Sender<Overrides>,
     /// Every switch, for control's audit log.
     pub events: mpsc::Sender<failover::Event>,
     /// Statistics for metrics and health reports.
@@ -384,7 +398,7 @@ pub async fn run(
     let mut by_addr: HashMap<IpAddr, u64> = HashMap::new();
     let mut by_lan_addr: HashMap<IpAddr, u64> = HashMap::new();
     let mut routes: Vec<(IpNet, Vec<u64>)> = Vec::new();
-    let (mut me, mut site, mut fresh) = (0u64, Vec::<(IpNet, Vec<u64>)>::new(), false);
+    let (mut me, mut site, mut fresh, mut version) = (0u64, Vec::<(IpNet, Vec<u64>)>::new(), false, 0u64);
     let mut owned = owner::Ownership::new();
     let mut owner_changes: BTreeMap<IpNet, u64> = BTreeMap::new();
     let (mut effective, mut switches, mut bad_packets) = (BTreeMap::new(), BTreeMap::new(), 0u64);
@@ -430,6 +444,9 @@ pub async fn run(
             me = p.me;
             site = p.site;
             fresh |= p.fresh;
+            version = p.version;
+            // Decide on the new plan now: the feeder waits for it.
+            tick.reset_immediately();
         }
         tokio::select! {
             r = sock.recv_from(&mut buf) => {
@@ -443,13 +460,16 @@ pub async fn run(
                 if bound.is_none() {
                     continue;
                 }
-                let reply = on_message(&buf[..n], src, node, false, &mut peers, &health, &owned, &mut bad_packets);
+                let got = on_message(&buf[..n], src, node, false, &mut peers, &health, &owned, &mut bad_packets);
                 dirty = true;
-                if let Some(reply) = reply {
+                if let Got::Request(reply) = got {
                     answered += 1;
                     if let Err(e) = sock.send_to(&reply, src).await {
                         tracing::debug!(%src, error = %e, "probe reply not sent");
                     }
+                } else if matches!(got, Got::Notice) {
+                    // A handover: decide now, not at the next tick.
+                    tick.reset_immediately();
                 }
             }
             Some(d) = lan_rx.recv() => {
@@ -458,9 +478,12 @@ pub async fn run(
                     dirty = true;
                     continue;
                 };
-                let reply = on_message(&d.data, d.src, node, true, &mut peers, &health, &owned, &mut bad_packets);
+                let got = on_message(&d.data, d.src, node, true, &mut peers, &health, &owned, &mut bad_packets);
                 dirty = true;
-                if let Some(reply) = reply
+                if matches!(got, Got::Notice) {
+                    tick.reset_immediately();
+                }
+                if let Got::Request(reply) = got
                     && let Some((s, _)) = lan_socks.get(&d.ifname)
                 {
                     answered += 1;
@@ -593,9 +616,10 @@ pub async fn run(
                     }
                 }
                 out.overrides.send_if_modified(|cur| {
-                    let changed = *cur != decision.overrides;
+                    let changed = cur.routes != decision.overrides || cur.plan != version;
                     if changed {
-                        cur.clone_from(&decision.overrides);
+                        cur.routes.clone_from(&decision.overrides);
+                        cur.plan = version;
                     }
                     changed
                 });
@@ -638,8 +662,18 @@ pub async fn run(
     }
 }
 
+/// What a datagram from a peer was.
+enum Got {
+    /// A request: the reply to send.
+    Request(Vec<u8>),
+    /// A notice of a handover (the peer's route states are updated).
+    Notice,
+    /// A reply, or nothing usable.
+    Other,
+}
+
 /// Handles a datagram from peer `node` on the overlay or (`on_lan`) the
-/// site LAN; returns the reply to send, if it is a request.
+/// site LAN.
 #[allow(clippy::too_many_arguments)]
 fn on_message(
     data: &[u8],
@@ -650,38 +684,45 @@ fn on_message(
     health: &watch::Receiver<Vec<RouteHealth>>,
     owned: &owner::Ownership,
     bad_packets: &mut u64,
-) -> Option<Vec<u8>> {
+) -> Got {
     let msg = match wire::Message::decode(data) {
         Ok(m) => m,
         Err(e) => {
             *bad_packets += 1;
             tracing::debug!(%src, error = %e, "not a probe message");
-            return None;
+            return Got::Other;
         }
     };
-    let p = peers.get_mut(&node)?;
+    let Some(p) = peers.get_mut(&node) else { return Got::Other };
     match msg {
         wire::Message::Request { seq, version } => {
             let routes = route_states(&health.borrow(), owned);
-            Some(wire::Message::Reply { seq, version, routes }.encode())
+            Got::Request(wire::Message::Reply { seq, version, routes }.encode())
         }
         wire::Message::Notice { routes } => {
             // A handover: follow it now, not at the next probe.
             tracing::debug!(peer = %p.name, on_lan, ?routes, "route notice");
             p.routes = routes;
-            None
+            Got::Notice
         }
         wire::Message::Reply { seq, routes, .. } => {
             let now = Instant::now();
             let was = p.reach();
-            let path = if on_lan { &mut p.lan.as_mut()?.path } else { &mut p.overlay };
+            let path = if on_lan {
+                match p.lan.as_mut() {
+                    Some(l) => &mut l.path,
+                    None => return Got::Other,
+                }
+            } else {
+                &mut p.overlay
+            };
             if path.answered(seq, now) {
                 p.routes = routes;
                 if was != Reach::Up {
                     tracing::info!(peer = %p.name, on_lan, "peer answers probes");
                 }
             }
-            None
+            Got::Other
         }
     }
 }
