@@ -12,6 +12,7 @@
 pub mod clock;
 pub mod convert;
 pub mod metrics;
+pub mod ops;
 pub mod view;
 
 use std::collections::{BTreeMap, HashMap};

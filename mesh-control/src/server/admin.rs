@@ -10,11 +10,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, bearer, cidr, record_refusal};
+use super::{ApiError, bearer, cidr};
 use mesh_client::enrollment::EnrollmentKeyText;
 
 use crate::auth;
-use crate::engine::{Engine, convert, view};
+use crate::engine::{Engine, convert, ops::OpError, view};
 use crate::policy::{self, Policy, compile};
 use crate::route_check;
 use crate::store::{AuditFilter, KeyRecord, NodeRecord};
@@ -76,13 +76,6 @@ impl AdminApi {
         m
     }
 
-    async fn node_changed(&self, n: NodeRecord) -> Result<pb::Node, ApiError> {
-        self.engine.refresh().await?;
-        let fresh = self.engine.snapshot().nodes.iter().find(|x| x.id == n.id).cloned().unwrap_or(n);
-        Ok(self.node_msg(&fresh))
-    }
-
-    /// Per pair of nodes, the latest probe figures the first one reported.
     fn peer_links(&self) -> Vec<pb::PeerLink> {
         let snap = self.engine.snapshot();
         let name = |id: u64| snap.nodes.iter().find(|n| n.id == id).map(|n| n.name.clone()).unwrap_or_default();
@@ -152,49 +145,9 @@ impl AdminApi {
             .ok_or_else(|| ApiError::NotFound("route".into()))
     }
 
-    /// Parses and tests a candidate against the current nodes, then checks
-    /// that every node's compiled rules fit the limits its agent reported.
-    fn check(&self, text: &str) -> Result<(Policy, u32), Vec<policy::Problem>> {
-        let inv = view::inventory(&self.engine.snapshot(), self.engine.now());
-        let (policy, passed) = policy::check(text, &inv)?;
-        let (_, generation) = self.engine.policy();
-        let problems = policy::check_limits(&policy, &inv, generation + 1, &self.engine.limits());
-        if problems.is_empty() { Ok((policy, passed)) } else { Err(problems) }
-    }
-
-    fn problems_status(problems: &[policy::Problem]) -> ApiError {
-        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        ApiError::InvalidArgument(format!("policy rejected:\n{}", text.join("\n")))
-    }
-
     fn policy_text(&self) -> (String, u64) {
         let snap = self.engine.snapshot();
         snap.policy.as_ref().map_or((policy::DEFAULT_POLICY.to_owned(), 0), |p| (p.text.clone(), p.generation))
-    }
-
-    /// Routes the new policy's autoApprovers now cover get approved.
-    async fn apply_auto_approvers(&self, policy: &Policy, actor: &str) -> Result<(), ApiError> {
-        let snap = self.engine.snapshot();
-        for r in snap.routes.iter().filter(|r| !r.approved) {
-            let Some(n) = snap.nodes.iter().find(|n| n.id == r.node_id) else { continue };
-            let inv = policy::InventoryNode {
-                id: n.id,
-                name: n.name.clone(),
-                addrs: Vec::new(),
-                tags: n.tags.clone(),
-                user: n.owner.clone(),
-                routes: Vec::new(),
-            };
-            if policy::auto_approved(policy, &inv, r.prefix) {
-                match route_check::conflict(&snap, r.node_id, r.prefix) {
-                    None => {
-                        self.engine.store().auto_approve_route(r.node_id, &r.prefix, actor, self.engine.now()).await?;
-                    }
-                    Some(c) => record_refusal(&self.engine, actor, r.node_id, &r.prefix, &c).await?,
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -251,41 +204,36 @@ impl AdminService for AdminApi {
     async fn approve_node(&self, req: Request<pb::NodeRef>) -> R<pb::Node> {
         let actor = self.authorize(&req).await?;
         let n = self.find_node(req.get_ref())?;
-        let n = self.engine.store().approve_node(n.id, &actor, self.engine.now()).await.map_err(ApiError::from)?;
-        Ok(Response::new(self.node_changed(n).await?))
+        let n = self.engine.approve_node(n.id, &actor).await.map_err(ApiError::from)?;
+        Ok(Response::new(self.node_msg(&n)))
     }
 
     async fn set_node_tags(&self, req: Request<pb::SetNodeTagsRequest>) -> R<pb::Node> {
         let actor = self.authorize(&req).await?;
         let r = req.into_inner();
         let n = self.find_node(&r.node.unwrap_or_default())?;
-        let (policy, _) = self.engine.policy();
-        if let Some(bad) = r.tags.iter().find(|t| !t.starts_with("tag:") || !policy.tag_owners.contains_key(*t)) {
-            return Err(ApiError::InvalidArgument(format!("{bad:?} is not a tag declared in tagOwners")).into());
-        }
-        let n = self.engine.store().set_tags(n.id, r.tags, &actor, self.engine.now()).await.map_err(ApiError::from)?;
-        Ok(Response::new(self.node_changed(n).await?))
+        let n = self.engine.set_node_tags(n.id, r.tags, &actor).await.map_err(ApiError::from)?;
+        Ok(Response::new(self.node_msg(&n)))
     }
 
     async fn expire_node_key(&self, req: Request<pb::NodeRef>) -> R<pb::Node> {
         let actor = self.authorize(&req).await?;
         let n = self.find_node(req.get_ref())?;
-        let n = self.engine.store().expire_key(n.id, &actor, self.engine.now()).await.map_err(ApiError::from)?;
-        Ok(Response::new(self.node_changed(n).await?))
+        let n = self.engine.expire_node_key(n.id, &actor).await.map_err(ApiError::from)?;
+        Ok(Response::new(self.node_msg(&n)))
     }
 
     async fn rotate_node_key(&self, req: Request<pb::NodeRef>) -> R<pb::Node> {
         let actor = self.authorize(&req).await?;
         let n = self.find_node(req.get_ref())?;
-        let n = self.engine.store().request_rotation(n.id, &actor, self.engine.now()).await.map_err(ApiError::from)?;
-        Ok(Response::new(self.node_changed(n).await?))
+        let n = self.engine.rotate_node_key(n.id, &actor).await.map_err(ApiError::from)?;
+        Ok(Response::new(self.node_msg(&n)))
     }
 
     async fn remove_node(&self, req: Request<pb::NodeRef>) -> R<pb::Empty> {
         let actor = self.authorize(&req).await?;
         let n = self.find_node(req.get_ref())?;
-        self.engine.store().remove_node(n.id, &actor, self.engine.now()).await.map_err(ApiError::from)?;
-        self.engine.refresh().await.map_err(ApiError::from)?;
+        self.engine.remove_node(n.id, &actor).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -295,10 +243,6 @@ impl AdminService for AdminApi {
     ) -> R<pb::CreateEnrollmentKeyResponse> {
         let actor = self.authorize(&req).await?;
         let r = req.into_inner();
-        let (policy, _) = self.engine.policy();
-        if let Some(bad) = r.tags.iter().find(|t| !policy.tag_owners.contains_key(*t)) {
-            return Err(ApiError::InvalidArgument(format!("{bad:?} is not a tag declared in tagOwners")).into());
-        }
         let now = self.engine.now();
         let secret = auth::secret(24);
         let text = EnrollmentKeyText { id: auth::secret(6), secret: secret.clone(), ca_pin: Some(self.ca_pin) };
@@ -316,8 +260,7 @@ impl AdminService for AdminApi {
             uses: 0,
             secret_hash: auth::sha256_hex(secret.as_bytes()),
         };
-        self.engine.store().create_key(&key, &actor, now).await.map_err(ApiError::from)?;
-        self.engine.audit_changed();
+        self.engine.create_enrollment_key(&key, &actor).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::CreateEnrollmentKeyResponse { key: Some(convert::key(&key)), secret: text.to_text() }))
     }
 
@@ -329,13 +272,7 @@ impl AdminService for AdminApi {
 
     async fn revoke_enrollment_key(&self, req: Request<pb::RevokeEnrollmentKeyRequest>) -> R<pb::EnrollmentKey> {
         let actor = self.authorize(&req).await?;
-        let k = self
-            .engine
-            .store()
-            .revoke_key(&req.get_ref().id, &actor, self.engine.now())
-            .await
-            .map_err(ApiError::from)?;
-        self.engine.audit_changed();
+        let k = self.engine.revoke_enrollment_key(&req.get_ref().id, &actor).await.map_err(ApiError::from)?;
         Ok(Response::new(convert::key(&k)))
     }
 
@@ -348,17 +285,7 @@ impl AdminService for AdminApi {
         let actor = self.authorize(&req).await?;
         let prefix = cidr(&req.get_ref().prefix)?;
         let node = req.get_ref().node_id;
-        // An admin's approval is the explicit one that overrides a soft
-        // conflict; a hard one (default route, overlay range) stays refused.
-        if let Some(c) = route_check::conflict(&self.engine.snapshot(), node, prefix) {
-            if !c.overridable() {
-                record_refusal(&self.engine, &actor, node, &prefix, &c).await?;
-                return Err(ApiError::FailedPrecondition(format!("route refused: {c}")).into());
-            }
-            tracing::warn!(node, %prefix, %actor, conflict = %c, "admin approves a route over a conflict");
-        }
-        self.engine.store().approve_route(node, &prefix, &actor, self.engine.now()).await.map_err(ApiError::from)?;
-        self.engine.refresh().await.map_err(ApiError::from)?;
+        self.engine.approve_route(node, prefix, &actor).await.map_err(ApiError::from)?;
         Ok(Response::new(self.route_msg(node, &prefix)?))
     }
 
@@ -367,12 +294,7 @@ impl AdminService for AdminApi {
         let r = req.into_inner();
         let route = r.route.unwrap_or_default();
         let prefix = cidr(&route.prefix)?;
-        self.engine
-            .store()
-            .set_route_priority(route.node_id, &prefix, r.priority, &actor, self.engine.now())
-            .await
-            .map_err(ApiError::from)?;
-        self.engine.refresh().await.map_err(ApiError::from)?;
+        self.engine.set_route_priority(route.node_id, prefix, r.priority, &actor).await.map_err(ApiError::from)?;
         Ok(Response::new(self.route_msg(route.node_id, &prefix)?))
     }
 
@@ -384,7 +306,7 @@ impl AdminService for AdminApi {
 
     async fn validate_policy(&self, req: Request<pb::PolicyDocument>) -> R<pb::ValidatePolicyResponse> {
         self.authorize(&req).await?;
-        Ok(Response::new(match self.check(&req.get_ref().text) {
+        Ok(Response::new(match self.engine.check_policy(&req.get_ref().text) {
             Ok((_, passed)) => pb::ValidatePolicyResponse { ok: true, problems: Vec::new(), tests_passed: passed },
             Err(problems) => pb::ValidatePolicyResponse {
                 ok: false,
@@ -399,7 +321,7 @@ impl AdminService for AdminApi {
 
     async fn diff_policy(&self, req: Request<pb::PolicyDocument>) -> R<pb::DiffPolicyResponse> {
         self.authorize(&req).await?;
-        let candidate = Policy::parse(&req.get_ref().text).map_err(|p| Self::problems_status(&p))?;
+        let candidate = Policy::parse(&req.get_ref().text).map_err(|p| ApiError::from(OpError::Policy(p)))?;
         let snap = self.engine.snapshot();
         let inv = view::inventory(&snap, self.engine.now());
         let (current, generation) = self.engine.policy();
@@ -420,13 +342,7 @@ impl AdminService for AdminApi {
     async fn set_policy(&self, req: Request<pb::PolicyDocument>) -> R<pb::PolicyDocument> {
         let actor = self.authorize(&req).await?;
         let text = req.into_inner().text;
-        // Parse, validate and run the tests first: a bad candidate changes nothing.
-        let (policy, passed) = self.check(&text).map_err(|p| Self::problems_status(&p))?;
-        let generation =
-            self.engine.store().set_policy(&text, &actor, self.engine.now()).await.map_err(ApiError::from)?;
-        tracing::info!(generation, tests_passed = passed, %actor, "policy set");
-        self.apply_auto_approvers(&policy, "policy:autoApprovers").await?;
-        self.engine.refresh().await.map_err(ApiError::from)?;
+        let generation = self.engine.set_policy(&text, &actor).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::PolicyDocument { text, generation }))
     }
 

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ApiError, bearer, cidr, record_refusal};
+use super::{ApiError, bearer, cidr};
 use mesh_client::enrollment::EnrollmentKeyText;
 
 use crate::auth;
@@ -109,7 +109,7 @@ impl AgentApi {
         let snap = self.engine.snapshot();
         for r in snap.routes.iter().filter(|r| r.node_id == node.id) {
             if let Some(c) = route_check::conflict(&snap, node.id, r.prefix) {
-                record_refusal(&self.engine, &format!("node/{}", node.id), node.id, &r.prefix, &c).await?;
+                self.engine.record_refusal(&format!("node/{}", node.id), node.id, &r.prefix, &c).await?;
             }
         }
         Ok(pb::EnrollResponse {
@@ -233,7 +233,7 @@ impl AgentApi {
                     }
                 }
                 for (n, c) in &refused {
-                    record_refusal(&self.engine, &format!("node/{node}"), node, n, c).await?;
+                    self.engine.record_refusal(&format!("node/{node}"), node, n, c).await?;
                 }
                 self.engine.refresh().await?;
                 Ok(())

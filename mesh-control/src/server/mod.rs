@@ -8,11 +8,9 @@
 pub mod admin;
 pub mod agent;
 
-use ipnet::IpNet;
 use tonic::Status;
 
-use crate::engine::Engine;
-use crate::route_check::RouteConflict;
+use crate::engine::ops::OpError;
 use crate::store::StoreError;
 
 /// A service error; converts to the matching [`Status`].
@@ -36,6 +34,17 @@ pub enum ApiError {
     /// Our fault.
     #[error("internal error")]
     Internal(String),
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        match e {
+            OpError::Store(e) => e.into(),
+            OpError::Invalid(why) => Self::InvalidArgument(why),
+            e @ OpError::Policy(_) => Self::InvalidArgument(e.to_string()),
+            OpError::Refused(why) => Self::FailedPrecondition(why),
+        }
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -73,30 +82,4 @@ pub(crate) fn bearer<T>(req: &tonic::Request<T>) -> Option<String> {
 /// Parses a CIDR from a request.
 pub(crate) fn cidr(s: &str) -> Result<ipnet::IpNet, ApiError> {
     crate::policy::model::parse_cidr(s).ok_or_else(|| ApiError::InvalidArgument(format!("bad CIDR {s:?}")))
-}
-
-/// Records in the audit log that `node`'s `prefix` was refused (action
-/// `route.refused`, the reason in `after`), and logs it.
-pub(crate) async fn record_refusal(
-    engine: &Engine,
-    actor: &str,
-    node: u64,
-    prefix: &IpNet,
-    conflict: &RouteConflict,
-) -> Result<(), ApiError> {
-    tracing::warn!(node, %prefix, %actor, reason = %conflict, "route refused");
-    let after = serde_json::json!({ "node_id": node, "prefix": prefix.to_string(), "reason": conflict.to_string() });
-    engine
-        .store()
-        .record_event(
-            actor,
-            "route.refused",
-            &format!("route/{node}/{prefix}"),
-            String::new(),
-            after.to_string(),
-            engine.now(),
-        )
-        .await?;
-    engine.audit_changed();
-    Ok(())
 }
