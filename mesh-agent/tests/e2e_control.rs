@@ -65,7 +65,7 @@ const POLICY_V2: &str = r#"{
 
 mod e2e_support;
 
-use e2e_support::{Admin, BpfFs, Control, Gateway, Tuning, admin, rt, wait_for};
+use e2e_support::{BpfFs, Control, Gateway, Tuning, admin, gateway_key, rt, wait_for};
 
 /// Agents serve metrics (checked with promtool); health every second.
 const TUNING: Tuning = Tuning { metrics_listen: Some("127.0.0.1:9300"), health_interval_secs: 1.0, extra: "" };
@@ -126,18 +126,6 @@ impl Drop for Conversation {
     }
 }
 
-async fn one_off_key(a: &mut Admin) -> String {
-    a.create_enrollment_key(pb::CreateEnrollmentKeyRequest {
-        preapproved: true,
-        tags: vec!["tag:gw".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .secret
-}
-
 #[test]
 fn agents_follow_control_and_survive_its_restart() {
     mesh_lab::require_root!();
@@ -171,7 +159,7 @@ fn agents_follow_control_and_survive_its_restart() {
     let (k_nyc, k_fsn) = rt.block_on(async {
         let mut a = admin(ctl_dir.path()).await;
         a.set_policy(pb::PolicyDocument { text: POLICY_V1.into(), generation: 0 }).await.unwrap();
-        (one_off_key(&mut a).await, one_off_key(&mut a).await)
+        (gateway_key(&mut a, false).await, gateway_key(&mut a, false).await)
     });
 
     let bpf = BpfFs::mount();
@@ -373,7 +361,7 @@ fn an_agent_without_probes_still_follows_control() {
     let k = rt.block_on(async {
         let mut a = admin(ctl_dir.path()).await;
         a.set_policy(pb::PolicyDocument { text: POLICY_V1.into(), generation: 0 }).await.unwrap();
-        one_off_key(&mut a).await
+        gateway_key(&mut a, false).await
     });
     let bpf = BpfFs::mount();
     let mut g =

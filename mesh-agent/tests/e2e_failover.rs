@@ -31,7 +31,7 @@ use mesh_proto::v1 as pb;
 
 mod e2e_support;
 
-use e2e_support::{Admin, BpfFs, Control, Gateway, Tuning, admin, rt, wait_for};
+use e2e_support::{BpfFs, Control, Gateway, Tuning, admin, gateway_key, rt, wait_for};
 
 const POLICY: &str = r#"{
   "tagOwners": {"tag:gw": []},
@@ -52,19 +52,6 @@ const TUNING: Tuning =
 const HOLD_DOWN: i64 = 3;
 /// The bound of every cut with control present.
 const BOUND: Duration = Duration::from_millis(1000);
-
-async fn key(a: &mut Admin) -> String {
-    a.create_enrollment_key(pb::CreateEnrollmentKeyRequest {
-        reusable: true,
-        preapproved: true,
-        tags: vec!["tag:gw".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .secret
-}
 
 fn routes(rt: &tokio::runtime::Runtime, dir: &Path) -> Vec<pb::Route> {
     rt.block_on(async { admin(dir).await.list_routes(pb::Empty {}).await.unwrap().into_inner().routes })
@@ -110,7 +97,7 @@ impl Sites {
         let k = rt.block_on(async {
             let mut a = admin(ctl_dir.path()).await;
             a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
-            key(&mut a).await
+            gateway_key(&mut a, true).await
         });
         let bpf = BpfFs::mount();
         let mut lans = Vec::new();

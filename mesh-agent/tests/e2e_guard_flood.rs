@@ -11,7 +11,7 @@ mod e2e_support;
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use e2e_support::{BpfFs, Control, Gateway, Tuning, admin, rt, wait_for};
+use e2e_support::{BpfFs, Control, Gateway, Tuning, admin, gateway_key, rt, wait_for};
 use mesh_agent::dataplane::{
     Dataplane,
     flood::{Flood, self_addressed, wireguard_flood},
@@ -72,13 +72,7 @@ fn two_way_traffic_through_a_flooded_gateway_keeps_its_rate() {
     let key = rt.block_on(async {
         let mut a = admin(ctl_dir.path()).await;
         a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
-        let req = pb::CreateEnrollmentKeyRequest {
-            reusable: true,
-            preapproved: true,
-            tags: vec!["tag:gw".into()],
-            ..Default::default()
-        };
-        a.create_enrollment_key(req).await.unwrap().into_inner().secret
+        gateway_key(&mut a, true).await
     });
     let bpf = BpfFs::mount();
     let mk = |h: &mesh_lab::Host, u: &str, lan: &str| {

@@ -12,7 +12,7 @@ use std::{
 
 use mesh_client::channel::connect_unix;
 use mesh_lab::{Host, Process};
-use mesh_proto::v1::admin_service_client::AdminServiceClient;
+use mesh_proto::v1::{self as pb, admin_service_client::AdminServiceClient};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
 pub const CONTROL: &str = "192.0.2.100:7443";
@@ -60,6 +60,18 @@ pub fn rt() -> tokio::runtime::Runtime {
 
 pub async fn admin(dir: &Path) -> Admin {
     AdminServiceClient::new(connect_unix(&dir.join("admin.sock")).await.unwrap())
+}
+
+/// A preapproved enrollment key for `tag:gw` gateways (one use, or
+/// `reusable`); its secret text.
+pub async fn gateway_key(a: &mut Admin, reusable: bool) -> String {
+    let req = pb::CreateEnrollmentKeyRequest {
+        reusable,
+        preapproved: true,
+        tags: vec!["tag:gw".into()],
+        ..Default::default()
+    };
+    a.create_enrollment_key(req).await.unwrap().into_inner().secret
 }
 
 /// A bpffs mounted outside /sys (`ip netns exec` remounts /sys, which
