@@ -462,14 +462,15 @@ pub async fn run(
                 }
                 let got = on_message(&buf[..n], src, node, false, &mut peers, &health, &owned, &mut bad_packets);
                 dirty = true;
+                if matches!(got, Got::Notice) {
+                    // A handover: decide now, not at the next tick.
+                    tick.reset_immediately();
+                }
                 if let Got::Request(reply) = got {
                     answered += 1;
                     if let Err(e) = sock.send_to(&reply, src).await {
                         tracing::debug!(%src, error = %e, "probe reply not sent");
                     }
-                } else if matches!(got, Got::Notice) {
-                    // A handover: decide now, not at the next tick.
-                    tick.reset_immediately();
                 }
             }
             Some(d) = lan_rx.recv() => {
