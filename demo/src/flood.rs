@@ -17,7 +17,7 @@ use mesh_agent::dataplane::{
 };
 use mesh_lab::{
     Host, Lab, Switch,
-    traffic::{FLOOD_RATE_BOUND, Paired, PathQuality, path_quality},
+    traffic::{FLOOD_RATE_BOUND, Paired, PathQuality, median, path_quality},
 };
 
 /// Seconds of each measurement.
@@ -113,6 +113,5 @@ pub(crate) fn check(
         },
     )
     .context("measuring the path with and without the flood")?;
-    kpps.sort_by(f64::total_cmp);
-    Ok(FloodCheck { idle, paired, flood_kpps: kpps.get(kpps.len() / 2).copied().unwrap_or(0.0) })
+    Ok(FloodCheck { idle, paired, flood_kpps: median(&kpps) })
 }

@@ -211,7 +211,8 @@ impl Paired {
 }
 
 /// The median (the mean of the middle two for an even count; 0 if empty).
-fn median(v: &[f64]) -> f64 {
+#[must_use]
+pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     match v.len() {

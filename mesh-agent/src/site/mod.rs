@@ -60,20 +60,31 @@ struct Held {
     first: bool,
 }
 
-/// This gateway's own addresses on the LAN of `prefix`: on up interfaces,
-/// inside the prefix, not one of its virtual addresses; the first of each
-/// family. The site's other gateways probe it there.
+/// The addresses of up interfaces inside `prefix` other than its virtual
+/// ones, with their interface: where this gateway sits on the site LAN.
+fn on_site<'a>(
+    ifs: &'a [nix::ifaddrs::InterfaceAddress],
+    prefix: &'a IpNet,
+    virtual_addrs: &'a [IpAddr],
+) -> impl Iterator<Item = (&'a nix::ifaddrs::InterfaceAddress, IpAddr)> + 'a {
+    ifs.iter().filter_map(move |ifa| {
+        let ip = ifaddr_ip(ifa)?;
+        (ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
+            && prefix.contains(&ip)
+            && !virtual_addrs.contains(&ip))
+        .then_some((ifa, ip))
+    })
+}
+
+/// This gateway's own addresses on the LAN of `prefix` ([`on_site`]): the
+/// first of each family. The site's other gateways probe it there.
 #[must_use]
 pub fn lan_addresses(prefix: &IpNet, virtual_addrs: &[IpAddr]) -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    let Ok(ifs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    let ifs: Vec<_> = ifs.collect();
     let mut out: Vec<IpAddr> = Vec::new();
-    for ifa in addrs {
-        let Some(ip) = ifaddr_ip(&ifa) else { continue };
-        if ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
-            && prefix.contains(&ip)
-            && !virtual_addrs.contains(&ip)
-            && !out.iter().any(|o| o.is_ipv4() == ip.is_ipv4())
-        {
+    for (_, ip) in on_site(&ifs, prefix, virtual_addrs) {
+        if !out.iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
             out.push(ip);
         }
     }
@@ -81,18 +92,12 @@ pub fn lan_addresses(prefix: &IpNet, virtual_addrs: &[IpAddr]) -> Vec<IpAddr> {
     out
 }
 
-/// The LAN interface for `prefix`: an up interface with an address inside
-/// it other than the virtual ones; its index, MAC and name.
+/// The LAN interface for `prefix`: the interface of its first address
+/// there ([`on_site`]); its index, MAC and name.
 pub(crate) fn lan_interface(prefix: &IpNet, virtual_addrs: &[IpAddr]) -> Option<(u32, [u8; 6], String)> {
-    let addrs: Vec<_> = nix::ifaddrs::getifaddrs().ok()?.collect();
-    let name = addrs.iter().find_map(|ifa| {
-        let ip = ifaddr_ip(ifa)?;
-        (ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
-            && prefix.contains(&ip)
-            && !virtual_addrs.contains(&ip))
-        .then(|| ifa.interface_name.clone())
-    })?;
-    let mac = addrs.iter().find_map(|ifa| {
+    let ifs: Vec<_> = nix::ifaddrs::getifaddrs().ok()?.collect();
+    let name = on_site(&ifs, prefix, virtual_addrs).next()?.0.interface_name.clone();
+    let mac = ifs.iter().find_map(|ifa| {
         (ifa.interface_name == name).then_some(())?;
         ifa.address.as_ref()?.as_link_addr()?.addr()
     })?;
