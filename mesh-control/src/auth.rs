@@ -41,6 +41,13 @@ pub fn new_credential() -> (String, String) {
     (token, hash)
 }
 
+/// How long an admin token is valid unless its creator says otherwise
+/// (the bootstrap token too): 90 days.
+pub const ADMIN_TOKEN_LIFETIME_SECS: i64 = 90 * 86_400;
+
+/// The longest an admin token may be valid: 2 years.
+pub const ADMIN_TOKEN_MAX_SECS: i64 = 2 * 365 * 86_400;
+
 /// A new admin token: (id, text, hash).
 #[must_use]
 pub fn new_admin_token() -> (String, String, String) {

@@ -49,6 +49,8 @@ pub struct Config {
     pub ephemeral_offline_secs: i64,
     /// How often to look for changes made by other replicas (milliseconds).
     pub poll_interval_ms: u64,
+    /// Rate limits and caps (see [`crate::limits`]).
+    pub limits: crate::limits::LimitsConfig,
 }
 
 impl Default for Config {
@@ -66,6 +68,7 @@ impl Default for Config {
             key_lifetime_days: 90,
             ephemeral_offline_secs: 600,
             poll_interval_ms: 500,
+            limits: crate::limits::LimitsConfig::default(),
         }
     }
 }
@@ -87,7 +90,7 @@ impl Config {
         if !(576..=9000).contains(&self.mtu) {
             return Err(ConfigError::Invalid("mtu must be 576-9000".into()));
         }
-        Ok(())
+        self.limits.check().map_err(ConfigError::Invalid)
     }
 
     /// The store URL.
@@ -105,6 +108,7 @@ impl Config {
             key_lifetime_secs: self.key_lifetime_days * 86_400,
             ephemeral_offline_secs: self.ephemeral_offline_secs,
             poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
+            limits: self.limits.clone(),
             ..crate::engine::EngineConfig::default()
         }
     }
@@ -122,5 +126,9 @@ mod tests {
         let bad: Config = toml::from_str("key_lifetime_days = 200").unwrap();
         assert!(bad.check().is_err());
         assert!(toml::from_str::<Config>("lissen = \"x\"").is_err());
+        let c: Config = toml::from_str("[limits]\nenroll_per_source = { per_second = 1, burst = 2 }\n").unwrap();
+        assert_eq!(c.limits.enroll_per_source.burst, 2);
+        let c: Config = toml::from_str("[limits]\nstreams_per_node = 0\n").unwrap();
+        assert!(c.check().unwrap_err().to_string().contains("streams_per_node"));
     }
 }

@@ -6,7 +6,8 @@
 //! prefixes may be routed), [`store`] (SQLite /
 //! PostgreSQL, audit log), [`auth`] (secrets and their hashes), [`engine`]
 //! (per-node views, deltas, fan-out), [`server`] (the gRPC services),
-//! [`tls`] (control's CA), [`metrics`], [`config`], [`run`]; with the
+//! [`tls`] (control's CA), [`limits`] (rate limits and caps on clients),
+//! [`metrics`], [`config`], [`run`]; with the
 //! `test-support` feature, `sim` (a simulated agent for tests and
 //! benchmarks).
 //!
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod capability;
 pub mod config;
 pub mod engine;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod route_check;

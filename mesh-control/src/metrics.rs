@@ -21,6 +21,7 @@ use crate::store::NodeState;
 pub fn registry(engine: &Arc<Engine>) -> Registry {
     let mut registry = Registry::default();
     engine.metrics.register(&mut registry);
+    engine.limits.register(&mut registry);
     registry.register_collector(Box::new(EngineState(engine.clone())));
     registry
 }

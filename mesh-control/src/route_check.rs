@@ -151,6 +151,7 @@ mod tests {
             rotation_requested: false,
             endpoints: Vec::new(),
             credential_hash: String::new(),
+            prev_credential_hash: String::new(),
         }
     }
 

@@ -71,15 +71,19 @@ impl Drop for Running {
     }
 }
 
-/// Creates an admin API token, returning its text (shown once).
+/// Creates an admin API token valid for `lifetime_secs`, returning its
+/// text (shown once).
 pub async fn create_admin_token(
     store: &Store,
     description: &str,
+    lifetime_secs: i64,
     actor: &str,
 ) -> Result<String, crate::store::StoreError> {
     let (id, token, hash) = crate::auth::new_admin_token();
     // Outside any engine: the token's creation is stamped by the wall clock.
-    store.add_api_token(&id, &hash, description, actor, SystemClock.now()).await?;
+    let now = SystemClock.now();
+    let expires = now.saturating_add(lifetime_secs);
+    store.add_api_token(&id, &hash, description, expires, actor, now).await?;
     Ok(token)
 }
 
@@ -97,7 +101,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
     }
     let store = Store::open(&config.store_url()).await?;
     let bootstrap_admin_token = if store.api_token_count().await? == 0 {
-        Some(create_admin_token(&store, "bootstrap", "control").await?)
+        Some(create_admin_token(&store, "bootstrap", crate::auth::ADMIN_TOKEN_LIFETIME_SECS, "control").await?)
     } else {
         None
     };

@@ -71,6 +71,7 @@ impl SimAgent {
                 hostname: hostname.to_owned(),
                 advertised_routes: routes.iter().map(|r| (*r).to_owned()).collect(),
                 endpoints: vec!["192.0.2.10:51820".into()],
+                previous_credential: String::new(),
             })
             .await?
             .into_inner();
@@ -213,6 +214,19 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     out
 }
 
+/// The default limits, but with enrollment from one address as fast as
+/// many simulated agents on loopback need it.
+#[must_use]
+pub fn loopback_limits() -> crate::limits::LimitsConfig {
+    let many = crate::limits::Rate { per_second: 100_000, burst: 100_000 };
+    crate::limits::LimitsConfig {
+        enroll_per_source: many,
+        enroll_per_key: many,
+        enroll_concurrency: 4,
+        ..crate::limits::LimitsConfig::default()
+    }
+}
+
 /// A control configuration for in-process tests: gRPC and metrics on
 /// loopback ports the kernel picks, the admin socket and data in `dir`.
 #[must_use]
@@ -223,6 +237,8 @@ pub fn loopback_config(dir: &std::path::Path) -> crate::config::Config {
         metrics_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
         admin_socket: Some(dir.join("admin.sock")),
         poll_interval_ms: 100,
+        // Every simulated agent enrolls from loopback.
+        limits: loopback_limits(),
         ..crate::config::Config::default()
     }
 }

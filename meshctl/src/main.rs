@@ -56,6 +56,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeyCmd,
     },
+    /// Admin API tokens.
+    Tokens {
+        #[command(subcommand)]
+        cmd: Option<TokenCmd>,
+    },
     /// Site routes.
     Routes {
         #[command(subcommand)]
@@ -98,6 +103,12 @@ enum NodeCmd {
     Expire { node: String },
     /// Ask the node to rotate its key.
     Rotate { node: String },
+    /// Extend a node's key: it expires this many days from now.
+    Extend {
+        node: String,
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+    },
     /// Remove a node.
     Remove { node: String },
 }
@@ -127,6 +138,22 @@ enum KeyCmd {
     /// List keys.
     List,
     /// Revoke a key.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// List admin tokens (the default; never their secrets).
+    List,
+    /// Create an admin token (printed once).
+    Create {
+        /// Lifetime, e.g. 12h, 30d (at most 730d).
+        #[arg(long, default_value = "90d")]
+        expires: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Revoke an admin token.
     Revoke { id: String },
 }
 
@@ -164,13 +191,14 @@ fn node_ref(s: &str) -> pb::NodeRef {
 fn duration_secs(s: &str) -> anyhow::Result<i64> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: i64 = n.parse().with_context(|| format!("bad duration {s:?}"))?;
-    Ok(n * match unit {
+    let unit = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
         _ => bail!("bad duration unit in {s:?} (s, m, h, d)"),
-    })
+    };
+    n.checked_mul(unit).with_context(|| format!("duration {s:?} is too long"))
 }
 
 fn time(t: i64) -> String {
@@ -449,6 +477,10 @@ async fn main() -> anyhow::Result<()> {
                     .into_inner(),
                 NodeCmd::Expire { node } => a.expire_node_key(node_ref(node)).await?.into_inner(),
                 NodeCmd::Rotate { node } => a.rotate_node_key(node_ref(node)).await?.into_inner(),
+                NodeCmd::Extend { node, days } => a
+                    .extend_node_key(pb::ExtendNodeKeyRequest { node: Some(node_ref(node)), days: *days })
+                    .await?
+                    .into_inner(),
                 NodeCmd::Remove { node } => {
                     a.remove_node(node_ref(node)).await?;
                     println!("{}", if j { json!({"removed": node}).to_string() } else { format!("removed {node}") });
@@ -509,6 +541,56 @@ async fn main() -> anyhow::Result<()> {
             KeyCmd::Revoke { id } => {
                 let k = a.revoke_enrollment_key(pb::RevokeEnrollmentKeyRequest { id: id.clone() }).await?.into_inner();
                 println!("{}", if j { json!({"revoked": k.id}).to_string() } else { format!("revoked {}", k.id) });
+            }
+        },
+        Cmd::Tokens { cmd } => match cmd.as_ref().unwrap_or(&TokenCmd::List) {
+            TokenCmd::List => {
+                let tokens = a.list_admin_tokens(pb::Empty {}).await?.into_inner().tokens;
+                if j {
+                    let v: Vec<_> = tokens
+                        .iter()
+                        .map(|t| {
+                            json!({"id": t.id, "description": t.description, "created_unix": t.created_unix,
+                            "expires_unix": t.expires_unix, "revoked": t.revoked})
+                        })
+                        .collect();
+                    println!("{}", serde_json::Value::Array(v));
+                } else {
+                    table(
+                        &["ID", "DESCRIPTION", "CREATED", "EXPIRES", "REVOKED"],
+                        tokens
+                            .iter()
+                            .map(|t| {
+                                let expires = if t.expires_unix == 0 { "never".into() } else { time(t.expires_unix) };
+                                vec![
+                                    t.id.clone(),
+                                    t.description.clone(),
+                                    time(t.created_unix),
+                                    expires,
+                                    t.revoked.to_string(),
+                                ]
+                            })
+                            .collect(),
+                    );
+                }
+            }
+            TokenCmd::Create { expires, description } => {
+                let r = a
+                    .create_admin_token(pb::CreateAdminTokenRequest {
+                        description: description.clone(),
+                        expires_in_seconds: duration_secs(expires)?,
+                    })
+                    .await?
+                    .into_inner();
+                if j {
+                    println!("{}", json!({"id": r.token.map(|t| t.id), "secret": r.secret}));
+                } else {
+                    println!("{}", r.secret);
+                }
+            }
+            TokenCmd::Revoke { id } => {
+                let t = a.revoke_admin_token(pb::AdminTokenRef { id: id.clone() }).await?.into_inner();
+                println!("{}", if j { json!({"revoked": t.id}).to_string() } else { format!("revoked {}", t.id) });
             }
         },
         Cmd::Routes { cmd } => {

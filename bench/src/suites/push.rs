@@ -94,6 +94,7 @@ async fn run_n(ctx: &Ctx, results: &mut Results, n: usize, fd_limit: u64) -> any
         data_dir: dir.path().to_owned(),
         metrics_listen: None,
         admin_socket: None,
+        limits: mesh_control::sim::loopback_limits(),
         ..Config::default()
     };
     let control = mesh_control::run::start(&config).await.context("starting control")?;

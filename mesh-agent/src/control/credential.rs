@@ -39,13 +39,18 @@ pub struct Credential {
 }
 
 impl Credential {
-    /// Whether to renew now: less than half of the lifetime left (a day
-    /// when the lifetime is unknown). An expired credential cannot be
-    /// renewed: control refuses it, and re-enrollment is the operator's call.
+    /// Whether to renew (rotate) the credential now: once a day, or after
+    /// half of what is left of the node key's lifetime if that is sooner,
+    /// but never twice within an hour. Renewal does not move the key's
+    /// expiry (control keeps it); at expiry the agent re-authenticates with
+    /// an enrollment key, or an admin extends the key.
     #[must_use]
     pub fn renewal_due(&self, now: i64) -> bool {
-        let lifetime = if self.renewed_unix > 0 { self.expires_unix - self.renewed_unix } else { 2 * 86_400 };
-        self.expires_unix - now < lifetime / 2
+        if self.renewed_unix <= 0 {
+            return true;
+        }
+        let half_left = (self.expires_unix - self.renewed_unix) / 2;
+        now - self.renewed_unix >= half_left.clamp(3600, 86_400) && now < self.expires_unix
     }
 
     pub(super) fn pin(&self) -> Result<[u8; 32], SessionError> {
@@ -96,8 +101,21 @@ pub(super) async fn credential(
     public_key: PublicKey,
 ) -> Result<Credential, SessionError> {
     let path = config.control_credential_path();
+    let mut previous = None;
     if let Some(c) = Credential::load(&path)? {
-        return Ok(c);
+        // An expired node key needs an enrollment key to re-authenticate
+        // (the node keeps its identity); without one, the stored
+        // credential is all there is, and control's refusal says why.
+        let has_key = cc.enrollment_key.is_some() || cc.enrollment_key_file.as_ref().is_some_and(|p| p.exists());
+        if c.expires_unix > now_secs() || !has_key {
+            return Ok(c);
+        }
+        tracing::warn!(
+            node = c.node_id,
+            expires_unix = c.expires_unix,
+            "node key expired: re-authenticating with the enrollment key"
+        );
+        previous = Some(c.token);
     }
     let key = enrollment_key(cc)?;
     let parsed =
@@ -112,6 +130,7 @@ pub(super) async fn credential(
             hostname: hostname(cc),
             advertised_routes: cc.advertise_routes.iter().map(ToString::to_string).collect(),
             endpoints: cc.endpoints.clone(),
+            previous_credential: previous.unwrap_or_default(),
         })
         .await
         .map_err(err("enrolling"))?
@@ -158,11 +177,17 @@ mod tests {
             expires_unix,
             renewed_unix,
         };
-        // Issued at 1000 for 1000 s: due from 1500 on.
-        assert!(!c(1000, 2000).renewal_due(1499));
-        assert!(c(1000, 2000).renewal_due(1501));
-        // Unknown lifetime (older credential files): due within a day.
-        assert!(!c(0, 100_000 + 86_401).renewal_due(100_000));
-        assert!(c(0, 100_000 + 86_399).renewal_due(100_000));
+        // A 90-day key: renewed daily.
+        let day = 86_400;
+        assert!(!c(1000, 1000 + 90 * day).renewal_due(1000 + day - 1));
+        assert!(c(1000, 1000 + 90 * day).renewal_due(1000 + day));
+        // A day left: after half of it; an hour left: not within the hour.
+        assert!(!c(1000, 1000 + day).renewal_due(1000 + day / 2 - 1));
+        assert!(c(1000, 1000 + day).renewal_due(1000 + day / 2));
+        assert!(!c(1000, 1000 + 3000).renewal_due(3000));
+        // Expired: nothing to renew (re-authentication instead).
+        assert!(!c(1000, 1000 + 3000).renewal_due(1000 + 3000));
+        // Unknown (older credential files): now.
+        assert!(c(0, 100_000 + 86_401).renewal_due(100_000));
     }
 }

@@ -71,7 +71,13 @@ async fn main() -> anyhow::Result<()> {
         Cmd::CreateAdminToken { config, description } => {
             let config = load(config.as_ref())?;
             let store = mesh_control::store::Store::open(&config.store_url()).await?;
-            let token = mesh_control::run::create_admin_token(&store, &description, "local-admin").await?;
+            let token = mesh_control::run::create_admin_token(
+                &store,
+                &description,
+                mesh_control::auth::ADMIN_TOKEN_LIFETIME_SECS,
+                "local-admin",
+            )
+            .await?;
             println!("{token}");
             Ok(())
         }

@@ -88,3 +88,15 @@ pub fn audit(a: &AuditRecord) -> pb::AuditEntry {
         after: a.after.clone(),
     }
 }
+
+/// An admin token as the API shows it (never its secret).
+#[must_use]
+pub fn admin_token(t: &crate::store::TokenRecord) -> pb::AdminToken {
+    pb::AdminToken {
+        id: t.id.clone(),
+        description: t.description.clone(),
+        created_unix: t.created,
+        expires_unix: t.expires,
+        revoked: t.revoked,
+    }
+}

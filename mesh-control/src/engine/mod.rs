@@ -46,6 +46,8 @@ pub struct EngineConfig {
     pub poll_interval: Duration,
     /// Where "now" comes from (the wall clock but in tests).
     pub clock: Arc<dyn Clock>,
+    /// Rate limits and caps.
+    pub limits: crate::limits::LimitsConfig,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +59,7 @@ impl Default for EngineConfig {
             ephemeral_offline_secs: 600,
             poll_interval: Duration::from_millis(500),
             clock: Arc::new(SystemClock),
+            limits: crate::limits::LimitsConfig::default(),
         }
     }
 }
@@ -119,6 +122,8 @@ pub struct Engine {
     next_generation: AtomicU64,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
+    /// Rate limits and caps on clients.
+    pub limits: crate::limits::Limits,
     audit_tx: watch::Sender<u64>,
 }
 
@@ -128,6 +133,7 @@ impl Engine {
     pub async fn new(store: Store, cfg: EngineConfig) -> Result<Arc<Self>, StoreError> {
         // Generations grow across restarts: start from the clock (µs).
         let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_micros());
+        let limits = crate::limits::Limits::new(&cfg.limits);
         let engine = Arc::new(Self {
             store,
             state: Mutex::new(State { selector: RouteSelector::new(cfg.hold_down_secs), ..State::default() }),
@@ -137,6 +143,7 @@ impl Engine {
             completed: AtomicU64::new(0),
             next_generation: AtomicU64::new(u64::try_from(start).unwrap_or(1)),
             metrics: Metrics::default(),
+            limits,
             audit_tx: watch::channel(0).0,
         });
         engine.refresh().await?;
@@ -335,13 +342,20 @@ impl Engine {
         left
     }
 
-    /// The node whose credential hashes to `hash` (from memory, then the
+    /// The node whose credential (or previous credential, in its grace
+    /// period) hashes to `hash`, and which one it is (from memory, then the
     /// store: another replica may have just enrolled it).
-    pub async fn node_by_credential(&self, hash: &str) -> Result<Option<NodeRecord>, StoreError> {
-        let known = self.lock().snap.nodes.iter().find(|n| crate::auth::hash_eq(&n.credential_hash, hash)).cloned();
+    pub async fn node_by_credential(
+        &self,
+        hash: &str,
+    ) -> Result<Option<(NodeRecord, crate::store::CredentialMatch)>, StoreError> {
+        let known = self.lock().snap.nodes.iter().find_map(|n| n.credential_matches(hash).map(|m| (n.clone(), m)));
         match known {
             Some(n) => Ok(Some(n)),
-            None => self.store.node_by_credential(hash).await,
+            None => Ok(self.store.node_by_credential(hash).await?.and_then(|n| {
+                let m = n.credential_matches(hash)?;
+                Some((n, m))
+            })),
         }
     }
 

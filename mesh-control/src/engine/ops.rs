@@ -4,12 +4,14 @@
 //! gRPC services only translate requests and answers, and no caller can
 //! forget a refresh or an audit entry.
 
+use std::time::Duration;
+
 use ipnet::IpNet;
 
 use super::Engine;
-use crate::policy::{self, Policy};
+use crate::policy::{self, Policy, Problem, ProblemKind};
 use crate::route_check::{self, RouteConflict};
-use crate::store::{KeyRecord, NodeRecord, StoreError};
+use crate::store::{KeyRecord, NodeRecord, StoreError, TokenRecord};
 
 /// Why an operation changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,29 @@ pub enum OpError {
 
 /// An operation's result.
 pub type OpResult<T> = Result<T, OpError>;
+
+/// How long parsing, testing and compiling one candidate policy may take.
+/// The parser's size and depth limits keep a real check far below this; the
+/// budget bounds what an admin request can cost whatever the policy holds.
+pub const POLICY_BUDGET: Duration = Duration::from_secs(10);
+
+/// Runs policy work `f` on the blocking pool within [`POLICY_BUDGET`], so
+/// that a large candidate never stalls the runtime's workers (which serve
+/// every agent's stream). Past the budget the caller gets an error at once;
+/// the work itself cannot be cancelled and finishes unobserved.
+pub async fn off_workers<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Vec<Problem>> + Send + 'static,
+) -> Result<T, Vec<Problem>> {
+    let budget = |why: String| vec![Problem { line: 0, kind: ProblemKind::Budget(why) }];
+    match tokio::time::timeout(POLICY_BUDGET, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the policy checker failed");
+            Err(budget(format!("the policy checker failed: {e}")))
+        }
+        Err(_) => Err(budget(format!("checking the policy took longer than {} s", POLICY_BUDGET.as_secs()))),
+    }
+}
 
 impl Engine {
     /// `tags` must all be declared in the policy's `tagOwners`.
@@ -72,6 +97,51 @@ impl Engine {
     pub async fn rotate_node_key(&self, id: u64, actor: &str) -> OpResult<NodeRecord> {
         let n = self.store().request_rotation(id, actor, self.now()).await?;
         self.node_changed(n).await
+    }
+
+    /// Extends a node's key to expire `days` days from now (1-365).
+    pub async fn extend_node_key(&self, id: u64, days: u32, actor: &str) -> OpResult<NodeRecord> {
+        if !(1..=365).contains(&days) {
+            return Err(OpError::Invalid(format!("days must be 1-365, not {days}")));
+        }
+        let expiry = self.now().saturating_add(i64::from(days) * 86_400);
+        let n = self.store().extend_key(id, expiry, actor, self.now()).await?;
+        self.node_changed(n).await
+    }
+
+    /// Creates an admin token valid for `lifetime_secs` (0: the default,
+    /// [`crate::auth::ADMIN_TOKEN_LIFETIME_SECS`]); its record and text.
+    pub async fn create_admin_token(
+        &self,
+        description: &str,
+        lifetime_secs: i64,
+        actor: &str,
+    ) -> OpResult<(TokenRecord, String)> {
+        let lifetime = match lifetime_secs {
+            0 => crate::auth::ADMIN_TOKEN_LIFETIME_SECS,
+            s if (1..=crate::auth::ADMIN_TOKEN_MAX_SECS).contains(&s) => s,
+            s => {
+                return Err(OpError::Invalid(format!(
+                    "expires_in_seconds {s} is out of range: 1 to {} (2 years), or 0 for 90 days",
+                    crate::auth::ADMIN_TOKEN_MAX_SECS
+                )));
+            }
+        };
+        if description.len() > 200 {
+            return Err(OpError::Invalid("the description is longer than 200 bytes".into()));
+        }
+        let (id, token, hash) = crate::auth::new_admin_token();
+        let now = self.now();
+        let t = self.store().add_api_token(&id, &hash, description, now.saturating_add(lifetime), actor, now).await?;
+        self.audit_changed();
+        Ok((t, token))
+    }
+
+    /// Revokes an admin token; its record as revoked.
+    pub async fn revoke_admin_token(&self, id: &str, actor: &str) -> OpResult<TokenRecord> {
+        let t = self.store().revoke_api_token(id, actor, self.now()).await?;
+        self.audit_changed();
+        Ok(t)
     }
 
     /// Removes a node, its routes and its credentials.
@@ -122,12 +192,17 @@ impl Engine {
     /// Parses and tests a candidate policy against the current nodes, and
     /// checks that every node's compiled rules fit the limits its agent
     /// reported; the policy and the number of tests passed.
-    pub fn check_policy(&self, text: &str) -> Result<(Policy, u32), Vec<policy::Problem>> {
+    pub async fn check_policy(&self, text: &str) -> Result<(Policy, u32), Vec<Problem>> {
         let inv = super::view::inventory(&self.snapshot(), self.now());
-        let (policy, passed) = policy::check(text, &inv)?;
         let (_, generation) = self.policy();
-        let problems = policy::check_limits(&policy, &inv, generation + 1, &self.limits());
-        if problems.is_empty() { Ok((policy, passed)) } else { Err(problems) }
+        let limits = self.limits();
+        let text = text.to_owned();
+        off_workers(move || {
+            let (policy, passed) = policy::check(&text, &inv)?;
+            let problems = policy::check_limits(&policy, &inv, generation + 1, &limits);
+            if problems.is_empty() { Ok((policy, passed)) } else { Err(problems) }
+        })
+        .await
     }
 
     /// Makes `text` the policy if it passes [`Self::check_policy`] (a bad
@@ -135,7 +210,7 @@ impl Engine {
     /// `autoApprovers` now cover, and pushes the result; the new policy
     /// generation.
     pub async fn set_policy(&self, text: &str, actor: &str) -> OpResult<u64> {
-        let (policy, passed) = self.check_policy(text).map_err(OpError::Policy)?;
+        let (policy, passed) = self.check_policy(text).await.map_err(OpError::Policy)?;
         let generation = self.store().set_policy(text, actor, self.now()).await?;
         tracing::info!(generation, tests_passed = passed, %actor, "policy set");
         self.apply_auto_approvers(&policy, "policy:autoApprovers").await?;

@@ -1,8 +1,22 @@
 //! A small HuJSON reader: JSON plus `//` and `/* */` comments and trailing
 //! commas, keeping the line of every value so that policy errors can name
 //! the line the operator has to fix.
+//!
+//! The reader is bounded, because policies reach it from the admin API: a
+//! document larger than [`MAX_SIZE`] or nested deeper than [`MAX_DEPTH`] is
+//! refused with the line where the limit is crossed (recursion per level
+//! would otherwise let a 200 KB document of `[` overflow the stack), and
+//! duplicate keys are found with a set, linear in the object's size.
 
+use std::collections::HashSet;
 use std::fmt;
+
+/// The largest document accepted, in bytes. A real policy is a few KB;
+/// this leaves room for generated ones with thousands of hosts.
+pub const MAX_SIZE: usize = 1 << 20;
+
+/// The deepest nesting of arrays and objects accepted. A policy needs 4.
+pub const MAX_DEPTH: u32 = 64;
 
 /// A value and the line (1-based) where it starts.
 #[derive(Clone, Debug, PartialEq)]
@@ -57,7 +71,14 @@ pub struct SyntaxError {
 
 /// Parses a HuJSON document.
 pub fn parse(text: &str) -> Result<Spanned, SyntaxError> {
-    let mut p = Parser { s: text.as_bytes(), pos: 0, line: 1 };
+    if text.len() > MAX_SIZE {
+        let line = text.as_bytes()[..MAX_SIZE].iter().filter(|&&c| c == b'\n').count() + 1;
+        return Err(SyntaxError {
+            line: u32::try_from(line).unwrap_or(u32::MAX),
+            message: format!("the document is {} bytes, over the limit of {MAX_SIZE} bytes", text.len()),
+        });
+    }
+    let mut p = Parser { s: text.as_bytes(), pos: 0, line: 1, depth: 0 };
     p.skip_ws()?;
     let v = p.value()?;
     p.skip_ws()?;
@@ -71,6 +92,8 @@ struct Parser<'a> {
     s: &'a [u8],
     pos: usize,
     line: u32,
+    /// Arrays and objects open around the current position.
+    depth: u32,
 }
 
 impl Parser<'_> {
@@ -129,8 +152,8 @@ impl Parser<'_> {
         let line = self.line;
         let value = match self.peek() {
             None => return Err(self.err("unexpected end of document")),
-            Some(b'{') => self.object()?,
-            Some(b'[') => self.array()?,
+            Some(b'{') => self.nested(Self::object)?,
+            Some(b'[') => self.nested(Self::array)?,
             Some(b'"') => Value::String(self.string()?),
             Some(b't') => self.word("true", Value::Bool(true))?,
             Some(b'f') => self.word("false", Value::Bool(false))?,
@@ -139,6 +162,18 @@ impl Parser<'_> {
             Some(c) => return Err(self.err(format!("unexpected character {:?}", c as char))),
         };
         Ok(Spanned { line, value })
+    }
+
+    /// Parses an array or object one level deeper, refusing to go past
+    /// [`MAX_DEPTH`].
+    fn nested(&mut self, f: fn(&mut Self) -> Result<Value, SyntaxError>) -> Result<Value, SyntaxError> {
+        if self.depth >= MAX_DEPTH {
+            return Err(self.err(format!("arrays and objects nested deeper than {MAX_DEPTH} levels")));
+        }
+        self.depth += 1;
+        let v = f(self);
+        self.depth -= 1;
+        v
     }
 
     fn word(&mut self, word: &str, v: Value) -> Result<Value, SyntaxError> {
@@ -221,6 +256,7 @@ impl Parser<'_> {
     fn object(&mut self) -> Result<Value, SyntaxError> {
         self.pos += 1;
         let mut members: Vec<(String, u32, Spanned)> = Vec::new();
+        let mut keys = HashSet::new();
         loop {
             self.skip_ws()?;
             match self.peek() {
@@ -233,7 +269,7 @@ impl Parser<'_> {
             }
             let line = self.line;
             let key = self.string()?;
-            if members.iter().any(|(k, _, _)| *k == key) {
+            if !keys.insert(key.clone()) {
                 return Err(SyntaxError { line, message: format!("duplicate key {key:?}") });
             }
             self.skip_ws()?;
@@ -278,5 +314,41 @@ mod tests {
         assert_eq!(parse("/* open\n\n").unwrap_err().line, 1);
         assert_eq!(parse("{\"a\":1,\n\"a\":2}").unwrap_err().line, 2);
         assert!(parse("{} x").is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        // 200 KB of '[' used to overflow the stack and abort control.
+        let deep = "[".repeat(200_000);
+        let e = parse(&deep).unwrap_err();
+        assert_eq!(e.line, 1);
+        assert!(e.message.contains("nested deeper than 64"), "{e}");
+        // The limit itself is fine, one more level is not; the error names
+        // the line where the limit is crossed.
+        let ok = format!("{}{}", "[\n".repeat(64), "]".repeat(64));
+        assert!(parse(&ok).is_ok());
+        let over = format!("{}{}", "{\"a\":\n".repeat(65), "}".repeat(65));
+        assert_eq!(parse(&over).unwrap_err().line, 65);
+    }
+
+    #[test]
+    fn oversized_documents_are_refused_with_their_line() {
+        let big = format!("{{\"a\": \"{}\",\n\"b\": 1}}", "x".repeat(MAX_SIZE));
+        let e = parse(&big).unwrap_err();
+        assert!(e.message.contains("over the limit"), "{e}");
+        assert_eq!(e.line, 1);
+        let lines = format!("[{}]", "1,\n".repeat(MAX_SIZE / 3 + 10));
+        assert!(parse(&lines).unwrap_err().line > 300_000);
+    }
+
+    #[test]
+    fn many_keys_parse_in_linear_time() {
+        // 50k distinct keys: the pairwise check took over a minute here.
+        let doc = format!("{{{}}}", (0..50_000).map(|i| format!("\"k{i}\":{i}")).collect::<Vec<_>>().join(","));
+        let Value::Object(m) = parse(&doc).unwrap().value else { panic!("object") };
+        assert_eq!(m.len(), 50_000);
+        let dup =
+            format!("{{{},\n\"k7\":0}}", (0..50_000).map(|i| format!("\"k{i}\":{i}")).collect::<Vec<_>>().join(","));
+        assert_eq!(parse(&dup).unwrap_err().line, 2);
     }
 }

@@ -32,6 +32,9 @@ pub enum ProblemKind {
     /// reported (see [`super::check_limits`]).
     #[error("too large for {0}")]
     Limit(String),
+    /// Checking the policy exceeded its time budget, or the checker failed.
+    #[error("{0}")]
+    Budget(String),
     /// A key this policy format does not have.
     #[error("unknown field {0:?}")]
     UnknownField(String),

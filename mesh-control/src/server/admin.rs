@@ -14,13 +14,19 @@ use super::{ApiError, bearer, cidr};
 use mesh_client::enrollment::EnrollmentKeyText;
 
 use crate::auth;
-use crate::engine::{Engine, convert, ops::OpError, view};
+use crate::engine::{
+    Engine, convert,
+    ops::{OpError, off_workers},
+    view,
+};
 use crate::policy::{self, Policy, compile};
 use crate::route_check;
 use crate::store::{AuditFilter, KeyRecord, NodeRecord};
 
 /// Default enrollment key lifetime: one day.
 const DEFAULT_KEY_SECS: i64 = 86_400;
+/// The longest an enrollment key may be valid: 10 years.
+const MAX_KEY_SECS: i64 = 10 * 365 * 86_400;
 
 /// The admin service. `trusted` is set on the local Unix socket, which only
 /// root can open: calls there need no token.
@@ -47,10 +53,10 @@ impl AdminApi {
         }
         let token = bearer(req).ok_or(ApiError::Unauthenticated)?;
         let hash = auth::sha256_hex(token.as_bytes());
-        if let Some(id) = self.engine.store().api_token(&hash).await? {
-            return Ok(format!("admin:{id}"));
+        if let Some(t) = self.engine.store().api_token(&hash, self.engine.now()).await? {
+            return Ok(format!("admin:{}", t.id));
         }
-        if self.engine.node_by_credential(&hash).await?.is_some_and(|n| !n.expired(self.engine.now())) {
+        if self.engine.node_by_credential(&hash).await?.is_some_and(|(n, _)| !n.expired(self.engine.now())) {
             return Err(ApiError::PermissionDenied("node credentials cannot use the admin API".into()));
         }
         Err(ApiError::Unauthenticated)
@@ -237,6 +243,37 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn extend_node_key(&self, req: Request<pb::ExtendNodeKeyRequest>) -> R<pb::Node> {
+        let actor = self.authorize(&req).await?;
+        let r = req.into_inner();
+        let n = self.find_node(&r.node.unwrap_or_default())?;
+        let n = self.engine.extend_node_key(n.id, r.days, &actor).await.map_err(ApiError::from)?;
+        Ok(Response::new(self.node_msg(&n)))
+    }
+
+    async fn create_admin_token(&self, req: Request<pb::CreateAdminTokenRequest>) -> R<pb::CreateAdminTokenResponse> {
+        let actor = self.authorize(&req).await?;
+        let r = req.into_inner();
+        let (t, secret) = self
+            .engine
+            .create_admin_token(&r.description, r.expires_in_seconds, &actor)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::CreateAdminTokenResponse { token: Some(convert::admin_token(&t)), secret }))
+    }
+
+    async fn list_admin_tokens(&self, req: Request<pb::Empty>) -> R<pb::ListAdminTokensResponse> {
+        self.authorize(&req).await?;
+        let tokens = self.engine.store().list_api_tokens().await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListAdminTokensResponse { tokens: tokens.iter().map(convert::admin_token).collect() }))
+    }
+
+    async fn revoke_admin_token(&self, req: Request<pb::AdminTokenRef>) -> R<pb::AdminToken> {
+        let actor = self.authorize(&req).await?;
+        let t = self.engine.revoke_admin_token(&req.get_ref().id, &actor).await.map_err(ApiError::from)?;
+        Ok(Response::new(convert::admin_token(&t)))
+    }
+
     async fn create_enrollment_key(
         &self,
         req: Request<pb::CreateEnrollmentKeyRequest>,
@@ -246,6 +283,18 @@ impl AdminService for AdminApi {
         let now = self.engine.now();
         let secret = auth::secret(24);
         let text = EnrollmentKeyText { id: auth::secret(6), secret: secret.clone(), ca_pin: Some(self.ca_pin) };
+        let lifetime = match r.expires_in_seconds {
+            0 => DEFAULT_KEY_SECS,
+            s if (1..=MAX_KEY_SECS).contains(&s) => s,
+            s => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "expires_in_seconds {s} is out of range: 1 to {MAX_KEY_SECS} (10 years), or 0 for the default"
+                ))
+                .into());
+            }
+        };
+        // In range, so this cannot overflow; checked all the same.
+        let expires = now.checked_add(lifetime).ok_or_else(|| ApiError::InvalidArgument("expiry overflows".into()))?;
         let key = KeyRecord {
             id: text.id.clone(),
             reusable: r.reusable,
@@ -255,7 +304,7 @@ impl AdminService for AdminApi {
             owner: r.user,
             description: r.description,
             created: now,
-            expires: now + if r.expires_in_seconds > 0 { r.expires_in_seconds } else { DEFAULT_KEY_SECS },
+            expires,
             revoked: false,
             uses: 0,
             secret_hash: auth::sha256_hex(secret.as_bytes()),
@@ -306,7 +355,7 @@ impl AdminService for AdminApi {
 
     async fn validate_policy(&self, req: Request<pb::PolicyDocument>) -> R<pb::ValidatePolicyResponse> {
         self.authorize(&req).await?;
-        Ok(Response::new(match self.engine.check_policy(&req.get_ref().text) {
+        Ok(Response::new(match self.engine.check_policy(&req.get_ref().text).await {
             Ok((_, passed)) => pb::ValidatePolicyResponse { ok: true, problems: Vec::new(), tests_passed: passed },
             Err(problems) => pb::ValidatePolicyResponse {
                 ok: false,
@@ -321,13 +370,20 @@ impl AdminService for AdminApi {
 
     async fn diff_policy(&self, req: Request<pb::PolicyDocument>) -> R<pb::DiffPolicyResponse> {
         self.authorize(&req).await?;
-        let candidate = Policy::parse(&req.get_ref().text).map_err(|p| ApiError::from(OpError::Policy(p)))?;
+        let text = req.into_inner().text;
         let snap = self.engine.snapshot();
         let inv = view::inventory(&snap, self.engine.now());
         let (current, generation) = self.engine.policy();
-        let old = compile(&current, &inv, generation);
-        let new = compile(&candidate, &inv, generation + 1);
-        let nodes = policy::diff(&old, &new)
+        let inv2 = inv.clone();
+        let diff = off_workers(move || {
+            let candidate = Policy::parse(&text)?;
+            let old = compile(&current, &inv2, generation);
+            let new = compile(&candidate, &inv2, generation + 1);
+            Ok(policy::diff(&old, &new))
+        })
+        .await
+        .map_err(|p| ApiError::from(OpError::Policy(p)))?;
+        let nodes = diff
             .into_iter()
             .map(|(id, (added, removed))| pb::NodeRuleDiff {
                 node_id: id,

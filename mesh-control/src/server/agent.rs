@@ -10,15 +10,16 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ApiError, bearer, cidr};
+use super::{ApiError, bearer, cidr, endpoints};
 use mesh_client::enrollment::EnrollmentKeyText;
 
 use crate::auth;
 use crate::capability;
 use crate::engine::{Engine, convert};
+use crate::limits::Limited;
 use crate::policy::{self, InventoryNode};
 use crate::route_check;
-use crate::store::{KeyRecord, NewNode, NodeRecord, RouteOptionsRecord};
+use crate::store::{CredentialMatch, KeyRecord, NewNode, NodeRecord, RouteOptionsRecord};
 
 /// The agent-facing service.
 #[derive(Debug, Clone)]
@@ -33,10 +34,12 @@ impl AgentApi {
         Self { engine }
     }
 
-    /// The node a request's credential belongs to, if valid and unexpired.
-    async fn authenticate<T>(&self, req: &Request<T>) -> Result<NodeRecord, ApiError> {
+    /// The node a request's credential belongs to, if valid and unexpired,
+    /// and which of its credentials it is. The first use of a renewed
+    /// credential ends the previous one's grace period.
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<(NodeRecord, CredentialMatch), ApiError> {
         let token = bearer(req).ok_or(ApiError::Unauthenticated)?;
-        let node = self
+        let (node, used) = self
             .engine
             .node_by_credential(&auth::sha256_hex(token.as_bytes()))
             .await?
@@ -44,7 +47,13 @@ impl AgentApi {
         if node.expired(self.engine.now()) {
             return Err(ApiError::Unauthenticated);
         }
-        Ok(node)
+        if used == CredentialMatch::Current && !node.prev_credential_hash.is_empty() {
+            tracing::info!(node = node.id, "renewed credential used: the previous one is retired");
+            let node = self.engine.store().retire_previous_credential(node.id, self.engine.now()).await?;
+            self.engine.refresh().await?;
+            return Ok((node, used));
+        }
+        Ok((node, used))
     }
 
     /// Which of `prefixes` autoApprovers approves for a node with `tags`
@@ -70,7 +79,14 @@ impl AgentApi {
         }
     }
 
-    async fn enroll(&self, req: pb::EnrollRequest) -> Result<pb::EnrollResponse, ApiError> {
+    /// Enrolls a node. Everything that needs no database is checked first,
+    /// then the rate limits, then the key with a read: only a request with
+    /// a valid key opens a write transaction.
+    async fn enroll(
+        &self,
+        source: Option<std::net::IpAddr>,
+        req: pb::EnrollRequest,
+    ) -> Result<pb::EnrollResponse, ApiError> {
         let key = EnrollmentKeyText::parse(&req.enrollment_key).ok_or(ApiError::Unauthenticated)?;
         if req.wireguard_public_key.len() != 32 {
             return Err(ApiError::InvalidArgument("wireguard_public_key must be 32 bytes".into()));
@@ -80,16 +96,25 @@ impl AgentApi {
         }
         let routes =
             req.advertised_routes.iter().map(|r| cidr(r).map(|n| (n, false))).collect::<Result<Vec<_>, _>>()?;
+        let endpoints = endpoints(&req.endpoints)?;
+        let _check = self.engine.limits.admit_enrollment(source, &key.id).await?;
+        let secret_hash = auth::sha256_hex(key.secret.as_bytes());
+        if !self.engine.store().enrollment_key_admits(&key.id, &secret_hash, self.engine.now()).await? {
+            tracing::info!(key = %key.id, ?source, "enrollment refused: key invalid, used, revoked or expired");
+            return Err(ApiError::Unauthenticated);
+        }
         let (token, hash) = auth::new_credential();
+        if !req.previous_credential.is_empty() {
+            return self.reauthenticate(&key, &secret_hash, &req, token, hash).await;
+        }
         let new = NewNode {
             hostname: req.hostname.clone(),
             public_key: hex::encode(&req.wireguard_public_key),
-            endpoints: req.endpoints.clone(),
+            endpoints,
             routes,
             credential_hash: hash,
             key_lifetime: self.engine.config().key_lifetime_secs,
         };
-        let secret_hash = auth::sha256_hex(key.secret.as_bytes());
         let node = match self
             .engine
             .store()
@@ -119,20 +144,140 @@ impl AgentApi {
         })
     }
 
-    async fn renew(&self, node: NodeRecord, req: pb::RenewRequest) -> Result<pb::RenewResponse, ApiError> {
+    /// Renews a node's credential (and WireGuard key, if given). The key's
+    /// expiry stays: a node cannot extend its own authorisation.
+    /// Re-authentication: a node whose key expired (or is about to) proves
+    /// it is that node with its last credential, and that it may be in the
+    /// mesh with a valid enrollment key; it keeps its identity and gets a
+    /// new key expiry.
+    async fn reauthenticate(
+        &self,
+        key: &EnrollmentKeyText,
+        secret_hash: &str,
+        req: &pb::EnrollRequest,
+        token: String,
+        hash: String,
+    ) -> Result<pb::EnrollResponse, ApiError> {
+        let old = auth::sha256_hex(req.previous_credential.as_bytes());
+        let (node, _) = self.engine.node_by_credential(&old).await?.ok_or(ApiError::Unauthenticated)?;
+        let node = self
+            .engine
+            .store()
+            .reauthenticate(
+                node.id,
+                &key.id,
+                secret_hash,
+                hash,
+                hex::encode(&req.wireguard_public_key),
+                self.engine.config().key_lifetime_secs,
+                self.engine.now(),
+            )
+            .await
+            .map_err(|e| match e {
+                crate::store::StoreError::Conflict(_) => ApiError::Unauthenticated,
+                e => e.into(),
+            })?;
+        tracing::info!(node = node.id, name = %node.name, key = %key.id, "node re-authenticated");
+        self.engine.refresh().await?;
+        Ok(pb::EnrollResponse {
+            capabilities: Some(mesh_proto::capabilities("mesh-control")),
+            node: Some(convert::node(&node, self.engine.now(), true)),
+            credential: Some(pb::Credential { token, expires_unix: node.key_expiry }),
+        })
+    }
+
+    async fn renew(
+        &self,
+        node: NodeRecord,
+        used: CredentialMatch,
+        req: pb::RenewRequest,
+    ) -> Result<pb::RenewResponse, ApiError> {
         let new_key = match req.new_wireguard_public_key.len() {
             0 => None,
             32 => Some(hex::encode(&req.new_wireguard_public_key)),
             _ => return Err(ApiError::InvalidArgument("new_wireguard_public_key must be 32 bytes".into())),
         };
         let (token, hash) = auth::new_credential();
-        let expiry = self.engine.now() + self.engine.config().key_lifetime_secs;
-        let node = self.engine.store().renew(node.id, hash, new_key, expiry, self.engine.now()).await?;
+        let node = self.engine.store().renew(node.id, hash, used, new_key, self.engine.now()).await?;
         self.engine.refresh().await?;
         Ok(pb::RenewResponse {
             credential: Some(pb::Credential { token, expires_unix: node.key_expiry }),
             node: Some(convert::node(&node, self.engine.now(), true)),
         })
+    }
+
+    /// Serves one Sync stream of `node` until either side ends it: sends
+    /// each new view, and handles the agent's messages. Returns the error
+    /// to end the stream with, if any.
+    ///
+    /// The stream stays authorised only while the node does: it ends as
+    /// soon as the node is removed or its key expires (checked at every
+    /// view change, every message, and at the expiry itself). Health and
+    /// route reports go through a [`Reports`] gate.
+    async fn serve_stream(
+        &self,
+        id: u64,
+        version: u32,
+        mut slot: crate::engine::Slot,
+        mut inbound: Streaming<pb::SyncRequest>,
+        tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
+    ) -> Result<(), ApiError> {
+        use pb::sync_request::Msg;
+        let mut sent = 0;
+        let mut reports = Reports::new(self.engine.limits.config().report_interval());
+        loop {
+            let expires_in = self.authorised(id)?;
+            let current = slot.borrow_and_update().clone();
+            let Some(published) = current else { return Err(ApiError::Unauthenticated) };
+            if let Some(msg) = next_message(&published, sent) {
+                sent = published.view.generation;
+                if tx.send(Ok(msg)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                changed = slot.changed() => if changed.is_err() { return Ok(()) },
+                () = tokio::time::sleep(expires_in) => {}
+                () = reports.due() => {
+                    for m in reports.take_due() {
+                        self.handle(id, version, m).await?;
+                    }
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(pb::SyncRequest { msg: Some(m) })) => {
+                        self.authorised(id)?;
+                        let m = match m {
+                            m @ (Msg::Health(_) | Msg::Routes(_)) => reports.offer(m),
+                            m => Some(m),
+                        };
+                        if let Some(m) = m {
+                            self.handle(id, version, m).await?;
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => return Ok(()),
+                },
+            }
+        }
+    }
+
+    /// Whether node `id` may still hold a stream: it exists and its key has
+    /// not expired. Returns how long until it expires (at most an hour:
+    /// the clock may be changed, and the check then runs again).
+    fn authorised(&self, id: u64) -> Result<std::time::Duration, ApiError> {
+        let snap = self.engine.snapshot();
+        let now = self.engine.now();
+        let node = snap.nodes.binary_search_by_key(&id, |n| n.id).ok().map(|i| &snap.nodes[i]);
+        match node {
+            Some(n) if !n.expired(now) => {
+                let left = u64::try_from(n.key_expiry.saturating_sub(now)).unwrap_or(0).min(3600);
+                Ok(std::time::Duration::from_secs(left))
+            }
+            _ => {
+                tracing::info!(node = id, "closing a sync stream: the node's key expired or it was removed");
+                Err(ApiError::Unauthenticated)
+            }
+        }
     }
 
     /// Handles one message of a Sync stream from an agent of capability
@@ -240,6 +385,16 @@ impl AgentApi {
             }
             Msg::Failover(f) => {
                 let prefix = cidr(&f.prefix)?;
+                let snap = self.engine.snapshot();
+                let known = |id: u64| id == 0 || snap.nodes.binary_search_by_key(&id, |n| n.id).is_ok();
+                let routed = snap.routes.iter().any(|r| r.prefix == prefix);
+                if !routed || !known(f.from_node) || !known(f.to_node) {
+                    tracing::warn!(
+                        node, %prefix, from = f.from_node, to = f.to_node,
+                        "failover report names an unknown route or node; ignored"
+                    );
+                    return Ok(());
+                }
                 if !self.engine.allow_failover_report(node) {
                     tracing::warn!(node, %prefix, "failover report over the rate limit; not audited");
                     return Ok(());
@@ -269,6 +424,77 @@ impl AgentApi {
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncResponse, Status>> + Send>>;
+
+/// The per-stream gate of an agent's health and route reports. Each kind
+/// is applied at once if none was applied in the last `interval`;
+/// otherwise it waits until the interval is over, and a newer report of
+/// the same kind replaces it (each report carries the whole state, so only
+/// the latest matters). A flapping gateway thus costs at most one write and
+/// one recompute per kind and interval, and a single change is not delayed.
+#[derive(Debug)]
+struct Reports {
+    interval: std::time::Duration,
+    /// Routes, then health: a health report may name a route that the
+    /// advertisement before it added.
+    kinds: [Gate; 2],
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    last: Option<tokio::time::Instant>,
+    pending: Option<pb::sync_request::Msg>,
+}
+
+impl Reports {
+    fn new(interval: std::time::Duration) -> Self {
+        Self { interval, kinds: [Gate::default(), Gate::default()] }
+    }
+
+    const fn gate(m: &pb::sync_request::Msg) -> usize {
+        match m {
+            pb::sync_request::Msg::Routes(_) => 0,
+            _ => 1,
+        }
+    }
+
+    /// Offers a report: returns it if it may be applied now, or keeps it.
+    fn offer(&mut self, m: pb::sync_request::Msg) -> Option<pb::sync_request::Msg> {
+        let now = tokio::time::Instant::now();
+        let gate = &mut self.kinds[Self::gate(&m)];
+        if gate.pending.is_none() && gate.last.is_none_or(|t| now >= t + self.interval) {
+            gate.last = Some(now);
+            Some(m)
+        } else {
+            gate.pending = Some(m);
+            None
+        }
+    }
+
+    /// When the first kept report is due (never if none is kept).
+    async fn due(&self) {
+        let at =
+            self.kinds.iter().filter(|g| g.pending.is_some()).filter_map(|g| g.last.map(|t| t + self.interval)).min();
+        match at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The kept reports that are due, in gate order.
+    fn take_due(&mut self) -> Vec<pb::sync_request::Msg> {
+        let now = tokio::time::Instant::now();
+        let mut out = Vec::new();
+        for g in &mut self.kinds {
+            if g.last.is_some_and(|t| now >= t + self.interval)
+                && let Some(m) = g.pending.take()
+            {
+                g.last = Some(now);
+                out.push(m);
+            }
+        }
+        out
+    }
+}
 
 /// Sends the latest view if it is newer than `sent`: a delta when it
 /// follows what the agent has, a snapshot otherwise.
@@ -309,18 +535,19 @@ fn next_message(p: &crate::engine::Published, sent: u64) -> Option<pb::SyncRespo
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
-        Ok(Response::new(Self::enroll(self, req.into_inner()).await?))
+        let source = req.remote_addr().map(|a| a.ip());
+        Ok(Response::new(Self::enroll(self, source, req.into_inner()).await?))
     }
 
     async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
-        let node = self.authenticate(&req).await?;
-        Ok(Response::new(Self::renew(self, node, req.into_inner()).await?))
+        let (node, used) = self.authenticate(&req).await?;
+        Ok(Response::new(Self::renew(self, node, used, req.into_inner()).await?))
     }
 
     type SyncStream = SyncStream;
 
     async fn sync(&self, req: Request<Streaming<pb::SyncRequest>>) -> Result<Response<SyncStream>, Status> {
-        let node = self.authenticate(&req).await?;
+        let (node, _) = self.authenticate(&req).await?;
         let mut inbound = req.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
         let Some(pb::sync_request::Msg::Hello(hello)) = first.msg else {
@@ -331,9 +558,15 @@ impl AgentService for AgentApi {
         }
         let id = node.id;
         let version = capability::version(hello.capabilities.as_ref());
+        let endpoints = (!hello.endpoints.is_empty()).then(|| endpoints(&hello.endpoints)).transpose()?;
+        let open = self.engine.stream_opened(id);
+        if open > self.engine.limits.config().streams_per_node as usize {
+            self.engine.stream_closed(id);
+            tracing::warn!(node = id, open, "sync stream refused: over the per-node stream cap");
+            return Err(ApiError::from(self.engine.limits.refuse(Limited::Streams)).into());
+        }
         self.engine.set_limits(id, capability::limits(hello.capabilities.as_ref()));
-        let endpoints = (!hello.endpoints.is_empty()).then_some(hello.endpoints);
-        if self.engine.stream_opened(id) == 1 || endpoints.is_some() {
+        if open == 1 || endpoints.is_some() {
             self.engine.store().set_presence(id, true, endpoints, self.engine.now()).await.map_err(ApiError::from)?;
             let engine = self.engine.clone();
             // Presence matters for route failover only: do not hold up the stream.
@@ -345,36 +578,13 @@ impl AgentService for AgentApi {
             capability_version = version,
             "sync stream opened"
         );
-        let mut slot = self.engine.subscribe(id);
+        let slot = self.engine.subscribe(id);
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
-            let mut sent = 0;
-            loop {
-                let current = slot.borrow_and_update().clone();
-                let Some(published) = current else {
-                    let _ = tx.send(Err(Status::unauthenticated("unauthenticated"))).await;
-                    break;
-                };
-                if let Some(msg) = next_message(&published, sent) {
-                    sent = published.view.generation;
-                    if tx.send(Ok(msg)).await.is_err() {
-                        break;
-                    }
-                }
-                tokio::select! {
-                    changed = slot.changed() => if changed.is_err() { break },
-                    msg = inbound.message() => match msg {
-                        Ok(Some(pb::SyncRequest { msg: Some(m) })) => {
-                            if let Err(e) = this.handle(id, version, m).await {
-                                let _ = tx.send(Err(e.into())).await;
-                                break;
-                            }
-                        }
-                        Ok(Some(_)) => {}
-                        Ok(None) | Err(_) => break,
-                    },
-                }
+            let why = this.serve_stream(id, version, slot, inbound, &tx).await;
+            if let Err(e) = why {
+                let _ = tx.send(Err(e.into())).await;
             }
             if this.engine.stream_closed(id) == 0 {
                 let _ = this.engine.store().set_presence(id, false, None, this.engine.now()).await;

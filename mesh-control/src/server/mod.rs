@@ -31,6 +31,9 @@ pub enum ApiError {
     /// Not possible in the current state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Over a limit of [`crate::limits`]; the client should retry later.
+    #[error(transparent)]
+    Limited(#[from] crate::limits::Limited),
     /// Our fault.
     #[error("internal error")]
     Internal(String),
@@ -65,6 +68,7 @@ impl From<ApiError> for Status {
             ApiError::NotFound(m) => Self::not_found(m),
             ApiError::InvalidArgument(m) => Self::invalid_argument(m),
             ApiError::FailedPrecondition(m) => Self::failed_precondition(m),
+            ApiError::Limited(l) => Self::resource_exhausted(l.to_string()),
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 Self::internal("internal error")
@@ -77,6 +81,28 @@ impl From<ApiError> for Status {
 pub(crate) fn bearer<T>(req: &tonic::Request<T>) -> Option<String> {
     let v = req.metadata().get("authorization")?.to_str().ok()?;
     v.strip_prefix("Bearer ").map(|t| t.trim().to_owned())
+}
+
+/// The most UDP endpoints a node may advertise: every peer receives them.
+pub const MAX_ENDPOINTS: usize = 8;
+
+/// Checks the WireGuard endpoints a node advertises (`ip:port`, at most
+/// [`MAX_ENDPOINTS`], a unicast address and a port) before control stores
+/// them and pushes them to every peer.
+pub(crate) fn endpoints(list: &[String]) -> Result<Vec<String>, ApiError> {
+    if list.len() > MAX_ENDPOINTS {
+        return Err(ApiError::InvalidArgument(format!("{} endpoints advertised; at most {MAX_ENDPOINTS}", list.len())));
+    }
+    list.iter()
+        .map(|e| {
+            let a: std::net::SocketAddr =
+                e.parse().map_err(|_| ApiError::InvalidArgument(format!("endpoint {e:?} is not IP:port")))?;
+            if a.port() == 0 || a.ip().is_unspecified() || a.ip().is_multicast() {
+                return Err(ApiError::InvalidArgument(format!("endpoint {a} is not a unicast address and port")));
+            }
+            Ok(a.to_string())
+        })
+        .collect()
 }
 
 /// Parses a CIDR from a request.

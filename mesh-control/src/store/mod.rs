@@ -31,9 +31,11 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 
 pub use nodes::NewNode;
 pub use records::{
-    AuditFilter, AuditRecord, KeyRecord, NodeRecord, NodeState, PolicyRecord, RouteOptionsRecord, RouteRecord, Snapshot,
+    AuditFilter, AuditRecord, CredentialMatch, KeyRecord, NodeRecord, NodeState, PolicyRecord, RouteOptionsRecord,
+    RouteRecord, Snapshot,
 };
 use rows::{NODE_COLS, node_row, route_row, u};
+pub use tokens::TokenRecord;
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +86,10 @@ pub fn overlay_addrs(i: u32) -> (Ipv4Addr, Ipv6Addr) {
 pub struct Store {
     pool: AnyPool,
     backend: &'static str,
+    /// Write transactions opened: on SQLite each one holds the whole
+    /// database, so what may open one is a security question (see
+    /// [`Store::enrollment_key_admits`]).
+    writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Store {
@@ -111,7 +117,7 @@ impl Store {
         if sqlite {
             sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
         }
-        let store = Self { pool, backend: if sqlite { "sqlite" } else { "postgres" } };
+        let store = Self { pool, backend: if sqlite { "sqlite" } else { "postgres" }, writes: Default::default() };
         schema::migrate(&store.pool, sqlite).await?;
         Ok(store)
     }
@@ -121,11 +127,18 @@ impl Store {
     /// writes fails with SQLITE_BUSY when another writer committed in
     /// between, and the busy timeout cannot help it.
     async fn write_tx(&self) -> Result<Transaction<'static, Any>> {
+        self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(if self.backend == "sqlite" {
             self.pool.begin_with("BEGIN IMMEDIATE").await?
         } else {
             self.pool.begin().await?
         })
+    }
+
+    /// How many write transactions this store has opened.
+    #[must_use]
+    pub fn write_transactions(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `sqlite` or `postgres`.

@@ -4,7 +4,7 @@ use ipnet::IpNet;
 use sqlx::{Any, Row, Transaction};
 
 use super::audit::audit;
-use super::records::{KeyRecord, NodeRecord, NodeState};
+use super::records::{CredentialMatch, KeyRecord, NodeRecord, NodeState};
 use super::routes::insert_route;
 use super::rows::{NODE_COLS, b, i, json, key_row, node_row, u};
 use super::{MAX_ADDR_INDEX, Result, Store, StoreError};
@@ -52,6 +52,57 @@ impl Store {
         Err(StoreError::Db(last.unwrap_or(sqlx::Error::PoolClosed)))
     }
 
+    /// Re-authenticates node `id` with an enrollment key: the node keeps its
+    /// identity (id, name, addresses, tags, routes) and gets a new
+    /// credential, WireGuard key and key expiry, as if it had enrolled.
+    /// Consumes the key like an enrollment; refused (as a conflict) with a
+    /// bad key.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn reauthenticate(
+        &self,
+        id: u64,
+        key_id: &str,
+        secret_hash: &str,
+        credential_hash: String,
+        public_key: String,
+        key_lifetime: i64,
+        now: i64,
+    ) -> Result<NodeRecord> {
+        let expiry = now.checked_add(key_lifetime).ok_or_else(|| StoreError::Conflict("key lifetime".into()))?;
+        let mut tx = self.write_tx().await?;
+        consume_key(&mut tx, key_id, secret_hash, now).await?;
+        let after = update_node_in(&mut tx, id, &format!("key/{key_id}"), "node.reauth", now, |n| {
+            n.credential_hash = credential_hash;
+            n.prev_credential_hash.clear();
+            n.public_key = public_key;
+            n.rotation_requested = false;
+            n.key_expiry = expiry;
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    /// Whether key `key_id` with secret hash `secret_hash` would admit an
+    /// enrollment now: a plain read, so that a wrong or used key is refused
+    /// before any write transaction is opened (on SQLite a write holds the
+    /// whole database). [`Store::enroll`] checks again inside its
+    /// transaction, which is what makes a one-off key single-use.
+    pub async fn enrollment_key_admits(&self, key_id: &str, secret_hash: &str, now: i64) -> Result<bool> {
+        let key = sqlx::query("SELECT * FROM enrollment_keys WHERE id = $1")
+            .bind(key_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| key_row(&r))
+            .transpose()?;
+        Ok(key.is_some_and(|k| {
+            crate::auth::hash_eq(&k.secret_hash, secret_hash)
+                && !k.revoked
+                && k.expires > now
+                && (k.reusable || k.uses == 0)
+        }))
+    }
+
     async fn enroll_once(
         &self,
         key_id: &str,
@@ -61,27 +112,7 @@ impl Store {
         now: i64,
     ) -> Result<NodeRecord> {
         let mut tx = self.write_tx().await?;
-        let key = sqlx::query("SELECT * FROM enrollment_keys WHERE id = $1")
-            .bind(key_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| key_row(&r))
-            .transpose()?;
-        // One answer for every refusal: nothing about which keys exist.
-        let refuse = || StoreError::Conflict("enrollment key is invalid, used, revoked or expired".into());
-        let key = key.ok_or_else(refuse)?;
-        if !crate::auth::hash_eq(&key.secret_hash, secret_hash) || key.revoked || key.expires <= now {
-            return Err(refuse());
-        }
-        // Consume a one-off key atomically: only one enrollment sees uses = 0.
-        let consumed =
-            sqlx::query("UPDATE enrollment_keys SET uses = uses + 1 WHERE id = $1 AND (reusable = 1 OR uses = 0)")
-                .bind(key_id)
-                .execute(&mut *tx)
-                .await?;
-        if consumed.rows_affected() != 1 {
-            return Err(refuse());
-        }
+        let key = consume_key(&mut tx, key_id, secret_hash, now).await?;
         let idx: i64 =
             sqlx::query("SELECT COALESCE(MAX(addr_index), 0) + 1 FROM nodes").fetch_one(&mut *tx).await?.try_get(0)?;
         if idx > MAX_ADDR_INDEX {
@@ -123,7 +154,7 @@ impl Store {
 
     /// Finds the node whose credential hashes to `hash`.
     pub async fn node_by_credential(&self, hash: &str) -> Result<Option<NodeRecord>> {
-        sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE credential_hash = $1"))
+        sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes WHERE credential_hash = $1 OR prev_credential_hash = $1"))
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?
@@ -149,30 +180,7 @@ impl Store {
         change: impl FnOnce(&mut NodeRecord),
     ) -> Result<NodeRecord> {
         let mut tx = self.write_tx().await?;
-        let before = node_in(&mut tx, id).await?;
-        let mut after = before.clone();
-        change(&mut after);
-        if after == before {
-            tx.commit().await?;
-            return Ok(after);
-        }
-        sqlx::query(
-            "UPDATE nodes SET public_key = $2, tags = $3, state = $4, last_seen = $5, online = $6, key_expiry = $7, \
-             rotation_requested = $8, endpoints = $9, credential_hash = $10 WHERE id = $1",
-        )
-        .bind(i(id))
-        .bind(&after.public_key)
-        .bind(json(&after.tags))
-        .bind(after.state.as_str())
-        .bind(after.last_seen)
-        .bind(b(after.online))
-        .bind(after.key_expiry)
-        .bind(b(after.rotation_requested))
-        .bind(json(&after.endpoints))
-        .bind(&after.credential_hash)
-        .execute(&mut *tx)
-        .await?;
-        audit(&mut tx, now, actor, action, &format!("node/{id}"), json(&before), json(&after)).await?;
+        let after = update_node_in(&mut tx, id, actor, action, now, change).await?;
         tx.commit().await?;
         Ok(after)
     }
@@ -197,24 +205,45 @@ impl Store {
         self.update_node(id, actor, "node.rotate_key", now, |n| n.rotation_requested = true).await
     }
 
-    /// A new credential (and maybe WireGuard key) for a node.
+    /// Renews a node's credential (and, with `new_public_key`, its
+    /// WireGuard key). The key's expiry does not move: only an admin or a
+    /// re-authentication with an enrollment key extends it. The credential
+    /// the request used stays valid until the new one is first used
+    /// ([`Store::retire_previous_credential`]), so an agent that never got
+    /// the answer is not locked out; `used` says which one that was.
     pub async fn renew(
         &self,
         id: u64,
         credential_hash: String,
+        used: CredentialMatch,
         new_public_key: Option<String>,
-        expiry: i64,
         now: i64,
     ) -> Result<NodeRecord> {
         self.update_node(id, &format!("node/{id}"), "node.renew", now, |n| {
+            if used == CredentialMatch::Current {
+                n.prev_credential_hash = std::mem::take(&mut n.credential_hash);
+            }
             n.credential_hash = credential_hash;
-            n.key_expiry = expiry;
             if let Some(k) = new_public_key {
                 n.public_key = k;
                 n.rotation_requested = false;
             }
         })
         .await
+    }
+
+    /// Ends the grace period of a node's previous credential: the renewed
+    /// one has been used.
+    pub async fn retire_previous_credential(&self, id: u64, now: i64) -> Result<NodeRecord> {
+        self.update_node(id, &format!("node/{id}"), "node.credential_confirmed", now, |n| {
+            n.prev_credential_hash.clear();
+        })
+        .await
+    }
+
+    /// Extends a node's key to `expiry` (an admin's decision).
+    pub async fn extend_key(&self, id: u64, expiry: i64, actor: &str, now: i64) -> Result<NodeRecord> {
+        self.update_node(id, actor, "node.extend", now, |n| n.key_expiry = expiry).await
     }
 
     /// Records an agent stream opening or closing, and its endpoints.
@@ -275,4 +304,73 @@ async fn unique_name(tx: &mut Transaction<'_, Any>, hostname: &str) -> Result<St
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+/// Checks enrollment key `key_id` against `secret_hash` inside `tx` and
+/// counts one use (a one-off key only once: only one transaction sees
+/// `uses = 0`).
+async fn consume_key(
+    tx: &mut Transaction<'static, Any>,
+    key_id: &str,
+    secret_hash: &str,
+    now: i64,
+) -> Result<KeyRecord> {
+    let key = sqlx::query("SELECT * FROM enrollment_keys WHERE id = $1")
+        .bind(key_id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(|r| key_row(&r))
+        .transpose()?;
+    // One answer for every refusal: nothing about which keys exist.
+    let refuse = || StoreError::Conflict("enrollment key is invalid, used, revoked or expired".into());
+    let key = key.ok_or_else(refuse)?;
+    if !crate::auth::hash_eq(&key.secret_hash, secret_hash) || key.revoked || key.expires <= now {
+        return Err(refuse());
+    }
+    let consumed =
+        sqlx::query("UPDATE enrollment_keys SET uses = uses + 1 WHERE id = $1 AND (reusable = 1 OR uses = 0)")
+            .bind(key_id)
+            .execute(&mut **tx)
+            .await?;
+    if consumed.rows_affected() != 1 {
+        return Err(refuse());
+    }
+    Ok(key)
+}
+
+/// Changes node `id` inside `tx` and audits the change (nothing when
+/// `change` changes nothing).
+async fn update_node_in(
+    tx: &mut Transaction<'static, Any>,
+    id: u64,
+    actor: &str,
+    action: &str,
+    now: i64,
+    change: impl FnOnce(&mut NodeRecord),
+) -> Result<NodeRecord> {
+    let before = node_in(tx, id).await?;
+    let mut after = before.clone();
+    change(&mut after);
+    if after == before {
+        return Ok(after);
+    }
+    sqlx::query(
+        "UPDATE nodes SET public_key = $2, tags = $3, state = $4, last_seen = $5, online = $6, key_expiry = $7, \
+         rotation_requested = $8, endpoints = $9, credential_hash = $10, prev_credential_hash = $11 WHERE id = $1",
+    )
+    .bind(i(id))
+    .bind(&after.public_key)
+    .bind(json(&after.tags))
+    .bind(after.state.as_str())
+    .bind(after.last_seen)
+    .bind(b(after.online))
+    .bind(after.key_expiry)
+    .bind(b(after.rotation_requested))
+    .bind(json(&after.endpoints))
+    .bind(&after.credential_hash)
+    .bind(&after.prev_credential_hash)
+    .execute(&mut **tx)
+    .await?;
+    audit(tx, now, actor, action, &format!("node/{id}"), json(&before), json(&after)).await?;
+    Ok(after)
 }

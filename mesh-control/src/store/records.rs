@@ -63,6 +63,20 @@ pub struct NodeRecord {
     /// SHA-256 of the node's credential, hex (never shown).
     #[serde(skip)]
     pub credential_hash: String,
+    /// SHA-256 of the credential before the last renewal, valid until the
+    /// new one is first used; empty when none (never shown).
+    #[serde(skip)]
+    pub prev_credential_hash: String,
+}
+
+/// Which of a node's credentials a request used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialMatch {
+    /// The one issued last.
+    Current,
+    /// The one before it: the agent has not received (or not yet used) the
+    /// renewed one.
+    Previous,
 }
 
 impl NodeRecord {
@@ -70,6 +84,19 @@ impl NodeRecord {
     #[must_use]
     pub const fn expired(&self, now: i64) -> bool {
         self.key_expiry <= now
+    }
+
+    /// Whether `hash` is this node's credential, or its previous one still
+    /// in its grace period; compared in constant time.
+    #[must_use]
+    pub fn credential_matches(&self, hash: &str) -> Option<CredentialMatch> {
+        if crate::auth::hash_eq(&self.credential_hash, hash) {
+            Some(CredentialMatch::Current)
+        } else if !self.prev_credential_hash.is_empty() && crate::auth::hash_eq(&self.prev_credential_hash, hash) {
+            Some(CredentialMatch::Previous)
+        } else {
+            None
+        }
     }
 
     /// Whether the node takes part in the mesh at `now`.

@@ -29,7 +29,8 @@ pub(super) fn i(v: u64) -> i64 {
 }
 
 pub(super) const NODE_COLS: &str = "id, name, hostname, public_key, addr_index, tags, owner, state, ephemeral, created, \
-                         last_seen, online, key_expiry, rotation_requested, endpoints, credential_hash";
+                         last_seen, online, key_expiry, rotation_requested, endpoints, credential_hash, \
+                         prev_credential_hash";
 
 pub(super) fn node_row(r: &AnyRow) -> Result<NodeRecord> {
     let idx: i64 = r.try_get("addr_index")?;
@@ -53,6 +54,7 @@ pub(super) fn node_row(r: &AnyRow) -> Result<NodeRecord> {
         rotation_requested: r.try_get::<i64, _>("rotation_requested")? != 0,
         endpoints: list(&r.try_get::<String, _>("endpoints")?),
         credential_hash: r.try_get("credential_hash")?,
+        prev_credential_hash: r.try_get("prev_credential_hash")?,
     })
 }
 

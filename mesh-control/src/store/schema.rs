@@ -91,6 +91,17 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         "ALTER TABLE routes ADD COLUMN lan_addresses TEXT NOT NULL DEFAULT '';",
     ),
+    (
+        // Credentials: a renewed node's previous credential stays valid
+        // until the new one is first used (a lost renewal answer must not
+        // lock the agent out); admin tokens expire (0: created before
+        // expiries existed, never) and can be revoked.
+        4,
+        "ALTER TABLE nodes ADD COLUMN prev_credential_hash TEXT NOT NULL DEFAULT '';
+     CREATE INDEX nodes_prev_credential ON nodes (prev_credential_hash);
+     ALTER TABLE api_tokens ADD COLUMN expires BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE api_tokens ADD COLUMN revoked BIGINT NOT NULL DEFAULT 0;",
+    ),
 ];
 
 /// Applies the migrations `pool` has not seen yet.

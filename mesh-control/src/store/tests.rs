@@ -173,10 +173,18 @@ async fn routes_policy_and_version() {
         assert_eq!(store.meta_get_or_init("ca", || "one".into()).await.unwrap(), "one");
         assert_eq!(store.meta_get_or_init("ca", || "two".into()).await.unwrap(), "one");
         // Admin tokens.
-        store.add_api_token("t1", "hash1", "first", "control", 11).await.unwrap();
-        assert_eq!(store.api_token("hash1").await.unwrap().as_deref(), Some("t1"));
-        assert_eq!(store.api_token("nope").await.unwrap(), None);
-        assert_eq!(store.api_token_count().await.unwrap(), 1);
+        store.add_api_token("t1", "hash1", "first", 100, "control", 11).await.unwrap();
+        store.add_api_token("t2", "hash2", "second", 0, "control", 12).await.unwrap();
+        assert_eq!(store.api_token("hash1", 99).await.unwrap().map(|t| t.id).as_deref(), Some("t1"));
+        assert_eq!(store.api_token("hash1", 100).await.unwrap(), None, "expired");
+        assert_eq!(store.api_token("nope", 11).await.unwrap(), None);
+        assert!(store.api_token("hash2", i64::MAX).await.unwrap().is_some(), "0: never expires");
+        store.revoke_api_token("t2", "admin:t1", 13).await.unwrap();
+        assert_eq!(store.api_token("hash2", 14).await.unwrap(), None, "revoked");
+        let list = store.list_api_tokens().await.unwrap();
+        assert_eq!(list.iter().map(|t| (t.id.as_str(), t.revoked)).collect::<Vec<_>>(), [("t1", false), ("t2", true)]);
+        assert!(store.revoke_api_token("t9", "admin:t1", 13).await.is_err());
+        assert_eq!(store.api_token_count().await.unwrap(), 2);
     }
 }
 
