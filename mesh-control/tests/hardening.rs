@@ -485,3 +485,49 @@ async fn admin_tokens_expire_and_are_listed_and_revoked() {
     assert_eq!(actions.iter().filter(|a| *a == "token.create").count(), 3, "{actions:?}");
     assert_eq!(actions.iter().filter(|a| *a == "token.revoke").count(), 1, "{actions:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_an_auto_approver_or_a_tag_withdraws_the_routes_it_approved() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(&loopback_config(dir.path())).await.unwrap();
+    let mut a = admin(&c).await;
+    let with_app = POLICY.replace(r#""tagOwners": {"tag:gw": []}"#, r#""tagOwners": {"tag:gw": [], "tag:app": []}"#);
+    a.set_policy(pb::PolicyDocument { text: with_app.clone(), generation: 0 }).await.unwrap();
+    let k = key(&mut a, &["tag:gw"]).await;
+    let gw = SimAgent::enroll(&c.addr.to_string(), &k, "gw", &["10.20.0.0/16", "10.30.0.0/16"]).await.unwrap();
+    let id = gw.node.id;
+    // 10.30/16 is approved by hand; autoApprovers approved 10.20/16.
+    a.approve_route(pb::RouteRef { node_id: id, prefix: "10.30.0.0/16".into() }).await.unwrap();
+    let approved = |c: &Running| {
+        let snap = c.engine.snapshot();
+        let mut v: Vec<String> =
+            snap.routes.iter().filter(|r| r.node_id == id && r.approved).map(|r| r.prefix.to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(approved(&c), ["10.20.0.0/16", "10.30.0.0/16"]);
+    // The node loses the tag the autoApprovers entry names.
+    a.set_node_tags(pb::SetNodeTagsRequest {
+        node: Some(pb::NodeRef { id, ..Default::default() }),
+        tags: vec!["tag:app".into()],
+    })
+    .await
+    .unwrap();
+    assert_eq!(approved(&c), ["10.30.0.0/16"], "the hand-approved route stays");
+    // It gets the tag back: autoApprovers approve again.
+    a.set_node_tags(pb::SetNodeTagsRequest {
+        node: Some(pb::NodeRef { id, ..Default::default() }),
+        tags: vec!["tag:gw".into()],
+    })
+    .await
+    .unwrap();
+    assert_eq!(approved(&c), ["10.20.0.0/16", "10.30.0.0/16"]);
+    // The autoApprovers entry goes away.
+    let without = with_app.replace(r#""autoApprovers": {"routes": {"10.20.0.0/16": ["tag:gw"]}},"#, "");
+    assert_ne!(without, with_app);
+    a.set_policy(pb::PolicyDocument { text: without, generation: 0 }).await.unwrap();
+    assert_eq!(approved(&c), ["10.30.0.0/16"]);
+    let audit = a.list_audit(pb::ListAuditRequest { action_prefix: "route.auto".into(), ..Default::default() }).await;
+    let actions: Vec<String> = audit.unwrap().into_inner().entries.into_iter().map(|e| e.action).collect();
+    assert_eq!(actions.iter().filter(|a| *a == "route.auto_approval_revoked").count(), 2, "{actions:?}");
+}

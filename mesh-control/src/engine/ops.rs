@@ -84,6 +84,10 @@ impl Engine {
     pub async fn set_node_tags(&self, id: u64, tags: Vec<String>, actor: &str) -> OpResult<NodeRecord> {
         self.check_tags(&tags)?;
         let n = self.store().set_tags(id, tags, actor, self.now()).await?;
+        let (policy, _) = self.policy();
+        self.revoke_lapsed_auto_approvals(&policy, std::slice::from_ref(&n), actor).await?;
+        self.refresh().await?;
+        self.apply_auto_approvers(&policy, "policy:autoApprovers").await?;
         self.node_changed(n).await
     }
 
@@ -213,9 +217,27 @@ impl Engine {
         let (policy, passed) = self.check_policy(text).await.map_err(OpError::Policy)?;
         let generation = self.store().set_policy(text, actor, self.now()).await?;
         tracing::info!(generation, tests_passed = passed, %actor, "policy set");
+        self.revoke_lapsed_auto_approvals(&policy, &self.snapshot().nodes, "policy:autoApprovers").await?;
         self.apply_auto_approvers(&policy, "policy:autoApprovers").await?;
         self.refresh().await?;
         Ok(generation)
+    }
+
+    /// Withdraws the approval of `nodes`' routes that autoApprovers
+    /// approved and `policy` no longer approves for them (an entry or a
+    /// tag was removed). Routes an admin approved are left alone.
+    async fn revoke_lapsed_auto_approvals(&self, policy: &Policy, nodes: &[NodeRecord], actor: &str) -> OpResult<()> {
+        let snap = self.snapshot();
+        for n in nodes {
+            let inv = inventory_node(n);
+            for r in snap.routes.iter().filter(|r| r.node_id == n.id && r.auto_approved) {
+                if !policy::auto_approved(policy, &inv, r.prefix) {
+                    tracing::warn!(node = n.id, prefix = %r.prefix, %actor, "autoApprovers no longer cover a route: approval withdrawn");
+                    self.store().revoke_auto_approval(n.id, &r.prefix, actor, self.now()).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Approves the waiting routes that `policy`'s autoApprovers cover
@@ -224,14 +246,7 @@ impl Engine {
         let snap = self.snapshot();
         for r in snap.routes.iter().filter(|r| !r.approved) {
             let Some(n) = snap.nodes.iter().find(|n| n.id == r.node_id) else { continue };
-            let inv = policy::InventoryNode {
-                id: n.id,
-                name: n.name.clone(),
-                addrs: Vec::new(),
-                tags: n.tags.clone(),
-                user: n.owner.clone(),
-                routes: Vec::new(),
-            };
+            let inv = inventory_node(n);
             if policy::auto_approved(policy, &inv, r.prefix) {
                 match route_check::conflict(&snap, r.node_id, r.prefix) {
                     None => {
@@ -268,5 +283,17 @@ impl Engine {
             .await?;
         self.audit_changed();
         Ok(())
+    }
+}
+
+/// What autoApprovers look at of a node: its tags and owner.
+fn inventory_node(n: &NodeRecord) -> policy::InventoryNode {
+    policy::InventoryNode {
+        id: n.id,
+        name: n.name.clone(),
+        addrs: Vec::new(),
+        tags: n.tags.clone(),
+        user: n.owner.clone(),
+        routes: Vec::new(),
     }
 }

@@ -114,6 +114,17 @@ impl Store {
         .await
     }
 
+    /// Withdraws the approval of a route that was approved by an
+    /// autoApprovers entry that no longer covers it (the entry, or the
+    /// node's tag, was removed). The route waits for an admin again.
+    pub async fn revoke_auto_approval(&self, node: u64, prefix: &IpNet, actor: &str, now: i64) -> Result<RouteRecord> {
+        self.update_route(node, prefix, actor, "route.auto_approval_revoked", now, |r| {
+            r.approved = false;
+            r.auto_approved = false;
+        })
+        .await
+    }
+
     /// Sets a route's priority.
     pub async fn set_route_priority(
         &self,
