@@ -16,6 +16,7 @@
 mod control;
 mod flood;
 mod ha;
+mod hostile;
 mod smoke;
 
 use std::{
@@ -48,6 +49,19 @@ enum Cmd {
         /// The agent's configuration.
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Flood control with wrong enrollment keys (what the demo's `mallory`
+    /// host runs), then print the answers' counts.
+    Flood {
+        /// Control's gRPC address.
+        #[arg(long)]
+        addr: String,
+        /// SHA-256 pin of control's CA (hex).
+        #[arg(long)]
+        pin: String,
+        /// How long to flood.
+        #[arg(long, default_value_t = 4)]
+        secs: u64,
     },
 }
 
@@ -279,6 +293,7 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let result = match &args.cmd {
         Some(Cmd::Agent { config }) => run_agent(config),
+        Some(Cmd::Flood { addr, pin, secs }) => hostile::flood(addr, pin, *secs),
         None => demo(&args),
     };
     match result {
@@ -324,6 +339,10 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     let wan = lab.switch("wan")?;
     wan.plug(&ctl, "eth0")?;
     ctl.addr("eth0", "192.0.2.100/24")?;
+    // A stranger on the WAN: it floods control with wrong enrollment keys.
+    let mallory = lab.host("mallory")?;
+    wan.plug(&mallory, "eth0")?;
+    mallory.addr("eth0", "192.0.2.200/24")?;
     let mut gateways = Vec::new();
     let mut apps = Vec::new();
     let mut dbs = Vec::new();
@@ -564,6 +583,34 @@ fn demo(args: &Args) -> anyhow::Result<()> {
             );
         }
         check("the same TCP connections (IPv4 and IPv6) survived all four events, streams intact", true);
+    }
+
+    // Control under hostile input, with the mesh running.
+    println!("== control under hostile input: a flood of wrong enrollment keys from the WAN, a crafted policy");
+    let pin =
+        mesh_client::enrollment::EnrollmentKeyText::parse(&key).and_then(|k| k.ca_pin).context("the key's pin")?;
+    match hostile::run(&rt, &mallory, &ctl_dir, &pin, &policy()) {
+        Ok(h) => {
+            let f = &h.flood;
+            check(
+                &format!(
+                    "{} wrong enrollments from one host in 4 s ({} rate-limited) were all refused",
+                    f.sent, f.limited
+                ),
+                f.sent > 100 && f.other == 0 && f.limited > 0,
+            );
+            check(
+                &format!("policy changes during the flood took at most {} ms (< 1000)", h.slowest_write.as_millis()),
+                h.slowest_write < Duration::from_secs(1),
+            );
+            check(&format!("{} of 6 gateways kept their streams through the flood", h.online), h.online == 6);
+            check(
+                &format!("a 200 KB policy of nested '[' is refused ({}); control stays up", h.deep_policy),
+                h.deep_policy.contains("nested deeper"),
+            );
+            check("every admin token has an expiry", h.tokens_without_expiry == 0);
+        }
+        Err(e) => check(&format!("the hostile-input step ran: {e:#}"), false),
     }
 
     println!();

@@ -425,12 +425,13 @@ impl AgentApi {
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncResponse, Status>> + Send>>;
 
-/// The per-stream gate of an agent's health and route reports. Each kind
-/// is applied at once if none was applied in the last `interval`;
-/// otherwise it waits until the interval is over, and a newer report of
-/// the same kind replaces it (each report carries the whole state, so only
-/// the latest matters). A flapping gateway thus costs at most one write and
-/// one recompute per kind and interval, and a single change is not delayed.
+/// The per-stream gate of an agent's health and route reports: a token
+/// bucket per kind, [`REPORT_BURST`] deep, refilled one token per
+/// interval. A report with a token is applied at once (so a real change is
+/// never delayed); without one it waits for the next token, and a newer
+/// report of the same kind replaces it (each carries the whole state, so
+/// only the latest matters). A flapping gateway thus costs at most one
+/// write and one recompute per kind and interval, whatever it sends.
 #[derive(Debug)]
 struct Reports {
     interval: std::time::Duration,
@@ -439,15 +440,21 @@ struct Reports {
     kinds: [Gate; 2],
 }
 
-#[derive(Debug, Default)]
+/// Reports of one kind an agent may send at once before the gate holds
+/// them back (a start sends several; so does a failover).
+const REPORT_BURST: f64 = 4.0;
+
+#[derive(Debug)]
 struct Gate {
-    last: Option<tokio::time::Instant>,
+    tokens: f64,
+    refilled: tokio::time::Instant,
     pending: Option<pb::sync_request::Msg>,
 }
 
 impl Reports {
     fn new(interval: std::time::Duration) -> Self {
-        Self { interval, kinds: [Gate::default(), Gate::default()] }
+        let gate = || Gate { tokens: REPORT_BURST, refilled: tokio::time::Instant::now(), pending: None };
+        Self { interval, kinds: [gate(), gate()] }
     }
 
     const fn gate(m: &pb::sync_request::Msg) -> usize {
@@ -457,23 +464,39 @@ impl Reports {
         }
     }
 
+    /// Adds the tokens earned since the last refill.
+    fn refill(interval: std::time::Duration, g: &mut Gate, now: tokio::time::Instant) {
+        if interval.is_zero() {
+            g.tokens = REPORT_BURST;
+        } else {
+            let earned = now.duration_since(g.refilled).as_secs_f64() / interval.as_secs_f64();
+            g.tokens = (g.tokens + earned).min(REPORT_BURST);
+        }
+        g.refilled = now;
+    }
+
     /// Offers a report: returns it if it may be applied now, or keeps it.
     fn offer(&mut self, m: pb::sync_request::Msg) -> Option<pb::sync_request::Msg> {
         let now = tokio::time::Instant::now();
-        let gate = &mut self.kinds[Self::gate(&m)];
-        if gate.pending.is_none() && gate.last.is_none_or(|t| now >= t + self.interval) {
-            gate.last = Some(now);
+        let g = &mut self.kinds[Self::gate(&m)];
+        Self::refill(self.interval, g, now);
+        if g.pending.is_none() && g.tokens >= 1.0 {
+            g.tokens -= 1.0;
             Some(m)
         } else {
-            gate.pending = Some(m);
+            g.pending = Some(m);
             None
         }
     }
 
     /// When the first kept report is due (never if none is kept).
     async fn due(&self) {
-        let at =
-            self.kinds.iter().filter(|g| g.pending.is_some()).filter_map(|g| g.last.map(|t| t + self.interval)).min();
+        let at = self
+            .kinds
+            .iter()
+            .filter(|g| g.pending.is_some())
+            .map(|g| g.refilled + self.interval.mul_f64((1.0 - g.tokens).max(0.0)))
+            .min();
         match at {
             Some(at) => tokio::time::sleep_until(at).await,
             None => std::future::pending().await,
@@ -485,10 +508,12 @@ impl Reports {
         let now = tokio::time::Instant::now();
         let mut out = Vec::new();
         for g in &mut self.kinds {
-            if g.last.is_some_and(|t| now >= t + self.interval)
+            Self::refill(self.interval, g, now);
+            // A hair of float rounding must not leave a due report waiting.
+            if g.tokens >= 1.0 - 1e-6
                 && let Some(m) = g.pending.take()
             {
-                g.last = Some(now);
+                g.tokens = (g.tokens - 1.0).max(0.0);
                 out.push(m);
             }
         }
@@ -496,8 +521,6 @@ impl Reports {
     }
 }
 
-/// Sends the latest view if it is newer than `sent`: a delta when it
-/// follows what the agent has, a snapshot otherwise.
 /// A route option's site addresses (`what`: "virtual address", "LAN
 /// address"), checked: IP addresses inside the prefix, at most one per
 /// family.
@@ -520,6 +543,8 @@ fn site_addresses(prefix: &ipnet::IpNet, list: &[String], what: &str) -> Result<
     Ok(out)
 }
 
+/// Sends the latest view if it is newer than `sent`: a delta when it
+/// follows what the agent has, a snapshot otherwise.
 fn next_message(p: &crate::engine::Published, sent: u64) -> Option<pb::SyncResponse> {
     use pb::sync_response::Msg;
     if p.view.generation == sent {

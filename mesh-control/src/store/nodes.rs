@@ -134,7 +134,7 @@ impl Store {
         .bind(state.as_str())
         .bind(b(key.ephemeral))
         .bind(now)
-        .bind(now + node.key_lifetime)
+        .bind(now.saturating_add(node.key_lifetime))
         .bind(json(&node.endpoints))
         .bind(&node.credential_hash)
         .fetch_one(&mut *tx)
