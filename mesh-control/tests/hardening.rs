@@ -80,6 +80,16 @@ fn bad_key(c: &Running, i: u64) -> String {
     .to_text()
 }
 
+/// An enrollment with a wrong but well-formed key.
+fn bad_enrollment(c: &Running, i: u64) -> pb::EnrollRequest {
+    pb::EnrollRequest {
+        enrollment_key: bad_key(c, i),
+        wireguard_public_key: fake_public_key(),
+        hostname: "flood".into(),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_bad_enrollments_stalls_neither_renewals_nor_admin_writes() {
     let dir = tempfile::tempdir().unwrap();
@@ -103,14 +113,7 @@ async fn a_flood_of_bad_enrollments_stalls_neither_renewals_nor_admin_writes() {
                 let mut i = ch * 1_000_000 + t * 100_000;
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
-                    let r = client
-                        .enroll(pb::EnrollRequest {
-                            enrollment_key: bad_key(&c, i),
-                            wireguard_public_key: fake_public_key(),
-                            hostname: "flood".into(),
-                            ..Default::default()
-                        })
-                        .await;
+                    let r = client.enroll(bad_enrollment(&c, i)).await;
                     let code = r.map(|_| Code::Ok).unwrap_or_else(|s| s.code());
                     assert!(matches!(code, Code::Unauthenticated | Code::ResourceExhausted), "{code:?}");
                     sent.fetch_add(1, Ordering::Relaxed);
@@ -170,14 +173,7 @@ async fn enrollment_is_rate_limited_per_source_by_default() {
     let mut client = AgentServiceClient::new(channel.clone());
     let mut codes = Vec::new();
     for i in 0..40 {
-        let r = client
-            .enroll(pb::EnrollRequest {
-                enrollment_key: bad_key(&c, i),
-                wireguard_public_key: fake_public_key(),
-                hostname: "flood".into(),
-                ..Default::default()
-            })
-            .await;
+        let r = client.enroll(bad_enrollment(&c, i)).await;
         codes.push(r.map(|_| Code::Ok).unwrap_or_else(|s| s.code()));
     }
     let limited = codes.iter().filter(|c| **c == Code::ResourceExhausted).count();
