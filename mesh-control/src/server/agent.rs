@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::Stream;
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::agent_service_server::AgentService;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -24,13 +24,21 @@ use crate::store::{KeyRecord, NewNode, NodeRecord, RouteOptionsRecord};
 #[derive(Debug, Clone)]
 pub struct AgentApi {
     engine: Arc<Engine>,
+    /// The CAs agents must trust, pushed on the Sync stream (capability 4).
+    ca: Option<watch::Receiver<Vec<crate::tls::TrustedCa>>>,
 }
 
 impl AgentApi {
     /// A service over `engine`.
     #[must_use]
     pub const fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+        Self { engine, ca: None }
+    }
+
+    /// Tells agents the CAs to trust, now and whenever `ca` changes.
+    #[must_use]
+    pub fn with_ca(self, ca: watch::Receiver<Vec<crate::tls::TrustedCa>>) -> Self {
+        Self { ca: Some(ca), ..self }
     }
 
     /// The node a request's credential belongs to, if valid and unexpired.
@@ -348,8 +356,11 @@ impl AgentService for AgentApi {
         let mut slot = self.engine.subscribe(id);
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
+        let mut ca = self.ca.clone().filter(|_| version >= capability::CA_ROTATION);
         tokio::spawn(async move {
             let mut sent = 0;
+            // The trusted CAs go out after the first snapshot and on changes.
+            let mut ca_due = true;
             loop {
                 let current = slot.borrow_and_update().clone();
                 let Some(published) = current else {
@@ -362,8 +373,25 @@ impl AgentService for AgentApi {
                         break;
                     }
                 }
+                if let Some(rx) = ca.as_ref().filter(|_| ca_due && sent != 0) {
+                    ca_due = false;
+                    let msg = crate::tls::sync_message(&rx.borrow());
+                    if tx.send(Ok(msg)).await.is_err() {
+                        break;
+                    }
+                }
                 tokio::select! {
                     changed = slot.changed() => if changed.is_err() { break },
+                    () = async {
+                        // No CA, or its sender gone: nothing more will come.
+                        let open = match ca.as_mut() {
+                            Some(rx) => rx.changed().await.is_ok(),
+                            None => false,
+                        };
+                        if !open {
+                            std::future::pending::<()>().await;
+                        }
+                    } => ca_due = true,
                     msg = inbound.message() => match msg {
                         Ok(Some(pb::SyncRequest { msg: Some(m) })) => {
                             if let Err(e) = this.handle(id, version, m).await {
