@@ -1,6 +1,7 @@
 //! Connecting to control over TLS, trusting exactly control's CA: either by
-//! its SHA-256 pin (what an enrollment key carries) or by its PEM; and to
-//! control's local admin socket.
+//! its SHA-256 pin (what an enrollment key carries; during a CA rotation,
+//! any of several pins) or by its PEM (`ca.pem`, one or more certificates);
+//! and to control's local admin socket.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,7 +24,10 @@ pub use tonic::transport::Channel;
 pub enum Trust {
     /// The CA whose certificate's SHA-256 is this.
     Pin([u8; 32]),
-    /// This CA certificate (PEM).
+    /// Any CA whose certificate's SHA-256 is one of these (a CA rotation
+    /// trusts the old and the new CA for a while).
+    AnyPin(Vec<[u8; 32]>),
+    /// These CA certificates (PEM, one or more).
     CaPem(String),
 }
 
@@ -48,10 +52,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Verifies the server's chain against the pinned CA found in the chain.
+/// Verifies the server's chain against a pinned CA found in the chain.
 #[derive(Debug)]
 struct PinVerifier {
-    pin: [u8; 32],
+    pins: Vec<[u8; 32]>,
 }
 
 impl ServerCertVerifier for PinVerifier {
@@ -65,7 +69,7 @@ impl ServerCertVerifier for PinVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let ca = intermediates
             .iter()
-            .find(|c| pin_of(c) == self.pin)
+            .find(|c| self.pins.contains(&pin_of(c)))
             .ok_or_else(|| rustls::Error::General("server chain has no certificate matching the CA pin".into()))?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned()).map_err(|e| rustls::Error::General(e.to_string()))?;
@@ -103,14 +107,26 @@ fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, ConnectError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| ConnectError::Config(e.to_string()))?;
     let mut config = match trust {
-        Trust::Pin(pin) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier { pin: *pin }))
-            .with_no_client_auth(),
+        Trust::Pin(_) | Trust::AnyPin(_) => {
+            let pins = match trust {
+                Trust::AnyPin(pins) => pins.clone(),
+                Trust::Pin(pin) => vec![*pin],
+                Trust::CaPem(_) => Vec::new(),
+            };
+            if pins.is_empty() {
+                return Err(ConnectError::Config("no CA pin to trust".into()));
+            }
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(PinVerifier { pins })).with_no_client_auth()
+        }
         Trust::CaPem(pem) => {
             let mut roots = RootCertStore::empty();
-            let der = pem_der(pem).ok_or_else(|| ConnectError::Config("bad CA PEM".into()))?;
-            roots.add(CertificateDer::from(der)).map_err(|e| ConnectError::Config(e.to_string()))?;
+            let ders = pem_ders(pem);
+            if ders.is_empty() {
+                return Err(ConnectError::Config("bad CA PEM".into()));
+            }
+            for der in ders {
+                roots.add(CertificateDer::from(der)).map_err(|e| ConnectError::Config(e.to_string()))?;
+            }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
     };
@@ -121,14 +137,24 @@ fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, ConnectError> {
 /// The DER of the first certificate in `pem`.
 #[must_use]
 pub fn pem_der(pem: &str) -> Option<Vec<u8>> {
+    pem_ders(pem).into_iter().next()
+}
+
+/// The DER of every certificate in `pem` (a bundle such as `ca.pem`); a
+/// block that does not decode ends the list.
+#[must_use]
+pub fn pem_ders(pem: &str) -> Vec<Vec<u8>> {
     use base64::Engine as _;
-    let body: String = pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    base64::engine::general_purpose::STANDARD.decode(body).ok()
+    let mut out = Vec::new();
+    let mut lines = pem.lines();
+    while lines.by_ref().any(|l| l.starts_with("-----BEGIN CERTIFICATE")) {
+        let body: String = lines.by_ref().take_while(|l| !l.starts_with("-----END")).collect();
+        match base64::engine::general_purpose::STANDARD.decode(body) {
+            Ok(der) if !der.is_empty() => out.push(der),
+            _ => break,
+        }
+    }
+    out
 }
 
 /// Dials TCP and runs the TLS handshake with our verifier.
@@ -191,4 +217,19 @@ impl tower_service::Service<Uri> for UnixConnector {
 /// Opens a channel over control's local admin socket.
 pub async fn connect_unix(path: &std::path::Path) -> Result<Channel, ConnectError> {
     Ok(Endpoint::from_static("http://localhost").connect_with_connector(UnixConnector(path.to_owned())).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_bundles_split_into_every_certificate() {
+        let one = "-----BEGIN CERTIFICATE-----\nAQID\n-----END CERTIFICATE-----\n";
+        let two = "-----BEGIN CERTIFICATE-----\nBAUG\nBw==\n-----END CERTIFICATE-----\n";
+        assert_eq!(pem_ders(&format!("{one}{two}")), [vec![1, 2, 3], vec![4, 5, 6, 7]]);
+        assert_eq!(pem_der(&format!("junk\n{two}{one}")), Some(vec![4, 5, 6, 7]));
+        assert!(pem_ders("-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n").is_empty());
+        assert!(client_config(&Trust::AnyPin(Vec::new())).is_err());
+    }
 }

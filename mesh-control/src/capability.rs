@@ -8,8 +8,8 @@
 //! 0 ms, and a version-2 gateway's `owner: false` would say something about
 //! site ownership, which that version knows nothing of.
 //!
-//! Nothing control sends depends on the version yet: every field of a view
-//! has been there since version 1.
+//! What control sends depends on the version only for `TrustedCas` (4):
+//! every field of a view has been there since version 1.
 
 use mesh_policy::tables::Limits;
 use mesh_proto::v1 as pb;
@@ -24,6 +24,9 @@ pub const PROBES: u32 = 2;
 /// (`RouteAdvertisement.options`) and the data path's limits
 /// (`Capabilities.limits`).
 pub const HA_GATEWAYS: u32 = 3;
+
+/// Agents take the CAs to trust from the Sync stream (`TrustedCas`).
+pub const CA_ROTATION: u32 = 4;
 
 /// The version a peer reported. Capabilities came with version 1, so a
 /// sender without them speaks 1.

@@ -9,8 +9,8 @@ use mesh_proto::v1::admin_service_server::AdminServiceServer;
 use mesh_proto::v1::agent_service_server::AgentServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
 
 use crate::config::Config;
 use crate::engine::{Clock, Engine, SystemClock};
@@ -47,10 +47,12 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Where `/metrics` listens.
     pub metrics_addr: Option<SocketAddr>,
-    /// Control's CA certificate (PEM).
+    /// Control's CA certificate at start (PEM).
     pub ca_pem: String,
     /// Its SHA-256 pin.
     pub ca_pin: [u8; 32],
+    /// The CA: its files, rotation, the served certificate.
+    pub authority: Arc<tls::Authority>,
     /// The admin token created at first start (None if tokens existed).
     pub bootstrap_admin_token: Option<String>,
     tasks: Vec<JoinHandle<()>>,
@@ -87,6 +89,65 @@ pub async fn create_admin_token(
     Ok(token)
 }
 
+/// Unix seconds by the wall clock (certificates are checked against it).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Accepted TCP connections after their TLS handshake. Each handshake runs
+/// on its own task (with a deadline), so a slow or silent client holds up
+/// no one else; failed handshakes are dropped, never handed to the server.
+/// The returned task owns the listener: aborting it closes the port.
+fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> (ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>, JoinHandle<()>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (acceptor, conn_tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = conn_tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+            if tx.is_closed() {
+                break;
+            }
+        }
+    });
+    (ReceiverStream::new(rx), task)
+}
+
+/// Every 10 s: CA files another replica's operator copied here, and the
+/// server certificate's renewal at half its life.
+async fn refresh_ca(authority: Arc<tls::Authority>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = authority.refresh(unix_now()) {
+            tracing::error!(error = %e, "CA refresh failed; serving the CA in memory");
+        }
+    }
+}
+
 /// Starts everything `config` asks for.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
     start_with_clock(config, Arc::new(SystemClock)).await
@@ -95,10 +156,8 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
 /// [`start`], with the engine reading the time from `clock` (tests move a
 /// [`crate::engine::ManualClock`] instead of sleeping).
 pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
-    if config.database_url.is_none() {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| StartError::Io(config.data_dir.display().to_string(), e))?;
-    }
+    // Always: PostgreSQL replicas keep their CA files here too.
+    tls::files::prepare_dir(&config.data_dir)?;
     let store = Store::open(&config.store_url()).await?;
     let bootstrap_admin_token = if store.api_token_count().await? == 0 {
         Some(create_admin_token(&store, "bootstrap", crate::auth::ADMIN_TOKEN_LIFETIME_SECS, "control").await?)
@@ -106,7 +165,8 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         None
     };
     let engine = Engine::new(store.clone(), crate::engine::EngineConfig { clock, ..config.engine() }).await?;
-    let server_tls = tls::server_tls(&store, &config.tls_names).await?;
+    let authority = tls::Authority::open(&store, &config.data_dir, &config.tls_names, unix_now()).await?;
+    let ca_pin = authority.signing_pin();
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(mesh_proto::v1::FILE_DESCRIPTOR_SET)
@@ -116,21 +176,29 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
 
     let listener = TcpListener::bind(config.listen).await.map_err(|e| StartError::Io(config.listen.to_string(), e))?;
     let addr = listener.local_addr().map_err(|e| StartError::Io("local_addr".into(), e))?;
-    let mut builder = Server::builder().http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
-    if config.tls {
-        builder = builder.tls_config(
-            ServerTlsConfig::new().identity(Identity::from_pem(&server_tls.chain_pem, &server_tls.key_pem)),
-        )?;
-    }
-    let router = builder
+    let router = Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(reflection()?)
-        .add_service(AgentServiceServer::new(AgentApi::new(engine.clone())))
-        .add_service(AdminServiceServer::new(AdminApi::new(engine.clone(), server_tls.ca_pin, false)));
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = router.serve_with_incoming(TcpListenerStream::new(listener)).await {
-            tracing::error!(error = %e, "gRPC server stopped");
-        }
-    }));
+        .add_service(AgentServiceServer::new(AgentApi::new(engine.clone()).with_ca(authority.watch())))
+        .add_service(AdminServiceServer::new(
+            AdminApi::new(engine.clone(), ca_pin, false).with_authority(authority.clone()),
+        ));
+    if config.tls {
+        let (incoming, accept) = tls_incoming(listener, authority.server_config()?);
+        tasks.push(accept);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming(incoming).await {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        }));
+    } else {
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming(TcpListenerStream::new(listener)).await {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        }));
+    }
+    tasks.push(tokio::spawn(refresh_ca(authority.clone())));
 
     if let Some(path) = &config.admin_socket {
         if let Some(dir) = path.parent() {
@@ -141,11 +209,9 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| StartError::Io(path.display().to_string(), e))?;
-        let local = Server::builder().add_service(reflection()?).add_service(AdminServiceServer::new(AdminApi::new(
-            engine.clone(),
-            server_tls.ca_pin,
-            true,
-        )));
+        let local = Server::builder().add_service(reflection()?).add_service(AdminServiceServer::new(
+            AdminApi::new(engine.clone(), ca_pin, true).with_authority(authority.clone()),
+        ));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = local.serve_with_incoming(UnixListenerStream::new(unix)).await {
                 tracing::error!(error = %e, "admin socket stopped");
@@ -163,13 +229,14 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         None => None,
     };
     tasks.push(tokio::spawn(engine.clone().run_background()));
-    tracing::info!(%addr, store = store.backend(), tls = config.tls, ca_pin = %hex::encode(server_tls.ca_pin), "mesh-control running");
+    tracing::info!(%addr, store = store.backend(), tls = config.tls, ca_pin = %hex::encode(ca_pin), ca_key = %authority.key_path().display(), "mesh-control running");
     Ok(Running {
         engine,
         addr,
         metrics_addr,
-        ca_pem: server_tls.ca_pem,
-        ca_pin: server_tls.ca_pin,
+        ca_pem: authority.trusted().0.first().map(|t| t.pem.clone()).unwrap_or_default(),
+        ca_pin,
+        authority,
         bootstrap_admin_token,
         tasks,
     })

@@ -117,7 +117,7 @@ impl SimAgent {
         .await
         .map_err(|_| SimError::Bad("channel closed".into()))?;
         let stream = self.client().sync(ReceiverStream::new(rx)).await?.into_inner();
-        Ok(SyncSession { tx, stream, view: None, received: Vec::new() })
+        Ok(SyncSession { tx, stream, view: None, received: Vec::new(), trusted_cas: Vec::new() })
     }
 
     /// Opens the Sync stream.
@@ -135,16 +135,30 @@ pub struct SyncSession {
     pub view: Option<pb::NodeView>,
     /// What each message was: `true` for snapshots, `false` for deltas.
     pub received: Vec<bool>,
+    /// The CA certificates control last said to trust (capability 4).
+    pub trusted_cas: Vec<String>,
 }
 
 impl SyncSession {
     /// Waits up to `timeout` for the next message, applies it and returns
-    /// the new generation; `Ok(None)` on timeout.
+    /// the new generation; `Ok(None)` on timeout. Trusted-CA messages on
+    /// the way are recorded in [`SyncSession::trusted_cas`].
     pub async fn next(&mut self, timeout: Duration) -> Result<Option<u64>, SimError> {
-        let msg = match tokio::time::timeout(timeout, self.stream.message()).await {
-            Err(_) => return Ok(None),
-            Ok(r) => r?.ok_or_else(|| SimError::Bad("stream ended".into()))?,
-        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, self.stream.message()).await {
+                Err(_) => return Ok(None),
+                Ok(r) => r?.ok_or_else(|| SimError::Bad("stream ended".into()))?,
+            };
+            if let Some(pb::sync_response::Msg::TrustedCas(t)) = msg.msg {
+                self.trusted_cas = t.certificates_pem;
+                continue;
+            }
+            return self.take(msg);
+        }
+    }
+
+    fn take(&mut self, msg: pb::SyncResponse) -> Result<Option<u64>, SimError> {
         match msg.msg {
             Some(pb::sync_response::Msg::Snapshot(v)) => {
                 self.received.push(true);
@@ -158,7 +172,7 @@ impl SyncSession {
                 view::apply(view, &d).map_err(|e| SimError::Bad(e.to_string()))?;
                 Ok(Some(d.generation))
             }
-            None => Err(SimError::Bad("empty message".into())),
+            Some(pb::sync_response::Msg::TrustedCas(_)) | None => Err(SimError::Bad("empty message".into())),
         }
     }
 

@@ -5,6 +5,8 @@
 //! token) or `--server HOST:PORT` with `--token` (or `MESHCTL_TOKEN`) and
 //! `--ca-pin HEX` (or `--ca-file PEM`) to trust control's CA.
 
+mod ca;
+
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
@@ -15,7 +17,7 @@ use mesh_proto::v1 as pb;
 use mesh_proto::v1::admin_service_client::AdminServiceClient;
 use serde_json::json;
 
-type Admin = AdminServiceClient<Authed>;
+pub(crate) type Admin = AdminServiceClient<Authed>;
 
 #[derive(Parser, Debug)]
 #[command(about = "Operate the mesh")]
@@ -88,6 +90,11 @@ enum Cmd {
         /// Keep printing new entries.
         #[arg(long, short)]
         follow: bool,
+    },
+    /// Control's CA: print its certificates (PEM), its status, rotate it.
+    Ca {
+        #[command(subcommand)]
+        cmd: Option<ca::CaCmd>,
     },
 }
 
@@ -701,6 +708,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Ca { cmd } => ca::run(&mut a, cmd.as_ref(), j).await?,
     }
     Ok(())
 }

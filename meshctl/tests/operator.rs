@@ -196,7 +196,9 @@ async fn probe_reports_status_and_failover_audit() {
     a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
     let k = key(&mut a, &["tag:gw"]).await;
     let gw1 = SimAgent::enroll(&addr, &k, "gw-1", &[]).await.unwrap();
-    let gw2 = SimAgent::enroll(&addr, &k, "gw-2", &[]).await.unwrap();
+    // gw-2 serves the prefix that gw-1 reports failing over from it:
+    // control audits only reports about real routes and nodes.
+    let gw2 = SimAgent::enroll(&addr, &k, "gw-2", &["198.18.20.0/24"]).await.unwrap();
     let s1 = gw1.sync().await.unwrap();
     s1.health(pb::HealthReport {
         peers: vec![pb::PeerHealth {

@@ -29,8 +29,13 @@ pub struct Credential {
     pub name: String,
     /// Bearer token.
     pub token: String,
-    /// SHA-256 of control's CA certificate (hex).
+    /// SHA-256 of control's CA certificate (hex), from the enrollment key.
     pub ca_pin: String,
+    /// The CAs control said to trust (hex SHA-256 each; capability 4). When
+    /// set, they replace `ca_pin`: after a CA rotation, the enrollment
+    /// key's CA is no longer trusted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_pins: Vec<String>,
     /// Expiry of the credential (unix seconds).
     pub expires_unix: i64,
     /// When it was issued or last renewed (unix seconds; 0: unknown).
@@ -53,11 +58,38 @@ impl Credential {
         now - self.renewed_unix >= half_left.clamp(3600, 86_400) && now < self.expires_unix
     }
 
-    pub(super) fn pin(&self) -> Result<[u8; 32], SessionError> {
-        hex::decode(&self.ca_pin)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| SessionError("bad CA pin in the credential".into()))
+    /// The pins of the CAs to trust.
+    pub(super) fn pins(&self) -> Result<Vec<[u8; 32]>, SessionError> {
+        let texts = if self.ca_pins.is_empty() { std::slice::from_ref(&self.ca_pin) } else { &self.ca_pins[..] };
+        texts
+            .iter()
+            .map(|t| {
+                hex::decode(t)
+                    .ok()
+                    .and_then(|v| v.try_into().ok())
+                    .ok_or_else(|| SessionError("bad CA pin in the credential".into()))
+            })
+            .collect()
+    }
+
+    /// Takes the CAs control says to trust (certificates, PEM) and stores
+    /// them if they changed; returns whether they did. An empty or
+    /// unparsable set is refused: trusting nothing would lock the agent
+    /// out of control for good.
+    pub(super) fn set_trusted(&mut self, pems: &[String], path: &Path) -> Result<bool, SessionError> {
+        let pins: Option<Vec<String>> =
+            pems.iter().map(|p| client::pem_der(p).map(|d| hex::encode(client::pin_of(&d)))).collect();
+        let pins = pins.filter(|p| !p.is_empty()).ok_or_else(|| SessionError("control sent no usable CA".into()))?;
+        if pins == self.ca_pins {
+            return Ok(false);
+        }
+        let before = std::mem::replace(&mut self.ca_pins, pins);
+        if let Err(e) = self.save(path) {
+            self.ca_pins = before;
+            return Err(e);
+        }
+        tracing::info!(node = self.node_id, pins = ?self.ca_pins, "trusting control's CAs");
+        Ok(true)
     }
 
     /// Reads the stored credential, if any.
@@ -142,6 +174,7 @@ pub(super) async fn credential(
         name: node.name,
         token: cred.token,
         ca_pin: hex::encode(pin),
+        ca_pins: Vec::new(),
         expires_unix: cred.expires_unix,
         renewed_unix: now_secs(),
     };
@@ -174,6 +207,7 @@ mod tests {
             name: "n".into(),
             token: "t".into(),
             ca_pin: String::new(),
+            ca_pins: Vec::new(),
             expires_unix,
             renewed_unix,
         };
@@ -189,5 +223,38 @@ mod tests {
         assert!(!c(1000, 1000 + 3000).renewal_due(1000 + 3000));
         // Unknown (older credential files): now.
         assert!(c(0, 100_000 + 86_401).renewal_due(100_000));
+    }
+
+    #[test]
+    fn trusted_cas_replace_the_enrollment_pin_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.json");
+        // Two self-signed "CA" certificates, as control's would be.
+        let pem = |n: u8| {
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::STANDARD.encode([n; 40]);
+            format!("-----BEGIN CERTIFICATE-----\n{b64}\n-----END CERTIFICATE-----\n")
+        };
+        let pin = |n: u8| client::pin_of(&[n; 40]);
+        let mut c = Credential {
+            node_id: 1,
+            name: "n".into(),
+            token: "t".into(),
+            ca_pin: hex::encode(pin(1)),
+            ca_pins: Vec::new(),
+            expires_unix: 0,
+            renewed_unix: 0,
+        };
+        assert_eq!(c.pins().unwrap(), [pin(1)]);
+        assert!(c.set_trusted(&[pem(1), pem(2)], &path).unwrap());
+        assert!(!c.set_trusted(&[pem(1), pem(2)], &path).unwrap(), "unchanged: not written again");
+        assert_eq!(Credential::load(&path).unwrap().unwrap().pins().unwrap(), [pin(1), pin(2)]);
+        // Retirement: the enrollment key's CA is no longer trusted.
+        assert!(c.set_trusted(&[pem(2)], &path).unwrap());
+        assert_eq!(Credential::load(&path).unwrap().unwrap().pins().unwrap(), [pin(2)]);
+        // Nothing usable: refused, the trusted set stays.
+        assert!(c.set_trusted(&[], &path).is_err());
+        assert!(c.set_trusted(&["junk".into()], &path).is_err());
+        assert_eq!(c.pins().unwrap(), [pin(2)]);
     }
 }

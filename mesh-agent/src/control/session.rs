@@ -60,7 +60,8 @@ async fn session(
     links: &mut Links,
 ) -> Result<(), SessionError> {
     let mut cred = credential(config, cc, public_key).await?;
-    let channel = client::connect(&cc.address, &Trust::Pin(cred.pin()?)).await.map_err(err("connecting to control"))?;
+    let channel =
+        client::connect(&cc.address, &Trust::AnyPin(cred.pins()?)).await.map_err(err("connecting to control"))?;
     let cred_path = config.control_credential_path();
     if cred.renewal_due(now_secs()) {
         renew(&channel, &mut cred, &cred_path).await?;
@@ -107,6 +108,13 @@ async fn session(
                         // A delta on the wrong base: reconnect, the new stream starts with a snapshot.
                         pbview::apply(v, &d).map_err(err("applying a delta"))?;
                         "delta"
+                    }
+                    Some(pb::sync_response::Msg::TrustedCas(t)) => {
+                        // A CA rotation: the next connection accepts these CAs only.
+                        if let Err(e) = cred.set_trusted(&t.certificates_pem, &cred_path) {
+                            tracing::warn!(error = %e, "trusted CAs from control not taken");
+                        }
+                        continue;
                     }
                     None => continue,
                 };

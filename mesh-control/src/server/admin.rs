@@ -35,6 +35,8 @@ pub struct AdminApi {
     engine: Arc<Engine>,
     trusted: bool,
     ca_pin: [u8; 32],
+    /// The CA, for `GetCa`, `RotateCa` and the pin of new enrollment keys.
+    pub(super) ca: Option<Arc<crate::tls::Authority>>,
 }
 
 type R<T> = Result<Response<T>, Status>;
@@ -43,7 +45,22 @@ impl AdminApi {
     /// A service over `engine`; `ca_pin` goes into new enrollment keys.
     #[must_use]
     pub const fn new(engine: Arc<Engine>, ca_pin: [u8; 32], trusted: bool) -> Self {
-        Self { engine, trusted, ca_pin }
+        Self { engine, trusted, ca_pin, ca: None }
+    }
+
+    /// Serves the CA calls from `ca`, whose signing CA's pin (which moves
+    /// with a rotation) then goes into new enrollment keys.
+    #[must_use]
+    pub fn with_authority(self, ca: Arc<crate::tls::Authority>) -> Self {
+        Self { ca: Some(ca), ..self }
+    }
+
+    fn ca_pin(&self) -> [u8; 32] {
+        self.ca.as_ref().map_or(self.ca_pin, |a| a.signing_pin())
+    }
+
+    pub(super) fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// The actor name for the audit log, or why the call is refused.
@@ -191,7 +208,7 @@ impl AdminService for AdminApi {
             policy_generation: self.engine.policy().1,
             routes_active: self.engine.route_order().len() as u64,
             store: self.engine.store().backend().into(),
-            ca_pin: hex::encode(self.ca_pin),
+            ca_pin: hex::encode(self.ca_pin()),
             peers: self.peer_links(),
         }))
     }
@@ -282,7 +299,7 @@ impl AdminService for AdminApi {
         let r = req.into_inner();
         let now = self.engine.now();
         let secret = auth::secret(24);
-        let text = EnrollmentKeyText { id: auth::secret(6), secret: secret.clone(), ca_pin: Some(self.ca_pin) };
+        let text = EnrollmentKeyText { id: auth::secret(6), secret: secret.clone(), ca_pin: Some(self.ca_pin()) };
         let lifetime = match r.expires_in_seconds {
             0 => DEFAULT_KEY_SECS,
             s if (1..=MAX_KEY_SECS).contains(&s) => s,
@@ -440,5 +457,15 @@ impl AdminService for AdminApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_ca(&self, req: Request<pb::Empty>) -> R<pb::CaInfo> {
+        self.authorize(&req).await?;
+        Ok(Response::new(super::ca::info(self.authority()?)))
+    }
+
+    async fn rotate_ca(&self, req: Request<pb::RotateCaRequest>) -> R<pb::CaInfo> {
+        let actor = self.authorize(&req).await?;
+        Ok(Response::new(self.rotate_ca_step(&actor, req.get_ref()).await?))
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::Stream;
 use mesh_proto::v1 as pb;
 use mesh_proto::v1::agent_service_server::AgentService;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -25,13 +25,21 @@ use crate::store::{CredentialMatch, KeyRecord, NewNode, NodeRecord, RouteOptions
 #[derive(Debug, Clone)]
 pub struct AgentApi {
     engine: Arc<Engine>,
+    /// The CAs agents must trust, pushed on the Sync stream (capability 4).
+    ca: Option<watch::Receiver<Vec<crate::tls::TrustedCa>>>,
 }
 
 impl AgentApi {
     /// A service over `engine`.
     #[must_use]
     pub const fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+        Self { engine, ca: None }
+    }
+
+    /// Tells agents the CAs to trust, now and whenever `ca` changes.
+    #[must_use]
+    pub fn with_ca(self, ca: watch::Receiver<Vec<crate::tls::TrustedCa>>) -> Self {
+        Self { ca: Some(ca), ..self }
     }
 
     /// The node a request's credential belongs to, if valid and unexpired,
@@ -219,11 +227,14 @@ impl AgentApi {
         id: u64,
         version: u32,
         mut slot: crate::engine::Slot,
+        mut ca: Option<watch::Receiver<Vec<crate::tls::TrustedCa>>>,
         mut inbound: Streaming<pb::SyncRequest>,
         tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
     ) -> Result<(), ApiError> {
         use pb::sync_request::Msg;
         let mut sent = 0;
+        // The trusted CAs go out after the first snapshot and on changes.
+        let mut ca_due = true;
         let mut reports = Reports::new(self.engine.limits.config().report_interval());
         loop {
             let expires_in = self.authorised(id)?;
@@ -235,8 +246,25 @@ impl AgentApi {
                     return Ok(());
                 }
             }
+            if let Some(rx) = ca.as_ref().filter(|_| ca_due && sent != 0) {
+                ca_due = false;
+                let msg = crate::tls::sync_message(&rx.borrow());
+                if tx.send(Ok(msg)).await.is_err() {
+                    return Ok(());
+                }
+            }
             tokio::select! {
                 changed = slot.changed() => if changed.is_err() { return Ok(()) },
+                () = async {
+                    // No CA, or its sender gone: nothing more will come.
+                    let open = match ca.as_mut() {
+                        Some(rx) => rx.changed().await.is_ok(),
+                        None => false,
+                    };
+                    if !open {
+                        std::future::pending::<()>().await;
+                    }
+                } => ca_due = true,
                 () = tokio::time::sleep(expires_in) => {}
                 () = reports.due() => {
                     for m in reports.take_due() {
@@ -606,8 +634,9 @@ impl AgentService for AgentApi {
         let slot = self.engine.subscribe(id);
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
+        let ca = self.ca.clone().filter(|_| version >= capability::CA_ROTATION);
         tokio::spawn(async move {
-            let why = this.serve_stream(id, version, slot, inbound, &tx).await;
+            let why = this.serve_stream(id, version, slot, ca, inbound, &tx).await;
             if let Err(e) = why {
                 let _ = tx.send(Err(e.into())).await;
             }

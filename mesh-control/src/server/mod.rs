@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod agent;
+mod ca;
 
 use tonic::Status;
 

@@ -178,7 +178,7 @@ impl Store {
     }
 
     /// A value of the `meta` table, set to `init()` if absent (first caller
-    /// wins, so replicas starting together agree on one CA).
+    /// wins, so replicas starting together agree on one CA's pin).
     pub async fn meta_get_or_init(&self, key: &str, init: impl FnOnce() -> String) -> Result<String> {
         if let Some(row) =
             sqlx::query("SELECT value FROM meta WHERE key = $1").bind(key).fetch_optional(&self.pool).await?
@@ -191,6 +191,25 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(sqlx::query("SELECT value FROM meta WHERE key = $1").bind(key).fetch_one(&self.pool).await?.try_get(0)?)
+    }
+
+    /// A value of the `meta` table, if set.
+    pub async fn meta_get(&self, key: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT value FROM meta WHERE key = $1").bind(key).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    /// Removes a value of the `meta` table (absent is fine). On SQLite the
+    /// file is then vacuumed and the WAL checkpointed and truncated, so that
+    /// the deleted value (a secret, when the CA key moves out) lingers
+    /// neither in a free page nor in an old WAL frame.
+    pub async fn meta_delete(&self, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM meta WHERE key = $1").bind(key).execute(&self.pool).await?;
+        if self.backend == "sqlite" {
+            sqlx::query("VACUUM").execute(&self.pool).await?;
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&self.pool).await?;
+        }
+        Ok(())
     }
 }
 
