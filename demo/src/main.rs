@@ -13,6 +13,7 @@
 //! The gateways run as `mesh-demo agent --config FILE` processes (the same
 //! code as `mesh-agent run`), one per gateway namespace.
 
+mod ca;
 mod control;
 mod flood;
 mod ha;
@@ -611,6 +612,19 @@ fn demo(args: &Args) -> anyhow::Result<()> {
             check("every admin token has an expiry", h.tokens_without_expiry == 0);
         }
         Err(e) => check(&format!("the hostile-input step ran: {e:#}"), false),
+    }
+
+    // The CA rotated under the running mesh.
+    println!("== rotating control's CA with the gateways connected: begin, switch, restart gra_gw2's agent, retire");
+    let restart = gateways.iter().position(|g| g.name == "gra_gw2").context("gra_gw2")?;
+    match ca::rotate(&rt, &ctl_dir, &mut gateways, restart) {
+        Ok(o) => {
+            check("every agent learned the new CA over its stream", o.learned);
+            check("an agent restarted after the switch reconnected under the new CA", o.reconnected);
+            check("after the old CA's retirement every agent trusts the new CA only", o.retired);
+            check(&format!("{} of 6 gateways online after the rotation", o.online), o.online == 6);
+        }
+        Err(e) => check(&format!("the CA rotation ran: {e:#}"), false),
     }
 
     println!();
