@@ -257,4 +257,63 @@ mod tests {
         assert!(c.set_trusted(&["junk".into()], &path).is_err());
         assert_eq!(c.pins().unwrap(), [pin(2)]);
     }
+
+    /// An expired node key: with a new enrollment key the agent
+    /// re-authenticates as the same node (control's key expiry is the
+    /// authority; the test moves both clocks past it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_key_re_authenticates_as_the_same_node() {
+        use mesh_control::engine::ManualClock;
+        use mesh_proto::v1::admin_service_client::AdminServiceClient;
+        let dir = tempfile::tempdir().unwrap();
+        let clock = std::sync::Arc::new(ManualClock::at_wall_clock());
+        let cfg = mesh_control::config::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("control"),
+            metrics_listen: None,
+            admin_socket: None,
+            ..mesh_control::config::Config::default()
+        };
+        let c = mesh_control::run::start_with_clock(&cfg, clock.clone()).await.unwrap();
+        let ch = client::connect(&c.addr.to_string(), &Trust::CaPem(c.ca_pem.clone())).await.unwrap();
+        let admin = AdminServiceClient::with_interceptor(ch, Bearer(c.bootstrap_admin_token.clone()));
+        let key = || {
+            let mut admin = admin.clone();
+            async move {
+                let req = pb::CreateEnrollmentKeyRequest {
+                    preapproved: true,
+                    expires_in_seconds: 400 * 86_400,
+                    ..Default::default()
+                };
+                admin.create_enrollment_key(req).await.unwrap().into_inner().secret
+            }
+        };
+        let (first, second) = (key().await, key().await);
+        let config = Config { state_dir: dir.path().join("agent"), ..Config::default() };
+        std::fs::create_dir_all(&config.state_dir).unwrap();
+        let cc = ControlConfig {
+            address: c.addr.to_string(),
+            enrollment_key: Some(first),
+            hostname: Some("gw".into()),
+            ..ControlConfig::default()
+        };
+        let enrolled = credential(&config, &cc, PublicKey([7; 32])).await.unwrap();
+        // Not expired: the stored credential, no enrollment.
+        let again = credential(&config, &cc, PublicKey([7; 32])).await.unwrap();
+        assert_eq!(again.token, enrolled.token);
+        // Past the key's expiry (at control and here), with a new key.
+        clock.advance(enrolled.expires_unix - now_secs() + 60);
+        let path = config.control_credential_path();
+        let mut stored = Credential::load(&path).unwrap().unwrap();
+        stored.expires_unix = now_secs() - 1;
+        stored.save(&path).unwrap();
+        let cc = ControlConfig { enrollment_key: Some(second), ..cc };
+        let back = credential(&config, &cc, PublicKey([7; 32])).await.unwrap();
+        assert_eq!((back.node_id, back.name.as_str()), (enrolled.node_id, enrolled.name.as_str()));
+        assert_ne!(back.token, enrolled.token);
+        assert!(back.expires_unix > enrolled.expires_unix);
+        // (The bootstrap admin token expired with the skipped months.)
+        let nodes = c.engine.snapshot().nodes.len();
+        assert_eq!(nodes, 1, "the same node, not a second one");
+    }
 }
