@@ -179,7 +179,8 @@ pub struct ControlConfig {
     /// start only: afterwards the credential in `<state_dir>/control.json`
     /// is used. Prefer `enrollment_key_file`.
     pub enrollment_key: Option<String>,
-    /// File holding the enrollment key.
+    /// File holding the enrollment key: mode 0600 (a file group or others
+    /// can read is refused), removed once the agent has enrolled.
     pub enrollment_key_file: Option<PathBuf>,
     /// Host name registered at enrollment (default: the machine's).
     pub hostname: Option<String>,
