@@ -4,8 +4,9 @@
 //! the crashing input under `fuzz/artifacts/<target>/`.
 //!
 //! The targets build only the pure parsers (mesh-control without its
-//! `server` feature, mesh-agent-formats), so that a cold build plus the runs
-//! add minutes, not tens of minutes, to CI (README, "Fuzzing").
+//! `server` feature, mesh-agent-formats, mesh-client's wire conversions), so
+//! that a cold build plus the runs add minutes, not tens of minutes, to CI
+//! (README, "Fuzzing").
 
 use std::process::Command;
 
@@ -14,7 +15,7 @@ use anyhow::{Context as _, bail};
 use crate::cmd;
 
 /// Every fuzz target, as named in `fuzz/Cargo.toml`.
-pub(crate) const TARGETS: &[&str] = &["policy", "probe_wire", "agent_config"];
+pub(crate) const TARGETS: &[&str] = &["policy", "probe_wire", "agent_config", "view"];
 
 /// Seconds each target runs in `cargo xtask test`.
 pub(crate) const DEFAULT_SECONDS: u32 = 20;
