@@ -14,8 +14,15 @@ use anyhow::{Context as _, bail};
 
 use crate::cmd;
 
-/// Every fuzz target, as named in `fuzz/Cargo.toml`.
-pub(crate) const TARGETS: &[&str] = &["policy", "probe_wire", "agent_config", "view"];
+/// The fuzz targets of the stage, as named in `fuzz/Cargo.toml`.
+pub(crate) const TARGETS: &[&str] = &["policy", "probe_wire", "agent_config"];
+
+/// Targets that need the fuzz crate's `wire` feature (mesh-proto and
+/// mesh-client, which bring tonic and rustls: more than twice the cold
+/// build of the others). Not in the stage until mesh-proto can be built
+/// without its gRPC services; `cargo xtask fuzz --all` or `cargo xtask fuzz
+/// view` runs them.
+pub(crate) const WIRE_TARGETS: &[&str] = &["view"];
 
 /// Seconds each target runs in `cargo xtask test`.
 pub(crate) const DEFAULT_SECONDS: u32 = 20;
@@ -26,20 +33,27 @@ pub(crate) struct Args {
     /// Seconds each target runs.
     #[arg(long, default_value_t = DEFAULT_SECONDS)]
     pub(crate) seconds: u32,
-    /// Targets to run (default: all).
+    /// Also the targets that need the `wire` feature (`view`).
+    #[arg(long)]
+    pub(crate) all: bool,
+    /// Targets to run (default: the stage's).
     pub(crate) targets: Vec<String>,
 }
 
 /// `cargo xtask fuzz`: set-up, then the fuzz stage alone.
 pub(crate) fn main(args: &Args) -> anyhow::Result<()> {
     crate::setup::run()?;
-    let targets: Vec<&str> =
-        if args.targets.is_empty() { TARGETS.to_vec() } else { args.targets.iter().map(String::as_str).collect() };
+    let targets: Vec<&str> = match (args.targets.is_empty(), args.all) {
+        (true, false) => TARGETS.to_vec(),
+        (true, true) => TARGETS.iter().chain(WIRE_TARGETS).copied().collect(),
+        (false, _) => args.targets.iter().map(String::as_str).collect(),
+    };
+    let wire = targets.iter().any(|t| WIRE_TARGETS.contains(t));
     let started = std::time::Instant::now();
-    build()?;
+    build(wire)?;
     let mut failed = Vec::new();
     for t in &targets {
-        if let Err(e) = run(t, args.seconds) {
+        if let Err(e) = run(t, args.seconds, wire) {
             eprintln!("xtask: fuzz {t} failed: {e:#}");
             failed.push(*t);
         }
@@ -58,22 +72,25 @@ pub(crate) fn main(args: &Args) -> anyhow::Result<()> {
 /// libFuzzer catches without it, and ASan would make both the cold build
 /// and every execution slower. `build` and `run` must pass the same flags,
 /// or `run` rebuilds.
-fn cargo_fuzz(sub: &str) -> Command {
+fn cargo_fuzz(sub: &str, wire: bool) -> Command {
     let mut c = Command::new("cargo");
     c.args(["+nightly", "fuzz", sub, "--fuzz-dir", "fuzz", "--target-dir", "target/fuzz", "--sanitizer", "none"]);
+    if wire {
+        c.args(["--features", "wire"]);
+    }
     c
 }
 
-/// Builds every target (release with debug assertions, as `cargo fuzz`
-/// does by default).
-pub(crate) fn build() -> anyhow::Result<()> {
-    cmd::run(&mut cargo_fuzz("build")).context("building the fuzz targets")
+/// Builds the targets (release with debug assertions, as `cargo fuzz`
+/// does by default), with the `wire` feature's ones when `wire`.
+pub(crate) fn build(wire: bool) -> anyhow::Result<()> {
+    cmd::run(&mut cargo_fuzz("build", wire)).context("building the fuzz targets")
 }
 
 /// Runs one target for `seconds` from its committed corpus. New inputs go
 /// to a scratch directory under `target/fuzz` (listed first, so libFuzzer
 /// writes there), never into the committed seeds.
-pub(crate) fn run(target: &str, seconds: u32) -> anyhow::Result<()> {
+pub(crate) fn run(target: &str, seconds: u32, wire: bool) -> anyhow::Result<()> {
     let root = cmd::workspace_root();
     let seeds = root.join("fuzz/corpus").join(target);
     if !seeds.is_dir() {
@@ -83,7 +100,7 @@ pub(crate) fn run(target: &str, seconds: u32) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     cmd::run(
-        cargo_fuzz("run")
+        cargo_fuzz("run", wire)
             .arg(target)
             .arg(&scratch)
             .arg(&seeds)
