@@ -402,8 +402,6 @@ fn demo(args: &Args) -> anyhow::Result<()> {
             .into_inner();
         anyhow::Ok(k.secret)
     })?;
-    let key_file = work.path().join("enroll.key");
-    std::fs::write(&key_file, &key)?;
 
     let bpf = BpfFs::mount()?;
     println!("== enrolling 6 gateways with one enrollment key (eBPF enforcement, userspace WireGuard)");
@@ -412,6 +410,10 @@ fn demo(args: &Args) -> anyhow::Result<()> {
         for gw in gateways.iter_mut().filter(|g| g.name.ends_with(&format!("gw{n}"))) {
             let r = &REGIONS[gw.region];
             let underlay = format!("192.0.2.{}{n}", r.octet / 10);
+            // One key file per gateway: each agent removes its own once enrolled
+            // (0600, or the agent refuses it).
+            let key_file = gw.dir.join("enroll.key");
+            mesh_local::secret_file::write(&key_file, key.as_bytes())?;
             std::fs::write(gw.config(), agent_config(gw, bpf.0.path(), &key_file, &underlay, r))?;
             gw.start()?;
         }

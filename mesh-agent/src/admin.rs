@@ -1,6 +1,7 @@
 //! The admin socket: how `mesh-agent apply` and `mesh-agent status` talk to
-//! the running agent (`<state_dir>/agent.sock`, mode 0600). One JSON request
-//! line, one JSON response line.
+//! the running agent (`<state_dir>/agent.sock`, mode 0600; only root and the
+//! agent's own uid may connect). One JSON request line, one JSON response
+//! line.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},

@@ -10,7 +10,6 @@ use std::{path::Path, sync::mpsc, time::Duration};
 
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    net::UnixListener,
     sync::oneshot,
 };
 
@@ -67,6 +66,9 @@ pub enum AgentError {
     /// The reconcile thread is gone.
     #[error("the reconcile thread stopped")]
     WorkerGone,
+    /// Binding the admin socket.
+    #[error(transparent)]
+    AdminSocket(#[from] mesh_local::socket::BindError),
 }
 
 /// Builds the policy enforcer the configuration asks for: the eBPF
@@ -374,12 +376,9 @@ async fn serve(socket: &Path, tx: mpsc::Sender<Command>) -> Result<(), AgentErro
         let what = what.to_owned();
         move |source| AgentError::Io { what, source }
     };
-    let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket).map_err(io(&format!("binding {}", socket.display())))?;
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(io("chmod admin socket"))?;
-    }
+    // `apply` replaces the whole desired state: 0600 from the start and
+    // a peer-uid check (root or our uid) keep other local users out.
+    let listener = mesh_local::socket::bind_private(socket)?;
     let mut term = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("SIGINT handler"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(io("SIGHUP handler"))?;
@@ -393,7 +392,7 @@ async fn serve(socket: &Path, tx: mpsc::Sender<Command>) -> Result<(), AgentErro
                 tx.send(Command::Reconcile(reply)).map_err(|_| AgentError::WorkerGone)?;
             }
             conn = listener.accept() => {
-                let (stream, _) = conn.map_err(io("accepting on the admin socket"))?;
+                let stream = conn.map_err(io("accepting on the admin socket"))?;
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     if let Err(e) = handle(stream, tx).await {
@@ -447,5 +446,48 @@ async fn dispatch(req: Request, tx: &mpsc::Sender<Command>) -> Response {
             }
             rx.await.map_or_else(|_| gone(), |s| Response { status: Some(Box::new(s)), ..Response::default() })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use mesh_local::testing::{NOBODY, Outcome, connect_as};
+
+    use super::*;
+
+    /// The admin socket (`apply` replaces the desired state) is 0600 under a
+    /// permissive umask and refuses another uid even when loosened by hand.
+    #[test]
+    fn admin_socket_refuses_other_uids() {
+        if !mesh_lab::root_or_skip("admin_socket_refuses_other_uids") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = dir.path().join("tlo-agent.sock");
+        let (tx, rx) = mpsc::channel();
+        // Nobody serves the commands: a status request is answered with
+        // "the reconcile thread stopped", which is an answer all the same.
+        drop(rx);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        // Own process under nextest: the umask is this test's.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let s = socket.clone();
+        rt.spawn(async move { serve(&s, tx).await });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(std::time::Instant::now() < deadline, "no admin socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        nix::sys::stat::umask(old);
+        assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
+        let status = b"{\"op\":\"status\"}\n";
+        assert_eq!(connect_as(0, &socket, status), Outcome::Answered);
+        assert_eq!(connect_as(NOBODY, &socket, status), Outcome::Denied);
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(connect_as(NOBODY, &socket, status), Outcome::Closed);
+        assert_eq!(connect_as(0, &socket, status), Outcome::Answered);
     }
 }

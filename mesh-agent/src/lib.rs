@@ -7,7 +7,7 @@
 
 pub mod admin;
 pub mod agent;
-pub mod config;
+pub use mesh_agent_formats::config;
 pub mod control;
 pub mod dataplane;
 pub mod enforce;

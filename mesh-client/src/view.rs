@@ -75,6 +75,25 @@ mod tests {
         pb::RouteAssignment { prefix: prefix.into(), gateways: gateways.to_vec(), lan: Vec::new() }
     }
 
+    /// The view fuzz target's seeds are real: a length-delimited view, then
+    /// a delta that applies to it, with a policy that converts.
+    #[test]
+    fn fuzz_seeds_decode_and_apply() {
+        use prost::Message as _;
+        for seed in [
+            &include_bytes!("../../fuzz/corpus/view/view-and-delta")[..],
+            include_bytes!("../../fuzz/corpus/view/removal-delta"),
+            include_bytes!("../../fuzz/corpus/view/first-view-as-delta"),
+        ] {
+            let mut rest = seed;
+            let mut view = pb::NodeView::decode_length_delimited(&mut rest).unwrap();
+            let d = pb::NodeViewDelta::decode(rest).unwrap();
+            apply(&mut view, &d).unwrap();
+            assert!(!view.peers.is_empty() && !view.routes.is_empty(), "{view:?}");
+            crate::policy::from_proto(view.policy.as_ref().unwrap()).unwrap().validate().unwrap();
+        }
+    }
+
     #[test]
     fn applying_the_delta_gives_the_new_view() {
         let old = pb::NodeView {

@@ -25,7 +25,8 @@ pub enum ConfigError {
 pub struct Config {
     /// gRPC listen address (agents and meshctl).
     pub listen: SocketAddr,
-    /// Directory for the SQLite database and the bootstrap admin token.
+    /// Directory for the SQLite database and the bootstrap admin token
+    /// (`admin-token`, 0600, with either store).
     pub data_dir: PathBuf,
     /// PostgreSQL URL (`postgres://...`); when set, used instead of SQLite
     /// (several replicas may share it).
@@ -36,8 +37,8 @@ pub struct Config {
     pub tls_names: Vec<String>,
     /// Prometheus endpoint address (`/metrics`); none to disable.
     pub metrics_listen: Option<SocketAddr>,
-    /// Local admin socket (mode 0600: root only, no token needed); none to
-    /// disable.
+    /// Local admin socket (mode 0600, and only root or control's own uid
+    /// may connect; no token needed); none to disable.
     pub admin_socket: Option<PathBuf>,
     /// Overlay MTU pushed to agents.
     pub mtu: u32,

@@ -14,19 +14,34 @@
 //! What clients share with control (the TLS channel, bearer auth, the
 //! enrollment key text, view deltas, the policy on the wire) is in
 //! `mesh-client`, so that agents and meshctl never link the server.
+//!
+//! Without the default `server` feature the crate is [`policy`] alone (the
+//! fuzz targets build it that way).
 
+#[cfg(feature = "server")]
 pub mod auth;
+#[cfg(feature = "server")]
 pub mod capability;
+#[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
 pub mod engine;
+#[cfg(feature = "server")]
 pub mod limits;
+#[cfg(feature = "server")]
 pub mod metrics;
 pub mod policy;
+#[cfg(feature = "server")]
 pub mod route_check;
+#[cfg(feature = "server")]
 pub mod routes;
+#[cfg(feature = "server")]
 pub mod run;
+#[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "test-support")]
 pub mod sim;
+#[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
 pub mod tls;

@@ -3,13 +3,16 @@
 //! Used by `mesh-control serve`, the tests and the push benchmark.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use mesh_local::secret_file::SecretFileError;
 
 use mesh_proto::v1::admin_service_server::AdminServiceServer;
 use mesh_proto::v1::agent_service_server::AgentServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Server;
 
 use crate::config::Config;
@@ -30,6 +33,9 @@ pub enum StartError {
     /// Sockets and files.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
+    /// The local admin socket.
+    #[error("admin socket: {0}")]
+    AdminSocket(#[from] mesh_local::socket::BindError),
     /// gRPC transport.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -148,6 +154,16 @@ async fn refresh_ca(authority: Arc<tls::Authority>) {
     }
 }
 
+/// Writes the bootstrap admin token to `<data_dir>/admin-token` (0600,
+/// replacing any older file atomically) and returns that path. Used with
+/// every store: the token is never written to a log or a terminal, where it
+/// would outlive the first start in scrollback and log collectors.
+pub fn write_bootstrap_token(config: &Config, token: &str) -> Result<PathBuf, SecretFileError> {
+    let path = config.data_dir.join("admin-token");
+    mesh_local::secret_file::write(&path, format!("{token}\n").as_bytes())?;
+    Ok(path)
+}
+
 /// Starts everything `config` asks for.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
     start_with_clock(config, Arc::new(SystemClock)).await
@@ -201,19 +217,14 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
     tasks.push(tokio::spawn(refresh_ca(authority.clone())));
 
     if let Some(path) = &config.admin_socket {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| StartError::Io(dir.display().to_string(), e))?;
-        }
-        let _ = std::fs::remove_file(path);
-        let unix = tokio::net::UnixListener::bind(path).map_err(|e| StartError::Io(path.display().to_string(), e))?;
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| StartError::Io(path.display().to_string(), e))?;
+        // No token on this socket: 0600 from the start and a peer-uid check
+        // (root or our uid) are what keep other local users out.
+        let unix = mesh_local::socket::bind_private(path)?;
         let local = Server::builder().add_service(reflection()?).add_service(AdminServiceServer::new(
             AdminApi::new(engine.clone(), ca_pin, true).with_authority(authority.clone()),
         ));
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = local.serve_with_incoming(UnixListenerStream::new(unix)).await {
+            if let Err(e) = local.serve_with_incoming(unix.into_stream()).await {
                 tracing::error!(error = %e, "admin socket stopped");
             }
         }));

@@ -2,8 +2,10 @@
 //! `--json` for scripts.
 //!
 //! Connection: `--socket PATH` (control's local admin socket, root only, no
-//! token) or `--server HOST:PORT` with `--token` (or `MESHCTL_TOKEN`) and
-//! `--ca-pin HEX` (or `--ca-file PEM`) to trust control's CA.
+//! token) or `--server HOST:PORT` with `--token-file PATH` (0600) or
+//! `MESHCTL_TOKEN`, and `--ca-pin HEX` (or `--ca-file PEM`) to trust
+//! control's CA. `--token` on the command line still works but warns: every
+//! local user can read it in `/proc/<pid>/cmdline`.
 
 mod ca;
 
@@ -28,9 +30,14 @@ struct Cli {
     /// Local admin socket (overrides --server; no token needed).
     #[arg(long, env = "MESHCTL_SOCKET")]
     socket: Option<PathBuf>,
-    /// Admin API token.
-    #[arg(long, env = "MESHCTL_TOKEN")]
+    /// Admin API token. Prefer `--token-file` or `MESHCTL_TOKEN`: on the
+    /// command line it is visible to every local user.
+    #[arg(long, env = "MESHCTL_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
     token: Option<String>,
+    /// File holding the admin API token (mode 0600; one that group or
+    /// others can read is refused).
+    #[arg(long, env = "MESHCTL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// SHA-256 pin of control's CA (hex, see `status`).
     #[arg(long, env = "MESHCTL_CA_PIN")]
     ca_pin: Option<String>,
@@ -450,7 +457,25 @@ async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
         };
         channel::connect(&cli.server, &trust).await?
     };
-    Ok(AdminServiceClient::with_interceptor(ch, Bearer(cli.token.clone())))
+    let token = match &cli.token_file {
+        Some(path) => Some(mesh_local::secret_file::read(path)?.trim().to_owned()),
+        None => cli.token.clone(),
+    };
+    Ok(AdminServiceClient::with_interceptor(ch, Bearer(token)))
+}
+
+/// Parses the command line, warning when the token came on it (where
+/// `ps` and `/proc/<pid>/cmdline` show it to every local user).
+fn parse() -> Cli {
+    use clap::{CommandFactory as _, FromArgMatches as _, parser::ValueSource};
+    let matches = Cli::command().get_matches();
+    if matches.value_source("token") == Some(ValueSource::CommandLine) {
+        eprintln!(
+            "meshctl: warning: --token on the command line is visible to every local user; \
+             use --token-file PATH (mode 0600) or MESHCTL_TOKEN"
+        );
+    }
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 async fn policy_file(path: &PathBuf) -> anyhow::Result<pb::PolicyDocument> {
@@ -460,7 +485,7 @@ async fn policy_file(path: &PathBuf) -> anyhow::Result<pb::PolicyDocument> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = parse();
     let mut a = connect(&cli).await?;
     let j = cli.json;
     match &cli.cmd {

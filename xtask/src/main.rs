@@ -4,6 +4,7 @@
 
 mod cmd;
 mod demo;
+mod fuzz;
 mod postgres;
 mod setup;
 mod test;
@@ -34,6 +35,9 @@ enum Task {
     /// Set up, then run test binaries in a VM on Debian's kernel with
     /// WireGuard (default: the VM suite that `test` runs).
     Vm(vm::Args),
+    /// Set up, then build the fuzz targets and run each for a bounded time
+    /// from its seed corpus (the fuzz stage of `test`, alone).
+    Fuzz(fuzz::Args),
 }
 
 #[derive(clap::Args, Debug)]
@@ -58,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo(args) => demo::run(&args),
         Task::Bench(args) => bench(&args),
         Task::Vm(args) => vm::run(&args),
+        Task::Fuzz(args) => fuzz::main(&args),
     }
 }
 

@@ -35,6 +35,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     bpf_linker()?;
     debian_packages()?;
     nextest()?;
+    cargo_fuzz()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -123,6 +124,25 @@ fn nextest() -> anyhow::Result<()> {
     }
     eprintln!("xtask: installing cargo-nextest (the test runner)");
     cmd::run(Command::new("cargo").args(["install", "cargo-nextest", "--locked"])).context("installing cargo-nextest")
+}
+
+/// The cargo-fuzz the fuzz stage was written against.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, for the fuzz stage (its targets build on nightly).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let version = probe("cargo", &["fuzz", "--version"]).unwrap_or_default();
+    if version.split_whitespace().any(|w| w == CARGO_FUZZ_VERSION) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (found: {:?})", version.trim());
+    cmd::run(Command::new("cargo").args([
+        "install",
+        &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        "--locked",
+        "--force",
+    ]))
+    .context("installing cargo-fuzz")
 }
 
 fn dpkg_installed(package: &str) -> bool {

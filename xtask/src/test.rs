@@ -2,7 +2,9 @@
 //! closing summary line.
 //!
 //! Stages: the workspace's tests under cargo-nextest (unit tests, eBPF
-//! programs through BPF_PROG_TEST_RUN, namespace tests), then the VM stage
+//! programs through BPF_PROG_TEST_RUN, namespace tests), then the fuzz
+//! targets, each for a bounded time from its seed corpus (see `fuzz`;
+//! `cargo xtask fuzz` runs that stage alone), then the VM stage
 //! (the kernel-path tests on a WireGuard kernel, see `vm`), then the demo check
 //! (`cargo xtask demo --check`). All run as root in CI; a root test that
 //! cannot run fails.
@@ -11,7 +13,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::{cmd, demo, postgres, setup, vm};
+use crate::{cmd, demo, fuzz, postgres, setup, vm};
 
 /// Options of `cargo xtask test`.
 #[derive(clap::Args, Debug)]
@@ -42,6 +44,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
 
     let mut tally = Tally::default();
     nextest(args, &database_url, &mut tally)?;
+    fuzz_stage(&mut tally);
     vm_stage(&mut tally);
     if !args.no_demo {
         stage(&mut tally, "demo --check", || demo::run(&demo::Args { check: true }));
@@ -67,6 +70,20 @@ fn stage(tally: &mut Tally, name: &str, f: impl FnOnce() -> anyhow::Result<()>) 
             tally.failed += 1;
             tally.failures.push(name.to_owned());
         }
+    }
+}
+
+/// The stage's fuzz targets (`fuzz::TARGETS`) for `fuzz::DEFAULT_SECONDS`,
+/// one count per target (a failed build fails them all).
+fn fuzz_stage(tally: &mut Tally) {
+    if let Err(e) = fuzz::build(false) {
+        for t in fuzz::TARGETS {
+            stage(tally, &format!("fuzz {t}"), || Err(anyhow::anyhow!("{e:#}")));
+        }
+        return;
+    }
+    for t in fuzz::TARGETS {
+        stage(tally, &format!("fuzz {t}"), || fuzz::run(t, fuzz::DEFAULT_SECONDS, false));
     }
 }
 

@@ -178,8 +178,6 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
             .await?;
         Ok(k.into_inner().secret)
     })?;
-    let key_file = work.path().join("enroll.key");
-    std::fs::write(&key_file, key)?;
     let bpf = BpfFs(tempfile::tempdir()?);
     if !Command::new("mount").args(["-t", "bpf", "bpf"]).arg(bpf.0.path()).status()?.success() {
         bail!("mounting bpffs");
@@ -188,6 +186,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
     for (i, (name, h)) in names.iter().zip(&gw_hosts).enumerate() {
         let dir = work.path().join(name);
         std::fs::create_dir_all(&dir)?;
+        // One key file per gateway: each agent removes its own once enrolled
+        // (0600, or the agent refuses it).
+        let key_file = dir.join("enroll.key");
+        mesh_local::secret_file::write(&key_file, key.as_bytes())?;
         let (underlay, lan) =
             [("192.0.2.11", "198.18.10.0/24"), ("192.0.2.21", "198.18.20.0/24"), ("192.0.2.22", "198.18.20.0/24")][i];
         let config = format!(

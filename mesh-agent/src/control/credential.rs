@@ -114,16 +114,18 @@ fn hostname(cc: &ControlConfig) -> String {
     })
 }
 
-fn enrollment_key(cc: &ControlConfig) -> Result<String, SessionError> {
+/// The enrollment key, and the file it came from (removed once enrolled).
+/// A key file that group or others can read is refused: whoever read it
+/// may enroll in our place.
+fn enrollment_key(cc: &ControlConfig) -> Result<(String, Option<&Path>), SessionError> {
     if let Some(k) = &cc.enrollment_key {
-        return Ok(k.trim().to_owned());
+        return Ok((k.trim().to_owned(), None));
     }
     let path = cc.enrollment_key_file.as_ref().ok_or_else(|| {
         SessionError("not enrolled yet and no control.enrollment_key or control.enrollment_key_file configured".into())
     })?;
-    std::fs::read_to_string(path)
-        .map(|k| k.trim().to_owned())
-        .map_err(|e| SessionError(format!("{}: {e}", path.display())))
+    let key = mesh_local::secret_file::read(path).map_err(|e| SessionError(format!("enrollment key file: {e}")))?;
+    Ok((key.trim().to_owned(), Some(path)))
 }
 
 /// The stored credential, or a new one from enrolling with the key.
@@ -149,7 +151,7 @@ pub(super) async fn credential(
         );
         previous = Some(c.token);
     }
-    let key = enrollment_key(cc)?;
+    let (key, key_file) = enrollment_key(cc)?;
     let parsed =
         EnrollmentKeyText::parse(&key).ok_or_else(|| SessionError("the enrollment key is malformed".into()))?;
     let pin = parsed.ca_pin.ok_or_else(|| SessionError("the enrollment key carries no CA pin".into()))?;
@@ -180,6 +182,16 @@ pub(super) async fn credential(
     };
     c.save(&path)?;
     tracing::info!(node = c.node_id, name = %c.name, state = ?node.state, "enrolled with control");
+    // The credential replaces the key from now on: a key left on disk
+    // would only be something to steal.
+    if let Some(file) = key_file {
+        match std::fs::remove_file(file) {
+            Ok(()) => tracing::info!(file = %file.display(), "enrolled: removed the enrollment key file"),
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "enrolled, but the enrollment key file could not be removed: remove it by hand")
+            }
+        }
+    }
     Ok(c)
 }
 
@@ -198,7 +210,75 @@ pub(super) async fn renew(channel: &Channel, cred: &mut Credential, path: &Path)
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use mesh_client::bearer::Bearer;
+    use mesh_proto::v1::admin_service_client::AdminServiceClient;
+
     use super::*;
+
+    /// A control on loopback and a preapproved reusable key from it.
+    async fn control(dir: &Path) -> (mesh_control::run::Running, String) {
+        let config = mesh_control::config::Config {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: dir.to_owned(),
+            metrics_listen: None,
+            admin_socket: None,
+            ..mesh_control::config::Config::default()
+        };
+        let c = mesh_control::run::start(&config).await.expect("control starts");
+        let ch = client::connect(&c.addr.to_string(), &Trust::CaPem(c.ca_pem.clone())).await.unwrap();
+        let mut admin = AdminServiceClient::with_interceptor(ch, Bearer(c.bootstrap_admin_token.clone()));
+        let req = pb::CreateEnrollmentKeyRequest { reusable: true, preapproved: true, ..Default::default() };
+        let key = admin.create_enrollment_key(req).await.unwrap().into_inner().secret;
+        (c, key)
+    }
+
+    fn agent(dir: &Path, cc: &ControlConfig) -> Config {
+        Config { state_dir: dir.to_owned(), control: Some(cc.clone()), ..Config::default() }
+    }
+
+    /// A key file others can read is refused naming the file and the fix;
+    /// at 0600 it enrolls and is removed. The inline key still works.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn enrollment_key_file_must_be_private_and_is_removed_after_enrolling() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, key) = control(&dir.path().join("control")).await;
+        let key_file = dir.path().join("tlo-enroll.key");
+        std::fs::write(&key_file, &key).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let cc = ControlConfig {
+            address: c.addr.to_string(),
+            enrollment_key_file: Some(key_file.clone()),
+            hostname: Some("tlo-gw1".into()),
+            ..ControlConfig::default()
+        };
+        let state = dir.path().join("state1");
+        std::fs::create_dir(&state).unwrap();
+        let config = agent(&state, &cc);
+        let public = PublicKey([1; 32]);
+        let e = credential(&config, &cc, public).await.unwrap_err().to_string();
+        assert!(e.contains(&key_file.display().to_string()) && e.contains("chmod 600"), "{e}");
+        assert!(key_file.exists(), "a refused key file is left alone");
+
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cred = credential(&config, &cc, public).await.unwrap();
+        assert!(!key_file.exists(), "the key file is removed once enrolled");
+        assert_eq!(Credential::load(&config.control_credential_path()).unwrap().unwrap().node_id, cred.node_id);
+
+        // The inline key (no file) enrolls a second node.
+        let cc = ControlConfig {
+            enrollment_key_file: None,
+            enrollment_key: Some(key),
+            hostname: Some("tlo-gw2".into()),
+            ..cc
+        };
+        let state = dir.path().join("state2");
+        std::fs::create_dir(&state).unwrap();
+        let second = credential(&agent(&state, &cc), &cc, PublicKey([2; 32])).await.unwrap();
+        assert_ne!(second.node_id, cred.node_id);
+        c.shutdown();
+    }
 
     #[test]
     fn renewal_at_half_life() {

@@ -23,7 +23,7 @@ pub mod failover;
 pub mod lan;
 pub mod owner;
 pub mod stats;
-pub mod wire;
+pub use mesh_agent_formats::probe_wire as wire;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},

@@ -10,18 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::net::rtnl::Rtnl;
 
-/// What the operator asked for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendMode {
-    /// Kernel WireGuard when the kernel has it, else userspace.
-    #[default]
-    Auto,
-    /// Kernel WireGuard or fail.
-    Kernel,
-    /// The in-process userspace engine, without probing.
-    Userspace,
-}
+pub use mesh_agent_formats::config::BackendMode;
 
 /// The implementation in use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

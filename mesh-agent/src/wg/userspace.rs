@@ -22,7 +22,7 @@ use std::{
     time::SystemTime,
 };
 
-use gotatun::device::{Device, DeviceBuilder, uapi::UapiServer};
+use gotatun::device::{Device, DeviceBuilder};
 use wireguard_control::{Backend, InterfaceName};
 
 use super::{BackendKind, WgDevice, WgError, WgUpdate, WireGuard, convert};
@@ -35,6 +35,7 @@ mod checksum;
 pub mod gso;
 mod scratch;
 mod tun;
+mod uapi;
 pub mod udp;
 
 type Engine = Device<(udp::GsoUdpFactory, tun::TunSend, tun::TunRecv)>;
@@ -130,7 +131,8 @@ impl UserspaceWg {
             let (tun_tx, tun_rx, mode) =
                 tun::open(&ifname, opts.tun_offload).map_err(|e| format!("TUN device: {e}"))?;
             tracing::info!(ifname = %ifname, ?mode, "TUN device open");
-            let uapi = UapiServer::default_unix_socket(&ifname, None, None).map_err(|e| format!("UAPI socket: {e}"))?;
+            let uapi = uapi::serve(&Path::new(UAPI_DIR).join(format!("{ifname}.sock")))
+                .map_err(|e| format!("UAPI socket: {e}"))?;
             let udp = udp::GsoUdpFactory {
                 recv_buffer: opts.udp_recv_buffer,
                 send_buffer: opts.udp_send_buffer,

@@ -112,7 +112,8 @@ impl Gateway {
         tuning: &Tuning,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("enroll.key"), key).unwrap();
+        // 0600, or the agent refuses it.
+        mesh_local::secret_file::write(&dir.path().join("enroll.key"), key.as_bytes()).unwrap();
         let config = format!(
             "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{state}\"\n\
              enforcement = \"{enf}\"\nbpf_pin_dir = \"{bpf}\"\nkeep_dataplane_on_exit = false\n\

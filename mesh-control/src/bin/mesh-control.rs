@@ -50,18 +50,11 @@ async fn main() -> anyhow::Result<()> {
             let config = load(config.as_ref())?;
             let running = mesh_control::run::start(&config).await.context("starting mesh-control")?;
             if let Some(token) = &running.bootstrap_admin_token {
-                // Shown once, stored only hashed; also written for root.
-                let path = config.data_dir.join("admin-token");
-                if config.database_url.is_none() {
-                    use std::io::Write as _;
-                    use std::os::unix::fs::OpenOptionsExt as _;
-                    let mut f =
-                        std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&path)?;
-                    writeln!(f, "{token}")?;
-                    tracing::info!(path = %path.display(), "first start: admin token written");
-                } else {
-                    eprintln!("first start: admin token (shown once): {token}");
-                }
+                // Shown nowhere, stored only hashed in the store and in this
+                // 0600 file for root, whichever store is used.
+                let path = mesh_control::run::write_bootstrap_token(&config, token)
+                    .context("writing the bootstrap admin token")?;
+                tracing::info!(path = %path.display(), "first start: bootstrap admin token written (mode 0600)");
             }
             println!("mesh-control listening on {} (CA pin {})", running.addr, hex::encode(running.ca_pin));
             tokio::signal::ctrl_c().await?;

@@ -303,3 +303,17 @@ fn dataplane_rules_for_site_to_site() {
         c.validate().unwrap();
     }
 }
+
+/// The policy fuzz target's seeds are real, valid policies.
+#[test]
+fn fuzz_seeds_parse() {
+    for (name, text) in [
+        ("default", include_str!("../../../fuzz/corpus/policy/default.hujson")),
+        ("demo", include_str!("../../../fuzz/corpus/policy/demo.hujson")),
+        ("tests-seed", include_str!("../../../fuzz/corpus/policy/tests-seed.hujson")),
+        ("with-tests", include_str!("../../../fuzz/corpus/policy/with-tests.hujson")),
+    ] {
+        Policy::parse(text).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+    }
+    assert_eq!(include_str!("../../../fuzz/corpus/policy/default.hujson"), DEFAULT_POLICY);
+}

@@ -221,6 +221,21 @@ mod tests {
         Message::Reply { seq, version: VERSION, routes }
     }
 
+    /// The fuzz seeds are real messages of every kind and version.
+    #[test]
+    fn fuzz_seeds_decode() {
+        for seed in [
+            &include_bytes!("../../fuzz/corpus/probe_wire/request-v1")[..],
+            include_bytes!("../../fuzz/corpus/probe_wire/request-v2"),
+            include_bytes!("../../fuzz/corpus/probe_wire/reply-v1"),
+            include_bytes!("../../fuzz/corpus/probe_wire/reply-v2-two-routes"),
+            include_bytes!("../../fuzz/corpus/probe_wire/notice-v2"),
+        ] {
+            let m = Message::decode(seed).unwrap();
+            assert_eq!(m.encode(), seed);
+        }
+    }
+
     #[test]
     fn round_trips() {
         for m in [

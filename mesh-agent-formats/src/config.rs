@@ -12,7 +12,18 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::wg::BackendMode;
+/// Which WireGuard implementation the operator asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendMode {
+    /// Kernel WireGuard when the kernel has it, else userspace.
+    #[default]
+    Auto,
+    /// Kernel WireGuard or fail.
+    Kernel,
+    /// The in-process userspace engine, without probing.
+    Userspace,
+}
 
 /// How the compiled policy is enforced.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,7 +190,8 @@ pub struct ControlConfig {
     /// start only: afterwards the credential in `<state_dir>/control.json`
     /// is used. Prefer `enrollment_key_file`.
     pub enrollment_key: Option<String>,
-    /// File holding the enrollment key.
+    /// File holding the enrollment key: mode 0600 (a file group or others
+    /// can read is refused), removed once the agent has enrolled.
     pub enrollment_key_file: Option<PathBuf>,
     /// Host name registered at enrollment (default: the machine's).
     pub hostname: Option<String>,
@@ -313,10 +325,18 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        let config: Self = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })?;
+        let config = Self::parse_from(&text, &path.display().to_string())?;
         config.check()?;
         Ok(config)
+    }
+
+    /// Parses a configuration's text (unchecked: see [`Config::check`]).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Self::parse_from(text, "<text>")
+    }
+
+    fn parse_from(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })
     }
 
     /// Checks values.
@@ -430,6 +450,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fuzz seeds are real, valid configurations.
+    #[test]
+    fn fuzz_seeds_parse_and_check() {
+        for text in [
+            include_str!("../../fuzz/corpus/agent_config/gateway.toml"),
+            include_str!("../../fuzz/corpus/agent_config/minimal.toml"),
+        ] {
+            Config::parse(text).unwrap().check().unwrap();
+        }
+    }
 
     #[test]
     fn defaults_and_overrides() {
