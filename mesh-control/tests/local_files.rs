@@ -22,7 +22,12 @@ async fn admin_socket_refuses_other_uids_and_is_0600_under_a_permissive_umask() 
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // Own process under nextest: the umask is this test's.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-    let c = mesh_control::run::start(&mesh_control::sim::loopback_config(dir.path())).await;
+    // Control keeps its data dir 0700: the socket sits outside it here.
+    let config = mesh_control::config::Config {
+        admin_socket: Some(dir.path().join("admin.sock")),
+        ..mesh_control::sim::loopback_config(&dir.path().join("data"))
+    };
+    let c = mesh_control::run::start(&config).await;
     nix::sys::stat::umask(old);
     let _c = c.expect("control starts");
     let sock = dir.path().join("admin.sock");
