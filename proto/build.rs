@@ -12,7 +12,11 @@ fn main() -> anyhow::Result<()> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    // The services only with the `grpc` feature (messages need prost alone).
+    let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
     tonic_prost_build::configure()
+        .build_client(grpc)
+        .build_server(grpc)
         .file_descriptor_set_path(out_dir.join("mesh_v1_descriptor.bin"))
         .compile_with_config(config, &protos, &[std::path::PathBuf::from("."), include])
         .context("compiling mesh.v1")?;

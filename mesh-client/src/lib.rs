@@ -7,10 +7,16 @@
 //! (node-view deltas: computing and applying them) and [`policy`] (the
 //! compiled policy on the wire).
 //!
+//! Without the default `transport` feature the crate is the wire formats
+//! alone ([`enrollment`], [`view`], [`policy`]; the fuzz targets build it
+//! that way).
+//!
 //! Clients depend on this crate and never on `mesh-control`, so that an
 //! agent does not link the server's store, SQL drivers and CA code.
 
+#[cfg(feature = "transport")]
 pub mod bearer;
+#[cfg(feature = "transport")]
 pub mod channel;
 pub mod enrollment;
 pub mod policy;

@@ -4,7 +4,8 @@
 //! the crashing input under `fuzz/artifacts/<target>/`.
 //!
 //! The targets build only the pure parsers (mesh-control without its
-//! `server` feature, mesh-agent-formats, mesh-client's wire conversions), so
+//! `server` feature, mesh-agent-formats, mesh-proto's messages and
+//! mesh-client's wire conversions without gRPC or TLS), so
 //! that a cold build plus the runs add minutes, not tens of minutes, to CI
 //! (README, "Fuzzing").
 
@@ -15,14 +16,7 @@ use anyhow::{Context as _, bail};
 use crate::cmd;
 
 /// The fuzz targets of the stage, as named in `fuzz/Cargo.toml`.
-pub(crate) const TARGETS: &[&str] = &["policy", "probe_wire", "agent_config"];
-
-/// Targets that need the fuzz crate's `wire` feature (mesh-proto and
-/// mesh-client, which bring tonic and rustls: more than twice the cold
-/// build of the others). Not in the stage until mesh-proto can be built
-/// without its gRPC services; `cargo xtask fuzz --all` or `cargo xtask fuzz
-/// view` runs them.
-pub(crate) const WIRE_TARGETS: &[&str] = &["view"];
+pub(crate) const TARGETS: &[&str] = &["policy", "probe_wire", "agent_config", "view"];
 
 /// Seconds each target runs in `cargo xtask test`.
 pub(crate) const DEFAULT_SECONDS: u32 = 20;
@@ -33,9 +27,6 @@ pub(crate) struct Args {
     /// Seconds each target runs.
     #[arg(long, default_value_t = DEFAULT_SECONDS)]
     pub(crate) seconds: u32,
-    /// Also the targets that need the `wire` feature (`view`).
-    #[arg(long)]
-    pub(crate) all: bool,
     /// Targets to run (default: the stage's).
     pub(crate) targets: Vec<String>,
 }
@@ -43,17 +34,13 @@ pub(crate) struct Args {
 /// `cargo xtask fuzz`: set-up, then the fuzz stage alone.
 pub(crate) fn main(args: &Args) -> anyhow::Result<()> {
     crate::setup::run()?;
-    let targets: Vec<&str> = match (args.targets.is_empty(), args.all) {
-        (true, false) => TARGETS.to_vec(),
-        (true, true) => TARGETS.iter().chain(WIRE_TARGETS).copied().collect(),
-        (false, _) => args.targets.iter().map(String::as_str).collect(),
-    };
-    let wire = targets.iter().any(|t| WIRE_TARGETS.contains(t));
+    let targets: Vec<&str> =
+        if args.targets.is_empty() { TARGETS.to_vec() } else { args.targets.iter().map(String::as_str).collect() };
     let started = std::time::Instant::now();
-    build(wire)?;
+    build()?;
     let mut failed = Vec::new();
     for t in &targets {
-        if let Err(e) = run(t, args.seconds, wire) {
+        if let Err(e) = run(t, args.seconds) {
             eprintln!("xtask: fuzz {t} failed: {e:#}");
             failed.push(*t);
         }
@@ -72,25 +59,22 @@ pub(crate) fn main(args: &Args) -> anyhow::Result<()> {
 /// libFuzzer catches without it, and ASan would make both the cold build
 /// and every execution slower. `build` and `run` must pass the same flags,
 /// or `run` rebuilds.
-fn cargo_fuzz(sub: &str, wire: bool) -> Command {
+fn cargo_fuzz(sub: &str) -> Command {
     let mut c = Command::new("cargo");
     c.args(["+nightly", "fuzz", sub, "--fuzz-dir", "fuzz", "--target-dir", "target/fuzz", "--sanitizer", "none"]);
-    if wire {
-        c.args(["--features", "wire"]);
-    }
     c
 }
 
 /// Builds the targets (release with debug assertions, as `cargo fuzz`
-/// does by default), with the `wire` feature's ones when `wire`.
-pub(crate) fn build(wire: bool) -> anyhow::Result<()> {
-    cmd::run(&mut cargo_fuzz("build", wire)).context("building the fuzz targets")
+/// does by default).
+pub(crate) fn build() -> anyhow::Result<()> {
+    cmd::run(&mut cargo_fuzz("build")).context("building the fuzz targets")
 }
 
 /// Runs one target for `seconds` from its committed corpus. New inputs go
 /// to a scratch directory under `target/fuzz` (listed first, so libFuzzer
 /// writes there), never into the committed seeds.
-pub(crate) fn run(target: &str, seconds: u32, wire: bool) -> anyhow::Result<()> {
+pub(crate) fn run(target: &str, seconds: u32) -> anyhow::Result<()> {
     let root = cmd::workspace_root();
     let seeds = root.join("fuzz/corpus").join(target);
     if !seeds.is_dir() {
@@ -100,7 +84,7 @@ pub(crate) fn run(target: &str, seconds: u32, wire: bool) -> anyhow::Result<()> 
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     cmd::run(
-        cargo_fuzz("run", wire)
+        cargo_fuzz("run")
             .arg(target)
             .arg(&scratch)
             .arg(&seeds)

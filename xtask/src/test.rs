@@ -76,14 +76,14 @@ fn stage(tally: &mut Tally, name: &str, f: impl FnOnce() -> anyhow::Result<()>) 
 /// The stage's fuzz targets (`fuzz::TARGETS`) for `fuzz::DEFAULT_SECONDS`,
 /// one count per target (a failed build fails them all).
 fn fuzz_stage(tally: &mut Tally) {
-    if let Err(e) = fuzz::build(false) {
+    if let Err(e) = fuzz::build() {
         for t in fuzz::TARGETS {
             stage(tally, &format!("fuzz {t}"), || Err(anyhow::anyhow!("{e:#}")));
         }
         return;
     }
     for t in fuzz::TARGETS {
-        stage(tally, &format!("fuzz {t}"), || fuzz::run(t, fuzz::DEFAULT_SECONDS, false));
+        stage(tally, &format!("fuzz {t}"), || fuzz::run(t, fuzz::DEFAULT_SECONDS));
     }
 }
 
