@@ -8,9 +8,12 @@
 //!   permissions, and [`socket::PrivateListener`] refuses peers whose uid is
 //!   neither root nor ours (`SO_PEERCRED`), should the file mode ever be
 //!   loosened.
+//! - [`atomic::write`] replaces a file atomically and durably (temporary
+//!   file, fsync, rename, fsync of the directory).
 //! - [`secret_file`] writes secrets 0600 (atomically, whatever the umask)
 //!   and refuses to read one that group or others can read.
 
+pub mod atomic;
 pub mod secret_file;
 pub mod socket;
 #[cfg(any(test, feature = "test-support"))]

@@ -17,9 +17,8 @@
 //! as /tmp is never control's own: refused). A key file readable by group or
 //! others is refused, never fixed: a key that was exposed must be replaced.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use super::TlsError;
@@ -54,21 +53,7 @@ pub fn prepare_dir(dir: &Path) -> Result<(), TlsError> {
 
 /// Replaces `path` with `bytes` atomically, the new file created with `mode`.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("ca")));
-    let _ = fs::remove_file(&tmp);
-    let written = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written.map_err(io(path))
+    mesh_local::atomic::write(path, bytes, mode).map_err(io(path))
 }
 
 fn remove(path: &Path) -> Result<(), TlsError> {
