@@ -57,7 +57,13 @@ async fn main() -> anyhow::Result<()> {
                 tracing::info!(path = %path.display(), "first start: bootstrap admin token written (mode 0600)");
             }
             println!("mesh-control listening on {} (CA pin {})", running.addr, hex::encode(running.ca_pin));
-            tokio::signal::ctrl_c().await?;
+            // systemd and Kubernetes stop services with SIGTERM; a terminal with SIGINT.
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r?,
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down");
             running.shutdown();
             Ok(())
         }
