@@ -321,20 +321,26 @@ pub fn run_tests(policy: &Policy, inv: &Inventory) -> Result<u32, Vec<Problem>> 
         });
         next += 1;
     }
-    // Site routes named by tests are served by a stand-in gateway, so that
-    // "tag:app -> nyc-lan:5432" is checked even before the gateway enrolls.
+    // Hosts entries and address literals named by tests are served by a
+    // stand-in gateway when no enrolled node serves them, so that
+    // "tag:app -> nyc-lan:5432" or "10.20.10.7 -> 10.30.0.5:5432" is checked
+    // against the rules alone, before (and whichever) gateways enroll.
     for p in &principals {
-        if let Target::Host(h) = p
-            && let Some(net) = policy.hosts.get(h)
-            && !inv.iter().any(|n| n.served().iter().any(|s| s.contains(net)))
+        let net = match p {
+            Target::Host(h) => policy.hosts.get(h).copied(),
+            Target::Cidr(c) => Some(*c),
+            _ => None,
+        };
+        if let Some(net) = net
+            && !inv.iter().any(|n| n.served().iter().any(|s| s.contains(&net)))
         {
             inv.push(InventoryNode {
                 id: u64::MAX - u64::from(next - PROBE_BASE),
-                name: format!("test-standin-{h}"),
+                name: format!("test-standin-{}", show(p)),
                 addrs: vec![IpAddr::from(next.to_be_bytes())],
                 tags: Vec::new(),
                 user: String::new(),
-                routes: vec![*net],
+                routes: vec![net],
             });
             next += 1;
         }
@@ -400,6 +406,8 @@ fn show(t: &Target) -> String {
     match t {
         Target::Any => "*".into(),
         Target::Group(s) | Target::Tag(s) | Target::User(s) | Target::Host(s) => s.clone(),
+        // As written: an address, not its /32.
+        Target::Cidr(c) if c.prefix_len() == c.max_prefix_len() => c.addr().to_string(),
         Target::Cidr(c) => c.to_string(),
     }
 }

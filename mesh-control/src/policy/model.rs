@@ -1,9 +1,13 @@
 //! The policy document: HuJSON text to typed, validated [`Policy`].
 //!
 //! Supported (Tailscale-style): `groups`, `tagOwners`, `hosts`, `acls`,
-//! `autoApprovers.routes` and `tests`. `ssh` is accepted and ignored (the
-//! mesh has no SSH feature); any other top-level key is an error so that a
-//! typo never silently drops part of a policy.
+//! `autoApprovers.routes` and `tests`. Tailscale sections the mesh does not
+//! enforce get one clear message each ([`ProblemKind::Unsupported`]): `ssh`
+//! and `nodeAttrs` are accepted with a warning (they grant nothing, so
+//! ignoring them opens nothing); `grants`, `postures` and `autogroup:*`
+//! names are refused, because ignoring them would change what the policy
+//! allows. Any other unknown key is an error so that a typo never silently
+//! drops part of a policy.
 
 use std::collections::BTreeMap;
 
@@ -83,6 +87,10 @@ pub enum ProblemKind {
     /// A policy test that does not hold.
     #[error("test failed: {0}")]
     TestFailed(String),
+    /// A Tailscale policy feature this mesh does not have: an error, or a
+    /// warning for sections that grant nothing (see [`Policy::warnings`]).
+    #[error("not supported by this mesh: {0}, see docs/policy.md#unsupported")]
+    Unsupported(String),
 }
 
 fn problem(line: u32, kind: ProblemKind) -> Problem {
@@ -168,6 +176,8 @@ pub struct Policy {
     pub auto_approvers: Vec<(IpNet, Vec<Target>)>,
     /// The policy's own tests.
     pub tests: Vec<PolicyTest>,
+    /// Sections accepted but ignored (`ssh`, `nodeAttrs`), one warning each.
+    pub warnings: Vec<Problem>,
 }
 
 /// The policy every fresh control starts with: nothing is allowed.
@@ -178,9 +188,10 @@ impl Policy {
     /// one on failure), in line order.
     pub fn parse(text: &str) -> Result<Self, Vec<Problem>> {
         let doc = hujson::parse(text).map_err(|e| vec![problem(e.line, ProblemKind::Syntax(e.message))])?;
-        let mut cx = Cx { problems: Vec::new() };
-        let policy = cx.policy(&doc);
+        let mut cx = Cx { problems: Vec::new(), warnings: Vec::new() };
+        let mut policy = cx.policy(&doc);
         if cx.problems.is_empty() {
+            policy.warnings = cx.warnings;
             Ok(policy)
         } else {
             cx.problems.sort_by_key(|p| p.line);
@@ -191,11 +202,16 @@ impl Policy {
 
 struct Cx {
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
 }
 
 impl Cx {
     fn push(&mut self, line: u32, kind: ProblemKind) {
         self.problems.push(problem(line, kind));
+    }
+
+    fn unsupported(&mut self, line: u32, what: &str) {
+        self.push(line, ProblemKind::Unsupported(what.to_owned()));
     }
 
     fn object<'v>(&mut self, field: &str, v: &'v Spanned) -> &'v [(String, u32, Spanned)] {
@@ -278,14 +294,29 @@ impl Cx {
                         }
                     }
                 }
-                "acls" | "autoApprovers" | "tests" | "ssh" => {}
+                "acls" | "autoApprovers" | "tests" => {}
+                "ssh" => self.warnings.push(problem(
+                    *line,
+                    ProblemKind::Unsupported("\"ssh\" (no SSH access control here; the section is ignored)".into()),
+                )),
+                "nodeAttrs" => self.warnings.push(problem(
+                    *line,
+                    ProblemKind::Unsupported(
+                        "\"nodeAttrs\" (node attributes have no effect; the section is ignored)".into(),
+                    ),
+                )),
+                "grants" => self.unsupported(*line, "\"grants\" (write them as \"acls\" entries)"),
+                "postures" => self.unsupported(*line, "\"postures\" (no device posture checks)"),
                 _ => self.push(*line, ProblemKind::UnknownField(key.clone())),
             }
         }
         // Group members and tag owners may name groups (owners) and users.
         for (tag, owners) in p.tag_owners.clone() {
             for owner in owners {
-                if owner.starts_with("group:") && !p.groups.contains_key(&owner) {
+                if owner.starts_with("autogroup:") {
+                    let line = line_of_key(members, "tagOwners", &tag);
+                    self.unsupported(line, &format!("{owner:?} (name groups or users)"));
+                } else if owner.starts_with("group:") && !p.groups.contains_key(&owner) {
                     let line = line_of_key(members, "tagOwners", &tag);
                     self.push(line, ProblemKind::UnknownGroup(owner));
                 } else if owner.starts_with("tag:") && !p.tag_owners.contains_key(&owner) {
@@ -399,6 +430,9 @@ impl Cx {
         let t = l.text.as_str();
         let target = if t == "*" {
             Target::Any
+        } else if t.starts_with("autogroup:") {
+            self.unsupported(l.line, &format!("{t:?} (name tags, groups, users or hosts instead)"));
+            return None;
         } else if t.starts_with("group:") {
             if !p.groups.contains_key(t) {
                 self.push(l.line, ProblemKind::UnknownGroup(t.to_owned()));

@@ -317,3 +317,62 @@ fn fuzz_seeds_parse() {
     }
     assert_eq!(include_str!("../../../fuzz/corpus/policy/default.hujson"), DEFAULT_POLICY);
 }
+
+/// The issue's case: a test whose source is an address literal inside a
+/// `hosts` CIDR holds against the rules alone, with no gateway enrolled for
+/// either site, and still fails when the rules say otherwise.
+#[test]
+fn address_and_hosts_tests_need_no_enrolled_node() {
+    let text = |dst: &str| {
+        format!(
+            r#"{{
+  "hosts": {{"nyc-lan": "10.20.10.0/24", "fsn-db": "10.30.0.5/32"}},
+  "acls": [{{"action": "accept", "src": ["nyc-lan"], "dst": ["fsn-db:5432"], "proto": "tcp"}}],
+  "tests": [
+    {{"src": "10.20.10.7", "accept": ["{dst}:5432"], "deny": ["{dst}:22"]}},
+    {{"src": "nyc-lan", "accept": ["10.30.0.5:5432"]}},
+    {{"src": "10.99.0.1", "deny": ["fsn-db:5432"]}},
+  ],
+}}"#
+        )
+    };
+    for dst in ["fsn-db", "10.30.0.5"] {
+        assert_eq!(check(&text(dst), &[]).unwrap().1, 4, "dst {dst}");
+        // The same with an unrelated node enrolled.
+        let inv = vec![node(1, "100.64.0.1", &[], "a@example.com", &[])];
+        assert_eq!(check(&text(dst), &inv).unwrap().1, 4, "dst {dst}");
+    }
+    let wrong = text("fsn-db").replace(r#""deny": ["fsn-db:22"]"#, r#""deny": ["fsn-db:5432"]"#);
+    let errs = check(&wrong, &[]).unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].to_string().contains("10.20.10.7 -> fsn-db:5432: expected deny (not what the acls do)"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn unsupported_tailscale_sections_get_one_clear_message_each() {
+    // Accepted with a warning: they grant nothing.
+    let p = Policy::parse(
+        r#"{"acls": [], "ssh": [{"action": "check", "src": ["*"], "dst": ["*"], "users": ["root"]}],
+            "nodeAttrs": [{"target": ["*"], "attr": ["funnel"]}]}"#,
+    )
+    .unwrap();
+    let warnings: Vec<String> = p.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("not supported by this mesh: \"ssh\"") && warnings[0].contains("see docs"));
+    assert!(warnings[1].contains("\"nodeAttrs\""));
+    // Refused: ignoring them would change what the policy allows.
+    for (text, what) in [
+        (r#"{"grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"]}]}"#, "\"grants\""),
+        (r#"{"postures": {"posture:x": []}}"#, "\"postures\""),
+        (r#"{"acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["*:*"]}]}"#, "\"autogroup:member\""),
+        (r#"{"tagOwners": {"tag:gw": ["autogroup:admin"]}}"#, "\"autogroup:admin\""),
+    ] {
+        let errs = Policy::parse(text).unwrap_err();
+        assert_eq!(errs.len(), 1, "{text}: {errs:?}");
+        let msg = errs[0].to_string();
+        assert!(msg.contains("not supported by this mesh: ") && msg.contains(what), "{text}: {msg}");
+    }
+}

@@ -373,14 +373,17 @@ impl AdminService for AdminApi {
     async fn validate_policy(&self, req: Request<pb::PolicyDocument>) -> R<pb::ValidatePolicyResponse> {
         self.authorize(&req).await?;
         Ok(Response::new(match self.engine.check_policy(&req.get_ref().text).await {
-            Ok((_, passed)) => pb::ValidatePolicyResponse { ok: true, problems: Vec::new(), tests_passed: passed },
+            Ok((policy, passed)) => pb::ValidatePolicyResponse {
+                ok: true,
+                problems: Vec::new(),
+                tests_passed: passed,
+                warnings: policy_problems(&policy.warnings),
+            },
             Err(problems) => pb::ValidatePolicyResponse {
                 ok: false,
-                problems: problems
-                    .iter()
-                    .map(|p| pb::PolicyProblem { line: p.line, message: p.kind.to_string() })
-                    .collect(),
+                problems: policy_problems(&problems),
                 tests_passed: 0,
+                warnings: Vec::new(),
             },
         }))
     }
@@ -468,4 +471,8 @@ impl AdminService for AdminApi {
         let actor = self.authorize(&req).await?;
         Ok(Response::new(self.rotate_ca_step(&actor, req.get_ref()).await?))
     }
+}
+
+fn policy_problems(problems: &[policy::Problem]) -> Vec<pb::PolicyProblem> {
+    problems.iter().map(|p| pb::PolicyProblem { line: p.line, message: p.kind.to_string() }).collect()
 }
