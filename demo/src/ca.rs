@@ -3,7 +3,6 @@
 //! to it, an agent restarted then reconnects under the new CA, and the old
 //! CA is retired everywhere.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -27,7 +26,7 @@ pub(crate) struct Outcome {
 
 /// The CA pins an agent trusts, from its `control.json`.
 fn pins(gw: &Gateway) -> Vec<String> {
-    let text = std::fs::read_to_string(gw.dir.join("state").join("control.json")).unwrap_or_default();
+    let text = std::fs::read_to_string(gw.state_dir().join("control.json")).unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     v["ca_pins"]
         .as_array()
@@ -39,27 +38,27 @@ fn streams_opened(gw: &Gateway) -> usize {
     std::fs::read_to_string(gw.log()).unwrap_or_default().matches("sync stream open").count()
 }
 
-async fn step(ctl_dir: &Path, step: Step) -> anyhow::Result<pb::CaInfo> {
-    let mut a = control::admin(ctl_dir).await?;
+async fn step(ctl: &control::Control, step: Step) -> anyhow::Result<pb::CaInfo> {
+    let mut a = control::admin(ctl).await?;
     Ok(a.rotate_ca(pb::RotateCaRequest { step: step.into() }).await?.into_inner())
 }
 
-/// Rotates control's CA (its data in `ctl_dir`) with `gateways` connected;
+/// Rotates control's CA  with `gateways` connected;
 /// `gateways[restart]`'s agent is restarted between the switch and the
 /// retirement.
 pub(crate) fn rotate(
     rt: &tokio::runtime::Runtime,
-    ctl_dir: &Path,
+    ctl: &control::Control,
     gateways: &mut [Gateway],
     restart: usize,
 ) -> anyhow::Result<Outcome> {
-    let info = rt.block_on(step(ctl_dir, Step::Begin))?;
+    let info = rt.block_on(step(ctl, Step::Begin))?;
     let new = info.certificates.iter().find(|c| c.role == "next").context("no next CA after begin")?.pin.clone();
     let learned = wait_for("every agent trusts the new CA", Duration::from_secs(15), || {
         gateways.iter().all(|g| pins(g).contains(&new))
     })
     .is_ok();
-    rt.block_on(step(ctl_dir, Step::Switch))?;
+    rt.block_on(step(ctl, Step::Switch))?;
     let gw = &mut gateways[restart];
     let before = streams_opened(gw);
     if let Some(mut a) = gw.agent.take() {
@@ -71,13 +70,13 @@ pub(crate) fn rotate(
         streams_opened(gw) > before
     })
     .is_ok();
-    rt.block_on(step(ctl_dir, Step::Retire))?;
+    rt.block_on(step(ctl, Step::Retire))?;
     let retired = wait_for("every agent trusts the new CA only", Duration::from_secs(15), || {
         gateways.iter().all(|g| pins(g) == [new.clone()])
     })
     .is_ok();
     let online = rt.block_on(async {
-        let mut a = control::admin(ctl_dir).await?;
+        let mut a = control::admin(ctl).await?;
         let nodes = a.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
         anyhow::Ok(nodes.iter().filter(|n| n.online).count())
     })?;

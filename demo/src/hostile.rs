@@ -3,7 +3,6 @@
 //! policy and the gateways keep their streams; a policy built to crash the
 //! parser is refused; admin tokens carry an expiry.
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -107,11 +106,11 @@ fn hex_pin(s: &str) -> anyhow::Result<[u8; 32]> {
 
 /// Runs the hostile-input step: `mallory` (a host on the WAN) floods
 /// control while the policy `policy` is set again and again over the
-/// admin socket in `ctl_dir`.
+/// admin socket of `ctl`.
 pub(crate) fn run(
     rt: &tokio::runtime::Runtime,
     mallory: &Host,
-    ctl_dir: &Path,
+    ctl: &control::Control,
     pin: &[u8; 32],
     policy: &str,
 ) -> anyhow::Result<Outcome> {
@@ -128,7 +127,7 @@ pub(crate) fn run(
     let slowest_write = rt.block_on(async {
         // Let the flood build up, then change the policy during it.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut a = control::admin(ctl_dir).await?;
+        let mut a = control::admin(ctl).await?;
         let mut slowest = Duration::ZERO;
         let mut round = 0;
         while began.elapsed() + Duration::from_millis(700) < FLOOD {
@@ -148,7 +147,7 @@ pub(crate) fn run(
     let flood = FloodCounts { sent: n[0], unauthenticated: n[1], limited: n[2], other: n[3] };
 
     rt.block_on(async {
-        let mut a = control::admin(ctl_dir).await?;
+        let mut a = control::admin(ctl).await?;
         let online =
             a.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes.iter().filter(|n| n.online).count();
         let deep = a

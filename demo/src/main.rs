@@ -10,8 +10,11 @@
 //! non-zero if an expectation fails; without it the lab stays up until
 //! Ctrl-C.
 //!
-//! The gateways run as `mesh-demo agent --config FILE` processes (the same
-//! code as `mesh-agent run`), one per gateway namespace.
+//! It runs the shipped binaries with the files an operator writes: `mesh-control
+//! serve --config control.toml` in the `ctl` namespace, `mesh-agent run
+//! --config agent.toml` in each gateway namespace, `meshctl` to create the
+//! enrollment key and apply `demo/policy.hujson`. Each machine's files sit
+//! under its own directory in the packages' layout (see [`control::Root`]).
 
 mod ca;
 mod control;
@@ -45,12 +48,6 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run one gateway's agent (what the demo starts in each gateway namespace).
-    Agent {
-        /// The agent's configuration.
-        #[arg(long)]
-        config: PathBuf,
-    },
     /// Flood control with wrong enrollment keys (what the demo's `mallory`
     /// host runs), then print the answers' counts.
     Flood {
@@ -106,46 +103,9 @@ impl Region {
     }
 }
 
-fn policy() -> String {
-    let lans: Vec<String> = REGIONS.iter().flat_map(|r| [r.lan(), r.lan6()]).collect();
-    let q = |v: &[String]| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
-    let hosts: Vec<String> = REGIONS
-        .iter()
-        .flat_map(|r| {
-            [
-                format!("\"app-{}\": \"{}/32\"", r.name, r.app()),
-                format!("\"app6-{}\": \"{}/128\"", r.name, r.app6()),
-                format!("\"db-{}\": \"{}/32\"", r.name, r.db()),
-                format!("\"db6-{}\": \"{}/128\"", r.name, r.db6()),
-            ]
-        })
-        .collect();
-    let approvers: Vec<String> = lans.iter().map(|l| format!("\"{l}\": [\"tag:gw\"]")).collect();
-    let apps: Vec<String> =
-        REGIONS.iter().flat_map(|r| [format!("app-{}", r.name), format!("app6-{}", r.name)]).collect();
-    let dbs: Vec<String> =
-        REGIONS.iter().flat_map(|r| [format!("db-{}:5432", r.name), format!("db6-{}:5432", r.name)]).collect();
-    let lan_dsts: Vec<String> = lans.iter().map(|l| format!("{l}:*")).collect();
-    format!(
-        r#"// The demo policy: default deny; app -> db on 5432; ICMP between sites.
-{{
-  "tagOwners": {{"tag:gw": []}},
-  "hosts": {{{hosts}}},
-  "autoApprovers": {{"routes": {{{approvers}}}}},
-  "acls": [
-    {{"action": "accept", "src": [{apps}], "dst": [{dbs}], "proto": "tcp"}},
-    {{"action": "accept", "src": [{lans}], "dst": [{lan_dsts}], "proto": "icmp"}},
-    // The HA check's two-way streams.
-    {{"action": "accept", "src": ["app-nyc", "app6-nyc"], "dst": ["db-fsn:9000", "db6-fsn:9000"], "proto": "tcp"}},
-  ],
-}}"#,
-        hosts = hosts.join(", "),
-        approvers = approvers.join(", "),
-        apps = q(&apps),
-        dbs = q(&dbs),
-        lans = q(&lans),
-        lan_dsts = q(&lan_dsts),
-    )
+/// The demo's policy, a file in the repository.
+fn policy_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policy.hujson")
 }
 
 /// A gateway: its namespace, overlay interface, files and agent process.
@@ -155,7 +115,8 @@ struct Gateway {
     region: usize,
     host: Host,
     ifname: String,
-    dir: PathBuf,
+    /// Its files, in the packages' layout.
+    root: control::Root,
     agent: Option<Process>,
     /// Its IPv6 LAN address (the kernel flushes IPv6 addresses when a link
     /// goes down, so a revived gateway gets it again, as a rebooted one would).
@@ -164,19 +125,28 @@ struct Gateway {
 
 impl Gateway {
     fn config(&self) -> PathBuf {
-        self.dir.join("agent.toml")
+        self.root.etc().join("agent.toml")
+    }
+
+    fn key_file(&self) -> PathBuf {
+        self.root.etc().join("enroll.key")
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.root.var_lib("mesh-agent")
     }
 
     fn log(&self) -> PathBuf {
-        self.dir.join("agent.log")
+        self.root.log("mesh-agent")
     }
 
     fn start(&mut self) -> anyhow::Result<()> {
         let log = File::options().create(true).append(true).open(self.log())?;
-        let exe = std::env::current_exe()?;
-        let mut cmd = self
-            .host
-            .command(exe.to_str().context("exe path")?, ["agent", "--config", self.config().to_str().context("path")?]);
+        let exe = control::bin("mesh-agent")?;
+        let mut cmd = self.host.command(
+            exe.to_str().context("mesh-agent's path")?,
+            ["run", "--config", self.config().to_str().context("path")?],
+        );
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         self.agent = Some(self.host.spawn_command(cmd)?);
         Ok(())
@@ -225,9 +195,12 @@ impl Drop for BpfFs {
     }
 }
 
-fn agent_config(gw: &Gateway, bpf: &Path, key_file: &Path, underlay: &str, r: &Region) -> String {
+/// The `agent.toml` of a lab gateway: what an operator writes for a
+/// gateway (see deploy/config/agent.toml), with the lab's addresses.
+fn agent_config(gw: &Gateway, bpf: &Path, underlay: &str, r: &Region) -> String {
     format!(
-        "interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{state}\"\n\
+        "# mesh-agent on {name} in the demo lab (see deploy/config/agent.toml for every key).\n\
+         interface = \"{ifname}\"\nbackend = \"userspace\"\nlisten_port = 51820\nstate_dir = \"{state}\"\n\
          enforcement = \"ebpf\"\nbpf_pin_dir = \"{bpf}\"\nkeep_dataplane_on_exit = false\n\
          underlay_interface = \"eth0\"\n\
          reconcile_interval_secs = 5\nretry_interval_secs = 0.5\nlog = \"info\"\n\
@@ -242,25 +215,16 @@ fn agent_config(gw: &Gateway, bpf: &Path, key_file: &Path, underlay: &str, r: &R
         vip = r.vip(),
         vip6 = r.vip6(),
         ifname = gw.ifname,
-        state = gw.dir.join("state").display(),
+        state = gw.state_dir().display(),
         bpf = bpf.display(),
         ctl = control::ADDRESS,
-        key = key_file.display(),
+        key = gw.key_file().display(),
         name = gw.name,
     )
 }
 
 fn wait_for(what: &str, timeout: Duration, f: impl FnMut() -> bool) -> anyhow::Result<()> {
     mesh_lab::wait_for(what, timeout, f)?;
-    Ok(())
-}
-
-fn run_agent(config: &Path) -> anyhow::Result<()> {
-    let config = mesh_agent::config::Config::load(config)?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("gotatun=warn,{}", config.log)));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::io::stderr).try_init();
-    mesh_agent::agent::Agent::new(config)?.run()?;
     Ok(())
 }
 
@@ -293,7 +257,6 @@ fn print_probe_matrix(links: &[pb::PeerLink]) {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let result = match &args.cmd {
-        Some(Cmd::Agent { config }) => run_agent(config),
         Some(Cmd::Flood { addr, pin, secs }) => hostile::flood(addr, pin, *secs),
         None => demo(&args),
     };
@@ -325,16 +288,6 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let lab = Lab::new()?;
     let work = tempfile::Builder::new().prefix("mesh-demo").tempdir()?;
-    // Control runs on a thread of this process: its log goes next to the
-    // agents' logs, so a failed check leaves the whole story behind.
-    let control_log = File::create(work.path().join("control.log"))?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_writer(std::sync::Mutex::new(control_log))
-        .try_init();
     println!("== building the lab: 3 regions x (2 gateways, app, db) + control");
     let ctl = lab.host("ctl")?;
     let wan = lab.switch("wan")?;
@@ -358,9 +311,11 @@ fn demo(args: &Args) -> anyhow::Result<()> {
             host.addr("lan0", &format!("198.18.{}.{n}/24", r.octet))?;
             let lan6 = format!("2001:db8:{}::{n}/64", r.octet);
             host.addr("lan0", &lan6)?;
-            let dir = work.path().join(&name);
-            std::fs::create_dir_all(&dir)?;
-            gateways.push(Gateway { name, region: ri, host, ifname: lab.unique_ifname("wg"), dir, agent: None, lan6 });
+            let root = control::Root(work.path().join(&name));
+            for dir in [root.etc(), root.0.join("var/log")] {
+                std::fs::create_dir_all(dir)?;
+            }
+            gateways.push(Gateway { name, region: ri, host, ifname: lab.unique_ifname("wg"), root, agent: None, lan6 });
         }
         for (role, addr, addr6, list) in [("app", r.app(), r.app6(), &mut apps), ("db", r.db(), r.db6(), &mut dbs)] {
             let h = lab.host(&format!("{}_{role}", r.name))?;
@@ -383,25 +338,30 @@ fn demo(args: &Args) -> anyhow::Result<()> {
         mesh_lab::traffic::echo_servers(db, &addrs)?;
     }
 
-    println!("== starting mesh-control at {}", control::ADDRESS);
-    let ctl_dir = work.path().join("control");
-    let _control = control::start(&ctl, &ctl_dir)?;
-    let key = rt.block_on(async {
-        let mut a = control::admin(&ctl_dir).await?;
-        a.set_policy(pb::PolicyDocument { text: policy(), generation: 0 }).await?;
-        let k = a
-            .create_enrollment_key(pb::CreateEnrollmentKeyRequest {
-                reusable: true,
-                preapproved: true,
-                tags: vec!["tag:gw".into()],
-                expires_in_seconds: 3600,
-                description: "demo gateways".into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        anyhow::Ok(k.secret)
-    })?;
+    let policy = policy_file();
+    let policy_text =
+        std::fs::read_to_string(&policy).with_context(|| format!("reading the demo's policy {}", policy.display()))?;
+    println!("== mesh-control serve --config {}", work.path().join("ctl/etc/mesh/control.toml").display());
+    let control = rt.block_on(control::start(&ctl, control::Root(work.path().join("ctl"))))?;
+    let p = policy.to_str().context("policy path")?;
+    println!("== meshctl policy check {p} (offline), then meshctl policy apply");
+    print!("  {}", control.meshctl(["policy", "check", p])?);
+    print!("  {}", control.meshctl(["policy", "apply", p])?);
+    let key = control.meshctl([
+        "--json",
+        "keys",
+        "create",
+        "--reusable",
+        "--preapproved",
+        "--tag",
+        "tag:gw",
+        "--expires",
+        "1h",
+        "--description",
+        "demo gateways",
+    ])?;
+    let key: serde_json::Value = serde_json::from_str(&key).context("meshctl keys create --json")?;
+    let key = key["secret"].as_str().context("no secret from meshctl keys create")?.to_owned();
 
     let bpf = BpfFs::mount()?;
     println!("== enrolling 6 gateways with one enrollment key (eBPF enforcement, userspace WireGuard)");
@@ -412,31 +372,28 @@ fn demo(args: &Args) -> anyhow::Result<()> {
             let underlay = format!("192.0.2.{}{n}", r.octet / 10);
             // One key file per gateway: each agent removes its own once enrolled
             // (0600, or the agent refuses it).
-            let key_file = gw.dir.join("enroll.key");
-            mesh_local::secret_file::write(&key_file, key.as_bytes())?;
-            std::fs::write(gw.config(), agent_config(gw, bpf.0.path(), &key_file, &underlay, r))?;
+            mesh_local::secret_file::write(&gw.key_file(), key.as_bytes())?;
+            std::fs::write(gw.config(), agent_config(gw, bpf.0.path(), &underlay, r))?;
             gw.start()?;
         }
         let want = 6 * usize::from(n);
         wait_for("routes at control", Duration::from_secs(30), || {
             rt.block_on(async {
-                let mut a = control::admin(&ctl_dir).await.ok()?;
+                let mut a = control::admin(&control).await.ok()?;
                 Some(a.list_routes(pb::Empty {}).await.ok()?.into_inner().routes.len())
             }) == Some(want)
         })?;
     }
+    // The first gateway of each site is preferred: `meshctl routes priority`.
+    for r in rt
+        .block_on(async { anyhow::Ok(control::admin(&control).await?.list_routes(pb::Empty {}).await?.into_inner()) })?
+        .routes
+    {
+        let priority = if r.node_name.ends_with("gw1") { "0" } else { "10" };
+        control.meshctl(["routes", "priority", &r.node_id.to_string(), &r.prefix, priority])?;
+    }
     let routes = rt.block_on(async {
-        let mut a = control::admin(&ctl_dir).await?;
-        let routes = a.list_routes(pb::Empty {}).await?.into_inner().routes;
-        for r in &routes {
-            let priority = if r.node_name.ends_with("gw1") { 0 } else { 10 };
-            a.set_route_priority(pb::SetRoutePriorityRequest {
-                route: Some(pb::RouteRef { node_id: r.node_id, prefix: r.prefix.clone() }),
-                priority,
-            })
-            .await?;
-        }
-        anyhow::Ok(a.list_routes(pb::Empty {}).await?.into_inner().routes)
+        anyhow::Ok(control::admin(&control).await?.list_routes(pb::Empty {}).await?.into_inner().routes)
     })?;
     let ok = std::cell::Cell::new(true);
     let check = |what: &str, pass: bool| {
@@ -506,7 +463,7 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     // every gateway sees every other one up (what `meshctl status` shows).
     let links = |rt: &tokio::runtime::Runtime| {
         rt.block_on(async {
-            let st = control::admin(&ctl_dir).await?.get_status(pb::GetStatusRequest {}).await?.into_inner();
+            let st = control::admin(&control).await?.get_status(pb::GetStatusRequest {}).await?.into_inner();
             anyhow::Ok(st.peers)
         })
     };
@@ -543,7 +500,7 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     // Every site prefix has one owner, its primary, holding the address.
     let routes_now = || {
         rt.block_on(async {
-            anyhow::Ok(control::admin(&ctl_dir).await?.list_routes(pb::Empty {}).await?.into_inner().routes)
+            anyhow::Ok(control::admin(&control).await?.list_routes(pb::Empty {}).await?.into_inner().routes)
         })
     };
     let owned = wait_for("one owner per site prefix, its primary", Duration::from_secs(20), || {
@@ -592,7 +549,7 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     println!("== control under hostile input: a flood of wrong enrollment keys from the WAN, a crafted policy");
     let pin =
         mesh_client::enrollment::EnrollmentKeyText::parse(&key).and_then(|k| k.ca_pin).context("the key's pin")?;
-    match hostile::run(&rt, &mallory, &ctl_dir, &pin, &policy()) {
+    match hostile::run(&rt, &mallory, &control, &pin, &policy_text) {
         Ok(h) => {
             let f = &h.flood;
             check(
@@ -619,7 +576,7 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     // The CA rotated under the running mesh.
     println!("== rotating control's CA with the gateways connected: begin, switch, restart gra_gw2's agent, retire");
     let restart = gateways.iter().position(|g| g.name == "gra_gw2").context("gra_gw2")?;
-    match ca::rotate(&rt, &ctl_dir, &mut gateways, restart) {
+    match ca::rotate(&rt, &control, &mut gateways, restart) {
         Ok(o) => {
             check("every agent learned the new CA over its stream", o.learned);
             check("an agent restarted after the switch reconnected under the new CA", o.reconnected);
@@ -673,11 +630,12 @@ fn demo(args: &Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("== the lab is up; explore it (Ctrl-C tears everything down):");
-    println!("  meshctl --socket {} status", ctl_dir.join("admin.sock").display());
-    println!("  meshctl --socket {} routes", ctl_dir.join("admin.sock").display());
+    println!("  meshctl --socket {} status", control.socket().display());
+    println!("  meshctl --socket {} routes", control.socket().display());
+    println!("  control: config {}, log {}", control.config().display(), control.log().display());
     println!("  control metrics: ip netns exec {} curl -s http://{}/metrics", ctl.netns(), control::METRICS);
     for g in &gateways {
-        println!("  {}: ip netns exec {} wg show {}    (log: {})", g.name, g.host.netns(), g.ifname, g.log().display());
+        println!("  {}: config {}, log {}", g.name, g.config().display(), g.log().display());
         println!("      metrics: ip netns exec {} curl -s http://127.0.0.1:9300/metrics", g.host.netns());
     }
     println!("  e.g. ip netns exec {} ping {}", apps[0].netns(), REGIONS[1].db());

@@ -8,6 +8,7 @@
 //! local user can read it in `/proc/<pid>/cmdline`.
 
 mod ca;
+mod policy;
 
 use std::path::PathBuf;
 
@@ -78,7 +79,7 @@ enum Cmd {
     /// The ACL policy.
     Policy {
         #[command(subcommand)]
-        cmd: PolicyCmd,
+        cmd: policy::PolicyCmd,
     },
     /// The audit log.
     Audit {
@@ -179,20 +180,6 @@ enum RouteCmd {
     Approve { node: u64, prefix: String },
     /// Set a route's priority (lower is preferred).
     Priority { node: u64, prefix: String, priority: i32 },
-}
-
-#[derive(Subcommand, Debug)]
-enum PolicyCmd {
-    /// Print the active policy.
-    Get,
-    /// Check a policy file (syntax, names, tests).
-    Validate { file: PathBuf },
-    /// Run a policy file's tests (same check as validate, reports the count).
-    Test { file: PathBuf },
-    /// Show per node which rules a policy file adds and removes.
-    Diff { file: PathBuf },
-    /// Make a policy file the active policy (its tests run first).
-    Apply { file: PathBuf },
 }
 
 fn node_ref(s: &str) -> pb::NodeRef {
@@ -478,14 +465,12 @@ fn parse() -> Cli {
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
-async fn policy_file(path: &PathBuf) -> anyhow::Result<pb::PolicyDocument> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(pb::PolicyDocument { text, generation: 0 })
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = parse();
+    if let Cmd::Policy { cmd: policy::PolicyCmd::Check { file } } = &cli.cmd {
+        return policy::check_offline(file, cli.json);
+    }
     let mut a = connect(&cli).await?;
     let j = cli.json;
     match &cli.cmd {
@@ -642,67 +627,7 @@ async fn main() -> anyhow::Result<()> {
             };
             print_routes(&routes, j);
         }
-        Cmd::Policy { cmd } => match cmd {
-            PolicyCmd::Get => {
-                let p = a.get_policy(pb::Empty {}).await?.into_inner();
-                if j {
-                    println!("{}", json!({"generation": p.generation, "text": p.text}));
-                } else {
-                    print!("{}", p.text);
-                }
-            }
-            PolicyCmd::Validate { file } | PolicyCmd::Test { file } => {
-                let r = a.validate_policy(policy_file(file).await?).await?.into_inner();
-                if j {
-                    let problems: Vec<_> =
-                        r.problems.iter().map(|p| json!({"line": p.line, "message": p.message})).collect();
-                    println!("{}", json!({"ok": r.ok, "tests_passed": r.tests_passed, "problems": problems}));
-                } else if r.ok {
-                    println!("ok: {} test checks passed", r.tests_passed);
-                } else {
-                    for p in &r.problems {
-                        eprintln!("{}:{}: {}", file.display(), p.line, p.message);
-                    }
-                }
-                if !r.ok {
-                    std::process::exit(1);
-                }
-            }
-            PolicyCmd::Diff { file } => {
-                let d = a.diff_policy(policy_file(file).await?).await?.into_inner();
-                if j {
-                    let v: Vec<_> = d
-                        .nodes
-                        .iter()
-                        .map(|n| json!({"node_id": n.node_id, "node": n.node_name, "added": n.added, "removed": n.removed}))
-                        .collect();
-                    println!("{}", serde_json::Value::Array(v));
-                } else if d.nodes.is_empty() {
-                    println!("no node's rules change");
-                } else {
-                    for n in &d.nodes {
-                        println!("{} ({}):", n.node_name, n.node_id);
-                        for r in &n.removed {
-                            println!("  - {r}");
-                        }
-                        for r in &n.added {
-                            println!("  + {r}");
-                        }
-                    }
-                }
-            }
-            PolicyCmd::Apply { file } => {
-                let p = a.set_policy(policy_file(file).await?).await?.into_inner();
-                println!(
-                    "{}",
-                    if j {
-                        json!({"generation": p.generation}).to_string()
-                    } else {
-                        format!("applied: generation {}", p.generation)
-                    }
-                );
-            }
-        },
+        Cmd::Policy { cmd } => policy::run(&mut a, cmd, j).await?,
         Cmd::Audit { action, actor, subject, limit, follow } => {
             let req = pb::ListAuditRequest {
                 after_id: 0,
