@@ -13,7 +13,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",                // ip, tc: the lab and the checks
     "iputils-ping",            // ping through tunnels and policies
     "procps",                  // sysctl inside lab namespaces
-    "nftables",                // the nftables baselines in the acl/guard benchmarks
+    "nftables",                // deploy/nftables checks; the nftables baselines of the acl/guard benchmarks
     "iperf3",                  // throughput benchmarks and traffic in tests
     "wireguard-tools",         // `wg show` against our UAPI socket
     "wireguard-go",            // a peer engine in the tunnel benchmark
@@ -36,6 +36,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     debian_packages()?;
     nextest()?;
     cargo_fuzz()?;
+    node()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -143,6 +144,25 @@ fn cargo_fuzz() -> anyhow::Result<()> {
         "--force",
     ]))
     .context("installing cargo-fuzz")
+}
+
+/// node and npm, for the offline validation of the Kubernetes manifests
+/// (`deploy/k8s/validate`). Debian's when there is none: a node from
+/// elsewhere (with its own npm) is kept, and installing Debian's npm beside
+/// it would conflict.
+fn node() -> anyhow::Result<()> {
+    if probe("node", &["--version"]).is_some() && probe("npm", &["--version"]).is_some() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing node and npm (Debian's nodejs, npm)");
+    cmd::run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))
+        .context("apt-get update")?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "nodejs", "npm"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("installing nodejs and npm")
 }
 
 fn dpkg_installed(package: &str) -> bool {
