@@ -183,10 +183,17 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
     let engine = Engine::new(store.clone(), crate::engine::EngineConfig { clock, ..config.engine() }).await?;
     let authority = tls::Authority::open(&store, &config.data_dir, &config.tls_names, unix_now()).await?;
     let ca_pin = authority.signing_pin();
+    // Both reflection versions: grpcurl and current tools ask v1, Python's
+    // grpcio-reflection and older tools v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(mesh_proto::v1::FILE_DESCRIPTOR_SET)
             .build_v1()
+    };
+    let reflection_v1alpha = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(mesh_proto::v1::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
     };
     let mut tasks = Vec::new();
 
@@ -195,6 +202,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
     let router = Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(reflection()?)
+        .add_service(reflection_v1alpha()?)
         .add_service(AgentServiceServer::new(AgentApi::new(engine.clone()).with_ca(authority.watch())))
         .add_service(AdminServiceServer::new(
             AdminApi::new(engine.clone(), ca_pin, false).with_authority(authority.clone()),
@@ -220,9 +228,9 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         // No token on this socket: 0600 from the start and a peer-uid check
         // (root or our uid) are what keep other local users out.
         let unix = mesh_local::socket::bind_private(path)?;
-        let local = Server::builder().add_service(reflection()?).add_service(AdminServiceServer::new(
-            AdminApi::new(engine.clone(), ca_pin, true).with_authority(authority.clone()),
-        ));
+        let local = Server::builder().add_service(reflection()?).add_service(reflection_v1alpha()?).add_service(
+            AdminServiceServer::new(AdminApi::new(engine.clone(), ca_pin, true).with_authority(authority.clone())),
+        );
         tasks.push(tokio::spawn(async move {
             if let Err(e) = local.serve_with_incoming(unix.into_stream()).await {
                 tracing::error!(error = %e, "admin socket stopped");

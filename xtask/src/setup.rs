@@ -37,6 +37,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     nextest()?;
     cargo_fuzz()?;
     node()?;
+    python_grpc()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -163,6 +164,30 @@ fn node() -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
     .context("installing nodejs and npm")
+}
+
+/// The generic gRPC client of control's reflection test
+/// (mesh-control/tests/generic_client.py): Python grpcio with
+/// grpcio-reflection, from PyPI.
+const PYTHON_GRPC: &[&str] = &["grpcio==1.85.3", "grpcio-reflection==1.85.1", "protobuf==7.36.2"];
+
+fn python_grpc() -> anyhow::Result<()> {
+    let want = PYTHON_GRPC[0].trim_start_matches("grpcio==");
+    let found = probe(
+        "python3",
+        &["-c", "import grpc, grpc_reflection.v1alpha.proto_reflection_descriptor_database; print(grpc.__version__)"],
+    )
+    .unwrap_or_default();
+    if found.trim() == want {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} from PyPI (found grpcio {:?})", PYTHON_GRPC.join(" "), found.trim());
+    cmd::run(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore"])
+            .args(PYTHON_GRPC),
+    )
+    .context("installing Python grpcio and grpcio-reflection (python3 -m pip)")
 }
 
 fn dpkg_installed(package: &str) -> bool {
