@@ -64,8 +64,9 @@ pub(crate) fn init_script(plan: &Plan<'_>) -> String {
         ("proc", "/proc"),
         ("sysfs", "/sys"),
         ("devtmpfs", "/dev"),
+        // No tmpfs on /tmp: the initramfs is already writable RAM, and a
+        // mount there would hide the test binaries of a checkout under /tmp.
         ("tmpfs", "/run"),
-        ("tmpfs", "/tmp"),
         ("bpf", "/sys/fs/bpf"),
     ] {
         let _ = writeln!(w, "mount -t {fs} {fs} {target} || fatal mounting {fs} on {target}");
