@@ -630,8 +630,9 @@ fn demo(args: &Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("== the lab is up; explore it (Ctrl-C tears everything down):");
-    println!("  meshctl --socket {} status", control.socket().display());
-    println!("  meshctl --socket {} routes", control.socket().display());
+    let meshctl = control::bin("meshctl")?;
+    println!("  {} --socket {} status", meshctl.display(), control.socket().display());
+    println!("  {} --socket {} routes", meshctl.display(), control.socket().display());
     println!("  control: config {}, log {}", control.config().display(), control.log().display());
     println!("  control metrics: ip netns exec {} curl -s http://{}/metrics", ctl.netns(), control::METRICS);
     for g in &gateways {
