@@ -4,6 +4,7 @@
 
 mod cmd;
 mod demo;
+mod dist;
 mod fuzz;
 mod postgres;
 mod setup;
@@ -38,6 +39,9 @@ enum Task {
     /// Set up, then build the fuzz targets and run each for a bounded time
     /// from its seed corpus (the fuzz stage of `test`, alone).
     Fuzz(fuzz::Args),
+    /// Set up, then build the release artifacts into dist/: tarballs,
+    /// Debian packages, OCI images, SHA256SUMS (docs/packaging.md).
+    Dist(dist::Args),
 }
 
 #[derive(clap::Args, Debug)]
@@ -63,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(args) => bench(&args),
         Task::Vm(args) => vm::run(&args),
         Task::Fuzz(args) => fuzz::main(&args),
+        Task::Dist(args) => dist::main(&args),
     }
 }
 

@@ -4,7 +4,8 @@
 //! Stages: the workspace's tests under cargo-nextest (unit tests, eBPF
 //! programs through BPF_PROG_TEST_RUN, namespace tests), then the fuzz
 //! targets, each for a bounded time from its seed corpus (see `fuzz`;
-//! `cargo xtask fuzz` runs that stage alone), then the VM stage
+//! `cargo xtask fuzz` runs that stage alone), then the release artifacts
+//! from the debug build, installed and checked (see `dist`), then the VM stage
 //! (the kernel-path tests on a WireGuard kernel, see `vm`), then the demo check
 //! (`cargo xtask demo --check`). All run as root in CI; a root test that
 //! cannot run fails.
@@ -13,7 +14,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::{cmd, demo, fuzz, postgres, setup, vm};
+use crate::{cmd, demo, dist, fuzz, postgres, setup, vm};
 
 /// Options of `cargo xtask test`.
 #[derive(clap::Args, Debug)]
@@ -45,6 +46,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let mut tally = Tally::default();
     nextest(args, &database_url, &mut tally)?;
     fuzz_stage(&mut tally);
+    stage(&mut tally, "dist", dist::check);
     vm_stage(&mut tally);
     if !args.no_demo {
         stage(&mut tally, "demo --check", || demo::run(&demo::Args { check: true }));
