@@ -11,8 +11,9 @@
 //!   the shared libraries it links (see [`image`] for why not static);
 //! - `SHA256SUMS` over all of them.
 //!
-//! The stage builds with `--profile dev`: it reuses the debug build that the
-//! test run has already made, so it compiles nothing.
+//! The stage builds with `--profile dev`: it packages the debug build that
+//! the test run has already made (`cargo build --all-targets`), so it
+//! compiles nothing.
 
 use std::{
     fmt::Write as _,
@@ -100,19 +101,19 @@ fn profile_dir(profile: &str) -> &str {
 fn build(profile: &str, out: &Path) -> anyhow::Result<()> {
     let root = cmd::workspace_root();
     let version = workspace_version()?;
-    // A no-op after the test run's `cargo build --all-targets` for dev.
-    cmd::run(
-        Command::new("cargo").args(["build", "--profile", profile, "-p", "mesh-agent", "-p", "mesh-control"]).args([
-            "-p",
-            "meshctl",
-            "--bin",
-            "mesh-agent",
-            "--bin",
-            "mesh-control",
-            "--bin",
-            "meshctl",
-        ]),
-    )?;
+    let mut cargo = Command::new("cargo");
+    if profile == "dev" {
+        // Exactly the build `cargo xtask test` has made, so a no-op there:
+        // building only the three packages would resolve other features
+        // (control without bench's `test-support`) and recompile and relink
+        // them. Such binaries are fine for a check, never for a release.
+        cargo.args(["build", "--all-targets"]);
+    } else {
+        // The three packages alone: control without `test-support`.
+        cargo.args(["build", "--profile", profile, "-p", "mesh-agent", "-p", "mesh-control", "-p", "meshctl"]);
+        cargo.args(["--bin", "mesh-agent", "--bin", "mesh-control", "--bin", "meshctl"]);
+    }
+    cmd::run(&mut cargo)?;
     let work = work_dir();
     reset_dir(&work)?;
     reset_dir(out)?;
