@@ -462,6 +462,31 @@ mod tests {
         }
     }
 
+    /// The shipped default file (`deploy/config/agent.toml`, installed as
+    /// /etc/mesh/agent.toml) loads with the real loader, and says what the
+    /// built-in defaults are: it differs from them only where its comments
+    /// say so (the metrics endpoint, the placeholder `[control]` table).
+    #[test]
+    fn shipped_default_file() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/config/agent.toml"));
+        let shipped = Config::load(path).unwrap();
+        assert_eq!(shipped.metrics_listen, Some("127.0.0.1:9300".parse().unwrap()));
+        let control = shipped.control.clone().unwrap();
+        assert_eq!(control.address, "control.example.net:7443", "a placeholder, documented as such");
+        assert_eq!(
+            control,
+            ControlConfig {
+                address: control.address.clone(),
+                enrollment_key_file: Some("/etc/mesh/enroll.key".into()),
+                ..ControlConfig::default()
+            }
+        );
+        // The packaged layout (systemd unit, docs/packaging.md) relies on these.
+        assert_eq!(shipped.state_dir, Path::new("/var/lib/mesh-agent"));
+        assert_eq!(shipped.bpf_pin_dir, Path::new("/sys/fs/bpf/mesh"));
+        assert_eq!(Config { metrics_listen: None, control: None, ..shipped }, Config::default());
+    }
+
     #[test]
     fn defaults_and_overrides() {
         let c: Config = toml::from_str("interface = \"wgx\"\nbackend = \"userspace\"\n").unwrap();

@@ -119,6 +119,20 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The shipped default file (`deploy/config/control.toml`, installed as
+    /// /etc/mesh/control.toml) loads with the real loader and sets exactly
+    /// the built-in defaults (compared through `Debug`: `Config` has no
+    /// `PartialEq`), so its comments cannot drift from the code.
+    #[test]
+    fn shipped_default_file() {
+        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/config/control.toml"));
+        let shipped = Config::load(path).unwrap();
+        assert_eq!(format!("{shipped:?}"), format!("{:?}", Config::default()));
+        // The packaged layout (systemd unit, docs/packaging.md) relies on these.
+        assert_eq!(shipped.data_dir, PathBuf::from("/var/lib/mesh-control"));
+        assert_eq!(shipped.admin_socket, Some(PathBuf::from("/run/mesh-control/admin.sock")));
+    }
+
     #[test]
     fn parses_and_checks() {
         let c: Config = toml::from_str("listen = \"127.0.0.1:1\"\nkey_lifetime_days = 30\n").unwrap();

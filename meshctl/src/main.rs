@@ -23,7 +23,7 @@ use serde_json::json;
 pub(crate) type Admin = AdminServiceClient<Authed>;
 
 #[derive(Parser, Debug)]
-#[command(about = "Operate the mesh")]
+#[command(version, about = "Operate the mesh")]
 struct Cli {
     /// Control's gRPC address.
     #[arg(long, env = "MESHCTL_SERVER", default_value = "127.0.0.1:7443")]

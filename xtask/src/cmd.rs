@@ -35,3 +35,16 @@ pub(crate) fn probe(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Runs a command and returns its stdout (stderr shown); a failure names
+/// the command.
+pub(crate) fn output(command: &mut Command) -> anyhow::Result<String> {
+    let line = describe(command);
+    eprintln!("xtask: $ {line}");
+    let out =
+        command.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("could not start `{line}`"))?;
+    if !out.status.success() {
+        bail!("`{line}` failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -5,6 +5,7 @@
 mod cmd;
 mod demo;
 mod deploy;
+mod dist;
 mod fuzz;
 mod postgres;
 mod setup;
@@ -42,6 +43,9 @@ enum Task {
     /// Set up, then check the Kubernetes manifests and the nftables
     /// baseline under deploy/ (the deploy stages of `test`, alone).
     DeployCheck(deploy::Args),
+    /// Set up, then build the release artifacts into dist/: tarballs,
+    /// Debian packages, OCI images, SHA256SUMS (docs/packaging.md).
+    Dist(dist::Args),
 }
 
 #[derive(clap::Args, Debug)]
@@ -68,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Task::Vm(args) => vm::run(&args),
         Task::Fuzz(args) => fuzz::main(&args),
         Task::DeployCheck(args) => deploy::main(&args),
+        Task::Dist(args) => dist::main(&args),
     }
 }
 

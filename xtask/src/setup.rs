@@ -23,6 +23,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",         // the VM with a WireGuard kernel
     "linux-image-cloud-amd64", // that kernel (6.1, WireGuard as a module)
     "busybox-static",          // the VM's initramfs userland
+    "podman",                  // `cargo xtask dist`: the OCI images
+    "buildah",                 // podman build's engine
+    "systemd",                 // systemd-analyze verify / security on the units
 ];
 
 /// The bpf-linker that works with nightly's LLVM here (0.11+ needs a system
@@ -38,6 +41,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     cargo_fuzz()?;
     node()?;
     python_grpc()?;
+    cargo_deb()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -188,6 +192,28 @@ fn python_grpc() -> anyhow::Result<()> {
             .args(PYTHON_GRPC),
     )
     .context("installing Python grpcio and grpcio-reflection (python3 -m pip)")
+}
+
+/// The cargo-deb `cargo xtask dist` was written against (its
+/// `[package.metadata.deb]` keys, its `systemd-units` scripts).
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// cargo-deb, for the Debian packages of `cargo xtask dist`.
+fn cargo_deb() -> anyhow::Result<()> {
+    let version = probe("cargo", &["deb", "--version"]).unwrap_or_default();
+    if version.split_whitespace().any(|w| w == CARGO_DEB_VERSION) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-deb {CARGO_DEB_VERSION} (found: {:?})", version.trim());
+    cmd::run(Command::new("cargo").args([
+        "install",
+        "cargo-deb",
+        "--version",
+        CARGO_DEB_VERSION,
+        "--locked",
+        "--force",
+    ]))
+    .context("installing cargo-deb")
 }
 
 fn dpkg_installed(package: &str) -> bool {

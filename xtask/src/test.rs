@@ -5,7 +5,9 @@
 //! programs through BPF_PROG_TEST_RUN, namespace tests), then the fuzz
 //! targets, each for a bounded time from its seed corpus (see `fuzz`;
 //! `cargo xtask fuzz` runs that stage alone), then the deploy checks (the
-//! Kubernetes manifests and the nftables baseline, see `deploy`), then the VM stage
+//! Kubernetes manifests and the nftables baseline, see `deploy`), then the
+//! release artifacts from the debug build, installed and checked (see
+//! `dist`), then the VM stage
 //! (the kernel-path tests on a WireGuard kernel, see `vm`), then the demo check
 //! (`cargo xtask demo --check`). All run as root in CI; a root test that
 //! cannot run fails.
@@ -14,7 +16,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::{cmd, demo, deploy, fuzz, postgres, setup, vm};
+use crate::{cmd, demo, deploy, dist, fuzz, postgres, setup, vm};
 
 /// Options of `cargo xtask test`.
 #[derive(clap::Args, Debug)]
@@ -48,6 +50,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     fuzz_stage(&mut tally);
     stage(&mut tally, "k8s manifests", deploy::k8s);
     stage(&mut tally, "nftables baseline", deploy::nftables);
+    stage(&mut tally, "dist", dist::check);
     vm_stage(&mut tally);
     if !args.no_demo {
         stage(&mut tally, "demo --check", || demo::run(&demo::Args { check: true }));

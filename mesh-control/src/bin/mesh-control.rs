@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use mesh_control::config::Config;
 
 #[derive(Parser, Debug)]
-#[command(about = "The mesh control plane")]
+#[command(version, about = "The mesh control plane")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
