@@ -26,15 +26,20 @@ pub(crate) const METRICS: &str = "192.0.2.100:9464";
 /// `cargo xtask demo` builds), or in `MESH_BIN_DIR` (e.g. `/usr/bin` after
 /// installing the packages).
 pub(crate) fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let dir = match std::env::var_os("MESH_BIN_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => std::env::current_exe()?.parent().context("mesh-demo's directory")?.to_owned(),
-    };
+    let dir = bin_dir()?;
     let path = dir.join(name);
     if !path.is_file() {
         bail!("{} not found (looked in {}; `cargo xtask demo` builds it, or set MESH_BIN_DIR)", name, dir.display());
     }
     Ok(path)
+}
+
+/// Where the shipped binaries are taken from (see [`bin`]).
+pub(crate) fn bin_dir() -> anyhow::Result<PathBuf> {
+    Ok(match std::env::var_os("MESH_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => std::env::current_exe()?.parent().context("mesh-demo's directory")?.to_owned(),
+    })
 }
 
 /// A machine's root in the lab: its files under the installed layout.

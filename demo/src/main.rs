@@ -341,6 +341,7 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     let policy = policy_file();
     let policy_text =
         std::fs::read_to_string(&policy).with_context(|| format!("reading the demo's policy {}", policy.display()))?;
+    println!("== mesh-control, mesh-agent and meshctl from {}", control::bin_dir()?.display());
     println!("== mesh-control serve --config {}", work.path().join("ctl/etc/mesh/control.toml").display());
     let control = rt.block_on(control::start(&ctl, control::Root(work.path().join("ctl"))))?;
     let p = policy.to_str().context("policy path")?;

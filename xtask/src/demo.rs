@@ -1,6 +1,9 @@
 //! `cargo xtask demo`: set-up, build, and run the demo lab (`mesh-demo`).
 
+use std::path::Path;
 use std::process::Command;
+
+use anyhow::{Context as _, bail};
 
 use crate::{cmd, setup};
 
@@ -11,6 +14,11 @@ pub(crate) struct Args {
     /// fails (part of `cargo xtask test`).
     #[arg(long)]
     pub(crate) check: bool,
+    /// Run mesh-control, mesh-agent and meshctl as installed from the
+    /// Debian packages in DIR (what `cargo xtask dist` writes) instead of
+    /// the build's; `cargo xtask test` runs its demo check this way.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) packages: Option<std::path::PathBuf>,
 }
 
 /// The binaries the demo runs: the shipped ones, built in the demo's
@@ -39,5 +47,29 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     if args.check {
         demo.arg("--check");
     }
+    if let Some(debs) = &args.packages {
+        let root = target.join("demo-packages");
+        install(debs, &root)?;
+        demo.env("MESH_BIN_DIR", root.join("usr/bin"));
+    }
     cmd::run(&mut demo)
+}
+
+/// Unpacks every `.deb` in `debs` into `root` (emptied first): the files
+/// the packages install, at their installed paths under `root`.
+fn install(debs: &Path, root: &Path) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(root);
+    std::fs::create_dir_all(root)?;
+    let mut found = 0;
+    for entry in std::fs::read_dir(debs).with_context(|| format!("reading {}", debs.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "deb") {
+            cmd::run(Command::new("dpkg-deb").arg("-x").arg(&path).arg(root))?;
+            found += 1;
+        }
+    }
+    if found == 0 {
+        bail!("no .deb in {} (cargo xtask dist writes them)", debs.display());
+    }
+    Ok(())
 }

@@ -74,10 +74,14 @@ pub(crate) fn main(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the test stage writes its artifacts (relative to the workspace);
+/// the demo check then runs the packages' binaries from there.
+pub(crate) const CHECK_OUT: &str = "target/dist-check/out";
+
 /// The test stage: dev artifacts under `target/dist-check`, then the checks.
 pub(crate) fn check() -> anyhow::Result<()> {
     let started = Instant::now();
-    let out = cmd::workspace_root().join("target/dist-check/out");
+    let out = cmd::workspace_root().join(CHECK_OUT);
     let result = build("dev", &out).and_then(|()| verify(&out));
     eprintln!("xtask: dist stage took {:.0?}", started.elapsed());
     if result.is_ok() {

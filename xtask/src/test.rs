@@ -53,7 +53,9 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     stage(&mut tally, "dist", dist::check);
     vm_stage(&mut tally);
     if !args.no_demo {
-        stage(&mut tally, "demo --check", || demo::run(&demo::Args { check: true }));
+        // With the binaries the dist stage packaged: the demo checks what ships.
+        let packages = cmd::workspace_root().join(dist::CHECK_OUT);
+        stage(&mut tally, "demo --check", || demo::run(&demo::Args { check: true, packages: Some(packages) }));
     }
 
     eprintln!("xtask: tests took {:.0?}", started.elapsed());
