@@ -28,6 +28,7 @@ use crate::{
     view::NodeView,
     wg::{
         self, BackendKind, Selection, WgError, WireGuard,
+        handshake::HandshakeTimes,
         kernel::KernelWg,
         select::SelectError,
         userspace::{UserspaceOptions, UserspaceWg},
@@ -143,6 +144,8 @@ pub struct Agent {
     applied: Option<NodeView>,
     last_run: Option<LastRun>,
     failures: u32,
+    /// Handshake times, fed at each status read.
+    handshakes: HandshakeTimes,
 }
 
 impl Agent {
@@ -166,7 +169,17 @@ impl Agent {
         };
         let applier = Applier::new(local, wg, Box::new(Rtnl::new()?), enforcer);
         let applied = store.load_applied()?;
-        Ok(Self { config, selection, applier, store, desired: applied.clone(), applied, last_run: None, failures: 0 })
+        Ok(Self {
+            config,
+            selection,
+            applier,
+            store,
+            desired: applied.clone(),
+            applied,
+            last_run: None,
+            failures: 0,
+            handshakes: HandshakeTimes::default(),
+        })
     }
 
     /// The configuration.
@@ -258,10 +271,16 @@ impl Agent {
             peers: vec![],
             observe_error: None,
             dataplane: None,
+            handshakes: None,
         };
         s.dataplane = self.applier.dataplane_stats();
         match self.applier.observe() {
-            Ok(actual) => s.set_actual(&actual, self.desired.as_ref()),
+            Ok(actual) => {
+                s.set_actual(&actual, self.desired.as_ref());
+                let peers = actual.wg.peers.iter().map(|(k, p)| (*k, p.last_handshake));
+                self.handshakes.observe(std::time::SystemTime::now(), peers);
+                s.handshakes = Some(self.handshakes.clone());
+            }
             Err(e) => s.observe_error = Some(e.to_string()),
         }
         s

@@ -199,6 +199,7 @@ fn offline_status(config: &Config) -> anyhow::Result<Status> {
         peers: vec![],
         observe_error: None,
         dataplane: None,
+        handshakes: None,
     })
 }
 

@@ -133,7 +133,7 @@ mod tests {
         },
         reconcile::DataplaneStats,
         status::PeerStatus,
-        wg::{BackendKind, Selection},
+        wg::{BackendKind, Selection, handshake::HandshakeTimes},
     };
 
     fn status() -> Status {
@@ -167,7 +167,17 @@ mod tests {
                 mss: vec![("Clamped".into(), 1)],
                 guard: vec![("Pass".into(), 9)],
             }),
+            handshakes: Some(handshakes()),
         }
+    }
+
+    /// One handshake of peer [7; 32] that took 40 ms after it was due.
+    fn handshakes() -> HandshakeTimes {
+        let t0 = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut h = HandshakeTimes::default();
+        h.observe(t0, [(PublicKey([7; 32]), None)]);
+        h.observe(t0 + Duration::from_secs(1), [(PublicKey([7; 32]), Some(t0 + Duration::from_millis(40)))]);
+        h
     }
 
     fn scrape_text() -> String {
@@ -221,6 +231,7 @@ mod tests {
             "mesh_agent_peer_tx_bytes gauge",
             "mesh_agent_peer_handshake_age_seconds gauge",
             "mesh_agent_peer_last_handshake_seconds gauge",
+            "mesh_agent_handshake_duration_seconds histogram",
             "mesh_agent_acl_verdict_packets_total counter",
             "mesh_agent_acl_rule_packets_total counter",
             "mesh_agent_mss_events_total counter",
@@ -256,6 +267,8 @@ mod tests {
             "mesh_agent_peer_lan_probe_up{peer=\"gwfsn\"} 0\n",
             "mesh_agent_route_owner{prefix=\"198.18.10.0/24\"} 1\n",
             "mesh_agent_probe_requests_answered_total 4\n",
+            "mesh_agent_handshake_duration_seconds_bucket{le=\"0.05\",public_key=\"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\",peer=\"gw\"} 1\n",
+            "mesh_agent_handshake_duration_seconds_count{public_key=\"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\",peer=\"gw\"} 1\n",
         ] {
             assert!(text.contains(sample), "{sample}:\n{text}");
         }

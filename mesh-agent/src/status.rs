@@ -12,7 +12,7 @@ use std::{
 use ipnet::IpNet;
 use mesh_metrics::{
     Label,
-    family::{counters, gauge, gauges},
+    family::{counters, gauge, gauges, histograms},
     prometheus_client::encoding::DescriptorEncoder,
 };
 use serde::{Deserialize, Serialize};
@@ -21,7 +21,7 @@ use crate::{
     keys::PublicKey,
     reconcile::{Actual, DataplaneStats, Report},
     view::NodeView,
-    wg::Selection,
+    wg::{Selection, handshake::HandshakeTimes},
 };
 
 /// The outcome of the last reconcile run.
@@ -90,6 +90,9 @@ pub struct Status {
     /// The eBPF dataplane's counters (none without enforcement).
     #[serde(default)]
     pub dataplane: Option<DataplaneStats>,
+    /// The handshake times of the running agent's peers (metrics only).
+    #[serde(skip)]
+    pub handshakes: Option<HandshakeTimes>,
 }
 
 /// Seconds since the epoch.
@@ -163,7 +166,11 @@ impl Status {
             )?;
         }
         gauge(e, "mesh_agent_peers", "WireGuard peers configured.", self.peers.len() as i64)?;
-        let key = |p: &PeerStatus| [("public_key", Label::new(p.public_key))];
+        // `peer` (the name, as on the probe series) lets Prometheus map
+        // peers to sites; `public_key` identifies peers without a name.
+        let key = |p: &PeerStatus| {
+            [("public_key", Label::new(p.public_key)), ("peer", Label::from(p.name.as_deref().unwrap_or_default()))]
+        };
         gauges(
             e,
             "mesh_agent_peer_rx_bytes",
@@ -189,6 +196,14 @@ impl Status {
             "Time of the last handshake (seconds since the epoch).",
             self.peers.iter().filter_map(|p| Some((key(p), p.last_handshake_unix?))),
         )?;
+        if let Some(h) = &self.handshakes {
+            histograms(
+                e,
+                "mesh_agent_handshake_duration_seconds",
+                "Time from a handshake being due (first contact, or 120 s after the last) until it completed.",
+                self.peers.iter().filter_map(|p| Some((key(p), h.get(&p.public_key)?.buckets()))),
+            )?;
+        }
         if let Some(d) = &self.dataplane {
             let rows = |label: &'static str, rows: &[(String, u64)]| {
                 rows.iter().map(move |(l, v)| ([(label, Label::from(l.as_str()))], *v)).collect::<Vec<_>>()

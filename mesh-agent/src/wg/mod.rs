@@ -12,6 +12,7 @@
 //! [`convert`] for the engines' quirks).
 
 pub mod convert;
+pub mod handshake;
 pub mod kernel;
 pub mod select;
 pub mod userspace;
