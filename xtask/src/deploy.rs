@@ -1,7 +1,10 @@
 //! Checks of what operators deploy beside the binaries: the Kubernetes
-//! manifests (`deploy/k8s/`) and the gateway's nftables baseline
-//! (`deploy/nftables/`). Each is a stage of `cargo xtask test`;
-//! `cargo xtask deploy-check` runs both alone.
+//! manifests (`deploy/k8s/`), the gateway's nftables baseline
+//! (`deploy/nftables/`) and the Prometheus rules and Grafana dashboard
+//! (`deploy/monitoring/`). Each is a stage of `cargo xtask test`;
+//! `cargo xtask deploy-check` runs them alone.
+
+mod monitoring;
 
 use std::{
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -18,11 +21,12 @@ use crate::cmd::{self, workspace_root};
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {}
 
-/// `cargo xtask deploy-check`: both stages, failing on the first.
+/// `cargo xtask deploy-check`: the deploy stages, failing on the first.
 pub(crate) fn main(_args: &Args) -> anyhow::Result<()> {
     crate::setup::run()?;
     k8s().context("k8s manifests")?;
     nftables().context("nftables baseline")?;
+    monitoring().context("monitoring rules")?;
     eprintln!("xtask: deploy checks passed");
     Ok(())
 }
@@ -46,6 +50,14 @@ fn npm_ci(dir: &Path) -> anyhow::Result<()> {
     }
     cmd::run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(dir))?;
     std::fs::write(&stamp, lock).with_context(|| format!("writing {}", stamp.display()))
+}
+
+/// Checks `deploy/monitoring/` with promtool (rules, their unit tests, the
+/// example scrape configuration), proves every alert has a firing and a
+/// non-firing test, and that the rules and the dashboard name only real or
+/// recorded series.
+pub(crate) fn monitoring() -> anyhow::Result<()> {
+    monitoring::check(&workspace_root().join("deploy/monitoring"))
 }
 
 /// The test's underlay: TEST-NET-1 and a documentation /64, on a veth

@@ -40,8 +40,9 @@ enum Task {
     /// Set up, then build the fuzz targets and run each for a bounded time
     /// from its seed corpus (the fuzz stage of `test`, alone).
     Fuzz(fuzz::Args),
-    /// Set up, then check the Kubernetes manifests and the nftables
-    /// baseline under deploy/ (the deploy stages of `test`, alone).
+    /// Set up, then check the Kubernetes manifests, the nftables baseline
+    /// and the monitoring rules under deploy/ (the deploy stages of `test`,
+    /// alone).
     DeployCheck(deploy::Args),
     /// Set up, then build the release artifacts into dist/: tarballs,
     /// Debian packages, OCI images, SHA256SUMS (docs/packaging.md).

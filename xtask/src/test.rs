@@ -50,6 +50,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     fuzz_stage(&mut tally);
     stage(&mut tally, "k8s manifests", deploy::k8s);
     stage(&mut tally, "nftables baseline", deploy::nftables);
+    stage(&mut tally, "monitoring rules", deploy::monitoring);
     stage(&mut tally, "dist", dist::check);
     vm_stage(&mut tally);
     if !args.no_demo {

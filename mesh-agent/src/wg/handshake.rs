@@ -21,7 +21,13 @@
 //! The timestamps are the engine's own, so how often the agent looks (each
 //! status read: scrapes, health reports) does not blur the value; it only
 //! has to be more often than every 120 s, or the handshakes in between go
-//! uncounted. Pure: the caller passes the time and the timestamps.
+//! uncounted. Their resolution is the backend's: nanoseconds from kernel
+//! WireGuard's netlink, but whole seconds from the userspace engine, whose
+//! UAPI reads go through wireguard-control 2.0, which drops
+//! `last_handshake_time_nsec`. With the userspace backend a rekey is thus
+//! measured to the second (one completed within a second of being due
+//! reads 0), and a first contact, timed from an observation, to within a
+//! second. Pure: the caller passes the time and the timestamps.
 
 use std::{
     collections::BTreeMap,
@@ -35,6 +41,13 @@ use crate::keys::PublicKey;
 /// WireGuard's REKEY_AFTER_TIME: the initiator's next handshake is due this
 /// long after the last.
 pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(120);
+
+/// A timestamp within this of the last one is the same handshake read
+/// again: gotatun derives it from the time elapsed since the handshake, so
+/// it moves by microseconds between reads, and by a second when that
+/// crosses a whole second (see the resolution above). WireGuard starts no
+/// new handshake with a peer this soon after one.
+const SAME_HANDSHAKE: Duration = Duration::from_secs(1);
 
 /// Upper bounds of the histogram's buckets (seconds).
 pub const HANDSHAKE_BUCKETS: [f64; 13] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
@@ -76,7 +89,7 @@ impl PeerTimer {
             }
             return None;
         };
-        if self.last.is_some_and(|l| t <= l) {
+        if self.last.is_some_and(|l| t <= l + SAME_HANDSHAKE) {
             return None;
         }
         let waited = t.duration_since(self.due).ok();
@@ -170,6 +183,14 @@ mod tests {
         assert_eq!(count(&t), 0);
         // But it moves the next due time.
         assert_eq!(t.observe(at(200), Some(at(161))), Some(S));
+    }
+
+    #[test]
+    fn the_same_handshake_read_a_second_later_is_not_a_new_one() {
+        let mut t = PeerTimer::new(at(0), Some(at(10)));
+        assert_eq!(t.observe(at(20), Some(at(11))), None);
+        // Still due 120 s after the first reading.
+        assert_eq!(t.observe(at(200), Some(at(131))), Some(S));
     }
 
     #[test]
