@@ -314,6 +314,11 @@ impl Agent {
                 Ok(Command::Status(reply)) => {
                     let _ = reply.send(self.status());
                 }
+                Ok(Command::SetPrivateKey(key, reply)) => {
+                    tracing::info!(public_key = %key.public_key(), "switching to the rotated WireGuard key");
+                    self.applier.set_private_key(key);
+                    let _ = reply.send(self.reconcile().map_err(|e| e.to_string()));
+                }
                 Ok(Command::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if self.desired.is_some() {

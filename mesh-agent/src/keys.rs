@@ -121,7 +121,8 @@ impl SecretKey {
         &self.0
     }
 
-    fn to_base64(&self) -> String {
+    /// The base64 form, as the key file holds it.
+    pub(crate) fn to_base64(&self) -> String {
         STANDARD.encode(self.0)
     }
 }

@@ -19,5 +19,7 @@ pub mod bearer;
 #[cfg(feature = "transport")]
 pub mod channel;
 pub mod enrollment;
+#[cfg(feature = "transport")]
+pub mod key_proof;
 pub mod policy;
 pub mod view;

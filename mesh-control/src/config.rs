@@ -46,6 +46,10 @@ pub struct Config {
     pub hold_down_secs: i64,
     /// Node key lifetime in days (30-180).
     pub key_lifetime_days: i64,
+    /// Ask agents to rotate their WireGuard key when it is this many days
+    /// old (0: only on `meshctl nodes rotate`). Must be shorter than
+    /// `key_lifetime_days` when set.
+    pub key_rotation_days: i64,
     /// Ephemeral nodes offline this many seconds are removed.
     pub ephemeral_offline_secs: i64,
     /// How often to look for changes made by other replicas (milliseconds).
@@ -67,6 +71,7 @@ impl Default for Config {
             mtu: 1280,
             hold_down_secs: 30,
             key_lifetime_days: 90,
+            key_rotation_days: 0,
             ephemeral_offline_secs: 600,
             poll_interval_ms: 500,
             limits: crate::limits::LimitsConfig::default(),
@@ -88,6 +93,12 @@ impl Config {
         if !(30..=180).contains(&self.key_lifetime_days) {
             return Err(ConfigError::Invalid("key_lifetime_days must be 30-180".into()));
         }
+        if self.key_rotation_days != 0 && !(1..self.key_lifetime_days).contains(&self.key_rotation_days) {
+            return Err(ConfigError::Invalid(format!(
+                "key_rotation_days must be 0 (off) or 1-{} (shorter than key_lifetime_days)",
+                self.key_lifetime_days - 1
+            )));
+        }
         if !(576..=9000).contains(&self.mtu) {
             return Err(ConfigError::Invalid("mtu must be 576-9000".into()));
         }
@@ -107,6 +118,7 @@ impl Config {
             mtu: self.mtu,
             hold_down_secs: self.hold_down_secs,
             key_lifetime_secs: self.key_lifetime_days * 86_400,
+            key_rotation_secs: self.key_rotation_days * 86_400,
             ephemeral_offline_secs: self.ephemeral_offline_secs,
             poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
             limits: self.limits.clone(),

@@ -149,6 +149,7 @@ mod tests {
             online: true,
             key_expiry: i64::MAX,
             rotation_requested: false,
+            key_created: 0,
             endpoints: Vec::new(),
             credential_hash: String::new(),
             prev_credential_hash: String::new(),

@@ -128,12 +128,7 @@ async fn a_flood_of_bad_enrollments_stalls_neither_renewals_nor_admin_writes() {
     let mut worst = Duration::ZERO;
     for round in 0..5 {
         let t = Instant::now();
-        let r = agent
-            .client()
-            .renew(pb::RenewRequest { new_wireguard_public_key: Vec::new() })
-            .await
-            .expect("renewal during the flood")
-            .into_inner();
+        let r = agent.client().renew(pb::RenewRequest::default()).await.expect("renewal during the flood").into_inner();
         agent.token = r.credential.unwrap().token;
         let renew = t.elapsed();
         let t = Instant::now();
@@ -339,7 +334,7 @@ async fn a_flapping_gateway_costs_a_bounded_number_of_recomputes() {
 
 /// Renews `agent`'s credential with the token it holds; the new token.
 async fn renew(agent: &SimAgent) -> Result<String, tonic::Status> {
-    let r = agent.client().renew(pb::RenewRequest { new_wireguard_public_key: Vec::new() }).await?.into_inner();
+    let r = agent.client().renew(pb::RenewRequest::default()).await?.into_inner();
     Ok(r.credential.unwrap().token)
 }
 

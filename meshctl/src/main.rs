@@ -242,7 +242,8 @@ fn node_json(n: &pb::Node) -> serde_json::Value {
         "state": state(n), "online": n.online, "ephemeral": n.ephemeral, "key_expiry_unix": n.key_expiry_unix,
         "key_expiring_soon": n.key_expiring_soon, "last_seen_unix": n.last_seen_unix, "endpoints": n.endpoints,
         "advertised_routes": n.advertised_routes, "user": n.user, "acked_generation": n.acked_generation,
-        "view_error": n.view_error, "view_error_generation": n.view_error_generation})
+        "view_error": n.view_error, "view_error_generation": n.view_error_generation,
+        "key_created_unix": n.key_created_unix, "key_rotation_requested": n.key_rotation_requested})
 }
 
 fn print_nodes(nodes: &[pb::Node], json_out: bool) {
@@ -251,7 +252,7 @@ fn print_nodes(nodes: &[pb::Node], json_out: bool) {
         return;
     }
     table(
-        &["ID", "NAME", "IPV4", "IPV6", "TAGS", "STATE", "ONLINE", "KEY EXPIRY", "ROUTES"],
+        &["ID", "NAME", "IPV4", "IPV6", "TAGS", "STATE", "ONLINE", "KEY AGE", "KEY EXPIRY", "ROUTES"],
         nodes
             .iter()
             .map(|n| {
@@ -263,12 +264,29 @@ fn print_nodes(nodes: &[pb::Node], json_out: bool) {
                     n.tags.join(","),
                     state(n),
                     if n.online { "yes" } else { "no" }.into(),
+                    key_age(n),
                     time(n.key_expiry_unix),
                     n.advertised_routes.join(","),
                 ]
             })
             .collect(),
     );
+}
+
+/// How old the node's WireGuard key is ("12d", "5h", "3m"), and whether a
+/// rotation is pending.
+fn key_age(n: &pb::Node) -> String {
+    let age = if n.key_created_unix > 0 {
+        let secs = (chrono::Utc::now().timestamp() - n.key_created_unix).max(0);
+        match secs {
+            s if s >= 86_400 => format!("{}d", s / 86_400),
+            s if s >= 3600 => format!("{}h", s / 3600),
+            s => format!("{}m", s / 60),
+        }
+    } else {
+        "-".into()
+    };
+    if n.key_rotation_requested { format!("{age} (rotating)") } else { age }
 }
 
 fn route_json(r: &pb::Route) -> serde_json::Value {

@@ -101,7 +101,7 @@ impl Credential {
         }
     }
 
-    fn save(&self, path: &Path) -> Result<(), SessionError> {
+    pub(super) fn save(&self, path: &Path) -> Result<(), SessionError> {
         let text = serde_json::to_vec_pretty(self).map_err(|e| SessionError(e.to_string()))?;
         write_atomic(path, &text, 0o600).map_err(err("writing the credential"))
     }

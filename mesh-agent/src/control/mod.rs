@@ -17,6 +17,7 @@ pub mod convert;
 mod credential;
 mod feeder;
 mod report;
+mod rotation;
 mod session;
 
 use std::{

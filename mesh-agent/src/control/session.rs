@@ -23,6 +23,7 @@ use super::{
     feeder::{Feed, Feeder},
     now_secs,
     report::{advertisement, capabilities, failover_report, health_report},
+    rotation,
 };
 use crate::{
     config::{Config, ControlConfig},
@@ -59,6 +60,9 @@ async fn session(
     got_view: &mut bool,
     links: &mut Links,
 ) -> Result<(), SessionError> {
+    // The key file is the truth: a rotation may have replaced the key this
+    // agent started with.
+    let public_key = crate::keys::load_or_generate(&config.private_key_path()).map_or(public_key, |k| k.public_key());
     let mut cred = credential(config, cc, public_key).await?;
     let channel =
         client::connect(&cc.address, &Trust::AnyPin(cred.pins()?)).await.map_err(err("connecting to control"))?;
@@ -94,7 +98,10 @@ async fn session(
         send(pb::sync_request::Msg::Failover(r)).await?;
     }
     let mut current: Option<pb::NodeView> = None;
-    let mut rotation_warned = false;
+    let key_path = config.private_key_path();
+    let mut pending_resolved = false;
+    // A failed rotation is retried, but not more than once a minute.
+    let mut last_rotation: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(cc.health_interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -120,9 +127,18 @@ async fn session(
                 };
                 *got_view = true;
                 let Some(v) = current.as_ref() else { continue };
-                if !rotation_warned && v.self_.as_ref().is_some_and(|m| m.key_rotation_requested) {
-                    rotation_warned = true;
-                    tracing::warn!("control asks for a key rotation; this agent renews its credential but does not rotate its WireGuard key yet");
+                if !pending_resolved && let Some(me) = v.self_.as_ref() {
+                    pending_resolved = true;
+                    rotation::resolve_pending(&key_path, &me.wireguard_public_key, worker).await?;
+                }
+                if v.self_.as_ref().is_some_and(|m| m.key_rotation_requested)
+                    && last_rotation.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                {
+                    last_rotation = Some(Instant::now());
+                    tracing::info!("control asks for a WireGuard key rotation");
+                    if let Err(e) = rotation::rotate(&channel, &mut cred, &cred_path, &key_path, worker).await {
+                        tracing::warn!(error = %e, "key rotation failed; retrying in a minute");
+                    }
                 }
                 let generation = v.generation;
                 let started = Instant::now();

@@ -211,6 +211,12 @@ impl Applier {
         self.wg.ifname()
     }
 
+    /// Uses `key` from the next reconcile on (a key rotation): the device
+    /// gets it because its public key no longer matches.
+    pub fn set_private_key(&mut self, key: crate::keys::SecretKey) {
+        self.local.private_key = key;
+    }
+
     /// This node's public key.
     #[must_use]
     pub fn public_key(&self) -> PublicKey {

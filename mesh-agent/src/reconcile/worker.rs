@@ -23,6 +23,9 @@ pub enum Command {
     Reconcile(oneshot::Sender<Result<Report, String>>),
     /// The status.
     Status(oneshot::Sender<Status>),
+    /// Use this WireGuard private key from now on (a key rotation) and
+    /// reconcile.
+    SetPrivateKey(crate::keys::SecretKey, oneshot::Sender<Result<Report, String>>),
     /// Stop the worker.
     Shutdown,
 }
@@ -42,6 +45,13 @@ impl WorkerHandle {
     pub async fn apply(&self, view: NodeView) -> Result<Report, String> {
         let (reply, rx) = oneshot::channel();
         self.0.send(Command::Apply(Box::new(view), reply)).map_err(|_| "the reconcile thread stopped".to_owned())?;
+        rx.await.map_err(|_| "the reconcile thread stopped".to_owned())?
+    }
+
+    /// Switches the interface to a new private key (a key rotation).
+    pub async fn set_private_key(&self, key: crate::keys::SecretKey) -> Result<Report, String> {
+        let (reply, rx) = oneshot::channel();
+        self.0.send(Command::SetPrivateKey(key, reply)).map_err(|_| "the reconcile thread stopped".to_owned())?;
         rx.await.map_err(|_| "the reconcile thread stopped".to_owned())?
     }
 

@@ -43,6 +43,7 @@ pub fn node(n: &NodeRecord, now: i64, volatile: bool) -> pb::Node {
         ephemeral: n.ephemeral,
         online: volatile && n.online,
         created_unix: n.created,
+        key_created_unix: n.key_created,
         last_seen_unix: if volatile { n.last_seen } else { 0 },
         key_expiry_unix: n.key_expiry,
         key_expiring_soon: volatile && !n.expired(now) && n.key_expiry - now < EXPIRING_SOON_SECS,

@@ -40,6 +40,9 @@ pub struct EngineConfig {
     pub hold_down_secs: i64,
     /// Node key (and credential) lifetime, seconds.
     pub key_lifetime_secs: i64,
+    /// Ask agents to rotate their WireGuard key once it is this old,
+    /// seconds (0: never by age).
+    pub key_rotation_secs: i64,
     /// Ephemeral nodes offline this long are removed, seconds.
     pub ephemeral_offline_secs: i64,
     /// How often to look for changes made by other replicas.
@@ -56,12 +59,22 @@ impl Default for EngineConfig {
             mtu: 1280,
             hold_down_secs: 30,
             key_lifetime_secs: 90 * 86_400,
+            key_rotation_secs: 0,
             ephemeral_offline_secs: 600,
             poll_interval: Duration::from_millis(500),
             clock: Arc::new(SystemClock),
             limits: crate::limits::LimitsConfig::default(),
         }
     }
+}
+
+/// What [`Engine::key_housekeeping`] remembers between looks.
+#[derive(Debug)]
+struct KeyWatch {
+    /// Nodes already seen expired (audited once).
+    expired: std::collections::HashSet<u64>,
+    /// When it last looked (expiries before control started are not audited).
+    last_look: i64,
 }
 
 /// One published generation of a node's view.
@@ -492,6 +505,7 @@ impl Engine {
         let mut last_version = self.lock().snap.version;
         let mut tick = tokio::time::interval(self.cfg.poll_interval);
         let mut last_full = Instant::now();
+        let mut keys = KeyWatch { expired: std::collections::HashSet::new(), last_look: self.now() };
         loop {
             tick.tick().await;
             match self.store.version().await {
@@ -514,7 +528,54 @@ impl Engine {
                     self.recompute(snap);
                 }
                 self.collect_ephemeral().await;
+                self.key_housekeeping(&mut keys).await;
             }
+        }
+    }
+
+    /// Key lifecycle by time alone: asks agents whose WireGuard key is
+    /// older than `key_rotation_secs` to rotate it, and audits keys that
+    /// expired since the last look, recomputing the views so that their
+    /// peers drop them now rather than at the next unrelated change.
+    async fn key_housekeeping(&self, keys: &mut KeyWatch) {
+        let now = self.now();
+        let snap = self.snapshot();
+        let mut expired_now = false;
+        for n in &snap.nodes {
+            if n.expired(now) {
+                if keys.expired.insert(n.id) && n.key_expiry >= keys.last_look {
+                    expired_now = true;
+                    tracing::warn!(node = n.id, name = %n.name, "node key expired: its peers drop it; it must re-enroll");
+                    let after = format!("{{\"key_expiry\":{}}}", n.key_expiry);
+                    if let Err(e) = self
+                        .store
+                        .record_event(
+                            "control",
+                            "node.key_expired",
+                            &format!("node/{}", n.id),
+                            String::new(),
+                            after,
+                            now,
+                        )
+                        .await
+                    {
+                        tracing::warn!(node = n.id, error = %e, "could not audit a key expiry");
+                    }
+                }
+                continue;
+            }
+            keys.expired.remove(&n.id);
+            let rotation = self.cfg.key_rotation_secs;
+            if rotation > 0 && !n.rotation_requested && now - n.key_created >= rotation {
+                tracing::info!(node = n.id, name = %n.name, age_days = (now - n.key_created) / 86_400, "asking for a key rotation by age");
+                if let Err(e) = self.store.request_rotation(n.id, "control:key_rotation_days", now).await {
+                    tracing::warn!(node = n.id, error = %e, "could not request a key rotation");
+                }
+            }
+        }
+        keys.last_look = now;
+        if expired_now && let Err(e) = self.refresh().await {
+            tracing::warn!(error = %e, "refresh after a key expiry failed");
         }
     }
 

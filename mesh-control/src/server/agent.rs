@@ -27,13 +27,60 @@ pub struct AgentApi {
     engine: Arc<Engine>,
     /// The CAs agents must trust, pushed on the Sync stream (capability 4).
     ca: Option<watch::Receiver<Vec<crate::tls::TrustedCa>>>,
+    /// Each node's outstanding key rotation challenge (at most one).
+    challenges: Arc<std::sync::Mutex<std::collections::HashMap<u64, Challenge>>>,
 }
+
+/// A key rotation challenge: control's ephemeral X25519 secret and the
+/// nonce, until answered or [`CHALLENGE_TTL`] has passed.
+#[derive(Debug)]
+struct Challenge {
+    secret: [u8; 32],
+    nonce: [u8; 32],
+    issued: std::time::Instant,
+}
+
+/// How long a key rotation challenge may be answered.
+const CHALLENGE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl AgentApi {
     /// A service over `engine`.
     #[must_use]
-    pub const fn new(engine: Arc<Engine>) -> Self {
-        Self { engine, ca: None }
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine, ca: None, challenges: Arc::default() }
+    }
+
+    /// A fresh challenge for `node`, replacing any earlier one.
+    fn key_challenge(&self, node: u64) -> pb::KeyChallengeResponse {
+        use rand::RngCore as _;
+        let mut c = Challenge { secret: [0; 32], nonce: [0; 32], issued: std::time::Instant::now() };
+        rand::rng().fill_bytes(&mut c.secret);
+        rand::rng().fill_bytes(&mut c.nonce);
+        let resp = pb::KeyChallengeResponse {
+            control_public_key: mesh_client::key_proof::public_key(&c.secret).to_vec(),
+            nonce: c.nonce.to_vec(),
+        };
+        let mut all = self.challenges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.retain(|_, c| c.issued.elapsed() < CHALLENGE_TTL);
+        all.insert(node, c);
+        resp
+    }
+
+    /// Checks a rotation's proof of possession of `new_key` against
+    /// `node`'s challenge, which it uses up either way.
+    fn check_proof(&self, node: u64, new_key: &[u8; 32], req: &pb::RenewRequest) -> Result<(), ApiError> {
+        let c = self.challenges.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&node);
+        let refused = |why: &str| Err(ApiError::PermissionDenied(format!("key rotation refused: {why}")));
+        let Some(c) = c.filter(|c| c.issued.elapsed() < CHALLENGE_TTL) else {
+            return refused("no current challenge from this control (ask KeyChallenge, then Renew within 60 s)");
+        };
+        if req.challenge_nonce != c.nonce {
+            return refused("the proof answers another challenge");
+        }
+        if !mesh_client::key_proof::verify(&c.secret, new_key, node, &c.nonce, &req.key_proof) {
+            return refused("no proof of possession of the new key");
+        }
+        Ok(())
     }
 
     /// Tells agents the CAs to trust, now and whenever `ca` changes.
@@ -204,10 +251,13 @@ impl AgentApi {
         used: CredentialMatch,
         req: pb::RenewRequest,
     ) -> Result<pb::RenewResponse, ApiError> {
-        let new_key = match req.new_wireguard_public_key.len() {
-            0 => None,
-            32 => Some(hex::encode(&req.new_wireguard_public_key)),
-            _ => return Err(ApiError::InvalidArgument("new_wireguard_public_key must be 32 bytes".into())),
+        let new_key = match <[u8; 32]>::try_from(req.new_wireguard_public_key.as_slice()) {
+            _ if req.new_wireguard_public_key.is_empty() => None,
+            Ok(k) => {
+                self.check_proof(node.id, &k, &req)?;
+                Some(hex::encode(k))
+            }
+            Err(_) => return Err(ApiError::InvalidArgument("new_wireguard_public_key must be 32 bytes".into())),
         };
         let (token, hash) = auth::new_credential();
         let node = self.engine.store().renew(node.id, hash, used, new_key, self.engine.now()).await?;
@@ -599,6 +649,14 @@ impl AgentService for AgentApi {
     async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
         let (node, used) = self.authenticate(&req).await?;
         Ok(Response::new(Self::renew(self, node, used, req.into_inner()).await?))
+    }
+
+    async fn key_challenge(
+        &self,
+        req: Request<pb::KeyChallengeRequest>,
+    ) -> Result<Response<pb::KeyChallengeResponse>, Status> {
+        let (node, _) = self.authenticate(&req).await?;
+        Ok(Response::new(Self::key_challenge(self, node.id)))
     }
 
     type SyncStream = SyncStream;

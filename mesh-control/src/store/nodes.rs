@@ -122,8 +122,8 @@ impl Store {
         let state = if key.preapproved { NodeState::Approved } else { NodeState::Pending };
         let id: i64 = sqlx::query(
             "INSERT INTO nodes (name, hostname, public_key, addr_index, tags, owner, state, ephemeral, created, \
-             last_seen, online, key_expiry, rotation_requested, endpoints, credential_hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, 0, $10, 0, $11, $12) RETURNING id",
+             last_seen, online, key_expiry, rotation_requested, endpoints, credential_hash, key_created) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, 0, $10, 0, $11, $12, $9) RETURNING id",
         )
         .bind(&name)
         .bind(&node.hostname)
@@ -219,7 +219,9 @@ impl Store {
         new_public_key: Option<String>,
         now: i64,
     ) -> Result<NodeRecord> {
-        self.update_node(id, &format!("node/{id}"), "node.renew", now, |n| {
+        // A new key is its own audit entry: the rotation operators look for.
+        let action = if new_public_key.is_some() { "node.key_rotated" } else { "node.renew" };
+        self.update_node(id, &format!("node/{id}"), action, now, |n| {
             if used == CredentialMatch::Current {
                 n.prev_credential_hash = std::mem::take(&mut n.credential_hash);
             }
@@ -354,9 +356,14 @@ async fn update_node_in(
     if after == before {
         return Ok(after);
     }
+    if after.public_key != before.public_key {
+        // Whatever changed the key (a rotation, a re-enrollment), its age starts now.
+        after.key_created = now;
+    }
     sqlx::query(
         "UPDATE nodes SET public_key = $2, tags = $3, state = $4, last_seen = $5, online = $6, key_expiry = $7, \
-         rotation_requested = $8, endpoints = $9, credential_hash = $10, prev_credential_hash = $11 WHERE id = $1",
+         rotation_requested = $8, endpoints = $9, credential_hash = $10, prev_credential_hash = $11, \
+         key_created = $12 WHERE id = $1",
     )
     .bind(i(id))
     .bind(&after.public_key)
@@ -369,6 +376,7 @@ async fn update_node_in(
     .bind(json(&after.endpoints))
     .bind(&after.credential_hash)
     .bind(&after.prev_credential_hash)
+    .bind(after.key_created)
     .execute(&mut **tx)
     .await?;
     audit(tx, now, actor, action, &format!("node/{id}"), json(&before), json(&after)).await?;

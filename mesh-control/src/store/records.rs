@@ -56,8 +56,11 @@ pub struct NodeRecord {
     pub online: bool,
     /// Node key and credential expiry, unix seconds.
     pub key_expiry: i64,
-    /// An admin asked the agent to rotate its key.
+    /// An admin (or the automatic rotation) asked the agent to rotate its
+    /// WireGuard key.
     pub rotation_requested: bool,
+    /// When the node's current WireGuard key was set, unix seconds.
+    pub key_created: i64,
     /// Underlay endpoints ("ip:port").
     pub endpoints: Vec<String>,
     /// SHA-256 of the node's credential, hex (never shown).

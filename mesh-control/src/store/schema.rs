@@ -102,6 +102,14 @@ const MIGRATIONS: &[(i64, &str)] = &[
      ALTER TABLE api_tokens ADD COLUMN expires BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE api_tokens ADD COLUMN revoked BIGINT NOT NULL DEFAULT 0;",
     ),
+    (
+        // WireGuard key rotation: when the node's current key was set (its
+        // age, for `meshctl nodes` and automatic rotation). Existing nodes
+        // have had theirs since enrollment.
+        5,
+        "ALTER TABLE nodes ADD COLUMN key_created BIGINT NOT NULL DEFAULT 0;
+     UPDATE nodes SET key_created = created;",
+    ),
 ];
 
 /// Applies the migrations `pool` has not seen yet.
