@@ -63,7 +63,8 @@ pub(crate) fn run(
     let _driver = Kill(Some(driver));
     crate::wait_for("chromedriver", Duration::from_secs(10), || ctl.tcp_listening(DRIVER_PORT))?;
 
-    let names: Vec<String> = gateways.iter().map(|g| g.name.clone()).collect();
+    // Control's node names are DNS labels: `nyc_gw1` enrolls as `nyc-gw1`.
+    let names: Vec<String> = gateways.iter().map(|g| node_name(&g.name)).collect();
     let gw = gateways.iter_mut().find(|g| g.name == victim).with_context(|| format!("no gateway {victim}"))?;
     let screenshot = lab_dir.join("topology.png");
     std::thread::scope(|s| {
@@ -107,6 +108,11 @@ async fn script(
     result
 }
 
+/// The node name a lab gateway enrolls as.
+fn node_name(host: &str) -> String {
+    host.replace('_', "-")
+}
+
 /// `[name, state]` of every gateway the page draws.
 async fn states(c: &Client) -> anyhow::Result<Vec<(String, String)>> {
     let v = c
@@ -147,15 +153,19 @@ async fn steps(
     c.goto(&url).await?;
     c.find(Locator::Css("#token")).await?.send_keys(token).await?;
     c.find(Locator::Css("#sign-in")).await?.click().await?;
-    poll("every gateway drawn and up", Duration::from_secs(20), async || all_up(c, names).await).await?;
+    let ready = poll("every gateway drawn and up", Duration::from_secs(20), async || all_up(c, names).await).await;
+    // The screenshot either way: on a failure it shows what the page saw.
+    std::fs::write(screenshot, c.screenshot().await?)?;
+    if let Err(e) = ready {
+        let seen = states(c).await.unwrap_or_default();
+        return Err(e.context(format!("the page drew {seen:?}; screenshot {}", screenshot.display())));
+    }
     let up = states(c).await?.iter().filter(|(_, s)| s == "up").count();
-    let png = c.screenshot().await?;
-    std::fs::write(screenshot, &png)?;
 
     println!("== kill {} (SIGKILL, links down) and watch the page", gw.name);
     let t = Instant::now();
     gw.kill()?;
-    let victim = gw.name.clone();
+    let victim = node_name(&gw.name);
     let down = poll(&format!("the page to show {victim} down"), Duration::from_secs(15), async || {
         states(c).await.is_ok_and(|s| s.iter().any(|(g, st)| *g == victim && st == "down"))
     })

@@ -42,9 +42,10 @@ function drawTopology(s) {
   const boxes = s.sites.map((site, i) => {
     const a = -Math.PI / 2 + (2 * Math.PI * i) / n;
     const x = cx + R * 1.25 * Math.cos(a), y = cy + R * Math.sin(a);
-    const w = Math.max(150, 95 * site.gateways.length + 40), h = 110;
+    // Room for each gateway's two label lines side by side.
+    const w = Math.max(180, 135 * site.gateways.length + 30), h = 130;
     site.gateways.forEach((g, j) => {
-      pos[g] = [x - w / 2 + 20 + 47 + j * 95, y + 12];
+      pos[g] = [x - w / 2 + 15 + 67 + j * 135, y + 8];
     });
     return { site, x, y, w, h };
   });
@@ -68,7 +69,7 @@ function drawTopology(s) {
     const g = el("svg:g", { class: "site", "data-site": b.site.name });
     g.appendChild(el("svg:rect", { x: b.x - b.w / 2, y: b.y - b.h / 2, width: b.w, height: b.h, rx: 8 }));
     g.appendChild(el("svg:text", { class: "name", x: b.x - b.w / 2 + 8, y: b.y - b.h / 2 + 18 }, b.site.name));
-    g.appendChild(el("svg:text", { x: b.x - b.w / 2 + 8, y: b.y + b.h / 2 - 8, "font-size": 10 }, b.site.prefixes.join("  ")));
+    g.appendChild(el("svg:text", { x: b.x - b.w / 2 + 8, y: b.y - b.h / 2 + 32, "font-size": 10 }, b.site.prefixes.join("  ")));
     svg.appendChild(g);
   }
   svg.appendChild(links);
