@@ -109,11 +109,15 @@ fn config_text(root: &Root) -> String {
          data_dir = \"{data}\"\n\
          admin_socket = \"{sock}\"\n\
          metrics_listen = \"{METRICS}\"\n\
+         # The topology page (plain HTTP, behind an admin token), on the lab's\n\
+         # control address; the demo's browser check opens it.\n\
+         web_listen = \"{web}\"\n\
          # How often control re-evaluates route health, and how long a recovered\n\
          # primary waits before it takes its routes back (the demo's HA check\n\
          # waits for this hold-down).\n\
          poll_interval_ms = 100\n\
          hold_down_secs = 5\n",
+        web = crate::web::LISTEN,
         data = root.var_lib("mesh-control").display(),
         sock = root.run("mesh-control").join("admin.sock").display(),
     )

@@ -21,8 +21,8 @@ mod control;
 mod flood;
 mod ha;
 mod hostile;
-mod rotate;
 mod smoke;
+mod web;
 
 use std::{
     fs::File,
@@ -547,22 +547,35 @@ fn demo(args: &Args) -> anyhow::Result<()> {
         check("the same TCP connections (IPv4 and IPv6) survived all four events, streams intact", true);
     }
 
-    // A WireGuard key rotated under two-way traffic through the gateway.
-    match rotate::run(&rt, &control, &apps[0], &dbs[1], "fsn-gw1") {
-        Ok(o) => {
+    // The topology page in a real browser: every gateway up, then one
+    // killed (a backup: no failover report, only its peers' probes tell).
+    println!("== control's topology page in headless chromium (http://{}/)", web::LISTEN);
+    match web::run(&ctl, &control, &mut gateways, "fsn_gw2", work.path()) {
+        Ok(w) => {
+            let copy = web::artifact_dir().join("topology.png");
+            let copied =
+                std::fs::create_dir_all(web::artifact_dir()).and_then(|()| std::fs::copy(&w.screenshot, &copy));
+            println!(
+                "  screenshot: {} (copy: {})",
+                w.screenshot.display(),
+                match copied {
+                    Ok(_) => copy.display().to_string(),
+                    Err(e) => format!("failed: {e}"),
+                }
+            );
+            check(&format!("signed in with an admin token: {} of 6 gateways drawn and up", w.up), w.up == 6);
             check(
                 &format!(
-                    "key rotation of fsn-gw1 (new key at control after {} ms): longest two-way cut {} ms < {} ms, streams intact",
-                    o.took.as_millis(),
-                    o.cuts.worst().as_millis(),
-                    ha::BOUND.as_millis()
+                    "the page showed killed fsn_gw2 down {} ms after the kill (< {} ms)",
+                    w.down_after.as_millis(),
+                    web::DOWN_BOUND.as_millis()
                 ),
-                o.cuts.worst() < ha::BOUND,
+                w.down_after < web::DOWN_BOUND,
             );
-            check("the rotation is in the audit log (node.key_rotated)", o.audited);
-            check("meshctl nodes shows the new key's age", o.key_age_shown);
+            println!("  every gateway up again on the page {} ms after fsn_gw2's revival", w.up_after.as_millis());
+            check("revoking the token signed the page out", w.revoked_signs_out);
         }
-        Err(e) => check(&format!("the key rotation ran: {e:#}"), false),
+        Err(e) => check(&format!("the topology page check ran: {e:#}"), false),
     }
 
     // Control under hostile input, with the mesh running.

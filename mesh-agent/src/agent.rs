@@ -317,7 +317,14 @@ impl Agent {
                 Ok(Command::SetPrivateKey(key, reply)) => {
                     tracing::info!(public_key = %key.public_key(), "switching to the rotated WireGuard key");
                     self.applier.set_private_key(key);
-                    let _ = reply.send(self.reconcile().map_err(|e| e.to_string()));
+                    // The interface switches with the first view for the new
+                    // key: now if control's push came first, else when it comes.
+                    let ready = self.desired.as_ref().is_some_and(|v| v.validate(&self.applier.public_key()).is_ok());
+                    let _ = reply.send(if ready {
+                        self.reconcile().map(|_| ()).map_err(|e| e.to_string())
+                    } else {
+                        Ok(())
+                    });
                 }
                 Ok(Command::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {

@@ -37,6 +37,10 @@ pub struct Config {
     pub tls_names: Vec<String>,
     /// Prometheus endpoint address (`/metrics`); none to disable.
     pub metrics_listen: Option<SocketAddr>,
+    /// The live topology page ([`crate::web`]), plain HTTP behind an admin
+    /// token; none (the default) to disable. Bind it to localhost or an
+    /// admin network.
+    pub web_listen: Option<SocketAddr>,
     /// Local admin socket (mode 0600, and only root or control's own uid
     /// may connect; no token needed); none to disable.
     pub admin_socket: Option<PathBuf>,
@@ -67,6 +71,7 @@ impl Default for Config {
             tls: true,
             tls_names: Vec::new(),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            web_listen: None,
             admin_socket: Some(PathBuf::from("/run/mesh-control/admin.sock")),
             mtu: 1280,
             hold_down_secs: 30,
@@ -150,6 +155,9 @@ mod tests {
         let c: Config = toml::from_str("listen = \"127.0.0.1:1\"\nkey_lifetime_days = 30\n").unwrap();
         c.check().unwrap();
         assert!(c.tls, "TLS is on by default");
+        assert_eq!(c.web_listen, None, "the web page is opt-in");
+        let c: Config = toml::from_str("web_listen = \"127.0.0.1:8080\"\n").unwrap();
+        assert_eq!(c.web_listen, Some(SocketAddr::from(([127, 0, 0, 1], 8080))));
         let bad: Config = toml::from_str("key_lifetime_days = 200").unwrap();
         assert!(bad.check().is_err());
         assert!(toml::from_str::<Config>("lissen = \"x\"").is_err());

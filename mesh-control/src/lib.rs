@@ -7,7 +7,8 @@
 //! PostgreSQL, audit log), [`auth`] (secrets and their hashes), [`engine`]
 //! (per-node views, deltas, fan-out), [`server`] (the gRPC services),
 //! [`tls`] (control's CA), [`limits`] (rate limits and caps on clients),
-//! [`metrics`], [`config`], [`run`]; with the
+//! [`metrics`], [`web`] (the live topology page), [`config`], [`run`];
+//! with the
 //! `test-support` feature, `sim` (a simulated agent for tests and
 //! benchmarks).
 //!
@@ -45,3 +46,5 @@ pub mod sim;
 pub mod store;
 #[cfg(feature = "server")]
 pub mod tls;
+#[cfg(feature = "server")]
+pub mod web;

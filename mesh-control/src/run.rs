@@ -53,6 +53,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Where `/metrics` listens.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the topology page listens.
+    pub web_addr: Option<SocketAddr>,
     /// Control's CA certificate at start (PEM).
     pub ca_pem: String,
     /// Its SHA-256 pin.
@@ -247,12 +249,25 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         }
         None => None,
     };
+    let web_addr = match config.web_listen {
+        Some(a) => {
+            let l = TcpListener::bind(a).await.map_err(|e| StartError::Io(a.to_string(), e))?;
+            let bound = l.local_addr().ok();
+            // Not the trusted API: every request needs an admin token.
+            let api = AdminApi::new(engine.clone(), ca_pin, false).with_authority(authority.clone());
+            tasks.push(tokio::spawn(crate::web::serve(l, Arc::new(crate::web::Web::new(api)))));
+            tracing::info!(addr = ?bound, "topology page on plain HTTP");
+            bound
+        }
+        None => None,
+    };
     tasks.push(tokio::spawn(engine.clone().run_background()));
     tracing::info!(%addr, store = store.backend(), tls = config.tls, ca_pin = %hex::encode(ca_pin), ca_key = %authority.key_path().display(), "mesh-control running");
     Ok(Running {
         engine,
         addr,
         metrics_addr,
+        web_addr,
         ca_pem: authority.trusted().0.first().map(|t| t.pem.clone()).unwrap_or_default(),
         ca_pin,
         authority,

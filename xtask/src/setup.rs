@@ -26,6 +26,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "podman",                  // `cargo xtask dist`: the OCI images
     "buildah",                 // podman build's engine
     "systemd",                 // systemd-analyze verify / security on the units
+    "chromium",                // the demo's check of control's topology page, headless
+    "chromium-driver",         // chromedriver: the demo drives chromium over WebDriver
 ];
 
 /// The bpf-linker that works with nightly's LLVM here (0.11+ needs a system

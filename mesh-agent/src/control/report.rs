@@ -35,6 +35,15 @@ fn ms(d: Option<Duration>) -> f64 {
     d.map_or(-1.0, |d| d.as_secs_f64() * 1e3)
 }
 
+/// The peers the probes see up: when this set changes, the session reports
+/// at once rather than at the next health tick, so control (and its web
+/// page) learns a gateway died within a probe interval or so, not a whole
+/// `health_interval_secs` later.
+#[must_use]
+pub(super) fn reachable(probes: &ProbeState) -> Vec<u64> {
+    probes.peers.iter().filter(|(_, e)| e.stats.reach() == Reach::Up).map(|(id, _)| *id).collect()
+}
+
 /// The health report from the agent's status and probes: per-peer
 /// handshake age, traffic, probe RTT and loss; the health of the routes
 /// this node advertises; the backend.

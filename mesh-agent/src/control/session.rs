@@ -22,7 +22,7 @@ use super::{
     err,
     feeder::{Feed, Feeder},
     now_secs,
-    report::{advertisement, capabilities, failover_report, health_report},
+    report::{advertisement, capabilities, failover_report, health_report, reachable},
     rotation,
 };
 use crate::{
@@ -104,6 +104,11 @@ async fn session(
     let mut last_rotation: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(cc.health_interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Checks the probes' verdicts between health ticks (cheap: a lock and a
+    // scan of the peers); control's report bucket bounds what this costs it.
+    let mut reach_tick = tokio::time::interval(REACH_CHECK);
+    reach_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported_reach = Vec::new();
     loop {
         let report_now = tokio::select! {
             msg = stream.message() => {
@@ -172,6 +177,10 @@ async fn session(
                 }
                 r.is_some()
             }
+            _ = reach_tick.tick() => {
+                // A peer went down or came back: tell control now.
+                links.probes.lock().map(|p| reachable(&p)).is_ok_and(|r| r != reported_reach)
+            }
             _ = tick.tick() => {
                 if cred.renewal_due(now_secs()) {
                     // A failure is retried at the next tick; the stream goes on.
@@ -195,11 +204,15 @@ async fn session(
                 return Err(SessionError("the reconcile worker stopped".into()));
             };
             let probes = links.probes.lock().map(|p| p.clone()).unwrap_or_default();
+            reported_reach = reachable(&probes);
             let routes = links.routes.borrow_and_update().clone();
             send(pb::sync_request::Msg::Health(health_report(&st, current.as_ref(), &routes, &probes))).await?;
         }
     }
 }
+
+/// How often the session looks for a peer whose reachability flipped.
+const REACH_CHECK: Duration = Duration::from_millis(100);
 
 /// Runs forever: the reachability checks, the prober, the view feeder, and
 /// sessions with control, reconnecting with exponential backoff (capped at

@@ -25,7 +25,9 @@ pub enum Command {
     Status(oneshot::Sender<Status>),
     /// Use this WireGuard private key from now on (a key rotation) and
     /// reconcile.
-    SetPrivateKey(crate::keys::SecretKey, oneshot::Sender<Result<Report, String>>),
+    /// Answers once the key is taken (the interface switches with the
+    /// first view for it).
+    SetPrivateKey(crate::keys::SecretKey, oneshot::Sender<Result<(), String>>),
     /// Stop the worker.
     Shutdown,
 }
@@ -49,7 +51,7 @@ impl WorkerHandle {
     }
 
     /// Switches the interface to a new private key (a key rotation).
-    pub async fn set_private_key(&self, key: crate::keys::SecretKey) -> Result<Report, String> {
+    pub async fn set_private_key(&self, key: crate::keys::SecretKey) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
         self.0.send(Command::SetPrivateKey(key, reply)).map_err(|_| "the reconcile thread stopped".to_owned())?;
         rx.await.map_err(|_| "the reconcile thread stopped".to_owned())?

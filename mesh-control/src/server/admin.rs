@@ -59,7 +59,7 @@ impl AdminApi {
         self.ca.as_ref().map_or(self.ca_pin, |a| a.signing_pin())
     }
 
-    pub(super) fn engine(&self) -> &Engine {
+    pub(crate) fn engine(&self) -> &Engine {
         &self.engine
     }
 
@@ -69,11 +69,23 @@ impl AdminApi {
             return Ok("local-admin".into());
         }
         let token = bearer(req).ok_or(ApiError::Unauthenticated)?;
-        let hash = auth::sha256_hex(token.as_bytes());
-        if let Some(t) = self.engine.store().api_token(&hash, self.engine.now()).await? {
+        self.authorize_token(&token).await
+    }
+
+    /// The actor name for an admin token, or why it is refused: the check
+    /// behind every call with a bearer token, shared with the web page
+    /// ([`crate::web`]) so that both accept exactly the same tokens.
+    pub(crate) async fn authorize_token(&self, token: &str) -> Result<String, ApiError> {
+        self.authorize_token_hash(&auth::sha256_hex(token.as_bytes())).await
+    }
+
+    /// [`Self::authorize_token`] by the token's hash (what a web session
+    /// keeps instead of the token).
+    pub(crate) async fn authorize_token_hash(&self, hash: &str) -> Result<String, ApiError> {
+        if let Some(t) = self.engine.store().api_token(hash, self.engine.now()).await? {
             return Ok(format!("admin:{}", t.id));
         }
-        if self.engine.node_by_credential(&hash).await?.is_some_and(|(n, _)| !n.expired(self.engine.now())) {
+        if self.engine.node_by_credential(hash).await?.is_some_and(|(n, _)| !n.expired(self.engine.now())) {
             return Err(ApiError::PermissionDenied("node credentials cannot use the admin API".into()));
         }
         Err(ApiError::Unauthenticated)
@@ -86,7 +98,8 @@ impl AdminApi {
         })
     }
 
-    fn node_msg(&self, n: &NodeRecord) -> pb::Node {
+    /// A node as `ListNodes` answers it.
+    pub(crate) fn node_msg(&self, n: &NodeRecord) -> pb::Node {
         let mut m = convert::node(n, self.engine.now(), true);
         m.acked_generation = self.engine.acked(n.id);
         m.backend = self.engine.backend(n.id).unwrap_or_default();
@@ -99,7 +112,9 @@ impl AdminApi {
         m
     }
 
-    fn peer_links(&self) -> Vec<pb::PeerLink> {
+    /// Every gateway's latest probe report on every peer, as `GetStatus`
+    /// answers it.
+    pub(crate) fn peer_links(&self) -> Vec<pb::PeerLink> {
         let snap = self.engine.snapshot();
         let name = |id: u64| snap.nodes.iter().find(|n| n.id == id).map(|n| n.name.clone()).unwrap_or_default();
         self.engine
@@ -121,7 +136,8 @@ impl AdminApi {
             .collect()
     }
 
-    fn routes(&self) -> Vec<pb::Route> {
+    /// Every route with its order and owner, as `ListRoutes` answers it.
+    pub(crate) fn routes(&self) -> Vec<pb::Route> {
         let snap = self.engine.snapshot();
         let order = self.engine.route_order();
         let conflicts = route_check::conflicts(&snap);
