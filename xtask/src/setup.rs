@@ -68,18 +68,7 @@ fn nightly_rust_src() -> anyhow::Result<()> {
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
-    let version = probe("bpf-linker", &["--version"]).unwrap_or_default();
-    if version.split_whitespace().any(|w| w == BPF_LINKER_VERSION) {
-        return Ok(());
-    }
-    eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (found: {:?})", version.trim());
-    cmd::run(Command::new("cargo").args([
-        "install",
-        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-        "--locked",
-        "--force",
-    ]))
-    .context("installing bpf-linker")
+    cargo_tool("bpf-linker", BPF_LINKER_VERSION, "bpf-linker", &["--version"])
 }
 
 fn debian_packages() -> anyhow::Result<()> {
@@ -115,13 +104,7 @@ const BENCH_ENGINES: &[(&str, &str, &str)] =
 /// Installs what the benchmarks need beyond the tests' set-up.
 pub(crate) fn bench_tools() -> anyhow::Result<()> {
     for (krate, version, binary) in BENCH_ENGINES {
-        let found = probe(binary, &["--version"]).unwrap_or_default();
-        if found.split_whitespace().any(|w| w == *version) {
-            continue;
-        }
-        eprintln!("xtask: installing {krate} {version} (a baseline engine of the tunnel benchmark)");
-        cmd::run(Command::new("cargo").args(["install", &format!("{krate}@{version}"), "--locked", "--force"]))
-            .with_context(|| format!("installing {krate}"))?;
+        cargo_tool(krate, version, binary, &["--version"])?;
     }
     Ok(())
 }
@@ -139,18 +122,7 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// cargo-fuzz, for the fuzz stage (its targets build on nightly).
 fn cargo_fuzz() -> anyhow::Result<()> {
-    let version = probe("cargo", &["fuzz", "--version"]).unwrap_or_default();
-    if version.split_whitespace().any(|w| w == CARGO_FUZZ_VERSION) {
-        return Ok(());
-    }
-    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (found: {:?})", version.trim());
-    cmd::run(Command::new("cargo").args([
-        "install",
-        &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
-        "--locked",
-        "--force",
-    ]))
-    .context("installing cargo-fuzz")
+    cargo_tool("cargo-fuzz", CARGO_FUZZ_VERSION, "cargo", &["fuzz", "--version"])
 }
 
 /// node and npm, for the offline validation of the Kubernetes manifests
@@ -202,20 +174,19 @@ const CARGO_DEB_VERSION: &str = "3.8.0";
 
 /// cargo-deb, for the Debian packages of `cargo xtask dist`.
 fn cargo_deb() -> anyhow::Result<()> {
-    let version = probe("cargo", &["deb", "--version"]).unwrap_or_default();
-    if version.split_whitespace().any(|w| w == CARGO_DEB_VERSION) {
+    cargo_tool("cargo-deb", CARGO_DEB_VERSION, "cargo", &["deb", "--version"])
+}
+
+/// Installs `krate` at `version` from crates.io (`--locked`) unless
+/// `program probe_args` already prints that version.
+fn cargo_tool(krate: &str, version: &str, program: &str, probe_args: &[&str]) -> anyhow::Result<()> {
+    let found = probe(program, probe_args).unwrap_or_default();
+    if found.split_whitespace().any(|w| w == version) {
         return Ok(());
     }
-    eprintln!("xtask: installing cargo-deb {CARGO_DEB_VERSION} (found: {:?})", version.trim());
-    cmd::run(Command::new("cargo").args([
-        "install",
-        "cargo-deb",
-        "--version",
-        CARGO_DEB_VERSION,
-        "--locked",
-        "--force",
-    ]))
-    .context("installing cargo-deb")
+    eprintln!("xtask: installing {krate} {version} (found: {:?})", found.trim());
+    cmd::run(Command::new("cargo").args(["install", &format!("{krate}@{version}"), "--locked", "--force"]))
+        .with_context(|| format!("installing {krate}"))
 }
 
 fn dpkg_installed(package: &str) -> bool {

@@ -197,8 +197,19 @@ pub(super) async fn credential(
 
 /// Renews the credential with control (same WireGuard key) and stores it.
 pub(super) async fn renew(channel: &Channel, cred: &mut Credential, path: &Path) -> Result<(), SessionError> {
+    renew_with(channel, cred, path, pb::RenewRequest::default()).await
+}
+
+/// Renews the credential with `req` (which may carry a rotated key and its
+/// proof) and stores the new one.
+pub(super) async fn renew_with(
+    channel: &Channel,
+    cred: &mut Credential,
+    path: &Path,
+    req: pb::RenewRequest,
+) -> Result<(), SessionError> {
     let mut client = AgentServiceClient::with_interceptor(channel.clone(), Bearer(Some(cred.token.clone())));
-    let resp = client.renew(pb::RenewRequest::default()).await.map_err(err("renewing the credential"))?.into_inner();
+    let resp = client.renew(req).await.map_err(err("renewing the credential"))?.into_inner();
     let c = resp.credential.ok_or_else(|| SessionError("renewal: no credential in the answer".into()))?;
     cred.token = c.token;
     cred.expires_unix = c.expires_unix;

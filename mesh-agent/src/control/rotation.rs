@@ -22,7 +22,11 @@ use std::path::{Path, PathBuf};
 use mesh_client::{bearer::Bearer, channel::Channel, key_proof};
 use mesh_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
 
-use super::{SessionError, credential::Credential, err, now_secs};
+use super::{
+    SessionError,
+    credential::{Credential, renew_with},
+    err,
+};
 use crate::{keys::SecretKey, reconcile::worker::WorkerHandle};
 
 /// Where a rotation keeps the new key until control has taken it.
@@ -69,20 +73,12 @@ pub(super) async fn rotate(
         .try_into()
         .map_err(|_| SessionError("key challenge: control's key is not 32 bytes".into()))?;
     let proof = key_proof::prove(key.as_bytes(), &control_public, cred.node_id, &challenge.nonce);
-    let resp = client
-        .renew(pb::RenewRequest {
-            new_wireguard_public_key: key.public_key().0.to_vec(),
-            challenge_nonce: challenge.nonce,
-            key_proof: proof.to_vec(),
-        })
-        .await
-        .map_err(err("renewing with the new key"))?
-        .into_inner();
-    let c = resp.credential.ok_or_else(|| SessionError("key rotation: no credential in the answer".into()))?;
-    cred.token = c.token;
-    cred.expires_unix = c.expires_unix;
-    cred.renewed_unix = now_secs();
-    cred.save(cred_path)?;
+    let req = pb::RenewRequest {
+        new_wireguard_public_key: key.public_key().0.to_vec(),
+        challenge_nonce: challenge.nonce,
+        key_proof: proof.to_vec(),
+    };
+    renew_with(channel, cred, cred_path, req).await?;
     let public_key = key.public_key();
     adopt(key_path, key, worker).await?;
     tracing::info!(node = cred.node_id, %public_key, "WireGuard key rotated");
