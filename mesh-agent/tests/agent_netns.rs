@@ -145,6 +145,31 @@ fn two_sites_through_the_userspace_tunnel() {
     wait_for("h1 -> h2 ping after restart", || ping(&h1, "198.18.20.10"));
     tcp_exchange(&h2, &h1, "198.18.20.10:7001");
 
+    // A private key change (a rotation's step) keeps the engine's UDP
+    // socket: gotatun rebuilds its connection on every key change, and a
+    // fresh bind can race the old socket's close (EADDRINUSE), leaving the
+    // engine with no socket. Five changes by hand, each repaired by the
+    // agent: the same socket (inode) throughout, and traffic after.
+    let socket = || {
+        let out = gw1.host.exec("ss", ["-H", "-u", "-l", "-n", "-e", "sport = :51820"]).unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.split_whitespace().find_map(|w| w.strip_prefix("ino:").map(str::to_owned)).unwrap_or_default()
+    };
+    let bound = socket();
+    assert!(!bound.is_empty(), "no socket on 51820: {}", dump(&[&gw1]));
+    let own_key = wg_show(&gw1, "private-key");
+    let scratch = tempfile::tempdir().unwrap();
+    for i in 0..5 {
+        let key = gw1.host.exec("wg", ["genkey"]).unwrap().stdout;
+        let file = scratch.path().join(format!("key{i}"));
+        std::fs::write(&file, key).unwrap();
+        gw1.host.exec("wg", ["set", &gw1.ifname, "private-key", file.to_str().unwrap()]).unwrap();
+        wait_for("the agent restored its key", || wg_show(&gw1, "private-key") == own_key);
+        assert_eq!(socket(), bound, "the key change re-bound the WireGuard socket: {}", dump(&[&gw1]));
+    }
+    wait_for("h1 -> h2 ping after key changes", || ping(&h1, "198.18.20.10"));
+    tcp_exchange(&h2, &h1, "198.18.20.10:7002");
+
     // Re-applying the same view is a no-op.
     let again: serde_json::Value =
         serde_json::from_str(&gw1.apply(&view(o1, &k2, "192.0.2.2:51820", o2, "198.18.20.0/24"))).unwrap();

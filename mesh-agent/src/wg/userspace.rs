@@ -133,11 +133,7 @@ impl UserspaceWg {
             tracing::info!(ifname = %ifname, ?mode, "TUN device open");
             let uapi = uapi::serve(&Path::new(UAPI_DIR).join(format!("{ifname}.sock")))
                 .map_err(|e| format!("UAPI socket: {e}"))?;
-            let udp = udp::GsoUdpFactory {
-                recv_buffer: opts.udp_recv_buffer,
-                send_buffer: opts.udp_send_buffer,
-                gso: opts.udp_gso,
-            };
+            let udp = udp::GsoUdpFactory::new(opts.udp_recv_buffer, opts.udp_send_buffer, opts.udp_gso);
             DeviceBuilder::new()
                 .with_udp(udp)
                 .with_ip_pair(tun_tx, tun_rx)
@@ -196,15 +192,7 @@ impl WireGuard for UserspaceWg {
         if self.running.is_none() || !self.socket_path().exists() {
             return Err(self.engine_err("not running (no UAPI socket)"));
         }
-        let result =
-            convert::update_to_wgc(update).apply(&self.iface, Backend::Userspace).map_err(|e| self.io("apply", e));
-        match (&result, &update.private_key) {
-            (Err(e), Some(key)) => {
-                tracing::warn!(error = %e, "the engine did not take the new private key; re-binding");
-                self.rebind_with(key)
-            }
-            _ => result,
-        }
+        convert::update_to_wgc(update).apply(&self.iface, Backend::Userspace).map_err(|e| self.io("apply", e))
     }
 
     fn shutdown(&mut self, keep: bool) -> Result<(), WgError> {
@@ -215,34 +203,6 @@ impl WireGuard for UserspaceWg {
             tracing::info!(ifname = %self.ifname, "deleted the userspace WireGuard TUN device");
         }
         Ok(())
-    }
-}
-
-impl UserspaceWg {
-    /// Recovers from a private key change whose socket re-bind failed.
-    /// The engine (gotatun) re-binds its UDP port whenever the key changes,
-    /// and the old socket can still hold the port for a moment
-    /// (EADDRINUSE). By then the engine has the key but no socket, and
-    /// setting the same key again does nothing; so set a throwaway key, then
-    /// the real one, each forcing a re-bind, with pauses for the old socket
-    /// to go.
-    fn rebind_with(&self, key: &crate::keys::SecretKey) -> Result<(), WgError> {
-        let set = |k: &crate::keys::SecretKey| {
-            let update = WgUpdate { private_key: Some(k.clone()), ..WgUpdate::default() };
-            convert::update_to_wgc(&update).apply(&self.iface, Backend::Userspace).map_err(|e| self.io("apply", e))
-        };
-        let mut last = Ok(());
-        for attempt in 1..=5u32 {
-            std::thread::sleep(std::time::Duration::from_millis(150 * u64::from(attempt)));
-            let _ = set(&crate::keys::SecretKey::generate());
-            std::thread::sleep(std::time::Duration::from_millis(150));
-            last = set(key);
-            if last.is_ok() {
-                tracing::info!(attempt, "the engine took the new private key after a re-bind");
-                return Ok(());
-            }
-        }
-        last
     }
 }
 

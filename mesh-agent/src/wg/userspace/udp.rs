@@ -37,7 +37,7 @@ const MAX_GSO_BYTES: usize = 65000;
 const MAX_BATCH: usize = 256;
 
 /// Binds [`GsoUdpSend`] sockets.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct GsoUdpFactory {
     /// `SO_RCVBUF(FORCE)`.
     pub recv_buffer: Option<usize>,
@@ -45,13 +45,61 @@ pub struct GsoUdpFactory {
     pub send_buffer: Option<usize>,
     /// Use UDP GSO when the kernel has it.
     pub gso: bool,
+    /// The sockets of the last bind, handed out again while the address
+    /// and mark stay the same: see [`Self::bind`].
+    bound: Option<Bound>,
+}
+
+impl GsoUdpFactory {
+    /// A factory with these socket options.
+    #[must_use]
+    pub fn new(recv_buffer: Option<usize>, send_buffer: Option<usize>, gso: bool) -> Self {
+        Self { recv_buffer, send_buffer, gso, bound: None }
+    }
+}
+
+impl std::fmt::Debug for GsoUdpFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GsoUdpFactory")
+            .field("recv_buffer", &self.recv_buffer)
+            .field("send_buffer", &self.send_buffer)
+            .field("gso", &self.gso)
+            .field("bound_port", &self.bound.as_ref().map(|b| b.key.1))
+            .finish()
+    }
+}
+
+/// Sockets bound for one (address, port, fwmark).
+#[derive(Clone)]
+struct Bound {
+    key: (Option<std::net::IpAddr>, u16, Option<u32>),
+    tx: GsoUdpSend,
+    rx: UdpSocket,
 }
 
 impl UdpTransportFactory for GsoUdpFactory {
     type Send = GsoUdpSend;
     type Recv = UdpSocket;
 
+    /// Binds the WireGuard port, or hands out the sockets already bound to
+    /// it. gotatun rebuilds its connection (and asks for a new bind) on
+    /// every private key change, after stopping the old connection's tasks;
+    /// but the old socket can outlive them for a moment, and the new bind
+    /// then fails with EADDRINUSE, leaving the engine without a socket.
+    /// Keeping the socket across rebuilds makes a key rotation cost no
+    /// re-bind at all, and no datagram queued on the socket is lost.
     async fn bind(&mut self, params: &UdpTransportFactoryParams) -> io::Result<(GsoUdpSend, UdpSocket)> {
+        let key = (params.addr, params.port, params.fwmark);
+        if let Some(b) = &self.bound
+            && params.port != 0
+            && b.key == key
+        {
+            tracing::debug!(port = params.port, "reusing the bound WireGuard UDP socket");
+            return Ok((b.tx.clone(), b.rx.clone()));
+        }
+        // Release the old port before binding another (or the same, after
+        // a change of address or mark).
+        self.bound = None;
         let mut inner = UdpSocketFactory { recv_buffer_size: self.recv_buffer, send_buffer_size: self.send_buffer };
         let (tx, rx) = inner.bind(params).await?;
         let fd = tx.as_fd().as_raw_fd();
@@ -83,7 +131,10 @@ impl UdpTransportFactory for GsoUdpFactory {
                 }
             }
         };
-        Ok((GsoUdpSend { inner: tx, gso: Arc::new(AtomicBool::new(gso)) }, rx))
+        let tx = GsoUdpSend { inner: tx, gso: Arc::new(AtomicBool::new(gso)) };
+        let port = tx.inner.local_addr()?.port();
+        self.bound = Some(Bound { key: (params.addr, port, params.fwmark), tx: tx.clone(), rx: rx.clone() });
+        Ok((tx, rx))
     }
 }
 
