@@ -247,7 +247,7 @@ fn print_probe_matrix(links: &[pb::PeerLink]) {
             let cell = links
                 .iter()
                 .find(|l| l.from_name == *from && l.to_name == *to)
-                .and_then(|l| l.health)
+                .and_then(|l| l.health.as_ref())
                 .map_or_else(|| "-".to_owned(), |h| format!("{:.2}", h.probe_rtt_p50_ms));
             print!(" {cell:>8}");
         }
@@ -472,7 +472,7 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     };
     let all_up = wait_for("every gateway's probes to see every other gateway", Duration::from_secs(20), || {
         links(&rt).is_ok_and(|l| {
-            l.iter().filter(|l| l.health.is_some_and(|h| h.probe_up && h.probe_rtt_p50_ms >= 0.0)).count()
+            l.iter().filter(|l| l.health.as_ref().is_some_and(|h| h.probe_up && h.probe_rtt_p50_ms >= 0.0)).count()
                 >= gateways.len() * (gateways.len() - 1)
         })
     })
@@ -565,6 +565,13 @@ fn demo(args: &Args) -> anyhow::Result<()> {
                 }
             );
             check(&format!("signed in with an admin token: {} of 6 gateways drawn and up", w.up), w.up == 6);
+            check(
+                &format!(
+                    "the peers table: {} of {} gateway pairs show the endpoint in use, a handshake and bytes both ways",
+                    w.paths.1, w.paths.0
+                ),
+                w.paths.0 > 0 && w.paths.1 == w.paths.0,
+            );
             check(
                 &format!(
                     "the page showed killed fsn_gw2 down {} ms after the kill (< {} ms)",

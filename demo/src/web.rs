@@ -40,6 +40,9 @@ pub(crate) struct Outcome {
     pub(crate) up_after: Duration,
     /// After the token's revocation the page showed its login form.
     pub(crate) revoked_signs_out: bool,
+    /// Rows of the peers table, and how many show an endpoint on the
+    /// WireGuard port, a handshake and bytes both ways.
+    pub(crate) paths: (usize, usize),
 }
 
 /// Runs the check; `victim` is killed and revived.
@@ -125,6 +128,26 @@ async fn states(c: &Client) -> anyhow::Result<Vec<(String, String)>> {
     Ok(serde_json::from_value(v)?)
 }
 
+/// The peers table: (rows, rows with an endpoint on port 51820, a
+/// handshake, and bytes received and sent).
+async fn paths(c: &Client) -> anyhow::Result<(usize, usize)> {
+    let v = c
+        .execute(
+            "return Array.from(document.querySelectorAll('#links tbody tr'))\
+             .map(tr => Array.from(tr.cells).map(td => td.textContent));",
+            vec![],
+        )
+        .await?;
+    let rows: Vec<Vec<String>> = serde_json::from_value(v)?;
+    let good = rows
+        .iter()
+        .filter(|r| {
+            r.len() == 7 && r[2].ends_with(":51820") && r[3] != "never" && r[4] != "0 B" && r[5] != "0 B"
+        })
+        .count();
+    Ok((rows.len(), good))
+}
+
 async fn all_up(c: &Client, names: &[String]) -> bool {
     states(c).await.is_ok_and(|s| names.iter().all(|n| s.iter().any(|(g, st)| g == n && st == "up")))
 }
@@ -161,6 +184,7 @@ async fn steps(
         return Err(e.context(format!("the page drew {seen:?}; screenshot {}", screenshot.display())));
     }
     let up = states(c).await?.iter().filter(|(_, s)| s == "up").count();
+    let paths = paths(c).await?;
 
     println!("== kill {} (SIGKILL, links down) and watch the page", gw.name);
     let t = Instant::now();
@@ -185,7 +209,7 @@ async fn steps(
     })
     .await
     .is_ok();
-    Ok(Outcome { up, screenshot: screenshot.to_owned(), down_after, up_after, revoked_signs_out })
+    Ok(Outcome { up, screenshot: screenshot.to_owned(), down_after, up_after, revoked_signs_out, paths })
 }
 
 /// Stops chromedriver (and so its browser) when the check ends.

@@ -204,9 +204,12 @@ impl Agent {
     }
 
     /// Makes `view` the desired state and reconciles. A view older than the
-    /// current desired one (same control, lower generation) is refused.
+    /// current desired one (same epoch, lower generation) is refused; a view
+    /// of another epoch (a new stream's snapshot) replaces it whatever its
+    /// generation.
     pub fn apply(&mut self, view: NodeView) -> Result<Report, String> {
         if let Some(d) = &self.desired
+            && view.epoch == d.epoch
             && view.generation != 0
             && view.generation < d.generation
         {

@@ -229,6 +229,7 @@ mod tests {
             "mesh_agent_peers gauge",
             "mesh_agent_peer_rx_bytes gauge",
             "mesh_agent_peer_tx_bytes gauge",
+            "mesh_agent_peer_endpoint_info gauge",
             "mesh_agent_peer_handshake_age_seconds gauge",
             "mesh_agent_peer_last_handshake_seconds gauge",
             "mesh_agent_handshake_duration_seconds histogram",

@@ -183,6 +183,15 @@ impl Status {
             "Bytes sent to the peer.",
             self.peers.iter().map(|p| (key(p), p.tx_bytes)),
         )?;
+        gauges(
+            e,
+            "mesh_agent_peer_endpoint_info",
+            "The peer's endpoint in use (1; the endpoint label changes when the peer roams).",
+            self.peers.iter().filter_map(|p| {
+                let [k, n] = key(p);
+                Some(([k, n, ("endpoint", Label::new(p.endpoint?))], 1i64))
+            }),
+        )?;
         let now = unix_now();
         gauges(
             e,

@@ -21,9 +21,17 @@ pub const DEFAULT_MTU: u32 = 1420;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeView {
-    /// Generation of this view at control (monotonic); 0 for a hand-written view.
+    /// Generation of this view at control (monotonic within one epoch); 0
+    /// for a hand-written view.
     #[serde(default)]
     pub generation: u64,
+    /// The stream from control this view came in (a random number per
+    /// stream; 0 for a hand-written view). Generations order views only
+    /// within one epoch: another replica, or control restarted with its
+    /// clock set back, numbers its views from elsewhere, and the first
+    /// snapshot of each stream is control's whole current state.
+    #[serde(default)]
+    pub epoch: u64,
     /// The node's own public key as registered at control. When present it
     /// must match the local private key (a view meant for another node is
     /// refused).
@@ -192,6 +200,7 @@ mod tests {
         };
         let v = NodeView {
             generation: 1,
+            epoch: 0,
             public_key: None,
             addresses: vec![],
             mtu: DEFAULT_MTU,

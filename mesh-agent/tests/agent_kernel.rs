@@ -76,6 +76,7 @@ fn forced_kernel_fails_clearly(lab: &Lab, host: &Host) {
 fn view(own: &str, peer: &PeerView, routes: &[&str]) -> NodeView {
     NodeView {
         generation: 1,
+        epoch: 0,
         public_key: None,
         addresses: vec![own.parse().unwrap()],
         mtu: DEFAULT_MTU,

@@ -25,6 +25,7 @@ fn view() -> NodeView {
     };
     NodeView {
         generation: 7,
+        epoch: 0,
         public_key: None,
         addresses: vec!["100.64.0.1/32".parse().unwrap()],
         mtu: DEFAULT_MTU,

@@ -209,8 +209,14 @@ fn agents_follow_control_and_survive_its_restart() {
             admin(ctl_dir.path()).await.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner()
         });
         st.peers.iter().any(|l| {
-            let h = l.health.unwrap_or_default();
-            l.from_name == "gwnyc" && l.to_name == "gwfsn" && h.probe_up && h.probe_rtt_p50_ms >= 0.0
+            let h = l.health.clone().unwrap_or_default();
+            // The path facts: the endpoint nyc's WireGuard sends fsn's packets to.
+            l.from_name == "gwnyc"
+                && l.to_name == "gwfsn"
+                && h.probe_up
+                && h.probe_rtt_p50_ms >= 0.0
+                && h.endpoint == "192.0.2.2:51820"
+                && h.rx_bytes > 0
         })
     });
     let nodes = rt.block_on(async {
@@ -377,5 +383,91 @@ fn an_agent_without_probes_still_follows_control() {
     });
     assert!(logs().contains("no health probes"), "{}", logs());
     g.stop();
+    control.stop();
+}
+
+/// Control's clock, `behind` seconds behind the wall clock: a control that
+/// restarted after its clock stepped back (or another replica, started
+/// earlier) numbers its views below what the agents already applied.
+#[derive(Debug)]
+struct Behind(i64);
+
+impl mesh_control::engine::Clock for Behind {
+    fn now(&self) -> i64 {
+        chrono_now() - self.0
+    }
+}
+
+/// Generations order views within one stream only: after control restarts
+/// with its clock set back two minutes, its generations are lower than
+/// those the agents applied, and the agents still take its views, including
+/// a removal (a revocation must never be left unapplied).
+#[test]
+fn agents_take_views_from_a_control_whose_generations_went_back() {
+    mesh_lab::require_root!();
+    const NO_PROBES: Tuning = Tuning { metrics_listen: None, health_interval_secs: 1.0, extra: "[probe]\nport = 0\n" };
+    let lab = Lab::new().unwrap();
+    let ctl = lab.host("ctl").unwrap();
+    let wan = lab.switch("wan").unwrap();
+    let mut hosts = Vec::new();
+    for (name, a) in [("ctl", "192.0.2.100"), ("gwnyc", "192.0.2.1"), ("gwfsn", "192.0.2.2")] {
+        let h = if name == "ctl" { ctl.clone() } else { lab.host(name).unwrap() };
+        wan.plug(&h, "eth0").unwrap();
+        h.addr("eth0", &format!("{a}/24")).unwrap();
+        hosts.push(h);
+    }
+    let ctl_dir = tempfile::tempdir().unwrap();
+    let mut control = Control::start(&ctl, ctl_dir.path(), 2);
+    let rt = rt();
+    let (k_nyc, k_fsn) = rt.block_on(async {
+        let mut a = admin(ctl_dir.path()).await;
+        a.set_policy(pb::PolicyDocument { text: POLICY_V1.into(), generation: 0 }).await.unwrap();
+        (gateway_key(&mut a, false).await, gateway_key(&mut a, false).await)
+    });
+    let bpf = BpfFs::mount();
+    let if_nyc = lab.unique_ifname("wg");
+    let mut nyc =
+        Gateway::new(hosts[1].clone(), &if_nyc, bpf.0.path(), &k_nyc, "192.0.2.1", &["198.18.10.0/24"], &NO_PROBES);
+    let mut fsn = Gateway::new(
+        hosts[2].clone(),
+        &lab.unique_ifname("wg"),
+        bpf.0.path(),
+        &k_fsn,
+        "192.0.2.2",
+        &["198.18.20.0/24"],
+        &NO_PROBES,
+    );
+    nyc.start();
+    fsn.start();
+    let log = nyc.dir.path().join("agent.log");
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let peers = || {
+        // Fails (no lines) until the agent has made its interface.
+        let out = nyc.host.exec_unchecked("wg", ["show", &if_nyc, "peers"]).unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    let nodes = || {
+        rt.block_on(async {
+            admin(ctl_dir.path()).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
+        })
+    };
+    wait_for("nyc has fsn as its peer", &logs, || peers() == 1);
+    let before = nyc.status_json()["applied_generation"].as_u64().unwrap();
+
+    control.stop();
+    let mut control = Control::start_with_clock(&ctl, ctl_dir.path(), 2, std::sync::Arc::new(Behind(120)));
+    // The new control's first views are numbered below `before`, and nyc
+    // applies and acknowledges them.
+    wait_for("nyc acknowledges the restarted control's lower generation", &logs, || {
+        nodes().iter().any(|n| n.name == "gwnyc" && n.acked_generation > 0 && n.acked_generation < before)
+    });
+    let fsn_id = nodes().iter().find(|n| n.name == "gwfsn").unwrap().id;
+    rt.block_on(async {
+        admin(ctl_dir.path()).await.remove_node(pb::NodeRef { id: fsn_id, name: String::new() }).await.unwrap()
+    });
+    wait_for("nyc drops the removed fsn", &logs, || peers() == 0);
+    assert!(!logs().contains("refusing generation"), "{}", logs());
+    fsn.stop();
+    nyc.stop();
     control.stop();
 }

@@ -28,6 +28,9 @@ pub const HA_GATEWAYS: u32 = 3;
 /// Agents take the CAs to trust from the Sync stream (`TrustedCas`).
 pub const CA_ROTATION: u32 = 4;
 
+/// Agents report each peer's endpoint in use (`PeerHealth.endpoint`).
+pub const PATH_FACTS: u32 = 5;
+
 /// The version a peer reported. Capabilities came with version 1, so a
 /// sender without them speaks 1.
 #[must_use]
@@ -50,6 +53,11 @@ pub fn health(version: u32, mut report: pb::HealthReport) -> pb::HealthReport {
         // version-1 agent has none.
         report.peers.clear();
         report.backend.clear();
+    }
+    if version < PATH_FACTS {
+        for p in &mut report.peers {
+            p.endpoint.clear();
+        }
     }
     if version < HA_GATEWAYS {
         // The gateway holds no site address: it owns no site.
@@ -81,7 +89,13 @@ mod tests {
 
     fn report() -> pb::HealthReport {
         pb::HealthReport {
-            peers: vec![pb::PeerHealth { node_id: 2, probe_up: true, probe_rtt_ms: 1.5, ..Default::default() }],
+            peers: vec![pb::PeerHealth {
+                node_id: 2,
+                probe_up: true,
+                probe_rtt_ms: 1.5,
+                endpoint: "192.0.2.2:51820".into(),
+                ..Default::default()
+            }],
             routes: vec![pb::RouteHealth {
                 prefix: "198.18.10.0/24".into(),
                 healthy: true,
@@ -112,7 +126,10 @@ mod tests {
 
     #[test]
     fn health_keeps_what_the_version_defines() {
-        assert_eq!(health(3, report()), report());
+        assert_eq!(health(5, report()), report());
+        let v4 = health(4, report());
+        assert_eq!(v4.peers[0].endpoint, "", "the endpoint is version 5");
+        assert!(v4.peers[0].probe_up);
         let v2 = health(2, report());
         assert_eq!((v2.peers.len(), v2.backend.as_str()), (1, "userspace"));
         assert_eq!((v2.routes[0].owner, v2.routes[0].owner_since_unix), (false, 0));

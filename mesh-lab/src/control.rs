@@ -21,6 +21,16 @@ impl ControlInNs {
     /// Starts control with `config` inside `host`'s namespace and waits
     /// until it serves.
     pub fn start(host: &Host, config: mesh_control::config::Config) -> Result<Self> {
+        Self::start_with_clock(host, config, std::sync::Arc::new(mesh_control::engine::SystemClock))
+    }
+
+    /// [`Self::start`], with control's engine reading the time from `clock`
+    /// (a test sets it back, as after a clock step).
+    pub fn start_with_clock(
+        host: &Host,
+        config: mesh_control::config::Config,
+        clock: std::sync::Arc<dyn mesh_control::engine::Clock>,
+    ) -> Result<Self> {
         let host = host.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -43,7 +53,7 @@ impl ControlInNs {
                     }
                 };
                 rt.block_on(async move {
-                    match mesh_control::run::start(&config).await {
+                    match mesh_control::run::start_with_clock(&config, clock).await {
                         Ok(running) => {
                             let _ = ready_tx.send(Ok(()));
                             let _ = stopped.await;

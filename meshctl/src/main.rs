@@ -346,6 +346,18 @@ fn print_routes(routes: &[pb::Route], json_out: bool) {
     );
 }
 
+/// A byte count as text with a binary unit ("1.5 MiB").
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
 /// Milliseconds as text, "-" when unknown (negative).
 fn millis(v: f64) -> String {
     if v < 0.0 { "-".into() } else { format!("{v:.2}") }
@@ -359,11 +371,12 @@ fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_o
             .peers
             .iter()
             .map(|l| {
-                let h = l.health.unwrap_or_default();
+                let h = l.health.clone().unwrap_or_default();
                 json!({"from": l.from_name, "from_id": l.from_node, "to": l.to_name, "to_id": l.to_node,
                     "rtt_ms": h.probe_rtt_ms, "rtt_p50_ms": h.probe_rtt_p50_ms, "rtt_p95_ms": h.probe_rtt_p95_ms,
                     "loss": h.probe_loss, "up": h.probe_up, "handshake_age_ms": h.handshake_age_ms,
-                    "rx_bytes": h.rx_bytes, "tx_bytes": h.tx_bytes, "report_age_secs": l.report_age_secs})
+                    "rx_bytes": h.rx_bytes, "tx_bytes": h.tx_bytes, "endpoint": h.endpoint,
+                    "report_age_secs": l.report_age_secs})
             })
             .collect();
         let nodes: Vec<_> = nodes
@@ -426,11 +439,11 @@ fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_o
     print_routes(routes, false);
     println!();
     table(
-        &["FROM", "TO", "UP", "RTT ms", "P50 ms", "P95 ms", "LOSS", "HANDSHAKE", "REPORTED"],
+        &["FROM", "TO", "UP", "RTT ms", "P50 ms", "P95 ms", "LOSS", "HANDSHAKE", "ENDPOINT", "RX", "TX", "REPORTED"],
         s.peers
             .iter()
             .map(|l| {
-                let h = l.health.unwrap_or_default();
+                let h = l.health.clone().unwrap_or_default();
                 let handshake =
                     if h.handshake_age_ms < 0 { "never".into() } else { format!("{}s ago", h.handshake_age_ms / 1000) };
                 vec![
@@ -442,6 +455,9 @@ fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_o
                     millis(h.probe_rtt_p95_ms),
                     format!("{:.0}%", h.probe_loss * 100.0),
                     handshake,
+                    if h.endpoint.is_empty() { "-".into() } else { h.endpoint.clone() },
+                    bytes(h.rx_bytes),
+                    bytes(h.tx_bytes),
                     format!("{}s ago", l.report_age_secs),
                 ]
             })

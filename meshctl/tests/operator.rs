@@ -211,6 +211,7 @@ async fn probe_reports_status_and_failover_audit() {
             probe_up: true,
             rx_bytes: 10,
             tx_bytes: 20,
+            endpoint: "192.0.2.2:51820".into(),
         }],
         backend: "userspace".into(),
         ..Default::default()
@@ -242,7 +243,7 @@ async fn probe_reports_status_and_failover_audit() {
 
     let st = a.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
     let link = st.peers.iter().find(|l| l.from_name == "gw-1" && l.to_name == "gw-2").expect("gw-1 -> gw-2");
-    assert_eq!(link.health.unwrap().probe_rtt_p95_ms, 3.5);
+    assert_eq!(link.health.as_ref().unwrap().probe_rtt_p95_ms, 3.5);
     let nodes = a.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
     assert_eq!(nodes.iter().find(|n| n.name == "gw-1").unwrap().backend, "userspace");
     assert_eq!(nodes.iter().find(|n| n.name == "gw-2").unwrap().backend, "", "gw-2 reported nothing");
@@ -250,12 +251,13 @@ async fn probe_reports_status_and_failover_audit() {
     // What an operator sees.
     let text = meshctl(dir.path(), &["status"]).await;
     let row = text.lines().find(|l| l.starts_with("gw-1 ") && l.contains("gw-2")).unwrap_or_default();
-    for cell in ["yes", "1.50", "1.25", "3.50", "25%", "4s ago"] {
+    for cell in ["yes", "1.50", "1.25", "3.50", "25%", "4s ago", "192.0.2.2:51820", "10 B", "20 B"] {
         assert!(row.contains(cell), "{cell} missing in {row:?}\n{text}");
     }
     assert!(text.lines().any(|l| l.starts_with("gw-1 (") && l.contains("userspace")), "{text}");
     let v: serde_json::Value = serde_json::from_str(&meshctl(dir.path(), &["--json", "status"]).await).unwrap();
     assert_eq!(v["peers"][0]["loss"], 0.25, "{v}");
+    assert_eq!(v["peers"][0]["endpoint"], "192.0.2.2:51820", "{v}");
 
     // A malformed prefix: the stream ends with an error naming it.
     let mut s2 = gw2.sync().await.unwrap();

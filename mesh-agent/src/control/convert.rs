@@ -124,6 +124,8 @@ pub fn node_view(v: &pb::NodeView, local: &Local) -> Result<NodeView, ConvertErr
     }
     Ok(NodeView {
         generation: v.generation,
+        // Set by the feeder: the stream's epoch.
+        epoch: 0,
         public_key: Some(key(&me.wireguard_public_key, "self")?),
         addresses,
         mtu: if v.mtu == 0 { crate::view::DEFAULT_MTU } else { v.mtu },

@@ -17,6 +17,8 @@ const DECISION_WAIT: Duration = Duration::from_millis(250);
 /// A view from control for the feeder, with where to say how applying it went.
 pub(super) struct Feed {
     pub(super) view: pb::NodeView,
+    /// The stream's epoch (see [`crate::view::NodeView::epoch`]).
+    pub(super) epoch: u64,
     pub(super) reply: oneshot::Sender<Result<(), String>>,
 }
 
@@ -35,10 +37,11 @@ pub(super) struct Feeder {
 }
 
 impl Feeder {
-    async fn apply(&self, v: &pb::NodeView, overrides: &BTreeMap<IpNet, u64>) -> Result<(), String> {
+    async fn apply(&self, v: &pb::NodeView, epoch: u64, overrides: &BTreeMap<IpNet, u64>) -> Result<(), String> {
         ControlState::update(&self.shared, v, overrides);
         let local = convert::Local { overrides: overrides.clone(), ..self.local.clone() };
-        let nv = convert::node_view(v, &local).map_err(|e| e.to_string())?;
+        let mut nv = convert::node_view(v, &local).map_err(|e| e.to_string())?;
+        nv.epoch = epoch;
         self.worker.apply(nv).await.map(|_| ())
     }
 
@@ -64,9 +67,10 @@ impl Feeder {
     pub(super) async fn run(self, mut views: mpsc::Receiver<Feed>, mut overrides: watch::Receiver<probe::Overrides>) {
         // The worker re-applies the last applied view by itself; the saved
         // control view only feeds the prober and later overrides.
-        let mut current = self.load();
+        // With the epoch it came in (0: saved by an earlier run).
+        let mut current = self.load().map(|v| (v, 0));
         let mut version = 0u64;
-        if let Some(v) = &current {
+        if let Some((v, _)) = &current {
             version += 1;
             self.plan.send_replace(probe::Plan { version, ..convert::probe_plan(v, &self.local, false) });
         }
@@ -79,7 +83,7 @@ impl Feeder {
         loop {
             tokio::select! {
                 feed = views.recv() => {
-                    let Some(Feed { view, reply }) = feed else { return };
+                    let Some(Feed { view, epoch, reply }) = feed else { return };
                     version += 1;
                     self.plan.send_replace(probe::Plan { version, ..convert::probe_plan(&view, &self.local, true) });
                     // Applied with the prober's decision on this view's
@@ -99,13 +103,13 @@ impl Feeder {
                         }
                     }
                     let o = overrides.borrow_and_update().routes.clone();
-                    let result = self.apply(&view, &o).await;
+                    let result = self.apply(&view, epoch, &o).await;
                     if result.is_ok() {
                         self.save(&view);
                     }
                     applied = result.is_ok().then_some(o);
                     let _ = reply.send(result);
-                    current = Some(view);
+                    current = Some((view, epoch));
                 }
                 r = overrides.changed(), if prober => {
                     if r.is_err() {
@@ -117,8 +121,8 @@ impl Feeder {
                     if applied.as_ref() == Some(&o) {
                         continue;
                     }
-                    if let Some(v) = &current {
-                        match self.apply(v, &o).await {
+                    if let Some((v, epoch)) = &current {
+                        match self.apply(v, *epoch, &o).await {
                             Ok(()) => {
                                 tracing::info!(generation = v.generation, overrides = ?o, "applied local failover");
                                 applied = Some(o);
@@ -189,7 +193,7 @@ mod tests {
             views
         });
         let (reply, answer) = oneshot::channel();
-        feed.send(Feed { view: convert::tests::two_gateways(), reply }).await.unwrap();
+        feed.send(Feed { view: convert::tests::two_gateways(), epoch: 1, reply }).await.unwrap();
         answer.await.unwrap().unwrap();
         let views = tokio::task::spawn_blocking(move || applied.join().unwrap()).await.unwrap();
         // Once, and already through gateway 3: not through control's

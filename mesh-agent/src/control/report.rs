@@ -73,6 +73,7 @@ pub fn health_report(
                 probe_up: false,
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
+                endpoint: p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
             };
             if let Some(e) = probes.peers.get(&id) {
                 h.probe_rtt_ms = ms(e.stats.last_rtt());

@@ -98,6 +98,9 @@ async fn session(
         send(pb::sync_request::Msg::Failover(r)).await?;
     }
     let mut current: Option<pb::NodeView> = None;
+    // Generations order views within this stream only (see
+    // `NodeView::epoch`): its first snapshot replaces whatever came before.
+    let epoch = rand::random::<u64>() | 1;
     let key_path = config.private_key_path();
     let mut pending_resolved = false;
     // A failed rotation is retried, but not more than once a minute.
@@ -148,7 +151,7 @@ async fn session(
                 let generation = v.generation;
                 let started = Instant::now();
                 let (reply, result) = oneshot::channel();
-                links.feed.send(Feed { view: v.clone(), reply }).await.map_err(|_| SessionError("the view feeder stopped".into()))?;
+                links.feed.send(Feed { view: v.clone(), epoch, reply }).await.map_err(|_| SessionError("the view feeder stopped".into()))?;
                 let result = result.await.unwrap_or_else(|_| Err("the view feeder stopped".into()));
                 match &result {
                     Ok(()) => tracing::info!(generation, kind, ms = started.elapsed().as_secs_f64() * 1e3, "applied view from control"),

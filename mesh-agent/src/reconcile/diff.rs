@@ -160,6 +160,7 @@ mod tests {
     fn view(peers: Vec<PeerView>, routes: &[&str]) -> NodeView {
         NodeView {
             generation: 1,
+            epoch: 0,
             public_key: None,
             addresses: vec![net("100.64.0.1/32"), net("fd7a:6d65:7368::1/128")],
             mtu: DEFAULT_MTU,

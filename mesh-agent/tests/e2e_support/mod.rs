@@ -34,6 +34,16 @@ pub struct Control(mesh_lab::control::ControlInNs);
 impl Control {
     /// Starts control with fail-back hold-down `hold_down_secs`.
     pub fn start(host: &Host, dir: &Path, hold_down_secs: i64) -> Self {
+        Self::start_with_clock(host, dir, hold_down_secs, std::sync::Arc::new(mesh_control::engine::SystemClock))
+    }
+
+    /// [`Self::start`], with control's engine reading the time from `clock`.
+    pub fn start_with_clock(
+        host: &Host,
+        dir: &Path,
+        hold_down_secs: i64,
+        clock: std::sync::Arc<dyn mesh_control::engine::Clock>,
+    ) -> Self {
         let config = mesh_control::config::Config {
             listen: CONTROL.parse().unwrap(),
             tls_names: vec!["192.0.2.100".into()],
@@ -44,7 +54,7 @@ impl Control {
             hold_down_secs,
             ..mesh_control::config::Config::default()
         };
-        Self(mesh_lab::control::ControlInNs::start(host, config).expect("control starts"))
+        Self(mesh_lab::control::ControlInNs::start_with_clock(host, config, clock).expect("control starts"))
     }
 
     pub fn stop(&mut self) {

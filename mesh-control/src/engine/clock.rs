@@ -8,6 +8,11 @@ use std::sync::atomic::{AtomicI64, Ordering};
 pub trait Clock: Send + Sync + std::fmt::Debug {
     /// Unix seconds now.
     fn now(&self) -> i64;
+
+    /// Unix microseconds now (where view generations start).
+    fn now_micros(&self) -> u64 {
+        u64::try_from(self.now()).unwrap_or(0).saturating_mul(1_000_000)
+    }
 }
 
 /// The wall clock.
@@ -19,6 +24,12 @@ impl Clock for SystemClock {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
+    }
+
+    fn now_micros(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
     }
 }
 

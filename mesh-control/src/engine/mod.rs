@@ -144,8 +144,11 @@ impl Engine {
     /// An engine over `store`; call [`Engine::refresh`] (or start
     /// [`Engine::run_background`]) to compute the first views.
     pub async fn new(store: Store, cfg: EngineConfig) -> Result<Arc<Self>, StoreError> {
-        // Generations grow across restarts: start from the clock (µs).
-        let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_micros());
+        // Generations grow across restarts of one replica whose clock does
+        // not step back: start from the clock (µs). They do not order views
+        // across replicas or clock steps; agents therefore compare
+        // generations only within one stream (each starts with a snapshot).
+        let start = cfg.clock.now_micros().max(1);
         let limits = crate::limits::Limits::new(&cfg.limits);
         let engine = Arc::new(Self {
             store,
@@ -154,7 +157,7 @@ impl Engine {
             refresh_lock: tokio::sync::Mutex::new(()),
             requested: AtomicU64::new(0),
             completed: AtomicU64::new(0),
-            next_generation: AtomicU64::new(u64::try_from(start).unwrap_or(1)),
+            next_generation: AtomicU64::new(start),
             metrics: Metrics::default(),
             limits,
             audit_tx: watch::channel(0).0,

@@ -15,6 +15,12 @@ function el(name, attrs, text) {
 function ms(v) { return v === null || v === undefined ? "-" : v.toFixed(2); }
 function pct(v) { return (v * 100).toFixed(0) + "%"; }
 function when(unix) { return unix ? new Date(unix * 1000).toISOString().replace("T", " ").slice(0, 19) : "-"; }
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let v = n, u = 0;
+  while (v >= 1024 && u < units.length - 1) { v /= 1024; u++; }
+  return u === 0 ? `${n} B` : `${v.toFixed(1)} ${units[u]}`;
+}
 function age(msv) { return msv === null || msv === undefined ? "never" : (msv / 1000).toFixed(0) + " s"; }
 
 // Green, amber or red by p95 RTT and loss; red for a link seen down.
@@ -115,6 +121,9 @@ function draw(s) {
     [r.refusal ? "refused: " + r.refusal : (r.healthy ? "healthy" : "unhealthy"), r.healthy && !r.refusal ? {} : { class: "bad" }],
     [when(r.owner_since)], [when(r.last_change)]]);
   rows("expiring", s.expiring, (e) => [[e.name], [when(e.key_expiry) + (e.expired ? " (expired)" : ""), e.expired ? { class: "bad" } : {}]]);
+  rows("links", s.links, (l) => [[l.from, { "data-link": l.from + "|" + l.to }], [l.to], [l.endpoint || "-"],
+    [age(l.handshake_age_ms), { class: "num" }], [bytes(l.rx_bytes), { class: "num" }], [bytes(l.tx_bytes), { class: "num" }],
+    [l.report_age_secs + " s ago", { class: "num" }]]);
   rows("audit", s.audit, (a) => [[a.id, { class: "num" }], [when(a.at)], [a.actor], [a.action], [a.subject]]);
 }
 

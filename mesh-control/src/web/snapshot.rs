@@ -106,6 +106,12 @@ pub struct Link {
     pub loss: f64,
     /// Since the last WireGuard handshake, ms (none: never).
     pub handshake_age_ms: Option<i64>,
+    /// The endpoint the prober's WireGuard sends to (empty: unknown).
+    pub endpoint: String,
+    /// Bytes the prober received from the probed gateway, and sent to it.
+    pub rx_bytes: u64,
+    /// See `rx_bytes`.
+    pub tx_bytes: u64,
     /// Age of the report at control, seconds.
     pub report_age_secs: i64,
 }
@@ -190,6 +196,9 @@ fn link(l: &pb::PeerLink) -> Option<Link> {
         p95_ms: ms(h.probe_rtt_p95_ms),
         loss: h.probe_loss,
         handshake_age_ms: (h.handshake_age_ms >= 0).then_some(h.handshake_age_ms),
+        endpoint: h.endpoint.clone(),
+        rx_bytes: h.rx_bytes,
+        tx_bytes: h.tx_bytes,
         report_age_secs: l.report_age_secs,
     })
 }
