@@ -184,8 +184,13 @@ impl Default for ProbeConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
-    /// Control's gRPC address, `host:port`.
+    /// Control's gRPC address, `host:port` (one replica, or a DNS name
+    /// resolving to the replicas).
     pub address: String,
+    /// More control replicas, `host:port` each: the agent connects to the
+    /// first that answers (after `address`), and moves to the next one when
+    /// its stream breaks, with backoff and jitter.
+    pub addresses: Vec<String>,
     /// The enrollment key (`mek1.<id>.<secret>.<ca-pin>`), read on first
     /// start only: afterwards the credential in `<state_dir>/control.json`
     /// is used. Prefer `enrollment_key_file`.
@@ -221,6 +226,20 @@ pub struct ControlConfig {
     pub route_options: std::collections::BTreeMap<ipnet::IpNet, RouteOptions>,
 }
 
+impl ControlConfig {
+    /// Every control address, `address` first, without repeats.
+    #[must_use]
+    pub fn addresses(&self) -> Vec<String> {
+        let mut all: Vec<String> = Vec::new();
+        for a in std::iter::once(&self.address).chain(&self.addresses) {
+            if !a.is_empty() && !all.contains(a) {
+                all.push(a.clone());
+            }
+        }
+        all
+    }
+}
+
 /// How a gateway serves one advertised route (see the README, "Running a
 /// gateway", for the trade-offs).
 ///
@@ -250,6 +269,7 @@ impl Default for ControlConfig {
     fn default() -> Self {
         Self {
             address: String::new(),
+            addresses: Vec::new(),
             enrollment_key: None,
             enrollment_key_file: None,
             hostname: None,
@@ -411,8 +431,11 @@ impl Config {
                     )));
                 }
             }
-            if c.address.is_empty() {
-                return Err(ConfigError::Invalid("control.address is empty".into()));
+            if c.addresses().is_empty() {
+                return Err(ConfigError::Invalid("control.address (or control.addresses) is empty".into()));
+            }
+            if c.addresses.iter().any(String::is_empty) {
+                return Err(ConfigError::Invalid("control.addresses has an empty entry".into()));
             }
             for (name, v) in [
                 ("control.health_interval_secs", c.health_interval_secs),
@@ -485,6 +508,23 @@ mod tests {
         assert_eq!(shipped.state_dir, Path::new("/var/lib/mesh-agent"));
         assert_eq!(shipped.bpf_pin_dir, Path::new("/sys/fs/bpf/mesh"));
         assert_eq!(Config { metrics_listen: None, control: None, ..shipped }, Config::default());
+    }
+
+    #[test]
+    fn control_replicas_in_order_without_repeats() {
+        let c: Config = toml::from_str(
+            "[control]\naddress = \"a:7443\"\naddresses = [\"b:7443\", \"a:7443\", \"c:7443\"]\n",
+        )
+        .unwrap();
+        c.check().unwrap();
+        assert_eq!(c.control.as_ref().unwrap().addresses(), ["a:7443", "b:7443", "c:7443"]);
+        let only_list: Config = toml::from_str("[control]\naddresses = [\"b:7443\"]\n").unwrap();
+        only_list.check().unwrap();
+        assert_eq!(only_list.control.unwrap().addresses(), ["b:7443"]);
+        let none: Config = toml::from_str("[control]\naddresses = []\n").unwrap();
+        assert!(none.check().unwrap_err().to_string().contains("control.address (or control.addresses) is empty"));
+        let blank: Config = toml::from_str("[control]\naddress = \"a:7443\"\naddresses = [\"\"]\n").unwrap();
+        assert!(blank.check().unwrap_err().to_string().contains("empty entry"));
     }
 
     #[test]

@@ -165,7 +165,11 @@ impl Agent {
             fwmark: Some(config.fwmark).filter(|&m| m != 0),
             enforce_policy: false,
             routing: crate::reconcile::Routing { table: config.route_table, priority: config.rule_priority },
-            control_addrs: config.control.as_ref().map(|c| control_addrs(&c.address)).unwrap_or_default(),
+            control_addrs: config
+                .control
+                .as_ref()
+                .map(|c| c.addresses().iter().flat_map(|a| control_addrs(a)).collect())
+                .unwrap_or_default(),
         };
         let applier = Applier::new(local, wg, Box::new(Rtnl::new()?), enforcer);
         let applied = store.load_applied()?;

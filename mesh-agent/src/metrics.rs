@@ -154,7 +154,7 @@ mod tests {
             peers: vec![PeerStatus {
                 public_key: PublicKey([7; 32]),
                 name: Some("gw".into()),
-                endpoint: None,
+                endpoint: Some("192.0.2.2:51820".parse().unwrap()),
                 allowed_ips: vec![],
                 last_handshake_unix: Some(1),
                 rx_bytes: 10,
@@ -185,6 +185,7 @@ mod tests {
         slot.set(Some(status()));
         let control = ControlState {
             connected: true,
+            replica: Some("192.0.2.101:7443".into()),
             key_expiry_unix: Some(1_900_000_000),
             primaries: vec![("198.18.20.0/24".into(), "gw\"fsn".into())],
         };
@@ -238,6 +239,7 @@ mod tests {
             "mesh_agent_mss_events_total counter",
             "mesh_agent_guard_packets_total counter",
             "mesh_agent_control_connected gauge",
+            "mesh_agent_control_replica gauge",
             "mesh_agent_key_expiry_timestamp_seconds gauge",
             "mesh_agent_route_primary gauge",
             "mesh_agent_peer_rtt_seconds histogram",
@@ -261,6 +263,8 @@ mod tests {
             "mesh_agent_acl_verdict_packets_total{verdict=\"AcceptRule\"} 3\n",
             "mesh_agent_acl_rule_packets_total{rule=\"1\"} 3\n",
             "mesh_agent_route_primary{prefix=\"198.18.20.0/24\",gateway=\"gw\\\"fsn\"} 1\n",
+            "mesh_agent_control_replica{address=\"192.0.2.101:7443\"} 1\n",
+            "mesh_agent_peer_endpoint_info{public_key=\"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\",peer=\"gw\",endpoint=\"192.0.2.2:51820\"} 1\n",
             "mesh_agent_peer_rtt_seconds_bucket{le=\"0.0025\",peer=\"gwfsn\"} 1\n",
             "mesh_agent_peer_rtt_seconds_bucket{le=\"+Inf\",peer=\"gwfsn\"} 1\n",
             "mesh_agent_peer_rtt_seconds_count{peer=\"gwfsn\"} 1\n",

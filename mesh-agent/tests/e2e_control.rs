@@ -471,3 +471,122 @@ fn agents_take_views_from_a_control_whose_generations_went_back() {
     nyc.stop();
     control.stop();
 }
+
+/// Two control replicas on one store (SQLite here, shared by both; the
+/// PostgreSQL store is the production choice for replicas) and three
+/// gateways configured with both addresses. The replica the agents are on
+/// is stopped while a policy change is made through the other: every agent
+/// reopens its stream to the other replica within 5 s and applies the new
+/// policy.
+#[test]
+fn agents_fail_over_between_control_replicas() {
+    mesh_lab::require_root!();
+    const REPLICAS: Tuning = Tuning {
+        metrics_listen: None,
+        health_interval_secs: 1.0,
+        extra: "addresses = [\"192.0.2.101:7443\"]\n[probe]\nport = 0\n",
+    };
+    let lab = Lab::new().unwrap();
+    let wan = lab.switch("wan").unwrap();
+    let mut hosts = Vec::new();
+    for (name, a) in
+        [("ctla", "192.0.2.100"), ("ctlb", "192.0.2.101"), ("gw1", "192.0.2.1"), ("gw2", "192.0.2.2"), ("gw3", "192.0.2.3")]
+    {
+        let h = lab.host(name).unwrap();
+        wan.plug(&h, "eth0").unwrap();
+        h.addr("eth0", &format!("{a}/24")).unwrap();
+        hosts.push(h);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let replica = |host: &Host, ip: &str, sock: &str| {
+        let config = mesh_control::config::Config {
+            listen: format!("{ip}:7443").parse().unwrap(),
+            tls_names: vec!["192.0.2.100".into(), "192.0.2.101".into()],
+            data_dir: dir.path().to_owned(),
+            metrics_listen: None,
+            admin_socket: Some(dir.path().join(sock)),
+            poll_interval_ms: 100,
+            ..mesh_control::config::Config::default()
+        };
+        mesh_lab::control::ControlInNs::start(host, config).expect("control starts")
+    };
+    let mut a = replica(&hosts[0], "192.0.2.100", "a.sock");
+    let _b = replica(&hosts[1], "192.0.2.101", "b.sock");
+    let admin_at = |sock: &str| {
+        let path = dir.path().join(sock);
+        async move {
+            pb::admin_service_client::AdminServiceClient::new(
+                mesh_client::channel::connect_unix(&path).await.unwrap(),
+            )
+        }
+    };
+    let rt = rt();
+    let keys: Vec<String> = rt.block_on(async {
+        let mut adm = admin_at("a.sock").await;
+        adm.set_policy(pb::PolicyDocument { text: POLICY_V1.into(), generation: 0 }).await.unwrap();
+        let mut keys = Vec::new();
+        for _ in 0..3 {
+            keys.push(gateway_key(&mut adm, false).await);
+        }
+        keys
+    });
+    let bpf = BpfFs::mount();
+    let mut gws: Vec<Gateway> = (0..3)
+        .map(|i| {
+            // gw3 backs gw2 up for fsn's prefix: the policy change below
+            // changes all three views.
+            let lan = if i == 0 { "198.18.10.0/24" } else { "198.18.20.0/24" };
+            Gateway::new(
+                hosts[2 + i].clone(),
+                &lab.unique_ifname("wg"),
+                bpf.0.path(),
+                &keys[i],
+                &format!("192.0.2.{}", i + 1),
+                &[lan],
+                &REPLICAS,
+            )
+        })
+        .collect();
+    for g in &mut gws {
+        g.start();
+    }
+    let logs = || gws.iter().map(|g| format!("--- {}:\n{}", g.host.name(), g.log())).collect::<String>();
+    let streams_to = |g: &Gateway, ip: &str| {
+        g.log().lines().filter(|l| l.contains("sync stream open") && l.contains(&format!("{ip}:7443"))).count()
+    };
+    let policy_of = |g: &Gateway| {
+        let text = std::fs::read_to_string(g.dir.path().join("state/applied.json")).unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v["policy"]["generation"].as_u64())
+    };
+    // All on the first replica (the first address), views applied.
+    wait_for("three gateways on replica A with their views", &logs, || {
+        gws.iter().all(|g| streams_to(g, "192.0.2.100") == 1 && policy_of(g).is_some())
+    });
+    assert!(gws.iter().all(|g| streams_to(g, "192.0.2.101") == 0), "{}", logs());
+
+    // Replica A stops while the policy changes through replica B.
+    let stopped = std::time::Instant::now();
+    a.stop();
+    let set = rt.block_on(async {
+        admin_at("b.sock")
+            .await
+            .set_policy(pb::PolicyDocument { text: POLICY_V2.into(), generation: 0 })
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    wait_for("every agent on replica B with the new policy", &logs, || {
+        gws.iter().all(|g| streams_to(g, "192.0.2.101") >= 1 && policy_of(g) == Some(set.generation))
+    });
+    let took = stopped.elapsed();
+    eprintln!("every agent moved to replica B and applied policy {} in {} ms", set.generation, took.as_millis());
+    assert!(took < Duration::from_secs(5), "took {} ms\n{}", took.as_millis(), logs());
+    // Replica B's view of the mesh: all three online and acknowledging.
+    let nodes = rt.block_on(async {
+        admin_at("b.sock").await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
+    });
+    assert!(nodes.len() == 3 && nodes.iter().all(|n| n.acked_generation > 0), "{nodes:?}");
+    for g in &mut gws {
+        g.stop();
+    }
+}

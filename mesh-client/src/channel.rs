@@ -40,7 +40,14 @@ pub enum ConnectError {
     /// Could not connect.
     #[error("connect: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// None of several addresses answered (each with its error).
+    #[error("no control address answered: {}", .0.iter().map(|(a, e)| format!("{a}: {e}")).collect::<Vec<_>>().join("; "))]
+    AllFailed(Vec<(String, String)>),
 }
+
+/// How long one connection attempt may take: a replica that drops packets
+/// (down, or partitioned away) must not hold up the move to the next.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// SHA-256 of a certificate's DER.
 #[must_use]
@@ -188,11 +195,31 @@ impl tower_service::Service<Uri> for TlsConnector {
 
 /// Opens a channel to control at `addr` (`host:port`), trusting `trust`.
 pub async fn connect(addr: &str, trust: &Trust) -> Result<Channel, ConnectError> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| ConnectError::Config(e.to_string()))?;
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| ConnectError::Config(e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT);
     let host = endpoint.uri().host().unwrap_or("localhost").trim_start_matches('[').trim_end_matches(']').to_owned();
     let server_name = ServerName::try_from(host).map_err(|e| ConnectError::Config(e.to_string()))?;
     let connector = TlsConnector { config: Arc::new(client_config(trust)?), server_name };
     Ok(endpoint.connect_with_connector(connector).await?)
+}
+
+/// Connects to the first of `addrs` (control replicas) that answers,
+/// trying them in order from `start` (wrapping around); returns the
+/// channel and the index of the address it reached.
+pub async fn connect_any(addrs: &[String], start: usize, trust: &Trust) -> Result<(Channel, usize), ConnectError> {
+    if addrs.is_empty() {
+        return Err(ConnectError::Config("no control address".into()));
+    }
+    let mut failures = Vec::new();
+    for i in (0..addrs.len()).map(|k| (start + k) % addrs.len()) {
+        match connect(&addrs[i], trust).await {
+            Ok(ch) => return Ok((ch, i)),
+            Err(ConnectError::Config(e)) => return Err(ConnectError::Config(format!("{}: {e}", addrs[i]))),
+            Err(e) => failures.push((addrs[i].clone(), e.to_string())),
+        }
+    }
+    Err(ConnectError::AllFailed(failures))
 }
 
 /// Dials control's local admin Unix socket (for `Endpoint::connect_with_connector`).

@@ -25,9 +25,10 @@ pub(crate) type Admin = AdminServiceClient<Authed>;
 #[derive(Parser, Debug)]
 #[command(version, about = "Operate the mesh")]
 struct Cli {
-    /// Control's gRPC address.
-    #[arg(long, env = "MESHCTL_SERVER", default_value = "127.0.0.1:7443")]
-    server: String,
+    /// Control's gRPC address; several replicas as a comma-separated list
+    /// (`a:7443,b:7443`), tried in order until one answers.
+    #[arg(long, env = "MESHCTL_SERVER", default_value = "127.0.0.1:7443", value_delimiter = ',')]
+    server: Vec<String>,
     /// Local admin socket (overrides --server; no token needed).
     #[arg(long, env = "MESHCTL_SOCKET")]
     socket: Option<PathBuf>,
@@ -476,7 +477,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
             (None, Some(f)) => Trust::CaPem(std::fs::read_to_string(f)?),
             (None, None) => bail!("give --ca-pin or --ca-file to trust control's CA (or --socket)"),
         };
-        channel::connect(&cli.server, &trust).await?
+        channel::connect_any(&cli.server, 0, &trust).await?.0
     };
     let token = match &cli.token_file {
         Some(path) => Some(mesh_local::secret_file::read(path)?.trim().to_owned()),

@@ -155,7 +155,8 @@ pub(super) async fn credential(
     let parsed =
         EnrollmentKeyText::parse(&key).ok_or_else(|| SessionError("the enrollment key is malformed".into()))?;
     let pin = parsed.ca_pin.ok_or_else(|| SessionError("the enrollment key carries no CA pin".into()))?;
-    let channel = client::connect(&cc.address, &Trust::Pin(pin)).await.map_err(err("connecting to control"))?;
+    let (channel, _) =
+        client::connect_any(&cc.addresses(), 0, &Trust::Pin(pin)).await.map_err(err("connecting to control"))?;
     let resp = AgentServiceClient::new(channel)
         .enroll(pb::EnrollRequest {
             capabilities: Some(mesh_proto::capabilities("mesh-agent")),

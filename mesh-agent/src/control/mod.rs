@@ -43,6 +43,8 @@ pub use session::run;
 pub struct ControlState {
     /// Whether the Sync stream is open.
     pub connected: bool,
+    /// The control replica (its configured address) the stream is open to.
+    pub replica: Option<String>,
     /// Expiry of this node's key at control (unix seconds).
     pub key_expiry_unix: Option<i64>,
     /// Each assigned prefix and its primary gateway's name.
@@ -57,6 +59,12 @@ impl ControlState {
             "mesh_agent_control_connected",
             "Whether the Sync stream to mesh-control is open.",
             i64::from(self.connected),
+        )?;
+        gauges(
+            e,
+            "mesh_agent_control_replica",
+            "The control replica the Sync stream is open to (1; absent while disconnected).",
+            self.replica.iter().map(|a| ([("address", Label::from(a.as_str()))], 1i64)),
         )?;
         if let Some(t) = self.key_expiry_unix {
             gauge(e, "mesh_agent_key_expiry_timestamp_seconds", "When this node's key expires at control.", t)?;

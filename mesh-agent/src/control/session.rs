@@ -52,20 +52,26 @@ struct Links {
 
 /// One session: credential, stream, apply/ack until the stream breaks.
 /// `got_view` is set once control sent something (to reset the backoff).
+/// `replica` is the index (in `cc.addresses()`) of the control replica to
+/// try first; it is set to the one that answered.
 async fn session(
     config: &Config,
     cc: &ControlConfig,
     public_key: PublicKey,
     worker: &WorkerHandle,
     got_view: &mut bool,
+    replica: &mut usize,
     links: &mut Links,
 ) -> Result<(), SessionError> {
     // The key file is the truth: a rotation may have replaced the key this
     // agent started with.
     let public_key = crate::keys::load_or_generate(&config.private_key_path()).map_or(public_key, |k| k.public_key());
     let mut cred = credential(config, cc, public_key).await?;
-    let channel =
-        client::connect(&cc.address, &Trust::AnyPin(cred.pins()?)).await.map_err(err("connecting to control"))?;
+    let addresses = cc.addresses();
+    let (channel, used) =
+        client::connect_any(&addresses, *replica, &Trust::AnyPin(cred.pins()?)).await.map_err(err("connecting to control"))?;
+    *replica = used;
+    let address = &addresses[used];
     let cred_path = config.control_credential_path();
     if cred.renewal_due(now_secs()) {
         renew(&channel, &mut cred, &cred_path).await?;
@@ -85,9 +91,10 @@ async fn session(
     }))
     .await?;
     let mut stream = client.sync(ReceiverStream::new(rx)).await.map_err(err("opening the sync stream"))?.into_inner();
-    tracing::info!(node = cred.node_id, address = %cc.address, "sync stream open");
+    tracing::info!(node = cred.node_id, %address, "sync stream open");
     if let Ok(mut st) = links.shared.lock() {
         st.connected = true;
+        st.replica = Some(address.clone());
     }
     // The configured routes, every session: a changed `advertise_routes`
     // takes effect at the next start, not only at enrollment.
@@ -274,17 +281,26 @@ pub async fn run(
     let min = Duration::from_millis(100);
     let max = Duration::from_secs_f64(cc.max_backoff_secs);
     let mut backoff = min;
+    let replicas = cc.addresses().len();
+    // The control replica to try first.
+    let mut first = 0;
     loop {
         let mut got_view = false;
-        match session(&config, &cc, public_key, &worker, &mut got_view, &mut links).await {
+        let mut replica = first;
+        match session(&config, &cc, public_key, &worker, &mut got_view, &mut replica, &mut links).await {
             Ok(()) => {}
             Err(e) => tracing::warn!(error = %e, "control session ended; keeping the last applied view"),
         }
         if let Ok(mut st) = shared.lock() {
             st.connected = false;
+            st.replica = None;
         }
         if got_view {
             backoff = min;
+            // A stream that worked and broke: its replica may be gone, so
+            // the next attempt starts with the next one (connect_any still
+            // comes back to it if no other answers).
+            first = (replica + 1) % replicas;
         }
         // Jitter (0-25 %) so a fleet does not reconnect in lockstep after a control restart.
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
