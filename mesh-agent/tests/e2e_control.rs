@@ -563,6 +563,17 @@ fn agents_fail_over_between_control_replicas() {
         gws.iter().all(|g| streams_to(g, "192.0.2.100") == 1 && policy_of(g).is_some())
     });
     assert!(gws.iter().all(|g| streams_to(g, "192.0.2.101") == 0), "{}", logs());
+    // Both replicas saw the prefixes get their primaries; one wrote each
+    // audit entry (the one holding the store's housekeeping lease).
+    let primaries = rt.block_on(async {
+        let req = pb::ListAuditRequest { action_prefix: "route.primary".into(), ..Default::default() };
+        admin_at("b.sock").await.list_audit(req).await.unwrap().into_inner().entries
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    for e in &primaries {
+        assert!(seen.insert((&e.subject, &e.before, &e.after)), "audited twice: {e:?}\n{primaries:?}");
+    }
+    assert!(!primaries.is_empty(), "no primary change audited");
 
     // Replica A stops while the policy changes through replica B.
     let stopped = std::time::Instant::now();

@@ -216,10 +216,26 @@ pub async fn connect_any(addrs: &[String], start: usize, trust: &Trust) -> Resul
         match connect(&addrs[i], trust).await {
             Ok(ch) => return Ok((ch, i)),
             Err(ConnectError::Config(e)) => return Err(ConnectError::Config(format!("{}: {e}", addrs[i]))),
-            Err(e) => failures.push((addrs[i].clone(), e.to_string())),
+            Err(e) => failures.push((addrs[i].clone(), chain(&e))),
         }
     }
     Err(ConnectError::AllFailed(failures))
+}
+
+/// An error with its sources ("connect: transport error: ...: invalid peer
+/// certificate: UnknownIssuer"): the cause is what an operator needs.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Dials control's local admin Unix socket (for `Endpoint::connect_with_connector`).

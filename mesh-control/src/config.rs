@@ -127,9 +127,16 @@ impl Config {
             ephemeral_offline_secs: self.ephemeral_offline_secs,
             poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
             limits: self.limits.clone(),
+            replica: format!("{}/{}", hostname(), self.listen),
             ..crate::engine::EngineConfig::default()
         }
     }
+}
+
+/// This machine's host name (the replica's name, with its listen address,
+/// in the store's leases).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "localhost".into(), |h| h.trim().to_owned())
 }
 
 #[cfg(test)]

@@ -51,7 +51,17 @@ pub struct EngineConfig {
     pub clock: Arc<dyn Clock>,
     /// Rate limits and caps.
     pub limits: crate::limits::LimitsConfig,
+    /// This replica's name in the store's leases: stable across restarts
+    /// of one replica (it takes its lease back at once), different between
+    /// replicas.
+    pub replica: String,
 }
+
+/// The lease whose holder does the once-per-mesh work (see
+/// `store::leases`), and how long it lasts without renewal (renewed every
+/// second).
+const LEASE: &str = "housekeeping";
+const LEASE_SECS: i64 = 3;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -64,6 +74,7 @@ impl Default for EngineConfig {
             poll_interval: Duration::from_millis(500),
             clock: Arc::new(SystemClock),
             limits: crate::limits::LimitsConfig::default(),
+            replica: format!("engine-{}", crate::auth::secret(6)),
         }
     }
 }
@@ -133,6 +144,9 @@ pub struct Engine {
     requested: AtomicU64,
     completed: AtomicU64,
     next_generation: AtomicU64,
+    /// Whether this replica holds the housekeeping lease (as of its last
+    /// renewal).
+    leader: std::sync::atomic::AtomicBool,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
     /// Rate limits and caps on clients.
@@ -158,12 +172,35 @@ impl Engine {
             requested: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             next_generation: AtomicU64::new(start),
+            leader: std::sync::atomic::AtomicBool::new(false),
             metrics: Metrics::default(),
             limits,
             audit_tx: watch::channel(0).0,
         });
+        engine.lead().await;
         engine.refresh().await?;
         Ok(engine)
+    }
+
+    /// Takes or renews the housekeeping lease; whether this replica holds it.
+    async fn lead(&self) -> bool {
+        let held = match self.store.try_lease(LEASE, &self.cfg.replica, self.now(), LEASE_SECS).await {
+            Ok(held) => held,
+            Err(e) => {
+                // Without the store nothing is written anyway.
+                tracing::warn!(error = %e, "cannot renew the housekeeping lease");
+                false
+            }
+        };
+        if self.leader.swap(held, Ordering::SeqCst) != held {
+            tracing::info!(replica = %self.cfg.replica, held, "housekeeping lease");
+        }
+        held
+    }
+
+    /// Whether this replica does the once-per-mesh work now.
+    fn leads(&self) -> bool {
+        self.leader.load(Ordering::SeqCst)
     }
 
     /// The store.
@@ -387,7 +424,9 @@ impl Engine {
         let covers = self.requested.load(Ordering::SeqCst);
         let snap = self.store.snapshot().await?;
         let changes = self.recompute(Arc::new(snap));
-        for c in &changes {
+        // Every replica sees the change; the lease holder audits it.
+        let audit = self.leads();
+        for c in changes.iter().filter(|_| audit) {
             let json = |g: Option<u64>| g.map_or_else(|| "{}".to_owned(), |g| format!("{{\"primary\":{g}}}"));
             tracing::info!(prefix = %c.prefix, from = ?c.from, to = ?c.to, "route primary changed");
             self.metrics.primary_changes.inc();
@@ -524,13 +563,16 @@ impl Engine {
             // Hold-downs expire with time alone: re-run selection now and then.
             if last_full.elapsed() >= Duration::from_secs(1) {
                 last_full = Instant::now();
+                self.lead().await;
                 let snap = self.snapshot();
                 let multi = self.lock().routes.values().any(|g| g.len() > 1);
                 if multi {
                     let _guard = self.refresh_lock.lock().await;
                     self.recompute(snap);
                 }
-                self.collect_ephemeral().await;
+                if self.leads() {
+                    self.collect_ephemeral().await;
+                }
                 self.key_housekeeping(&mut keys).await;
             }
         }
@@ -547,8 +589,13 @@ impl Engine {
         for n in &snap.nodes {
             if n.expired(now) {
                 if keys.expired.insert(n.id) && n.key_expiry >= keys.last_look {
+                    // Every replica drops the node from its views now; the
+                    // lease holder audits it.
                     expired_now = true;
                     tracing::warn!(node = n.id, name = %n.name, "node key expired: its peers drop it; it must re-enroll");
+                    if !self.leads() {
+                        continue;
+                    }
                     let after = format!("{{\"key_expiry\":{}}}", n.key_expiry);
                     if let Err(e) = self
                         .store
@@ -569,7 +616,7 @@ impl Engine {
             }
             keys.expired.remove(&n.id);
             let rotation = self.cfg.key_rotation_secs;
-            if rotation > 0 && !n.rotation_requested && now - n.key_created >= rotation {
+            if rotation > 0 && !n.rotation_requested && now - n.key_created >= rotation && self.leads() {
                 tracing::info!(node = n.id, name = %n.name, age_days = (now - n.key_created) / 86_400, "asking for a key rotation by age");
                 if let Err(e) = self.store.request_rotation(n.id, "control:key_rotation_days", now).await {
                     tracing::warn!(node = n.id, error = %e, "could not request a key rotation");

@@ -15,6 +15,7 @@
 
 mod audit;
 mod keys;
+mod leases;
 mod nodes;
 mod policy;
 mod records;

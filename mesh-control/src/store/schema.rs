@@ -110,6 +110,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "ALTER TABLE nodes ADD COLUMN key_created BIGINT NOT NULL DEFAULT 0;
      UPDATE nodes SET key_created = created;",
     ),
+    (
+        // Replicas: which one does the work that must happen once per mesh
+        // (derived audit entries, housekeeping); see `Store::try_lease`.
+        6,
+        "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires BIGINT NOT NULL);",
+    ),
 ];
 
 /// Applies the migrations `pool` has not seen yet.

@@ -203,3 +203,18 @@ async fn one_off_key_is_used_once_under_concurrency() {
         assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{}: {results:?}", store.backend());
     }
 }
+
+#[tokio::test]
+async fn a_lease_has_one_holder_until_it_expires() {
+    for (store, _dir) in stores().await {
+        let v = store.version().await.unwrap();
+        assert!(store.try_lease("housekeeping", "a", 100, 3).await.unwrap(), "free: a takes it");
+        assert!(!store.try_lease("housekeeping", "b", 101, 3).await.unwrap(), "{}: held by a", store.backend);
+        assert!(store.try_lease("housekeeping", "a", 102, 3).await.unwrap(), "a renews it (to 105)");
+        assert!(!store.try_lease("housekeeping", "b", 105, 3).await.unwrap(), "not expired at 105");
+        assert!(store.try_lease("other", "b", 105, 3).await.unwrap(), "leases are by name");
+        assert!(store.try_lease("housekeeping", "b", 106, 3).await.unwrap(), "expired: b takes it over");
+        assert!(!store.try_lease("housekeeping", "a", 107, 3).await.unwrap(), "{}: now b's", store.backend);
+        assert_eq!(store.version().await.unwrap(), v, "a lease is not a change");
+    }
+}
