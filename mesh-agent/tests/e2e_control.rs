@@ -472,9 +472,9 @@ fn agents_take_views_from_a_control_whose_generations_went_back() {
     control.stop();
 }
 
-/// Two control replicas on one store (SQLite here, shared by both; the
-/// PostgreSQL store is the production choice for replicas) and three
-/// gateways configured with both addresses. The replica the agents are on
+/// Two control replicas on one PostgreSQL (the test cluster, relayed into
+/// each replica's namespace) and three gateways configured with both
+/// addresses. The replica the agents are on
 /// is stopped while a policy change is made through the other: every agent
 /// reopens its stream to the other replica within 5 s and applies the new
 /// policy.
@@ -498,8 +498,14 @@ fn agents_fail_over_between_control_replicas() {
         hosts.push(h);
     }
     let dir = tempfile::tempdir().unwrap();
+    let database = e2e_support::postgres_schema();
+    let (pg_at, _) = database.rsplit_once('/').unwrap();
+    let pg: std::net::SocketAddr = pg_at.rsplit_once('@').unwrap().1.parse().unwrap();
     let replica = |host: &Host, ip: &str, sock: &str| {
+        // The same database through a relay inside the replica's namespace.
+        let relayed = database.replacen(&pg.to_string(), &format!("127.0.0.1:{}", e2e_support::relay_into(host, pg)), 1);
         let config = mesh_control::config::Config {
+            database_url: Some(relayed),
             listen: format!("{ip}:7443").parse().unwrap(),
             tls_names: vec!["192.0.2.100".into(), "192.0.2.101".into()],
             data_dir: dir.path().to_owned(),
@@ -523,6 +529,8 @@ fn agents_fail_over_between_control_replicas() {
     let rt = rt();
     let keys: Vec<String> = rt.block_on(async {
         let mut adm = admin_at("a.sock").await;
+        let status = adm.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+        assert!(status.store.starts_with("postgres"), "{}", status.store);
         adm.set_policy(pb::PolicyDocument { text: POLICY_V1.into(), generation: 0 }).await.unwrap();
         let mut keys = Vec::new();
         for _ in 0..3 {

@@ -229,3 +229,50 @@ pub fn wait_for(what: &str, logs: &dyn Fn() -> String, f: impl FnMut() -> bool) 
         panic!("{e}\n{}", logs());
     }
 }
+
+#[path = "../../../xtask/src/postgres.rs"]
+mod postgres;
+
+/// A fresh, empty schema on the test PostgreSQL, as a URL: from
+/// `MESH_TEST_DATABASE_URL` (set by `cargo xtask test`, required under
+/// CI), or a local cluster the xtask helper starts.
+pub fn postgres_schema() -> String {
+    let url = std::env::var("MESH_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "MESH_TEST_DATABASE_URL is unset under CI");
+        postgres::ensure_postgres().expect("a local PostgreSQL")
+    });
+    let port = url.rsplit_once(':').and_then(|(_, rest)| rest.split('/').next()).expect("a port in the URL");
+    let schema = format!("e2e_{}_{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_micros());
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--", "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-p", port, "-d", "mesh_test"])
+        .args(["-c", &format!("CREATE SCHEMA {schema} AUTHORIZATION mesh_test")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "creating schema {schema}: {}", String::from_utf8_lossy(&out.stderr));
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-c%20search_path%3D{schema}")
+}
+
+/// Makes `target` (on this machine's loopback, outside the lab) reachable
+/// at the returned port on 127.0.0.1 inside `host`'s namespace: a listener
+/// there, relayed by threads here. For the test PostgreSQL, which listens
+/// on the host's loopback only.
+pub fn relay_into(host: &Host, target: std::net::SocketAddr) -> u16 {
+    use std::net::{TcpListener, TcpStream};
+    let listener = host.run(|| TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for inner in listener.incoming().flatten() {
+            let Ok(outer) = TcpStream::connect(target) else { continue };
+            for (mut from, mut to) in
+                [(inner.try_clone().unwrap(), outer.try_clone().unwrap()), (outer, inner)]
+            {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    port
+}
