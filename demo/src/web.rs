@@ -141,9 +141,7 @@ async fn paths(c: &Client) -> anyhow::Result<(usize, usize)> {
     let rows: Vec<Vec<String>> = serde_json::from_value(v)?;
     let good = rows
         .iter()
-        .filter(|r| {
-            r.len() == 7 && r[2].ends_with(":51820") && r[3] != "never" && r[4] != "0 B" && r[5] != "0 B"
-        })
+        .filter(|r| r.len() == 7 && r[2].ends_with(":51820") && r[3] != "never" && r[4] != "0 B" && r[5] != "0 B")
         .count();
     Ok((rows.len(), good))
 }

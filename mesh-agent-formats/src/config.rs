@@ -512,10 +512,9 @@ mod tests {
 
     #[test]
     fn control_replicas_in_order_without_repeats() {
-        let c: Config = toml::from_str(
-            "[control]\naddress = \"a:7443\"\naddresses = [\"b:7443\", \"a:7443\", \"c:7443\"]\n",
-        )
-        .unwrap();
+        let c: Config =
+            toml::from_str("[control]\naddress = \"a:7443\"\naddresses = [\"b:7443\", \"a:7443\", \"c:7443\"]\n")
+                .unwrap();
         c.check().unwrap();
         assert_eq!(c.control.as_ref().unwrap().addresses(), ["a:7443", "b:7443", "c:7443"]);
         let only_list: Config = toml::from_str("[control]\naddresses = [\"b:7443\"]\n").unwrap();

@@ -202,8 +202,8 @@ fn kernel_backend_tunnel() {
     // peer gets the new key from control, then the node switches. The
     // longest cut of a checked TCP stream each way, and of pings, stays
     // under 1 s (at most one lost handshake).
-    let conv = Conversation::start(&gw2, &gw1, &["100.64.0.1:9000".parse().unwrap()], Duration::from_millis(10))
-        .unwrap();
+    let conv =
+        Conversation::start(&gw2, &gw1, &["100.64.0.1:9000".parse().unwrap()], Duration::from_millis(10)).unwrap();
     let flowing = Instant::now();
     wait_for("the two-way conversation to flow", || conv.flowing_since(flowing));
     let k1b = SecretKey::generate();

@@ -489,9 +489,13 @@ fn agents_fail_over_between_control_replicas() {
     let lab = Lab::new().unwrap();
     let wan = lab.switch("wan").unwrap();
     let mut hosts = Vec::new();
-    for (name, a) in
-        [("ctla", "192.0.2.100"), ("ctlb", "192.0.2.101"), ("gw1", "192.0.2.1"), ("gw2", "192.0.2.2"), ("gw3", "192.0.2.3")]
-    {
+    for (name, a) in [
+        ("ctla", "192.0.2.100"),
+        ("ctlb", "192.0.2.101"),
+        ("gw1", "192.0.2.1"),
+        ("gw2", "192.0.2.2"),
+        ("gw3", "192.0.2.3"),
+    ] {
         let h = lab.host(name).unwrap();
         wan.plug(&h, "eth0").unwrap();
         h.addr("eth0", &format!("{a}/24")).unwrap();
@@ -503,7 +507,8 @@ fn agents_fail_over_between_control_replicas() {
     let pg: std::net::SocketAddr = pg_at.rsplit_once('@').unwrap().1.parse().unwrap();
     let replica = |host: &Host, ip: &str, sock: &str| {
         // The same database through a relay inside the replica's namespace.
-        let relayed = database.replacen(&pg.to_string(), &format!("127.0.0.1:{}", e2e_support::relay_into(host, pg)), 1);
+        let relayed =
+            database.replacen(&pg.to_string(), &format!("127.0.0.1:{}", e2e_support::relay_into(host, pg)), 1);
         let config = mesh_control::config::Config {
             database_url: Some(relayed),
             listen: format!("{ip}:7443").parse().unwrap(),
@@ -521,9 +526,7 @@ fn agents_fail_over_between_control_replicas() {
     let admin_at = |sock: &str| {
         let path = dir.path().join(sock);
         async move {
-            pb::admin_service_client::AdminServiceClient::new(
-                mesh_client::channel::connect_unix(&path).await.unwrap(),
-            )
+            pb::admin_service_client::AdminServiceClient::new(mesh_client::channel::connect_unix(&path).await.unwrap())
         }
     };
     let rt = rt();
@@ -582,6 +585,10 @@ fn agents_fail_over_between_control_replicas() {
         assert!(seen.insert((&e.subject, &e.before, &e.after)), "audited twice: {e:?}\n{primaries:?}");
     }
     assert!(!primaries.is_empty(), "no primary change audited");
+    let on_a = rt.block_on(async {
+        admin_at("b.sock").await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
+    });
+    assert!(on_a.iter().all(|n| n.online && n.replica.ends_with("/192.0.2.100:7443")), "{on_a:?}");
 
     // Replica A stops while the policy changes through replica B.
     let stopped = std::time::Instant::now();
@@ -605,6 +612,8 @@ fn agents_fail_over_between_control_replicas() {
         admin_at("b.sock").await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
     });
     assert!(nodes.len() == 3 && nodes.iter().all(|n| n.acked_generation > 0), "{nodes:?}");
+    // Each node online on replica B, as meshctl status shows it.
+    assert!(nodes.iter().all(|n| n.online && n.replica.ends_with("/192.0.2.101:7443")), "{nodes:?}");
     for g in &mut gws {
         g.stop();
     }

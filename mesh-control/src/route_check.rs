@@ -150,6 +150,7 @@ mod tests {
             key_expiry: i64::MAX,
             rotation_requested: false,
             key_created: 0,
+            replica: String::new(),
             endpoints: Vec::new(),
             credential_hash: String::new(),
             prev_credential_hash: String::new(),

@@ -244,7 +244,8 @@ fn node_json(n: &pb::Node) -> serde_json::Value {
         "key_expiring_soon": n.key_expiring_soon, "last_seen_unix": n.last_seen_unix, "endpoints": n.endpoints,
         "advertised_routes": n.advertised_routes, "user": n.user, "acked_generation": n.acked_generation,
         "view_error": n.view_error, "view_error_generation": n.view_error_generation,
-        "key_created_unix": n.key_created_unix, "key_rotation_requested": n.key_rotation_requested})
+        "key_created_unix": n.key_created_unix, "key_rotation_requested": n.key_rotation_requested,
+        "replica": n.replica})
 }
 
 fn print_nodes(nodes: &[pb::Node], json_out: bool) {
@@ -415,7 +416,7 @@ fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_o
     );
     println!("CA pin: {}\n", s.ca_pin);
     table(
-        &["NODE", "IPV4", "STATE", "ONLINE", "BACKEND", "KEY EXPIRY", "VIEW"],
+        &["NODE", "IPV4", "STATE", "ONLINE", "REPLICA", "BACKEND", "KEY EXPIRY", "VIEW"],
         nodes
             .iter()
             .map(|n| {
@@ -424,6 +425,7 @@ fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_o
                     n.ipv4.clone(),
                     state(n),
                     if n.online { "yes" } else { "no" }.into(),
+                    if n.replica.is_empty() { "-".into() } else { n.replica.clone() },
                     if n.backend.is_empty() { "-".into() } else { n.backend.clone() },
                     time(n.key_expiry_unix),
                     // A nack is what an operator must see first.

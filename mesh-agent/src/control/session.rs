@@ -68,8 +68,9 @@ async fn session(
     let public_key = crate::keys::load_or_generate(&config.private_key_path()).map_or(public_key, |k| k.public_key());
     let mut cred = credential(config, cc, public_key).await?;
     let addresses = cc.addresses();
-    let (channel, used) =
-        client::connect_any(&addresses, *replica, &Trust::AnyPin(cred.pins()?)).await.map_err(err("connecting to control"))?;
+    let (channel, used) = client::connect_any(&addresses, *replica, &Trust::AnyPin(cred.pins()?))
+        .await
+        .map_err(err("connecting to control"))?;
     *replica = used;
     let address = &addresses[used];
     let cred_path = config.control_credential_path();

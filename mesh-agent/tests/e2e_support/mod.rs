@@ -264,9 +264,7 @@ pub fn relay_into(host: &Host, target: std::net::SocketAddr) -> u16 {
     std::thread::spawn(move || {
         for inner in listener.incoming().flatten() {
             let Ok(outer) = TcpStream::connect(target) else { continue };
-            for (mut from, mut to) in
-                [(inner.try_clone().unwrap(), outer.try_clone().unwrap()), (outer, inner)]
-            {
+            for (mut from, mut to) in [(inner.try_clone().unwrap(), outer.try_clone().unwrap()), (outer, inner)] {
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut from, &mut to);
                     let _ = to.shutdown(std::net::Shutdown::Write);

@@ -42,6 +42,7 @@ pub fn node(n: &NodeRecord, now: i64, volatile: bool) -> pb::Node {
         state: state.into(),
         ephemeral: n.ephemeral,
         online: volatile && n.online,
+        replica: if volatile { n.replica.clone() } else { String::new() },
         created_unix: n.created,
         key_created_unix: n.key_created,
         last_seen_unix: if volatile { n.last_seen } else { 0 },

@@ -682,7 +682,11 @@ impl AgentService for AgentApi {
         }
         self.engine.set_limits(id, capability::limits(hello.capabilities.as_ref()));
         if open == 1 || endpoints.is_some() {
-            self.engine.store().set_presence(id, true, endpoints, self.engine.now()).await.map_err(ApiError::from)?;
+            self.engine
+                .store()
+                .set_presence(id, true, endpoints, &self.engine.config().replica, self.engine.now())
+                .await
+                .map_err(ApiError::from)?;
             let engine = self.engine.clone();
             // Presence matters for route failover only: do not hold up the stream.
             tokio::spawn(async move { engine.refresh().await });
@@ -703,7 +707,11 @@ impl AgentService for AgentApi {
                 let _ = tx.send(Err(e.into())).await;
             }
             if this.engine.stream_closed(id) == 0 {
-                let _ = this.engine.store().set_presence(id, false, None, this.engine.now()).await;
+                let _ = this
+                    .engine
+                    .store()
+                    .set_presence(id, false, None, &this.engine.config().replica, this.engine.now())
+                    .await;
                 let _ = this.engine.refresh().await;
             }
             tracing::info!(node = id, "sync stream closed");

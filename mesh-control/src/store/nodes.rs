@@ -248,17 +248,25 @@ impl Store {
         self.update_node(id, actor, "node.extend", now, |n| n.key_expiry = expiry).await
     }
 
-    /// Records an agent stream opening or closing, and its endpoints.
+    /// Records an agent stream opening or closing on `replica`, and its
+    /// endpoints. A stream closing on a replica that no longer holds it
+    /// (the agent already moved to another) changes nothing: the node is
+    /// online there.
     pub async fn set_presence(
         &self,
         id: u64,
         online: bool,
         endpoints: Option<Vec<String>>,
+        replica: &str,
         now: i64,
     ) -> Result<NodeRecord> {
         let action = if online { "node.online" } else { "node.offline" };
         self.update_node(id, &format!("node/{id}"), action, now, |n| {
+            if !online && n.replica != replica {
+                return;
+            }
             n.online = online;
+            n.replica = if online { replica.to_owned() } else { String::new() };
             n.last_seen = now;
             if let Some(e) = endpoints {
                 n.endpoints = e;
@@ -363,7 +371,7 @@ async fn update_node_in(
     sqlx::query(
         "UPDATE nodes SET public_key = $2, tags = $3, state = $4, last_seen = $5, online = $6, key_expiry = $7, \
          rotation_requested = $8, endpoints = $9, credential_hash = $10, prev_credential_hash = $11, \
-         key_created = $12 WHERE id = $1",
+         key_created = $12, replica = $13 WHERE id = $1",
     )
     .bind(i(id))
     .bind(&after.public_key)
@@ -377,6 +385,7 @@ async fn update_node_in(
     .bind(&after.credential_hash)
     .bind(&after.prev_credential_hash)
     .bind(after.key_created)
+    .bind(&after.replica)
     .execute(&mut **tx)
     .await?;
     audit(tx, now, actor, action, &format!("node/{id}"), json(&before), json(&after)).await?;

@@ -54,6 +54,9 @@ pub struct NodeRecord {
     pub last_seen: i64,
     /// Whether an agent stream is open (on any replica).
     pub online: bool,
+    /// The replica holding the agent's stream (its host and listen
+    /// address; empty while offline).
+    pub replica: String,
     /// Node key and credential expiry, unix seconds.
     pub key_expiry: i64,
     /// An admin (or the automatic rotation) asked the agent to rotate its

@@ -30,7 +30,7 @@ pub(super) fn i(v: u64) -> i64 {
 
 pub(super) const NODE_COLS: &str = "id, name, hostname, public_key, addr_index, tags, owner, state, ephemeral, created, \
                          last_seen, online, key_expiry, rotation_requested, endpoints, credential_hash, \
-                         prev_credential_hash, key_created";
+                         prev_credential_hash, key_created, replica";
 
 pub(super) fn node_row(r: &AnyRow) -> Result<NodeRecord> {
     let idx: i64 = r.try_get("addr_index")?;
@@ -56,6 +56,7 @@ pub(super) fn node_row(r: &AnyRow) -> Result<NodeRecord> {
         credential_hash: r.try_get("credential_hash")?,
         prev_credential_hash: r.try_get("prev_credential_hash")?,
         key_created: r.try_get("key_created")?,
+        replica: r.try_get("replica")?,
     })
 }
 

@@ -116,6 +116,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
         6,
         "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires BIGINT NOT NULL);",
     ),
+    (
+        // Which replica holds each node's agent stream ('' when none).
+        7,
+        "ALTER TABLE nodes ADD COLUMN replica TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 /// Applies the migrations `pool` has not seen yet.

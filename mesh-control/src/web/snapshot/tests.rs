@@ -129,11 +129,20 @@ fn a_gateway_is_down_when_offline_or_when_every_online_peer_says_so() {
 
     // ...unless that peer is offline itself, or its report is stale.
     let mut j = i.clone();
-    let who = j.peers.iter().find(|p| p.to_name == "nyc_gw1" && p.health.as_ref().unwrap().probe_up).unwrap().from_name.clone();
+    let who = j
+        .peers
+        .iter()
+        .find(|p| p.to_name == "nyc_gw1" && p.health.as_ref().unwrap().probe_up)
+        .unwrap()
+        .from_name
+        .clone();
     j.nodes.iter_mut().find(|n| n.name == who).unwrap().online = false;
     assert_eq!(gw(&build(&j), "nyc_gw1").state, "down");
-    i.peers.iter_mut().find(|p| p.to_name == "nyc_gw1" && p.health.as_ref().unwrap().probe_up).unwrap().report_age_secs =
-        STALE_REPORT_SECS + 1;
+    i.peers
+        .iter_mut()
+        .find(|p| p.to_name == "nyc_gw1" && p.health.as_ref().unwrap().probe_up)
+        .unwrap()
+        .report_age_secs = STALE_REPORT_SECS + 1;
     assert_eq!(gw(&build(&i), "nyc_gw1").state, "down");
 
     // Offline at control: down whatever the reports say.
@@ -166,7 +175,10 @@ fn site_pairs_measure_primary_to_primary_and_skip_missing_figures() {
     let json = serde_json::to_value(&s).unwrap();
     assert!(json["links"][0].get("p99_ms").is_none(), "agents report no p99: the field is omitted");
     assert_eq!(json["links"][0]["endpoint"], "192.0.2.1:51820", "the path facts reach the page");
-    assert_eq!((json["links"][0]["rx_bytes"].as_u64(), json["links"][0]["tx_bytes"].as_u64()), (Some(2048), Some(1024)));
+    assert_eq!(
+        (json["links"][0]["rx_bytes"].as_u64(), json["links"][0]["tx_bytes"].as_u64()),
+        (Some(2048), Some(1024))
+    );
 }
 
 #[test]
