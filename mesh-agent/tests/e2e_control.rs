@@ -505,10 +505,11 @@ fn agents_fail_over_between_control_replicas() {
     let database = e2e_support::postgres_schema();
     let (pg_at, _) = database.rsplit_once('/').unwrap();
     let pg: std::net::SocketAddr = pg_at.rsplit_once('@').unwrap().1.parse().unwrap();
+    let relays = [e2e_support::Relay::into(&hosts[0], pg), e2e_support::Relay::into(&hosts[1], pg)];
     let replica = |host: &Host, ip: &str, sock: &str| {
         // The same database through a relay inside the replica's namespace.
-        let relayed =
-            database.replacen(&pg.to_string(), &format!("127.0.0.1:{}", e2e_support::relay_into(host, pg)), 1);
+        let relay = &relays[usize::from(ip.ends_with(".101"))];
+        let relayed = database.replacen(&pg.to_string(), &format!("127.0.0.1:{}", relay.port), 1);
         let config = mesh_control::config::Config {
             database_url: Some(relayed),
             listen: format!("{ip}:7443").parse().unwrap(),
@@ -614,6 +615,21 @@ fn agents_fail_over_between_control_replicas() {
     assert!(nodes.len() == 3 && nodes.iter().all(|n| n.acked_generation > 0), "{nodes:?}");
     // Each node online on replica B, as meshctl status shows it.
     assert!(nodes.iter().all(|n| n.online && n.replica.ends_with("/192.0.2.101:7443")), "{nodes:?}");
+
+    // PostgreSQL goes away: a change is refused at once with a clear
+    // error, and the agents keep their views (fail-static).
+    relays[1].cut();
+    let t = std::time::Instant::now();
+    let refused = rt
+        .block_on(async {
+            admin_at("b.sock").await.set_policy(pb::PolicyDocument { text: POLICY_V1.into(), generation: 0 }).await
+        })
+        .unwrap_err();
+    eprintln!("with the database gone, a policy change was refused after {} ms: {refused:?}", t.elapsed().as_millis());
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("database is unreachable: nothing was changed"), "{refused:?}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(gws.iter().all(|g| policy_of(g) == Some(set.generation)), "{}", logs());
     for g in &mut gws {
         g.stop();
     }

@@ -254,23 +254,48 @@ pub fn postgres_schema() -> String {
 }
 
 /// Makes `target` (on this machine's loopback, outside the lab) reachable
-/// at the returned port on 127.0.0.1 inside `host`'s namespace: a listener
+/// at [`Relay::port`] on 127.0.0.1 inside `host`'s namespace: a listener
 /// there, relayed by threads here. For the test PostgreSQL, which listens
-/// on the host's loopback only.
-pub fn relay_into(host: &Host, target: std::net::SocketAddr) -> u16 {
-    use std::net::{TcpListener, TcpStream};
-    let listener = host.run(|| TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for inner in listener.incoming().flatten() {
-            let Ok(outer) = TcpStream::connect(target) else { continue };
-            for (mut from, mut to) in [(inner.try_clone().unwrap(), outer.try_clone().unwrap()), (outer, inner)] {
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from, &mut to);
-                    let _ = to.shutdown(std::net::Shutdown::Write);
-                });
+/// on the host's loopback only; [`Relay::cut`] takes it away, as an outage.
+pub struct Relay {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    pub fn into(host: &Host, target: std::net::SocketAddr) -> Self {
+        use std::{
+            net::{TcpListener, TcpStream},
+            sync::atomic::Ordering,
+        };
+        let listener = host.run(|| TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let relay = Self { port, cut: Default::default(), open: Default::default() };
+        let (cut, open) = (relay.cut.clone(), relay.open.clone());
+        std::thread::spawn(move || {
+            for inner in listener.incoming().flatten() {
+                if cut.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(outer) = TcpStream::connect(target) else { continue };
+                open.lock().unwrap().extend([inner.try_clone().unwrap(), outer.try_clone().unwrap()]);
+                for (mut from, mut to) in [(inner.try_clone().unwrap(), outer.try_clone().unwrap()), (outer, inner)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
             }
+        });
+        relay
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
-    });
-    port
+    }
 }

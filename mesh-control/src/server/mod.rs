@@ -35,6 +35,9 @@ pub enum ApiError {
     /// Over a limit of [`crate::limits`]; the client should retry later.
     #[error(transparent)]
     Limited(#[from] crate::limits::Limited),
+    /// The store (database) is unreachable: nothing was changed.
+    #[error("the store is unreachable")]
+    Unavailable(String),
     /// Our fault.
     #[error("internal error")]
     Internal(String),
@@ -56,6 +59,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(what) => Self::NotFound(format!("{what} not found")),
             StoreError::Conflict(why) => Self::FailedPrecondition(why),
+            other if other.is_unreachable() => Self::Unavailable(other.to_string()),
             other => Self::Internal(other.to_string()),
         }
     }
@@ -70,6 +74,12 @@ impl From<ApiError> for Status {
             ApiError::InvalidArgument(m) => Self::invalid_argument(m),
             ApiError::FailedPrecondition(m) => Self::failed_precondition(m),
             ApiError::Limited(l) => Self::resource_exhausted(l.to_string()),
+            ApiError::Unavailable(m) => {
+                tracing::error!(error = %m, "the store is unreachable");
+                Self::unavailable(
+                    "control's database is unreachable: nothing was changed; agents keep their last views; retry later",
+                )
+            }
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 Self::internal("internal error")
@@ -109,4 +119,20 @@ pub(crate) fn endpoints(list: &[String]) -> Result<Vec<String>, ApiError> {
 /// Parses a CIDR from a request.
 pub(crate) fn cidr(s: &str) -> Result<ipnet::IpNet, ApiError> {
     crate::policy::model::parse_cidr(s).ok_or_else(|| ApiError::InvalidArgument(format!("bad CIDR {s:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_store_is_unavailable_with_a_clear_message() {
+        for e in [sqlx::Error::PoolTimedOut, sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into())] {
+            let status = Status::from(ApiError::from(StoreError::Db(e)));
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert!(status.message().contains("database is unreachable: nothing was changed"), "{}", status.message());
+        }
+        let other = Status::from(ApiError::from(StoreError::Corrupt("x".into())));
+        assert_eq!(other.code(), tonic::Code::Internal);
+    }
 }
