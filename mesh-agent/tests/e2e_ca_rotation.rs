@@ -22,7 +22,7 @@ use pb::rotate_ca_request::Step;
 
 mod e2e_support;
 
-use e2e_support::{BpfFs, Control, Gateway, Tuning, admin, gateway_key, rt, wait_for};
+use e2e_support::{BpfFs, Control, Gateway, Tuning, admin, rt, wait_for};
 
 const TUNING: Tuning = Tuning { metrics_listen: None, health_interval_secs: 1.0, extra: "" };
 
@@ -50,23 +50,12 @@ const REFUSED: &str = "no certificate matching the CA pin";
 fn agents_follow_a_ca_rotation_and_then_refuse_the_retired_ca() {
     mesh_lab::require_root!();
     let lab = Lab::new().unwrap();
-    let ctl = lab.host("ctl").unwrap();
-    let wan = lab.switch("wan").unwrap();
-    let mut hosts = Vec::new();
-    for (name, a) in [("ctl", "192.0.2.100"), ("gwa", "192.0.2.1"), ("gwb", "192.0.2.2")] {
-        let h = if name == "ctl" { ctl.clone() } else { lab.host(name).unwrap() };
-        wan.plug(&h, "eth0").unwrap();
-        h.addr("eth0", &format!("{a}/24")).unwrap();
-        hosts.push(h);
-    }
+    let hosts = e2e_support::wan(&lab, &[("ctl", "192.0.2.100"), ("gwa", "192.0.2.1"), ("gwb", "192.0.2.2")]);
+    let ctl = hosts[0].clone();
     let ctl_dir = tempfile::tempdir().unwrap();
     let mut control = Control::start(&ctl, ctl_dir.path(), 2);
     let rt = rt();
-    let (k_a, k_b) = rt.block_on(async {
-        let mut a = admin(ctl_dir.path()).await;
-        a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
-        (gateway_key(&mut a, false).await, gateway_key(&mut a, false).await)
-    });
+    let [k_a, k_b]: [String; 2] = e2e_support::policy_and_keys(&rt, ctl_dir.path(), POLICY, 2).try_into().unwrap();
     let bpf = BpfFs::mount();
     let mut gws = [
         Gateway::new(hosts[1].clone(), &lab.unique_ifname("wg"), bpf.0.path(), &k_a, "192.0.2.1", &[], &TUNING),

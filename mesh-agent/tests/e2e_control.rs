@@ -65,7 +65,7 @@ const POLICY_V2: &str = r#"{
 
 mod e2e_support;
 
-use e2e_support::{BpfFs, Control, Gateway, Tuning, admin, gateway_key, rt, wait_for};
+use e2e_support::{BpfFs, Control, Gateway, NO_PROBES, Tuning, admin, gateway_key, rt, wait_for};
 
 /// Agents serve metrics (checked with promtool); health every second.
 const TUNING: Tuning = Tuning { metrics_listen: Some("127.0.0.1:9300"), health_interval_secs: 1.0, extra: "" };
@@ -156,11 +156,8 @@ fn agents_follow_control_and_survive_its_restart() {
     let ctl_dir = tempfile::tempdir().unwrap();
     let mut control = Control::start(&ctl, ctl_dir.path(), 2);
     let rt = rt();
-    let (k_nyc, k_fsn) = rt.block_on(async {
-        let mut a = admin(ctl_dir.path()).await;
-        a.set_policy(pb::PolicyDocument { text: POLICY_V1.into(), generation: 0 }).await.unwrap();
-        (gateway_key(&mut a, false).await, gateway_key(&mut a, false).await)
-    });
+    let [k_nyc, k_fsn]: [String; 2] =
+        e2e_support::policy_and_keys(&rt, ctl_dir.path(), POLICY_V1, 2).try_into().unwrap();
 
     let bpf = BpfFs::mount();
     let mut nyc =
@@ -352,15 +349,9 @@ fn chrono_now() -> i64 {
 #[test]
 fn an_agent_without_probes_still_follows_control() {
     mesh_lab::require_root!();
-    const NO_PROBES: Tuning = Tuning { metrics_listen: None, health_interval_secs: 1.0, extra: "[probe]\nport = 0\n" };
     let lab = Lab::new().unwrap();
-    let ctl = lab.host("ctl").unwrap();
-    let gw = lab.host("gwnyc").unwrap();
-    let wan = lab.switch("wan").unwrap();
-    for (h, a) in [(&ctl, "192.0.2.100"), (&gw, "192.0.2.1")] {
-        wan.plug(h, "eth0").unwrap();
-        h.addr("eth0", &format!("{a}/24")).unwrap();
-    }
+    let hosts = e2e_support::wan(&lab, &[("ctl", "192.0.2.100"), ("gwnyc", "192.0.2.1")]);
+    let (ctl, gw) = (hosts[0].clone(), hosts[1].clone());
     let ctl_dir = tempfile::tempdir().unwrap();
     let mut control = Control::start(&ctl, ctl_dir.path(), 2);
     let rt = rt();
@@ -405,25 +396,14 @@ impl mesh_control::engine::Clock for Behind {
 #[test]
 fn agents_take_views_from_a_control_whose_generations_went_back() {
     mesh_lab::require_root!();
-    const NO_PROBES: Tuning = Tuning { metrics_listen: None, health_interval_secs: 1.0, extra: "[probe]\nport = 0\n" };
     let lab = Lab::new().unwrap();
-    let ctl = lab.host("ctl").unwrap();
-    let wan = lab.switch("wan").unwrap();
-    let mut hosts = Vec::new();
-    for (name, a) in [("ctl", "192.0.2.100"), ("gwnyc", "192.0.2.1"), ("gwfsn", "192.0.2.2")] {
-        let h = if name == "ctl" { ctl.clone() } else { lab.host(name).unwrap() };
-        wan.plug(&h, "eth0").unwrap();
-        h.addr("eth0", &format!("{a}/24")).unwrap();
-        hosts.push(h);
-    }
+    let hosts = e2e_support::wan(&lab, &[("ctl", "192.0.2.100"), ("gwnyc", "192.0.2.1"), ("gwfsn", "192.0.2.2")]);
+    let ctl = hosts[0].clone();
     let ctl_dir = tempfile::tempdir().unwrap();
     let mut control = Control::start(&ctl, ctl_dir.path(), 2);
     let rt = rt();
-    let (k_nyc, k_fsn) = rt.block_on(async {
-        let mut a = admin(ctl_dir.path()).await;
-        a.set_policy(pb::PolicyDocument { text: POLICY_V1.into(), generation: 0 }).await.unwrap();
-        (gateway_key(&mut a, false).await, gateway_key(&mut a, false).await)
-    });
+    let [k_nyc, k_fsn]: [String; 2] =
+        e2e_support::policy_and_keys(&rt, ctl_dir.path(), POLICY_V1, 2).try_into().unwrap();
     let bpf = BpfFs::mount();
     let if_nyc = lab.unique_ifname("wg");
     let mut nyc =
@@ -487,20 +467,16 @@ fn agents_fail_over_between_control_replicas() {
         extra: "addresses = [\"192.0.2.101:7443\"]\n[probe]\nport = 0\n",
     };
     let lab = Lab::new().unwrap();
-    let wan = lab.switch("wan").unwrap();
-    let mut hosts = Vec::new();
-    for (name, a) in [
-        ("ctla", "192.0.2.100"),
-        ("ctlb", "192.0.2.101"),
-        ("gw1", "192.0.2.1"),
-        ("gw2", "192.0.2.2"),
-        ("gw3", "192.0.2.3"),
-    ] {
-        let h = lab.host(name).unwrap();
-        wan.plug(&h, "eth0").unwrap();
-        h.addr("eth0", &format!("{a}/24")).unwrap();
-        hosts.push(h);
-    }
+    let hosts = e2e_support::wan(
+        &lab,
+        &[
+            ("ctla", "192.0.2.100"),
+            ("ctlb", "192.0.2.101"),
+            ("gw1", "192.0.2.1"),
+            ("gw2", "192.0.2.2"),
+            ("gw3", "192.0.2.3"),
+        ],
+    );
     let dir = tempfile::tempdir().unwrap();
     let database = e2e_support::postgres_schema();
     let (pg_at, _) = database.rsplit_once('/').unwrap();

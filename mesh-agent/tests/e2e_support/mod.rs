@@ -62,6 +62,24 @@ impl Control {
     }
 }
 
+/// Lab hosts `(name, address)` on one WAN switch, each with its address
+/// (/24) on `eth0`.
+pub fn wan(lab: &mesh_lab::Lab, hosts: &[(&str, &str)]) -> Vec<Host> {
+    let wan = lab.switch("wan").unwrap();
+    hosts
+        .iter()
+        .map(|(name, addr)| {
+            let h = lab.host(name).unwrap();
+            wan.plug(&h, "eth0").unwrap();
+            h.addr("eth0", &format!("{addr}/24")).unwrap();
+            h
+        })
+        .collect()
+}
+
+/// Gateways without probes (no local failover), reporting every second.
+pub const NO_PROBES: Tuning = Tuning { metrics_listen: None, health_interval_secs: 1.0, extra: "[probe]\nport = 0\n" };
+
 pub type Admin = AdminServiceClient<tonic::transport::Channel>;
 
 pub fn rt() -> tokio::runtime::Runtime {
@@ -70,6 +88,19 @@ pub fn rt() -> tokio::runtime::Runtime {
 
 pub async fn admin(dir: &Path) -> Admin {
     AdminServiceClient::new(connect_unix(&dir.join("admin.sock")).await.unwrap())
+}
+
+/// Sets `policy` at the control in `dir` and makes `n` one-off gateway keys.
+pub fn policy_and_keys(rt: &tokio::runtime::Runtime, dir: &Path, policy: &str, n: usize) -> Vec<String> {
+    rt.block_on(async {
+        let mut a = admin(dir).await;
+        a.set_policy(pb::PolicyDocument { text: policy.into(), generation: 0 }).await.unwrap();
+        let mut keys = Vec::new();
+        for _ in 0..n {
+            keys.push(gateway_key(&mut a, false).await);
+        }
+        keys
+    })
 }
 
 /// A preapproved enrollment key for `tag:gw` gateways (one use, or
