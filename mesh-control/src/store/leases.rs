@@ -4,6 +4,10 @@
 //! removing ephemeral nodes; asking for rotations by age) is done by one
 //! replica, not by each. The holder renews its lease well within its
 //! lifetime; another replica takes it over once it has expired.
+//!
+//! Expiry is judged by each replica's clock (the engine's): replicas are
+//! expected to run NTP, and an offset well under the lease's few seconds
+//! only moves a takeover by that much.
 
 use super::{Result, Store};
 
