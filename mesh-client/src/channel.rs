@@ -216,15 +216,18 @@ pub async fn connect_any(addrs: &[String], start: usize, trust: &Trust) -> Resul
         match connect(&addrs[i], trust).await {
             Ok(ch) => return Ok((ch, i)),
             Err(ConnectError::Config(e)) => return Err(ConnectError::Config(format!("{}: {e}", addrs[i]))),
-            Err(e) => failures.push((addrs[i].clone(), chain(&e))),
+            Err(e) => failures.push((addrs[i].clone(), error_chain(&e))),
         }
     }
     Err(ConnectError::AllFailed(failures))
 }
 
 /// An error with its sources ("connect: transport error: ...: invalid peer
-/// certificate: UnknownIssuer"): the cause is what an operator needs.
-fn chain(e: &dyn std::error::Error) -> String {
+/// certificate: UnknownIssuer"): transport errors hide the cause an
+/// operator needs in their sources. A source whose text already ends the
+/// message is not repeated.
+#[must_use]
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

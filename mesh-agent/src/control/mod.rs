@@ -116,13 +116,7 @@ pub struct SessionError(String);
 fn err<E: Into<Box<dyn std::error::Error + Send + Sync>>>(what: &str) -> impl Fn(E) -> SessionError + '_ {
     move |e| {
         let e: Box<dyn std::error::Error + Send + Sync> = e.into();
-        let mut text = format!("{what}: {e}");
-        let mut source = e.source();
-        while let Some(s) = source {
-            text.push_str(&format!(": {s}"));
-            source = s.source();
-        }
-        SessionError(text)
+        SessionError(format!("{what}: {}", mesh_client::channel::error_chain(&*e)))
     }
 }
 

@@ -182,8 +182,8 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Takes or renews the housekeeping lease; whether this replica holds it.
-    async fn lead(&self) -> bool {
+    /// Takes or renews the housekeeping lease (see [`Self::leads`]).
+    async fn lead(&self) {
         let held = match self.store.try_lease(LEASE, &self.cfg.replica, self.now(), LEASE_SECS).await {
             Ok(held) => held,
             Err(e) => {
@@ -195,7 +195,6 @@ impl Engine {
         if self.leader.swap(held, Ordering::SeqCst) != held {
             tracing::info!(replica = %self.cfg.replica, held, "housekeeping lease");
         }
-        held
     }
 
     /// Whether this replica does the once-per-mesh work now.
