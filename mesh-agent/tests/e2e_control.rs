@@ -584,13 +584,16 @@ fn agents_fail_over_between_control_replicas() {
     let took = stopped.elapsed();
     eprintln!("every agent moved to replica B and applied policy {} in {} ms", set.generation, took.as_millis());
     assert!(took < Duration::from_secs(5), "took {} ms\n{}", took.as_millis(), logs());
-    // Replica B's view of the mesh: all three online and acknowledging.
-    let nodes = rt.block_on(async {
-        admin_at("b.sock").await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
+    // Replica B's view of the mesh: all three online on B (as meshctl status
+    // shows it) and acknowledging the new policy. An agent logs the policy
+    // before its ack reaches B, so this is waited for, not read once.
+    wait_for("replica B sees every node online and acknowledging", &logs, || {
+        let nodes = rt.block_on(async {
+            admin_at("b.sock").await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
+        });
+        nodes.len() == 3
+            && nodes.iter().all(|n| n.online && n.replica.ends_with("/192.0.2.101:7443") && n.acked_generation > 0)
     });
-    assert!(nodes.len() == 3 && nodes.iter().all(|n| n.acked_generation > 0), "{nodes:?}");
-    // Each node online on replica B, as meshctl status shows it.
-    assert!(nodes.iter().all(|n| n.online && n.replica.ends_with("/192.0.2.101:7443")), "{nodes:?}");
 
     // PostgreSQL goes away: a change is refused at once with a clear
     // error, and the agents keep their views (fail-static).
