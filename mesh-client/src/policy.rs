@@ -13,6 +13,25 @@ pub struct BadPolicy(String);
 /// A compiled policy on the wire.
 #[must_use]
 pub fn to_proto(p: &CompiledPolicy) -> pb::CompiledPolicy {
+    to_proto_with(p, &mut NetNames::default())
+}
+
+/// CIDRs as text, each formatted once: the rules of many nodes name the
+/// same CIDRs (a site's addresses are in every site member's rules), and
+/// formatting addresses was the largest cost of converting thousands of
+/// policies at once.
+#[derive(Debug, Default)]
+pub struct NetNames(std::collections::HashMap<IpNet, String>);
+
+impl NetNames {
+    fn name(&mut self, net: &IpNet) -> String {
+        self.0.entry(*net).or_insert_with(|| net.to_string()).clone()
+    }
+}
+
+/// [`to_proto`], with the CIDRs' text from `names`.
+#[must_use]
+pub fn to_proto_with(p: &CompiledPolicy, names: &mut NetNames) -> pb::CompiledPolicy {
     pb::CompiledPolicy {
         generation: p.generation,
         rules: p
@@ -29,8 +48,8 @@ pub fn to_proto(p: &CompiledPolicy) -> pb::CompiledPolicy {
                 };
                 pb::PolicyRule {
                     id: r.id,
-                    src: r.src.iter().map(ToString::to_string).collect(),
-                    dst: r.dst.iter().map(ToString::to_string).collect(),
+                    src: r.src.iter().map(|n| names.name(n)).collect(),
+                    dst: r.dst.iter().map(|n| names.name(n)).collect(),
                     proto: proto.into(),
                     proto_number: number,
                     port_first: u32::from(r.ports.first),

@@ -40,8 +40,19 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     }
 }
 
+/// mimalloc rather than glibc's malloc: recomputing thousands of views is
+/// allocation-heavy, and with glibc the allocator was ~40% of control's CPU
+/// and freed memory stayed spread over per-thread arenas (`cargo xtask
+/// bench push`, 1,000 agents: RSS 401 MiB, 217 MiB with two arenas).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    serve().await
+}
+
+async fn serve() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();

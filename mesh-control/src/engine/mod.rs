@@ -57,6 +57,16 @@ pub struct EngineConfig {
     pub replica: String,
 }
 
+/// Runs CPU-heavy `f` (a recompute over every node) so that the runtime
+/// moves its other tasks to another worker meanwhile: streams and acks are
+/// not held up behind it. Inline on a current-thread runtime (tests).
+fn heavy<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// The lease whose holder does the once-per-mesh work (see
 /// `store::leases`), and how long it lasts without renewal (renewed every
 /// second).
@@ -110,6 +120,8 @@ struct State {
     views: BTreeMap<u64, Arc<Published>>,
     routes: BTreeMap<IpNet, Vec<u64>>,
     selector: RouteSelector,
+    /// What the last view computation keeps for the next (see `view::Memo`).
+    memo: view::Memo,
     up_since: HashMap<(u64, IpNet), i64>,
     slots: HashMap<u64, watch::Sender<Option<Arc<Published>>>>,
     acked: HashMap<u64, u64>,
@@ -422,7 +434,7 @@ impl Engine {
         }
         let covers = self.requested.load(Ordering::SeqCst);
         let snap = self.store.snapshot().await?;
-        let changes = self.recompute(Arc::new(snap));
+        let changes = heavy(|| self.recompute(Arc::new(snap)));
         // Every replica sees the change; the lease holder audits it.
         let audit = self.leads();
         for c in changes.iter().filter(|_| audit) {
@@ -452,51 +464,81 @@ impl Engine {
     }
 
     /// Recomputes every view from `snap`; returns the prefixes whose
-    /// primary gateway changed.
+    /// primary gateway changed. Callers hold `refresh_lock` (recomputes do
+    /// not overlap); the state lock is held only to read the inputs and to
+    /// publish the results, never while computing, so acks, subscriptions
+    /// and status keep being served during a large recompute.
     fn recompute(&self, snap: Arc<Snapshot>) -> Vec<PrimaryChange> {
         let started = Instant::now();
         let now = self.now();
-        let mut st = self.lock();
-        let st = &mut *st;
-        // The policy, re-parsed only when its generation changed.
+        // 1. Inputs.
         let generation = snap.policy.as_ref().map_or(0, |p| p.generation);
-        if generation != st.policy_generation || st.snap.version == 0 {
+        let reparse = {
+            let st = self.lock();
+            (generation != st.policy_generation || st.snap.version == 0).then_some(())
+        };
+        // The policy, re-parsed only when its generation changed.
+        let parsed = reparse.map(|()| {
             let text = snap.policy.as_ref().map_or(DEFAULT_POLICY, |p| p.text.as_str());
-            st.policy = Arc::new(Policy::parse(text).unwrap_or_else(|problems| {
+            Arc::new(Policy::parse(text).unwrap_or_else(|problems| {
                 // Only validated text is ever stored; keep going default-deny.
                 tracing::error!(?problems, generation, "stored policy does not parse; denying everything");
                 Policy::default()
-            }));
-            st.policy_generation = generation;
-        }
+            }))
+        });
+        let (policy, mut selector, mut memo, old_up_since, old_views, first) = {
+            let mut st = self.lock();
+            if let Some(p) = parsed {
+                st.policy = p;
+                st.policy_generation = generation;
+            }
+            (
+                st.policy.clone(),
+                std::mem::take(&mut st.selector),
+                std::mem::take(&mut st.memo),
+                std::mem::take(&mut st.up_since),
+                st.views.clone(),
+                st.snap.version == 0,
+            )
+        };
+        // 2. The computation, unlocked.
         // Gateway health: up = online and reporting the route healthy.
         let online: HashMap<u64, bool> = snap.nodes.iter().map(|n| (n.id, n.online)).collect();
         let mut up_since = HashMap::new();
         for r in &snap.routes {
             if r.healthy && online.get(&r.node_id).copied().unwrap_or(false) {
-                let since = st.up_since.get(&(r.node_id, r.prefix)).copied().unwrap_or(now);
+                let since = old_up_since.get(&(r.node_id, r.prefix)).copied().unwrap_or(now);
                 up_since.insert((r.node_id, r.prefix), since);
             }
         }
-        st.up_since = up_since;
         let input = view::ViewInput {
             snap: &snap,
-            policy: &st.policy,
-            policy_generation: st.policy_generation,
+            policy: &policy,
+            policy_generation: generation,
             mtu: self.cfg.mtu,
             now,
-            up_since: &st.up_since,
+            up_since: &up_since,
         };
-        let views = view::compute(&input, &mut st.selector);
-        let mut changed = 0u64;
+        let views = view::compute(&input, &mut selector, &mut memo);
+        let mut fresh: Vec<(u64, Arc<Published>)> = Vec::new();
         for (id, mut new) in views.nodes {
-            let old = st.views.get(&id);
+            let old = old_views.get(&id);
             if old.is_some_and(|o| view::same(&o.view, &new)) {
                 continue;
             }
             new.generation = self.next_generation.fetch_add(1, Ordering::SeqCst);
             let delta = old.map(|o| mesh_client::view::delta(&o.view, &new));
-            let published = Arc::new(Published { view: new, delta, at: Instant::now() });
+            fresh.push((id, Arc::new(Published { view: new, delta, at: Instant::now() })));
+        }
+        let present: std::collections::HashSet<u64> = snap.nodes.iter().map(|n| n.id).collect();
+        // 3. Publishing.
+        let mut st = self.lock();
+        let st = &mut *st;
+        st.selector = selector;
+        st.memo = memo;
+        st.up_since = up_since;
+        let changed = fresh.len() as u64;
+        for (id, published) in fresh {
             st.views.insert(id, published.clone());
             match st.slots.get(&id) {
                 Some(tx) => {
@@ -506,10 +548,9 @@ impl Engine {
                     st.slots.insert(id, watch::channel(Some(published)).0);
                 }
             }
-            changed += 1;
         }
         // Removed nodes: their streams end.
-        let gone: Vec<u64> = st.views.keys().filter(|id| !snap.nodes.iter().any(|n| n.id == **id)).copied().collect();
+        let gone: Vec<u64> = st.views.keys().filter(|id| !present.contains(id)).copied().collect();
         for id in gone {
             st.views.remove(&id);
             st.acked.remove(&id);
@@ -524,12 +565,12 @@ impl Engine {
         for (prefix, order) in &views.routes {
             let (from, to) = (st.routes.get(prefix).and_then(|o| o.first()).copied(), order.first().copied());
             // The first computation after a start is not a change.
-            if from != to && st.snap.version != 0 {
+            if from != to && !first {
                 primaries.push(PrimaryChange { prefix: *prefix, from, to });
             }
         }
         for (prefix, order) in &st.routes {
-            if !views.routes.contains_key(prefix) && st.snap.version != 0 {
+            if !views.routes.contains_key(prefix) && !first {
                 primaries.push(PrimaryChange { prefix: *prefix, from: order.first().copied(), to: None });
             }
         }
@@ -563,11 +604,15 @@ impl Engine {
             if last_full.elapsed() >= Duration::from_secs(1) {
                 last_full = Instant::now();
                 self.lead().await;
-                let snap = self.snapshot();
                 let multi = self.lock().routes.values().any(|g| g.len() > 1);
                 if multi {
                     let _guard = self.refresh_lock.lock().await;
-                    self.recompute(snap);
+                    // Read under the lock: a refresh that ran while this
+                    // waited for it published a newer snapshot, which a
+                    // recompute from an older one would undo (removing the
+                    // nodes enrolled meanwhile).
+                    let snap = self.snapshot();
+                    heavy(|| self.recompute(snap));
                 }
                 if self.leads() {
                     self.collect_ephemeral().await;

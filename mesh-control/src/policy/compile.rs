@@ -9,7 +9,7 @@
 //! Rule ids: `(acl_index << 16) | n`, where `n` numbers the distinct port
 //! ranges of that entry, so `id >> 16` maps a counter back to its ACL line.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -56,17 +56,136 @@ fn node_is(policy: &Policy, node: &InventoryNode, target: &Target) -> bool {
     }
 }
 
-/// The CIDRs a target stands for.
-fn resolve(policy: &Policy, inv: &Inventory, target: &Target) -> Vec<IpNet> {
-    match target {
-        Target::Any => vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
-        Target::Host(h) => policy.hosts.get(h).copied().into_iter().collect(),
-        Target::Cidr(c) => vec![*c],
-        _ => inv
+/// The inventory with what ACL lookups need precomputed: each node's
+/// served CIDRs and the members of each tag and user. Resolving a principal
+/// then costs its members, not the whole inventory, so compiling N nodes
+/// against an ACL per site stays near-linear instead of N times the ACLs.
+struct Index<'a> {
+    policy: &'a Policy,
+    inv: &'a Inventory,
+    served: Vec<Vec<IpNet>>,
+    by_tag: HashMap<&'a str, Vec<usize>>,
+    by_user: HashMap<&'a str, Vec<usize>>,
+    /// Nodes that serve site routes (their served CIDRs go beyond their own
+    /// addresses, so any source may overlap them).
+    routers: Vec<usize>,
+}
+
+impl<'a> Index<'a> {
+    fn new(policy: &'a Policy, inv: &'a Inventory) -> Self {
+        let mut by_tag: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut by_user: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, n) in inv.iter().enumerate() {
+            for t in &n.tags {
+                let v = by_tag.entry(t.as_str()).or_default();
+                // A node listing a tag twice is still one member.
+                if v.last() != Some(&i) {
+                    v.push(i);
+                }
+            }
+            if !n.user.is_empty() {
+                by_user.entry(n.user.as_str()).or_default().push(i);
+            }
+        }
+        Self {
+            policy,
+            inv,
+            served: inv.iter().map(InventoryNode::served).collect(),
+            by_tag,
+            by_user,
+            routers: inv.iter().enumerate().filter(|(_, n)| !n.routes.is_empty()).map(|(i, _)| i).collect(),
+        }
+    }
+
+    /// The nodes that are `target`'s principals (as [`node_is`] decides), in
+    /// inventory order.
+    fn members(&self, target: &Target) -> Vec<usize> {
+        match target {
+            Target::Any => (0..self.inv.len()).collect(),
+            Target::Tag(t) => self.by_tag.get(t.as_str()).cloned().unwrap_or_default(),
+            Target::User(u) => self.by_user.get(u.as_str()).cloned().unwrap_or_default(),
+            Target::Group(g) => {
+                let users = self.policy.groups.get(g).into_iter().flatten();
+                let set: BTreeSet<usize> =
+                    users.filter_map(|u| self.by_user.get(u.as_str())).flatten().copied().collect();
+                set.into_iter().collect()
+            }
+            Target::Host(_) | Target::Cidr(_) => Vec::new(),
+        }
+    }
+
+    /// The CIDRs a target stands for.
+    fn resolve(&self, target: &Target) -> Vec<IpNet> {
+        match target {
+            Target::Any => vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+            Target::Host(h) => self.policy.hosts.get(h).copied().into_iter().collect(),
+            Target::Cidr(c) => vec![*c],
+            _ => self.members(target).into_iter().flat_map(|i| self.addrs(i)).collect(),
+        }
+    }
+
+    fn addrs(&self, i: usize) -> impl Iterator<Item = IpNet> + '_ {
+        self.inv[i].addrs.iter().map(|a| IpNet::from(*a))
+    }
+
+    /// The nodes a target covers as a destination, with the part of each
+    /// node's served CIDRs it covers. Principal targets are found by
+    /// membership.
+    fn dst_hits(&self, target: &Target) -> Vec<(usize, Vec<IpNet>)> {
+        match target {
+            Target::Any => {
+                self.served.iter().enumerate().filter(|(_, s)| !s.is_empty()).map(|(i, s)| (i, s.clone())).collect()
+            }
+            Target::Tag(_) | Target::User(_) | Target::Group(_) => {
+                self.members(target).into_iter().map(|i| (i, self.addrs(i).collect::<Vec<_>>())).collect()
+            }
+            Target::Host(_) | Target::Cidr(_) => {
+                let nets = self.resolve(target);
+                self.served
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, served)| {
+                        let hit: Vec<IpNet> =
+                            served.iter().flat_map(|s| nets.iter().filter_map(|c| intersect(*c, *s))).collect();
+                        (!hit.is_empty()).then_some((i, hit))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The nodes a source target covers: those with an overlay address in
+    /// it, and the gateways of site routes that overlap it (site-to-site
+    /// traffic from a LAN host enters the overlay at its gateway, so that
+    /// gateway needs the destination as a peer).
+    fn src_nodes(&self, target: &Target) -> Vec<usize> {
+        let nets = match target {
+            Target::Host(_) | Target::Cidr(_) => self.resolve(target),
+            _ => return self.members(target),
+        };
+        self.inv
             .iter()
-            .filter(|n| node_is(policy, n, target))
-            .flat_map(|n| n.addrs.iter().map(|a| IpNet::from(*a)))
-            .collect(),
+            .enumerate()
+            .filter(|(_, n)| {
+                n.addrs.iter().any(|a| nets.iter().any(|c| c.contains(a)))
+                    || n.routes.iter().any(|r| nets.iter().any(|c| intersect(*c, *r).is_some()))
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// The nodes whose served CIDRs may overlap the sources of `targets`:
+    /// for principals, their members and the site routers (a node serving
+    /// only its own addresses overlaps a member's address only if it is that
+    /// member); otherwise every node.
+    fn may_serve_sources(&self, targets: &[Target]) -> Vec<usize> {
+        if targets.iter().all(|t| matches!(t, Target::Tag(_) | Target::User(_) | Target::Group(_))) {
+            let set: BTreeSet<usize> =
+                targets.iter().flat_map(|t| self.members(t)).chain(self.routers.iter().copied()).collect();
+            set.into_iter().collect()
+        } else {
+            (0..self.inv.len()).collect()
+        }
     }
 }
 
@@ -81,64 +200,19 @@ fn intersect(a: IpNet, b: IpNet) -> Option<IpNet> {
     }
 }
 
-/// The nodes a target covers as a destination, with the part of each
-/// node's served CIDRs it covers. Principal targets (tags, users, groups) are
-/// found by membership, so compiling costs the size of each ACL's
-/// destination set, not nodes times rules.
-fn dst_hits<'a>(
-    policy: &'a Policy,
-    inv: &'a Inventory,
-    target: &'a Target,
-) -> impl Iterator<Item = (usize, Vec<IpNet>)> + 'a {
-    inv.iter().enumerate().filter_map(move |(i, n)| {
-        let hit: Vec<IpNet> = match target {
-            Target::Any => n.served(),
-            Target::Tag(_) | Target::User(_) | Target::Group(_) => {
-                if !node_is(policy, n, target) {
-                    return None;
-                }
-                n.addrs.iter().map(|a| IpNet::from(*a)).collect()
-            }
-            Target::Host(_) | Target::Cidr(_) => {
-                let nets = resolve(policy, inv, target);
-                n.served().iter().flat_map(|s| nets.iter().filter_map(|c| intersect(*c, *s))).collect()
-            }
-        };
-        (!hit.is_empty()).then_some((i, hit))
-    })
-}
-
-/// The nodes a source target covers: those with an overlay address in it,
-/// and the gateways of site routes that overlap it (site-to-site traffic
-/// from a LAN host enters the overlay at its gateway, so that gateway needs
-/// the destination as a peer).
-fn src_nodes(policy: &Policy, inv: &Inventory, target: &Target) -> Vec<usize> {
-    let nets = match target {
-        Target::Host(_) | Target::Cidr(_) => resolve(policy, inv, target),
-        _ => return inv.iter().enumerate().filter(|(_, n)| node_is(policy, n, target)).map(|(i, _)| i).collect(),
-    };
-    inv.iter()
-        .enumerate()
-        .filter(|(_, n)| {
-            n.addrs.iter().any(|a| nets.iter().any(|c| c.contains(a)))
-                || n.routes.iter().any(|r| nets.iter().any(|c| intersect(*c, *r).is_some()))
-        })
-        .map(|(i, _)| i)
-        .collect()
-}
-
 /// Per ACL entry, which nodes (indexes into `inv`) it lets talk to which:
 /// `(sources, destinations)`. Peers are derived from this: two nodes need
 /// each other as WireGuard peers only if some entry connects them.
 #[must_use]
 pub fn connectivity(policy: &Policy, inv: &Inventory) -> Vec<(Vec<usize>, Vec<usize>)> {
+    let index = Index::new(policy, inv);
     policy
         .acls
         .iter()
         .map(|acl| {
-            let src: BTreeSet<usize> = acl.src.iter().flat_map(|t| src_nodes(policy, inv, t)).collect();
+            let src: BTreeSet<usize> = acl.src.iter().flat_map(|t| index.src_nodes(t)).collect();
             let dst: BTreeSet<usize> =
-                acl.dst.iter().flat_map(|d| dst_hits(policy, inv, &d.target).map(|(i, _)| i)).collect();
+                acl.dst.iter().flat_map(|d| index.dst_hits(&d.target).into_iter().map(|(i, _)| i)).collect();
             (src.into_iter().collect(), dst.into_iter().collect())
         })
         .collect()
@@ -148,18 +222,23 @@ pub fn connectivity(policy: &Policy, inv: &Inventory) -> Vec<(Vec<usize>, Vec<us
 /// `generation`.
 #[must_use]
 pub fn compile(policy: &Policy, inv: &Inventory, generation: u64) -> BTreeMap<u64, CompiledPolicy> {
+    compile_indexed(&Index::new(policy, inv), generation)
+}
+
+fn compile_indexed(index: &Index<'_>, generation: u64) -> BTreeMap<u64, CompiledPolicy> {
+    let (policy, inv) = (index.policy, index.inv);
     // node index -> acl index -> port range -> destination CIDRs
     type PerNode = BTreeMap<usize, BTreeMap<PortRange, BTreeSet<IpNet>>>;
     let mut per_node: Vec<PerNode> = vec![BTreeMap::new(); inv.len()];
     let mut sources: Vec<Vec<IpNet>> = Vec::with_capacity(policy.acls.len());
     for (i, acl) in policy.acls.iter().enumerate() {
-        let set: BTreeSet<IpNet> = acl.src.iter().flat_map(|t| resolve(policy, inv, t)).collect();
+        let set: BTreeSet<IpNet> = acl.src.iter().flat_map(|t| index.resolve(t)).collect();
         sources.push(set.into_iter().collect());
         if sources[i].is_empty() {
             continue;
         }
         for d in &acl.dst {
-            for (n, hit) in dst_hits(policy, inv, &d.target) {
+            for (n, hit) in index.dst_hits(&d.target) {
                 let by_ports = per_node[n].entry(i).or_default();
                 for p in &d.ports {
                     by_ports.entry(*p).or_default().extend(hit.iter().copied());
@@ -222,9 +301,10 @@ fn split_any_with_ports(rules: Vec<Rule>) -> Vec<Rule> {
 /// sides against the same policy.
 #[must_use]
 pub fn compile_for_dataplane(policy: &Policy, inv: &Inventory, generation: u64) -> BTreeMap<u64, CompiledPolicy> {
-    let mut out = compile(policy, inv, generation);
+    let index = Index::new(policy, inv);
+    let mut out = compile_indexed(&index, generation);
     for (i, acl) in policy.acls.iter().enumerate() {
-        let sources: BTreeSet<IpNet> = acl.src.iter().flat_map(|t| resolve(policy, inv, t)).collect();
+        let sources: BTreeSet<IpNet> = acl.src.iter().flat_map(|t| index.resolve(t)).collect();
         if sources.is_empty() {
             continue;
         }
@@ -232,21 +312,21 @@ pub fn compile_for_dataplane(policy: &Policy, inv: &Inventory, generation: u64) 
         let mut by_ports: BTreeMap<PortRange, BTreeSet<IpNet>> = BTreeMap::new();
         for d in &acl.dst {
             let nets: Vec<IpNet> = match &d.target {
-                Target::Any | Target::Host(_) | Target::Cidr(_) => resolve(policy, inv, &d.target),
-                _ => dst_hits(policy, inv, &d.target).flat_map(|(_, hit)| hit).collect(),
+                Target::Any | Target::Host(_) | Target::Cidr(_) => index.resolve(&d.target),
+                _ => index.dst_hits(&d.target).into_iter().flat_map(|(_, hit)| hit).collect(),
             };
             for p in &d.ports {
                 by_ports.entry(*p).or_default().extend(nets.iter().copied());
             }
         }
-        for n in inv {
-            let served = n.served();
+        for n in index.may_serve_sources(&acl.src) {
+            let served = &index.served[n];
             let src: BTreeSet<IpNet> =
                 sources.iter().flat_map(|c| served.iter().filter_map(|s| intersect(*c, *s))).collect();
             if src.is_empty() {
                 continue;
             }
-            let Some(compiled) = out.get_mut(&n.id) else { continue };
+            let Some(compiled) = out.get_mut(&inv[n].id) else { continue };
             for (k, (ports, dst)) in by_ports.iter().enumerate() {
                 if dst.is_empty() {
                     continue;

@@ -156,7 +156,7 @@ impl AgentApi {
         let routes =
             req.advertised_routes.iter().map(|r| cidr(r).map(|n| (n, false))).collect::<Result<Vec<_>, _>>()?;
         let endpoints = endpoints(&req.endpoints)?;
-        let _check = self.engine.limits.admit_enrollment(source, &key.id).await?;
+        let check = self.engine.limits.admit_enrollment(source, &key.id).await?;
         let secret_hash = auth::sha256_hex(key.secret.as_bytes());
         if !self.engine.store().enrollment_key_admits(&key.id, &secret_hash, self.engine.now()).await? {
             tracing::info!(key = %key.id, ?source, "enrollment refused: key invalid, used, revoked or expired");
@@ -189,6 +189,9 @@ impl AgentApi {
             Err(e) => return Err(e.into()),
         };
         tracing::info!(node = node.id, name = %node.name, state = ?node.state, "node enrolled");
+        // The permit bounds the store work; the refresh is shared by every
+        // enrollment waiting for one, so it does not hold a permit.
+        drop(check);
         self.engine.refresh().await?;
         let snap = self.engine.snapshot();
         for r in snap.routes.iter().filter(|r| r.node_id == node.id) {
