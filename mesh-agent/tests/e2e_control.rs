@@ -562,10 +562,13 @@ fn agents_fail_over_between_control_replicas() {
         assert!(seen.insert((&e.subject, &e.before, &e.after)), "audited twice: {e:?}\n{primaries:?}");
     }
     assert!(!primaries.is_empty(), "no primary change audited");
-    let on_a = rt.block_on(async {
-        admin_at("b.sock").await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
+    // Replica B learns presence from the shared store at its next poll.
+    wait_for("replica B sees every node online on replica A", &logs, || {
+        let nodes = rt.block_on(async {
+            admin_at("b.sock").await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes
+        });
+        nodes.len() == 3 && nodes.iter().all(|n| n.online && n.replica.ends_with("/192.0.2.100:7443"))
     });
-    assert!(on_a.iter().all(|n| n.online && n.replica.ends_with("/192.0.2.100:7443")), "{on_a:?}");
 
     // Replica A stops while the policy changes through replica B.
     let stopped = std::time::Instant::now();

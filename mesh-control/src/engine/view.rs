@@ -90,6 +90,52 @@ pub fn inventory(snap: &Snapshot, now: i64) -> Vec<InventoryNode> {
         .collect()
 }
 
+/// The approved, unrefused routes of active nodes (refused prefixes, see
+/// `route_check`, are left out like unapproved ones).
+fn usable_routes<'a>(snap: &'a Snapshot, active: &BTreeSet<u64>) -> Vec<&'a crate::store::RouteRecord> {
+    crate::route_check::usable_routes(snap).into_iter().filter(|r| active.contains(&r.node_id)).collect()
+}
+
+/// Every prefix's gateways, primary first, as `selector` orders them now.
+fn route_order(
+    routes: &[&crate::store::RouteRecord],
+    up_since: &HashMap<(u64, IpNet), i64>,
+    selector: &mut RouteSelector,
+    now: i64,
+) -> BTreeMap<IpNet, Vec<u64>> {
+    let mut by_prefix: BTreeMap<IpNet, Vec<Candidate>> = BTreeMap::new();
+    for r in routes {
+        by_prefix.entry(r.prefix).or_default().push(Candidate {
+            node: r.node_id,
+            priority: r.priority,
+            up_since: up_since.get(&(r.node_id, r.prefix)).copied(),
+        });
+    }
+    selector.retain(|p| by_prefix.contains_key(p));
+    by_prefix.into_iter().map(|(p, c)| (p, selector.select(p, &c, now))).collect()
+}
+
+/// Whether time alone changed a prefix's gateway order since `current`
+/// (a hold-down ran out): the order `selector` gives now, on a copy of its
+/// memory. Costs the routes, not the nodes.
+#[must_use]
+pub fn order_changed(
+    snap: &Snapshot,
+    up_since: &HashMap<(u64, IpNet), i64>,
+    selector: &RouteSelector,
+    now: i64,
+    current: &BTreeMap<IpNet, Vec<u64>>,
+) -> bool {
+    let active: BTreeSet<u64> = snap
+        .routes
+        .iter()
+        .map(|r| r.node_id)
+        .filter(|id| snap.nodes.binary_search_by_key(id, |n| n.id).is_ok_and(|i| snap.nodes[i].active(now)))
+        .collect();
+    let routes = usable_routes(snap, &active);
+    route_order(&routes, up_since, &mut selector.clone(), now) != *current
+}
+
 /// Computes the views that changed since the computation `memo` remembers
 /// (all of them with a fresh memo) and updates `memo`.
 #[must_use]
@@ -98,22 +144,8 @@ pub fn compute(input: &ViewInput<'_>, selector: &mut RouteSelector, memo: &mut M
     let now = input.now;
     let active: Vec<&crate::store::NodeRecord> = snap.nodes.iter().filter(|n| n.active(now)).collect();
     let active_ids: BTreeSet<u64> = active.iter().map(|n| n.id).collect();
-    // Refused prefixes (see `route_check`) are left out like unapproved ones.
-    let approved_routes: Vec<&crate::store::RouteRecord> =
-        crate::route_check::usable_routes(snap).into_iter().filter(|r| active_ids.contains(&r.node_id)).collect();
-
-    // Route order per prefix.
-    let mut by_prefix: BTreeMap<IpNet, Vec<Candidate>> = BTreeMap::new();
-    for r in &approved_routes {
-        by_prefix.entry(r.prefix).or_default().push(Candidate {
-            node: r.node_id,
-            priority: r.priority,
-            up_since: input.up_since.get(&(r.node_id, r.prefix)).copied(),
-        });
-    }
-    selector.retain(|p| by_prefix.contains_key(p));
-    let routes: BTreeMap<IpNet, Vec<u64>> =
-        by_prefix.into_iter().map(|(p, c)| (p, selector.select(p, &c, now))).collect();
+    let approved_routes = usable_routes(snap, &active_ids);
+    let routes = route_order(&approved_routes, input.up_since, selector, now);
     let mut primary_of: BTreeMap<u64, Vec<IpNet>> = BTreeMap::new();
     for (p, order) in &routes {
         if let Some(first) = order.first() {
