@@ -604,22 +604,24 @@ impl Engine {
             if last_full.elapsed() >= Duration::from_secs(1) {
                 last_full = Instant::now();
                 self.lead().await;
-                // Only a full recompute if the order would change: one
-                // over every node each second cost most of an idle core
-                // at 10,000 nodes.
-                let due = {
-                    let st = self.lock();
-                    st.routes.values().any(|g| g.len() > 1)
-                        && view::order_changed(&st.snap, &st.up_since, &st.selector, self.now(), &st.routes)
-                };
-                if due {
+                // A full recompute only if an order would change: one over
+                // every node each second cost most of an idle core at
+                // 10,000 nodes. Under the refresh lock: a recompute in
+                // progress has the selector and hold-down clocks out of the
+                // state, and a refresh that ran while this waited published
+                // a newer snapshot, which a recompute from an older one
+                // would undo (removing the nodes enrolled meanwhile).
+                {
                     let _guard = self.refresh_lock.lock().await;
-                    // Read under the lock: a refresh that ran while this
-                    // waited for it published a newer snapshot, which a
-                    // recompute from an older one would undo (removing the
-                    // nodes enrolled meanwhile).
-                    let snap = self.snapshot();
-                    heavy(|| self.recompute(snap));
+                    let due = {
+                        let st = self.lock();
+                        st.routes.values().any(|g| g.len() > 1)
+                            && view::order_changed(&st.snap, &st.up_since, &st.selector, self.now(), &st.routes)
+                    };
+                    if due {
+                        let snap = self.snapshot();
+                        heavy(|| self.recompute(snap));
+                    }
                 }
                 if self.leads() {
                     self.collect_ephemeral().await;
