@@ -112,7 +112,10 @@ async fn session(
     let key_path = config.private_key_path();
     let mut pending_resolved = false;
     // A failed rotation is retried, but not more than once a minute.
-    let mut last_rotation: Option<Instant> = None;
+    let mut last_failed_rotation: Option<Instant> = None;
+    // The key this session rotated away from: views control made for it
+    // before it had the new key are stale.
+    let mut retired_key: Option<Vec<u8>> = None;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(cc.health_interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Checks the probes' verdicts between health ticks (cheap: a lock and a
@@ -147,13 +150,28 @@ async fn session(
                     pending_resolved = true;
                     rotation::resolve_pending(&key_path, &me.wireguard_public_key, worker).await?;
                 }
-                if v.self_.as_ref().is_some_and(|m| m.key_rotation_requested)
-                    && last_rotation.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                let me = v.self_.as_ref();
+                if let Some(me) = me && retired_key.as_ref() == Some(&me.wireguard_public_key) {
+                    // Applying it would fail on the key (and nack); the view
+                    // for the new key, with everything this one has, follows.
+                    tracing::debug!(generation = v.generation, "a view for the retired key: skipped");
+                    continue;
+                }
+                if let Some(me) = me
+                    && me.key_rotation_requested
+                    && last_failed_rotation.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
                 {
-                    last_rotation = Some(Instant::now());
                     tracing::info!("control asks for a WireGuard key rotation");
-                    if let Err(e) = rotation::rotate(&channel, &mut cred, &cred_path, &key_path, worker).await {
-                        tracing::warn!(error = %e, "key rotation failed; retrying in a minute");
+                    let old = me.wireguard_public_key.clone();
+                    match rotation::rotate(&channel, &mut cred, &cred_path, &key_path, worker).await {
+                        Ok(()) => {
+                            retired_key = Some(old);
+                            continue;
+                        }
+                        Err(e) => {
+                            last_failed_rotation = Some(Instant::now());
+                            tracing::warn!(error = %e, "key rotation failed; retrying in a minute");
+                        }
                     }
                 }
                 let generation = v.generation;

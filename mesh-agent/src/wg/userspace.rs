@@ -23,7 +23,7 @@ use std::{
 };
 
 use gotatun::device::{Device, DeviceBuilder};
-use wireguard_control::{Backend, InterfaceName};
+use wireguard_control::{Backend, DeviceUpdate, InterfaceName, PeerConfigBuilder};
 
 use super::{BackendKind, WgDevice, WgError, WgUpdate, WireGuard, convert};
 use crate::net::{NetOps as _, rtnl::Rtnl};
@@ -99,6 +99,25 @@ impl UserspaceWg {
     #[must_use]
     pub fn socket_path(&self) -> PathBuf {
         Path::new(UAPI_DIR).join(format!("{}.sock", self.ifname))
+    }
+
+    /// Gives every peer fresh handshake state, after a key change.
+    ///
+    /// gotatun restarts its connection when the private key changes, and
+    /// what the old connection still had queued is dropped: a handshake
+    /// initiation or response sent in that moment is lost. The peer's state
+    /// then says "in progress", so its next attempt waits for REKEY_TIMEOUT
+    /// (5 s): a rotation cut that long (or as long as the probes take to
+    /// fail the route over) in about one rotation of ten. Setting a peer
+    /// again rebuilds it in gotatun with its endpoint and allowed IPs kept,
+    /// so the next packet to each peer starts a handshake at once, on the
+    /// new connection. The key change has already dropped every session, so
+    /// nothing else is lost.
+    fn restart_handshakes(&self) -> Result<(), WgError> {
+        let dev = wireguard_control::Device::get(&self.iface, Backend::Userspace).map_err(|e| self.io("read", e))?;
+        let update =
+            dev.peers.iter().fold(DeviceUpdate::new(), |u, p| u.add_peer(PeerConfigBuilder::new(&p.config.public_key)));
+        update.apply(&self.iface, Backend::Userspace).map_err(|e| self.io("restarting the peers' handshakes", e))
     }
 
     fn engine_err(&self, message: impl std::fmt::Display) -> WgError {
@@ -192,7 +211,11 @@ impl WireGuard for UserspaceWg {
         if self.running.is_none() || !self.socket_path().exists() {
             return Err(self.engine_err("not running (no UAPI socket)"));
         }
-        convert::update_to_wgc(update).apply(&self.iface, Backend::Userspace).map_err(|e| self.io("apply", e))
+        convert::update_to_wgc(update).apply(&self.iface, Backend::Userspace).map_err(|e| self.io("apply", e))?;
+        if update.private_key.is_some() {
+            self.restart_handshakes()?;
+        }
+        Ok(())
     }
 
     fn shutdown(&mut self, keep: bool) -> Result<(), WgError> {
