@@ -126,35 +126,14 @@ pub fn usable_routes(snap: &Snapshot) -> Vec<&RouteRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{NodeRecord, NodeState};
+    use crate::store::NodeRecord;
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
     fn node(id: u64, name: &str) -> NodeRecord {
-        NodeRecord {
-            id,
-            name: name.into(),
-            hostname: name.into(),
-            public_key: String::new(),
-            ipv4: std::net::Ipv4Addr::new(100, 64, 0, 1),
-            ipv6: std::net::Ipv6Addr::LOCALHOST,
-            tags: Vec::new(),
-            owner: String::new(),
-            state: NodeState::Approved,
-            ephemeral: false,
-            created: 0,
-            last_seen: 0,
-            online: true,
-            key_expiry: i64::MAX,
-            rotation_requested: false,
-            key_created: 0,
-            replica: String::new(),
-            endpoints: Vec::new(),
-            credential_hash: String::new(),
-            prev_credential_hash: String::new(),
-        }
+        NodeRecord::for_test(id, name)
     }
 
     fn route(node_id: u64, prefix: &str, approved: bool, auto: bool) -> RouteRecord {

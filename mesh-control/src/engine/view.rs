@@ -1,5 +1,7 @@
 //! Per-node views: pure functions of the store's snapshot, the policy and
-//! the route selector's memory. The deltas between two views are
+//! the route selector's memory, computed incrementally: [`Memo`] keeps what
+//! the last computation built, and only views whose inputs changed are
+//! rebuilt. The deltas between two views are
 //! `mesh_client::view` (the agent applies them with the same code).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -360,26 +362,13 @@ mod tests {
     fn node(id: u64, rng: &mut rand::rngs::StdRng) -> NodeRecord {
         let tags = [&["tag:a"][..], &["tag:b"], &["tag:a", "tag:b"], &[]][rng.random_range(0..4)];
         NodeRecord {
-            id,
-            name: format!("n{id}"),
-            hostname: format!("n{id}"),
             public_key: format!("{id:064x}"),
             ipv4: std::net::Ipv4Addr::new(100, 64, 0, u8::try_from(id).unwrap()),
             ipv6: std::net::Ipv6Addr::new(0xfd7a, 0, 0, 0, 0, 0, 0, u16::try_from(id).unwrap()),
             tags: tags.iter().map(|t| (*t).to_owned()).collect(),
-            owner: String::new(),
             state: if rng.random_bool(0.9) { NodeState::Approved } else { NodeState::Pending },
-            ephemeral: false,
-            created: 0,
-            last_seen: 0,
-            online: true,
-            key_expiry: i64::MAX,
-            rotation_requested: false,
-            key_created: 0,
-            replica: String::new(),
             endpoints: vec![format!("192.0.2.{id}:51820")],
-            credential_hash: String::new(),
-            prev_credential_hash: String::new(),
+            ..NodeRecord::for_test(id, &format!("n{id}"))
         }
     }
 

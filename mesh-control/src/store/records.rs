@@ -110,6 +110,35 @@ impl NodeRecord {
     pub const fn active(&self, now: i64) -> bool {
         matches!(self.state, NodeState::Approved) && !self.expired(now)
     }
+
+    /// An approved, online node with a name and nothing else, for tests
+    /// that set the fields they care about with struct update syntax.
+    #[cfg(test)]
+    #[must_use]
+    pub fn for_test(id: u64, name: &str) -> Self {
+        Self {
+            id,
+            name: name.into(),
+            hostname: name.into(),
+            public_key: String::new(),
+            ipv4: std::net::Ipv4Addr::new(100, 64, 0, 1),
+            ipv6: std::net::Ipv6Addr::LOCALHOST,
+            tags: Vec::new(),
+            owner: String::new(),
+            state: NodeState::Approved,
+            ephemeral: false,
+            created: 0,
+            last_seen: 0,
+            online: true,
+            key_expiry: i64::MAX,
+            rotation_requested: false,
+            key_created: 0,
+            replica: String::new(),
+            endpoints: Vec::new(),
+            credential_hash: String::new(),
+            prev_credential_hash: String::new(),
+        }
+    }
 }
 
 /// A site route advertised by a gateway.
