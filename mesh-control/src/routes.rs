@@ -11,6 +11,12 @@
 //!
 //! A primary that goes offline or reports the route unhealthy is replaced at
 //! once (fail over is immediate).
+//!
+//! With several control replicas, one decides: the holder of the store's
+//! housekeeping lease ([`RouteSelector::lead`]) stores its primaries, and
+//! the others order each prefix with the stored primary first
+//! ([`RouteSelector::follow`]), so agents on different replicas never
+//! disagree on a primary and each change is made (and audited) once.
 
 use std::collections::BTreeMap;
 
@@ -39,13 +45,41 @@ impl Candidate {
 pub struct RouteSelector {
     hold_down_secs: i64,
     primaries: BTreeMap<IpNet, u64>,
+    /// Following stored decisions rather than making them.
+    follow: bool,
 }
 
 impl RouteSelector {
     /// A selector that waits `hold_down_secs` before failing back.
     #[must_use]
     pub fn new(hold_down_secs: i64) -> Self {
-        Self { hold_down_secs, primaries: BTreeMap::new() }
+        Self { hold_down_secs, primaries: BTreeMap::new(), follow: false }
+    }
+
+    /// Decides from now on (this replica holds the lease). It keeps its
+    /// memory, and takes the stored primary of every prefix it has none
+    /// for: a replica that just took the lease carries on from the previous
+    /// holder's decisions instead of re-deciding (and flapping) them.
+    pub fn lead(&mut self, stored: &BTreeMap<IpNet, u64>) {
+        self.follow = false;
+        for (prefix, node) in stored {
+            self.primaries.entry(*prefix).or_insert(*node);
+        }
+    }
+
+    /// Follows `stored`, the lease holder's decisions: a prefix's stored
+    /// primary comes first for as long as it serves the prefix, whatever
+    /// its health (the holder fails it over; agents' probes cover the
+    /// moment until then). A prefix without one gets its best gateway.
+    pub fn follow(&mut self, stored: &BTreeMap<IpNet, u64>) {
+        self.follow = true;
+        self.primaries.clone_from(stored);
+    }
+
+    /// Whether this selector follows stored decisions (see [`Self::follow`]).
+    #[must_use]
+    pub const fn follows(&self) -> bool {
+        self.follow
     }
 
     /// The current primary of `prefix`, if one was chosen.
@@ -66,6 +100,7 @@ impl RouteSelector {
         let best = ranked[0];
         let current = self.primaries.get(&prefix).and_then(|p| ranked.iter().find(|c| c.node == *p)).copied();
         let primary = match current {
+            Some(cur) if self.follow => cur,
             // The primary is down: fail over now, unless nobody is up.
             Some(cur) if !cur.up() => {
                 if best.up() {
@@ -131,6 +166,27 @@ mod tests {
         // Up for the whole hold-down: fail back.
         assert_eq!(s.select(p, &[c(1, 0, Some(58)), c(2, 1, Some(0))], 88), vec![1, 2]);
         assert_eq!(s.primary(&p), Some(1));
+    }
+
+    #[test]
+    fn a_follower_keeps_the_stored_primary_and_a_new_leader_carries_on() {
+        let p = nyc();
+        let stored = BTreeMap::from([(p, 2)]);
+        let mut s = RouteSelector::new(30);
+        s.follow(&stored);
+        // The stored primary stays first even though it is down and 1 is
+        // better: the lease holder decides the failover, not this replica.
+        assert_eq!(s.select(p, &[c(1, 0, Some(0)), c(2, 1, None)], 100), vec![2, 1]);
+        // A prefix with nothing stored: the best gateway.
+        let q: IpNet = "198.18.20.0/24".parse().unwrap();
+        assert_eq!(s.select(q, &[c(3, 1, Some(0)), c(4, 0, Some(0))], 100)[0], 4);
+        // Taking the lease: the stored primary is the memory the hold-down
+        // applies to. 1 has been up for only 10 s of 30: 2 stays, and it
+        // fails over at once when 2 is down.
+        s.lead(&stored);
+        assert!(!s.follows());
+        assert_eq!(s.select(p, &[c(1, 0, Some(90)), c(2, 1, Some(50))], 100)[0], 2);
+        assert_eq!(s.select(p, &[c(1, 0, Some(90)), c(2, 1, None)], 101)[0], 1);
     }
 
     #[test]

@@ -120,6 +120,9 @@ struct State {
     views: BTreeMap<u64, Arc<Published>>,
     routes: BTreeMap<IpNet, Vec<u64>>,
     selector: RouteSelector,
+    /// Each prefix's primary as the store has it: from the last snapshot
+    /// read, plus this replica's writes since (see `RouteSelector::follow`).
+    stored_primaries: BTreeMap<IpNet, u64>,
     /// What the last view computation keeps for the next (see `view::Memo`).
     memo: view::Memo,
     up_since: HashMap<(u64, IpNet), i64>,
@@ -434,37 +437,37 @@ impl Engine {
         }
         let covers = self.requested.load(Ordering::SeqCst);
         let snap = self.store.snapshot().await?;
+        self.lock().stored_primaries.clone_from(&snap.primaries);
         let changes = heavy(|| self.recompute(Arc::new(snap)));
-        // Every replica sees the change; the lease holder audits it.
-        let audit = self.leads();
-        for c in changes.iter().filter(|_| audit) {
-            let json = |g: Option<u64>| g.map_or_else(|| "{}".to_owned(), |g| format!("{{\"primary\":{g}}}"));
-            tracing::info!(prefix = %c.prefix, from = ?c.from, to = ?c.to, "route primary changed");
-            self.metrics.primary_changes.inc();
-            // The audit entry is history, not state: a failure to write it
-            // must not fail the refresh that already published the views.
-            if let Err(e) = self
-                .store
-                .record_event(
-                    "control",
-                    "route.primary",
-                    &format!("route/{}", c.prefix),
-                    json(c.from),
-                    json(c.to),
-                    self.now(),
-                )
-                .await
-            {
-                tracing::error!(error = %e, prefix = %c.prefix, "could not audit a primary change");
-            }
-        }
+        self.store_primaries(changes).await;
         self.completed.store(covers, Ordering::SeqCst);
         self.audit_changed();
         Ok(())
     }
 
-    /// Recomputes every view from `snap`; returns the prefixes whose
-    /// primary gateway changed. Callers hold `refresh_lock` (recomputes do
+    /// Stores (and audits) the primaries this replica decided as the lease
+    /// holder. A write that fails is retried by the next recompute, which
+    /// finds the same difference; it does not fail the refresh that already
+    /// published the views.
+    async fn store_primaries(&self, changes: Vec<PrimaryChange>) {
+        for c in changes {
+            tracing::info!(prefix = %c.prefix, from = ?c.from, to = ?c.to, "route primary changed");
+            match self.store.set_primary(&c.prefix, c.from, c.to, self.now()).await {
+                Ok(()) => {
+                    self.metrics.primary_changes.inc();
+                    let mut st = self.lock();
+                    match c.to {
+                        Some(n) => st.stored_primaries.insert(c.prefix, n),
+                        None => st.stored_primaries.remove(&c.prefix),
+                    };
+                }
+                Err(e) => tracing::error!(error = %e, prefix = %c.prefix, "could not store a primary change"),
+            }
+        }
+    }
+
+    /// Recomputes every view from `snap`; as the lease holder, returns the
+    /// prefixes whose primary it decided differs from the stored one. Callers hold `refresh_lock` (recomputes do
     /// not overlap); the state lock is held only to read the inputs and to
     /// publish the results, never while computing, so acks, subscriptions
     /// and status keep being served during a large recompute.
@@ -486,11 +489,18 @@ impl Engine {
                 Policy::default()
             }))
         });
-        let (policy, mut selector, mut memo, old_up_since, old_views, first) = {
+        let leads = self.leads();
+        let (policy, mut selector, mut memo, old_up_since, old_views, stored) = {
             let mut st = self.lock();
             if let Some(p) = parsed {
                 st.policy = p;
                 st.policy_generation = generation;
+            }
+            let st = &mut *st;
+            if leads {
+                st.selector.lead(&st.stored_primaries);
+            } else {
+                st.selector.follow(&st.stored_primaries);
             }
             (
                 st.policy.clone(),
@@ -498,7 +508,7 @@ impl Engine {
                 std::mem::take(&mut st.memo),
                 std::mem::take(&mut st.up_since),
                 st.views.clone(),
-                st.snap.version == 0,
+                st.stored_primaries.clone(),
             )
         };
         // 2. The computation, unlocked.
@@ -561,17 +571,19 @@ impl Engine {
                 tx.send_replace(None);
             }
         }
+        // As the lease holder: what it decided that the store does not have.
         let mut primaries = Vec::new();
-        for (prefix, order) in &views.routes {
-            let (from, to) = (st.routes.get(prefix).and_then(|o| o.first()).copied(), order.first().copied());
-            // The first computation after a start is not a change.
-            if from != to && !first {
-                primaries.push(PrimaryChange { prefix: *prefix, from, to });
+        if leads {
+            for (prefix, order) in &views.routes {
+                let (from, to) = (stored.get(prefix).copied(), order.first().copied());
+                if from != to {
+                    primaries.push(PrimaryChange { prefix: *prefix, from, to });
+                }
             }
-        }
-        for (prefix, order) in &st.routes {
-            if !views.routes.contains_key(prefix) && !first {
-                primaries.push(PrimaryChange { prefix: *prefix, from: order.first().copied(), to: None });
+            for (prefix, from) in &stored {
+                if !views.routes.contains_key(prefix) {
+                    primaries.push(PrimaryChange { prefix: *prefix, from: Some(*from), to: None });
+                }
             }
         }
         st.routes = views.routes;
@@ -615,12 +627,15 @@ impl Engine {
                     let _guard = self.refresh_lock.lock().await;
                     let due = {
                         let st = self.lock();
-                        st.routes.values().any(|g| g.len() > 1)
-                            && view::order_changed(&st.snap, &st.up_since, &st.selector, self.now(), &st.routes)
+                        // The lease changed hands: lead or follow from now.
+                        st.selector.follows() == self.leads()
+                            || (st.routes.values().any(|g| g.len() > 1)
+                                && view::order_changed(&st.snap, &st.up_since, &st.selector, self.now(), &st.routes))
                     };
                     if due {
                         let snap = self.snapshot();
-                        heavy(|| self.recompute(snap));
+                        let changes = heavy(|| self.recompute(snap));
+                        self.store_primaries(changes).await;
                     }
                 }
                 if self.leads() {
@@ -697,3 +712,6 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -196,8 +196,18 @@ impl Store {
             .await?
             .map(|r| -> Result<PolicyRecord> { Ok(PolicyRecord { generation: u(r.try_get(0)?), text: r.try_get(1)? }) })
             .transpose()?;
+        let primaries = sqlx::query("SELECT prefix, node_id FROM route_primaries")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| -> Result<(IpNet, u64)> {
+                let prefix: String = r.try_get(0)?;
+                let prefix = prefix.parse().map_err(|_| StoreError::Corrupt(format!("primary's prefix {prefix}")))?;
+                Ok((prefix, u(r.try_get(1)?)))
+            })
+            .collect::<Result<_>>()?;
         tx.commit().await?;
-        Ok(Snapshot { version, nodes, routes, policy })
+        Ok(Snapshot { version, nodes, routes, policy, primaries })
     }
 
     /// A value of the `meta` table, set to `init()` if absent (first caller
@@ -237,4 +247,4 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -264,4 +264,6 @@ pub struct Snapshot {
     pub routes: Vec<RouteRecord>,
     /// The active policy (None before the first set).
     pub policy: Option<PolicyRecord>,
+    /// Each prefix's primary gateway as the lease holder decided it.
+    pub primaries: std::collections::BTreeMap<IpNet, u64>,
 }

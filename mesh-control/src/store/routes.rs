@@ -10,6 +10,36 @@ use super::rows::{b, i, json, route_row};
 use super::{Result, Store, StoreError};
 
 impl Store {
+    /// Stores `prefix`'s primary gateway as the lease holder decided it
+    /// (`to`; none: no gateway serves it any more) and audits the change
+    /// from `from`, in one transaction: a primary changes, and is audited,
+    /// once per mesh.
+    pub async fn set_primary(&self, prefix: &IpNet, from: Option<u64>, to: Option<u64>, now: i64) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        match to {
+            Some(node) => {
+                sqlx::query(
+                    "INSERT INTO route_primaries (prefix, node_id) VALUES ($1, $2) \
+                     ON CONFLICT (prefix) DO UPDATE SET node_id = excluded.node_id",
+                )
+                .bind(prefix.to_string())
+                .bind(i(node))
+                .execute(&mut *tx)
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM route_primaries WHERE prefix = $1")
+                    .bind(prefix.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let json = |g: Option<u64>| g.map_or_else(|| "{}".to_owned(), |g| format!("{{\"primary\":{g}}}"));
+        audit(&mut tx, now, "control", "route.primary", &format!("route/{prefix}"), json(from), json(to)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Replaces the set of prefixes node `id` advertises; new ones are
     /// approved when `auto` says so, kept ones keep their state.
     pub async fn set_advertised(&self, id: u64, prefixes: &[(IpNet, bool)], now: i64) -> Result<()> {

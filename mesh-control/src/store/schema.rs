@@ -121,6 +121,13 @@ const MIGRATIONS: &[(i64, &str)] = &[
         7,
         "ALTER TABLE nodes ADD COLUMN replica TEXT NOT NULL DEFAULT '';",
     ),
+    (
+        // Route primaries as the housekeeping lease's holder decided them:
+        // the other replicas follow these, so a primary changes once per
+        // mesh, not once per replica (see `RouteSelector::follow`).
+        8,
+        "CREATE TABLE route_primaries (prefix TEXT PRIMARY KEY, node_id BIGINT NOT NULL);",
+    ),
 ];
 
 /// Applies the migrations `pool` has not seen yet.

@@ -47,7 +47,7 @@ async fn stores() -> Vec<(Store, Option<tempfile::TempDir>)> {
     out
 }
 
-fn key(id: &str, reusable: bool, preapproved: bool, expires: i64) -> KeyRecord {
+pub(crate) fn key(id: &str, reusable: bool, preapproved: bool, expires: i64) -> KeyRecord {
     KeyRecord {
         id: id.into(),
         reusable,
@@ -64,7 +64,7 @@ fn key(id: &str, reusable: bool, preapproved: bool, expires: i64) -> KeyRecord {
     }
 }
 
-fn new_node(host: &str) -> NewNode {
+pub(crate) fn new_node(host: &str) -> NewNode {
     NewNode {
         hostname: host.into(),
         public_key: "00".repeat(32),
