@@ -5,7 +5,7 @@
 //! row. Each time the agent makes a new key, proves it to control, control
 //! pushes it to every peer; the longest cut of every measure is what the
 //! rotation cost. Several rotations, because a lost handshake shows in one
-//! rotation of several, not in each (one did, in one of eight, until the
+//! rotation of several, not in each (one did, in one of fifteen, until the
 //! userspace engine restarted its peers' handshakes after a key change).
 
 use std::{

@@ -138,7 +138,8 @@ struct State {
     limits: HashMap<u64, mesh_policy::tables::Limits>,
 }
 
-/// A prefix whose primary gateway changed in a recompute.
+/// A prefix whose primary the lease holder decided differs from the stored
+/// one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrimaryChange {
     /// The prefix.
@@ -452,7 +453,7 @@ impl Engine {
     async fn store_primaries(&self, changes: Vec<PrimaryChange>) {
         for c in changes {
             tracing::info!(prefix = %c.prefix, from = ?c.from, to = ?c.to, "route primary changed");
-            match self.store.set_primary(&c.prefix, c.from, c.to, self.now()).await {
+            match self.store.set_primary((LEASE, &self.cfg.replica), &c.prefix, c.from, c.to, self.now()).await {
                 Ok(()) => {
                     self.metrics.primary_changes.inc();
                     let mut st = self.lock();
@@ -461,16 +462,18 @@ impl Engine {
                         None => st.stored_primaries.remove(&c.prefix),
                     };
                 }
-                Err(e) => tracing::error!(error = %e, prefix = %c.prefix, "could not store a primary change"),
+                // Retried by the next recompute that still leads.
+                Err(e) => tracing::warn!(error = %e, prefix = %c.prefix, "primary change not stored"),
             }
         }
     }
 
     /// Recomputes every view from `snap`; as the lease holder, returns the
-    /// prefixes whose primary it decided differs from the stored one. Callers hold `refresh_lock` (recomputes do
-    /// not overlap); the state lock is held only to read the inputs and to
-    /// publish the results, never while computing, so acks, subscriptions
-    /// and status keep being served during a large recompute.
+    /// prefixes whose primary it decided differs from the stored one.
+    /// Callers hold `refresh_lock` (recomputes do not overlap); the state
+    /// lock is held only to read the inputs and to publish the results,
+    /// never while computing, so acks, subscriptions and status keep being
+    /// served during a large recompute.
     fn recompute(&self, snap: Arc<Snapshot>) -> Vec<PrimaryChange> {
         let started = Instant::now();
         let now = self.now();

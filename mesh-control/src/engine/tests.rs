@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::{Engine, EngineConfig, ManualClock};
+use super::{Engine, EngineConfig, LEASE, ManualClock};
 use crate::store::tests::{fresh_pg_schema, key, new_node, postgres_url};
-use crate::store::{AuditFilter, Store};
+use crate::store::{AuditFilter, Store, StoreError};
 
 /// The `route.primary` audit entries, as (before, after).
 async fn primary_audit(store: &Store) -> Vec<(String, String)> {
@@ -103,4 +103,8 @@ async fn replicas_follow_the_primaries_the_lease_holder_decided() {
     assert_eq!(b.route_order()[&prefix][0], gw2);
     assert_eq!(sa.snapshot().await.unwrap().primaries[&prefix], gw2);
     assert_eq!(primary_audit(&sa).await.last(), Some(&(one(gw1), one(gw2))));
+    // Had A stalled rather than stopped, its late decision is refused.
+    let err = sa.set_primary((LEASE, "a"), &prefix, Some(gw2), Some(gw1), now()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    assert_eq!(sb.snapshot().await.unwrap().primaries[&prefix], gw2);
 }

@@ -10,12 +10,32 @@ use super::rows::{b, i, json, route_row};
 use super::{Result, Store, StoreError};
 
 impl Store {
-    /// Stores `prefix`'s primary gateway as the lease holder decided it
-    /// (`to`; none: no gateway serves it any more) and audits the change
-    /// from `from`, in one transaction: a primary changes, and is audited,
-    /// once per mesh.
-    pub async fn set_primary(&self, prefix: &IpNet, from: Option<u64>, to: Option<u64>, now: i64) -> Result<()> {
+    /// Stores `prefix`'s primary gateway as the holder of lease `lease`
+    /// decided it (`to`; none: no gateway serves it any more) and audits
+    /// the change from `from`, in one transaction: a primary changes, and is
+    /// audited, once per mesh. Refused (a conflict, nothing written) unless
+    /// `holder` still holds the lease: a holder that stalled past its
+    /// lease's expiry must not overwrite its successor's decisions. The
+    /// check locks the lease's row until the commit, so a takeover waits.
+    pub async fn set_primary(
+        &self,
+        (lease, holder): (&str, &str),
+        prefix: &IpNet,
+        from: Option<u64>,
+        to: Option<u64>,
+        now: i64,
+    ) -> Result<()> {
         let mut tx = self.write_tx().await?;
+        let held = sqlx::query("UPDATE leases SET expires = expires WHERE name = $1 AND holder = $2 AND expires >= $3")
+            .bind(lease)
+            .bind(holder)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if held != 1 {
+            return Err(StoreError::Conflict(format!("lease {lease} is not held by {holder}")));
+        }
         match to {
             Some(node) => {
                 sqlx::query(
