@@ -215,7 +215,8 @@ pub struct ControlConfig {
     /// the route is healthy while any target answers. A route without
     /// targets is healthy while an up interface has an address inside it.
     pub reachability: std::collections::BTreeMap<ipnet::IpNet, Vec<crate::reach::Target>>,
-    /// Seconds between two reachability checks.
+    /// Seconds between two reachability checks (a link or address change
+    /// runs them at once as well).
     pub reachability_interval_secs: f64,
     /// Seconds a reachability target has to answer.
     pub reachability_timeout_secs: f64,
