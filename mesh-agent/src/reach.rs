@@ -168,11 +168,18 @@ pub fn spawn(
         let events = LinkEvents::open()
             .inspect_err(|e| tracing::warn!(error = %e, "no link events: LAN changes are seen at the next check only"))
             .ok();
+        let mut last = Instant::now();
         loop {
             match &events {
                 Some(ev) => ev.wait(interval),
                 None => std::thread::sleep(interval),
             }
+            // A storm of link events (a host creating containers) costs at
+            // most 20 checks a second, not a target check per event.
+            if let Some(rest) = Duration::from_millis(50).checked_sub(last.elapsed()) {
+                std::thread::sleep(rest);
+            }
+            last = Instant::now();
             let now = check_all(&advertised, &targets, timeout);
             let changed = tx.send_if_modified(|cur| {
                 if *cur == now {
