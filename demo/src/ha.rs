@@ -60,7 +60,14 @@ fn event(
         Duration::from_secs(40),
         settled,
     )?;
-    // Traffic flows again on every path for a while: the cut is over.
+    let cuts = cuts_since(conv, t, &what)?;
+    Ok(Outcome { event: what, cuts })
+}
+
+/// Once traffic has flowed again on every path for a while (the cut is
+/// over), the longest cut of each measure since `t`, printed; `what`
+/// happened at `t`.
+pub(crate) fn cuts_since(conv: &Conversation, t: Instant, what: &str) -> anyhow::Result<Cuts> {
     let after = Instant::now() + Duration::from_millis(500);
     wait_for("the conversation to flow again", Duration::from_secs(20), || conv.flowing_since(after))?;
     if let Some(e) = conv.error() {
@@ -68,7 +75,7 @@ fn event(
     }
     let cuts = conv.cuts(t);
     println!("   {cuts}");
-    Ok(Outcome { event: what, cuts })
+    Ok(cuts)
 }
 
 /// Runs the four events under one conversation; the outcomes in order.

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use mesh_lab::twoway::{Conversation, Cuts};
 use mesh_proto::v1 as pb;
 
@@ -76,14 +76,7 @@ pub(crate) fn run(
             key_of().is_ok_and(|(k, pending, _)| k != before && !pending)
         })?;
         took = took.max(t.elapsed());
-        let after = Instant::now() + Duration::from_millis(500);
-        wait_for("the conversation to flow again", Duration::from_secs(20), || conv.flowing_since(after))?;
-        if let Some(e) = conv.error() {
-            bail!("during rotation {i}: {e}");
-        }
-        let c = conv.cuts(t);
-        println!("   {c}");
-        cuts.push(c);
+        cuts.push(crate::ha::cuts_since(&conv, t, &format!("rotation {i}"))?);
         before = key_of()?.0;
     }
     let streams = conv.finish().map_err(|e| anyhow::anyhow!("the conversation did not survive the rotation: {e}"))?;
