@@ -171,13 +171,13 @@ pub fn spawn(
     }
     let spawned = std::thread::Builder::new().name("reachability".into()).spawn(move || {
         // Opened on this thread, so in the caller's network namespace.
-        let events = LinkEvents::open()
+        let events = LinkEvents::open(interval)
             .inspect_err(|e| tracing::warn!(error = %e, "no link events: LAN changes are seen at the next check only"))
             .ok();
         let mut last = Instant::now();
         loop {
             match &events {
-                Some(ev) => ev.wait(interval),
+                Some(ev) => ev.wait(),
                 None => std::thread::sleep(interval),
             }
             // A storm of link events (a host creating containers) costs at
@@ -214,29 +214,30 @@ pub fn spawn(
 struct LinkEvents(std::os::fd::OwnedFd);
 
 impl LinkEvents {
-    fn open() -> nix::Result<Self> {
-        use nix::sys::socket::{AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket};
+    /// A subscription whose [`Self::wait`] returns after `timeout` at most.
+    fn open(timeout: Duration) -> nix::Result<Self> {
+        use nix::sys::socket::{
+            AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, setsockopt, socket,
+            sockopt::ReceiveTimeout,
+        };
         use std::os::fd::AsRawFd as _;
         let fd = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute)?;
         let groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;
-        Ok(Self(fd))
-    }
-
-    /// Returns when something changed or after `timeout`, having read
-    /// everything queued (a burst of changes costs one check). An overrun
-    /// (ENOBUFS) counts as a change.
-    fn wait(&self, timeout: Duration) {
-        use nix::sys::socket::{MsgFlags, recv, setsockopt, sockopt::ReceiveTimeout};
-        use std::os::fd::AsRawFd as _;
         let tv = nix::sys::time::TimeVal::new(
             i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
             i64::from(timeout.subsec_micros()),
         );
-        if setsockopt(&self.0, ReceiveTimeout, &tv).is_err() {
-            std::thread::sleep(timeout);
-            return;
-        }
+        setsockopt(&fd, ReceiveTimeout, &tv)?;
+        Ok(Self(fd))
+    }
+
+    /// Returns when something changed or after the timeout, having read
+    /// everything queued (a burst of changes costs one check). An overrun
+    /// (ENOBUFS) counts as a change.
+    fn wait(&self) {
+        use nix::sys::socket::{MsgFlags, recv};
+        use std::os::fd::AsRawFd as _;
         let mut buf = [0u8; 8192];
         match recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty()) {
             Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}

@@ -108,7 +108,7 @@ impl UserspaceWg {
     /// initiation or response sent in that moment is lost. The peer's state
     /// then says "in progress", so its next attempt waits for REKEY_TIMEOUT
     /// (5 s): a rotation cut that long (or as long as the probes take to
-    /// fail the route over) in about one rotation of ten. Setting a peer
+    /// fail the route over) in about one rotation of fifteen. Setting a peer
     /// again rebuilds it in gotatun with its endpoint and allowed IPs kept,
     /// so the next packet to each peer starts a handshake at once, on the
     /// new connection. The key change has already dropped every session, so
