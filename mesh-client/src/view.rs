@@ -108,7 +108,7 @@ mod tests {
             peers: vec![peer(2, "192.0.2.22:51820"), peer(3, "192.0.2.3:51820")],
             routes: vec![route("198.18.10.0/24", &[2, 1]), route("198.18.30.0/24", &[3])],
             mtu: 1420,
-            policy: Some(pb::CompiledPolicy { generation: 2, rules: Vec::new() }),
+            policy: Some(pb::CompiledPolicy { generation: 2, ..Default::default() }),
             ..Default::default()
         };
         let d = delta(&old, &new);
@@ -155,7 +155,7 @@ mod tests {
             peers,
             routes,
             mtu: [1280, 1380, 1420][rng.random_range(0..3)],
-            policy: Some(pb::CompiledPolicy { generation: rng.random_range(1..4), rules: Vec::new() }),
+            policy: Some(pb::CompiledPolicy { generation: rng.random_range(1..4), ..Default::default() }),
         }
     }
 

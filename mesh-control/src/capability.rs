@@ -8,8 +8,9 @@
 //! 0 ms, and a version-2 gateway's `owner: false` would say something about
 //! site ownership, which that version knows nothing of.
 //!
-//! What control sends depends on the version only for `TrustedCas` (4):
-//! every field of a view has been there since version 1.
+//! What control sends depends on the version for `TrustedCas` (4) and for
+//! how a view's rules name their CIDRs (6, see [`for_version`]); every
+//! other field of a view has been there since version 1.
 
 use mesh_policy::tables::Limits;
 use mesh_proto::v1 as pb;
@@ -30,6 +31,9 @@ pub const CA_ROTATION: u32 = 4;
 
 /// Agents report each peer's endpoint in use (`PeerHealth.endpoint`).
 pub const PATH_FACTS: u32 = 5;
+/// Agents read rules that name their CIDRs by index into the policy's
+/// table (`CompiledPolicy.nets`).
+pub const COMPACT_RULES: u32 = 6;
 
 /// The version a peer reported. Capabilities came with version 1, so a
 /// sender without them speaks 1.
@@ -79,6 +83,31 @@ pub fn routes(version: u32, mut adv: pb::RouteAdvertisement) -> pb::RouteAdverti
     adv
 }
 
+/// A view message as an agent of `version` reads it: before
+/// [`COMPACT_RULES`], its policy's CIDRs as text in each rule. Views are
+/// built compact, once for every agent; only older agents' streams pay
+/// for the conversion.
+#[must_use]
+pub fn for_version(version: u32, mut msg: pb::sync_response::Msg) -> pb::sync_response::Msg {
+    use pb::sync_response::Msg;
+    if version >= COMPACT_RULES {
+        return msg;
+    }
+    let policy = match &mut msg {
+        Msg::Snapshot(v) => v.policy.as_mut(),
+        Msg::Delta(d) => d.policy.as_mut(),
+        Msg::TrustedCas(_) => None,
+    };
+    if let Some(p) = policy.filter(|p| !p.nets.is_empty()) {
+        match mesh_client::policy::from_proto(p) {
+            Ok(rules) => *p = mesh_client::policy::to_text_proto(&rules),
+            // Control built it; the agent will refuse it and say so.
+            Err(e) => tracing::error!(error = %e, "a view's own policy does not convert"),
+        }
+    }
+    msg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +135,37 @@ mod tests {
             counters: Some(pb::DataplaneCounters { accepted_packets: 7, ..Default::default() }),
             backend: "userspace".into(),
         }
+    }
+
+    /// Agents before version 6 get the same rules, as text; version 6
+    /// gets them compact.
+    #[test]
+    fn older_agents_get_their_rules_as_text() {
+        use pb::sync_response::Msg;
+        let rules = mesh_policy::CompiledPolicy {
+            generation: 3,
+            rules: vec![mesh_policy::Rule {
+                id: 1,
+                src: vec!["100.64.0.1/32".parse().unwrap()],
+                dst: vec!["fd7a:6d65:7368::2/128".parse().unwrap(), "100.64.0.1/32".parse().unwrap()],
+                proto: mesh_policy::Proto::Tcp,
+                ports: mesh_policy::PortRange { first: 22, last: 22 },
+            }],
+        };
+        let compact = mesh_client::policy::to_proto(&rules);
+        let view =
+            |p: &pb::CompiledPolicy| Msg::Snapshot(pb::NodeView { policy: Some(p.clone()), ..Default::default() });
+        let delta =
+            |p: &pb::CompiledPolicy| Msg::Delta(pb::NodeViewDelta { policy: Some(p.clone()), ..Default::default() });
+        assert_eq!(for_version(COMPACT_RULES, view(&compact)), view(&compact));
+        let text = mesh_client::policy::to_text_proto(&rules);
+        assert_eq!(text.rules[0].dst, ["fd7a:6d65:7368::2/128", "100.64.0.1/32"]);
+        assert_eq!(for_version(PATH_FACTS, view(&compact)), view(&text));
+        assert_eq!(for_version(1, delta(&compact)), delta(&text));
+        assert_eq!(
+            for_version(PATH_FACTS, delta(&pb::CompiledPolicy::default())),
+            delta(&pb::CompiledPolicy::default())
+        );
     }
 
     #[test]

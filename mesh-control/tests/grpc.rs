@@ -117,7 +117,9 @@ async fn enroll_sync_policy_push_and_refusals() {
     // (in the dataplane's contract an any-protocol rule has no ports).
     let protos: Vec<pb::RuleProto> = db_rules.iter().map(|r| r.proto()).collect();
     assert_eq!(protos, [pb::RuleProto::Tcp, pb::RuleProto::Udp, pb::RuleProto::Sctp, pb::RuleProto::Icmp]);
-    assert_eq!(db_rules[0].src, vec!["100.64.0.1/32".to_owned(), "fd7a:6d65:7368::1/128".to_owned()]);
+    let db_policy = mesh_client::policy::from_proto(s_db1.view.as_ref().unwrap().policy.as_ref().unwrap()).unwrap();
+    let src: Vec<String> = db_policy.rules[0].src.iter().map(ToString::to_string).collect();
+    assert_eq!(src, ["100.64.0.1/32", "fd7a:6d65:7368::1/128"]);
     assert_eq!((db_rules[0].port_first, db_rules[0].port_last), (5432, 5432));
     while s_gw.next(QUIET).await.unwrap().is_some() {}
 
@@ -324,6 +326,61 @@ async fn older_agents_are_read_by_their_capability_version() {
     let backend = |name: &str| nodes.iter().find(|n| n.name == name).map(|n| n.backend.clone());
     assert_eq!(backend("gw-v2").as_deref(), Some("userspace"));
     assert_eq!(backend("gw-v1").as_deref(), Some(""), "version 1 reports no backend");
+}
+
+/// An agent of capability 6 gets its rules compact (each CIDR once, by
+/// index); an older one gets the same rules with their CIDRs as text, in
+/// snapshots and in deltas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_agents_get_their_rules_as_text() {
+    use mesh_client::policy::from_proto;
+    let dir = tempfile::tempdir().unwrap();
+    let c = control(dir.path()).await;
+    let addr = c.addr.to_string();
+    let mut a = admin(&c, c.bootstrap_admin_token.clone()).await;
+    a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
+    let app = SimAgent::enroll(&addr, &key(&mut a, false, true, &["tag:app"], 0).await, "app", &[]).await.unwrap();
+    let k = key(&mut a, true, true, &["tag:db"], 0).await;
+    let (old, new) = (
+        SimAgent::enroll(&addr, &k, "db-v5", &[]).await.unwrap(),
+        SimAgent::enroll(&addr, &k, "db-v6", &[]).await.unwrap(),
+    );
+    let mut old_s = old.sync_as_version(5).await.unwrap();
+    let mut new_s = new.sync().await.unwrap();
+    let app_addrs: Vec<ipnet::IpNet> = [format!("{}/32", app.node.ipv4), format!("{}/128", app.node.ipv6)]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    for port in [5432, 5433] {
+        if port != 5432 {
+            let text = POLICY.replace("5432", &port.to_string());
+            a.set_policy(pb::PolicyDocument { text, generation: 0 }).await.unwrap();
+        }
+        for (s, compact) in [(&mut old_s, false), (&mut new_s, true)] {
+            // Views until the one with this port's rule.
+            let mut policy = pb::CompiledPolicy::default();
+            for _ in 0..10 {
+                s.next(WAIT).await.unwrap().expect("a view");
+                policy = s.view.as_ref().unwrap().policy.clone().unwrap_or_default();
+                if policy.rules.iter().any(|r| r.port_first == port) {
+                    break;
+                }
+            }
+            if port != 5432 {
+                assert_eq!(s.received.last(), Some(&false), "port {port}: the change comes in a delta");
+            }
+            let rules = from_proto(&policy).unwrap().rules;
+            let ingress = rules.iter().find(|r| u32::from(r.ports.first) == port && r.src == app_addrs);
+            assert!(ingress.is_some(), "port {port}: no rule from the app: {rules:?}");
+            let text = policy.rules.iter().all(|r| !r.src.is_empty() && r.src_nets.is_empty() && r.dst_nets.is_empty());
+            let indexed = policy.rules.iter().all(|r| r.src.is_empty() && r.dst.is_empty() && !r.src_nets.is_empty());
+            if compact {
+                assert!(indexed && !policy.nets.is_empty(), "port {port}: capability 6 gets it compact: {policy:?}");
+            } else {
+                assert!(text && policy.nets.is_empty(), "port {port}: capability 5 gets text: {policy:?}");
+            }
+        }
+    }
 }
 
 /// Each gateway's site LAN addresses reach the site's other gateways, and

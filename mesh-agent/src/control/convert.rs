@@ -239,7 +239,9 @@ pub(super) mod tests {
                     proto_number: 6,
                     port_first: 5432,
                     port_last: 5432,
+                    ..Default::default()
                 }],
+                nets: Vec::new(),
             }),
         };
         let n = node_view(&v, &Local { persistent_keepalive: 25, ..Local::default() }).unwrap();

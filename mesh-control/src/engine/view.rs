@@ -278,22 +278,13 @@ pub fn compute(input: &ViewInput<'_>, selector: &mut RouteSelector, memo: &mut M
     memo.peer_msgs = peer_msgs;
     memo.route_msgs = route_msgs;
 
-    let mut names = mesh_client::policy::NetNames::default();
-    let nodes = dirty
-        .iter()
-        .filter_map(|id| Some((*id, view_of(memo, *id, active_ids.contains(id), input, &mut names)?)))
-        .collect();
+    let nodes =
+        dirty.iter().filter_map(|id| Some((*id, view_of(memo, *id, active_ids.contains(id), input)?))).collect();
     Views { nodes, routes }
 }
 
 /// Assembles node `id`'s view from `memo`'s parts (none: no such node).
-fn view_of(
-    memo: &Memo,
-    id: u64,
-    active: bool,
-    input: &ViewInput<'_>,
-    names: &mut mesh_client::policy::NetNames,
-) -> Option<pb::NodeView> {
+fn view_of(memo: &Memo, id: u64, active: bool, input: &ViewInput<'_>) -> Option<pb::NodeView> {
     let self_ = Some(memo.selfs.get(&id)?.clone());
     if !active {
         // Pending and expired nodes see themselves only.
@@ -303,7 +294,7 @@ fn view_of(
             peers: Vec::new(),
             routes: Vec::new(),
             mtu: input.mtu,
-            policy: Some(pb::CompiledPolicy { generation: input.policy_generation, rules: Vec::new() }),
+            policy: Some(pb::CompiledPolicy { generation: input.policy_generation, ..Default::default() }),
         });
     }
     let peers = memo.peers.get(&id).map(Vec::as_slice).unwrap_or_default();
@@ -326,7 +317,7 @@ fn view_of(
         peers: peers.iter().filter_map(|j| memo.peer_msgs.get(j).cloned()).collect(),
         routes,
         mtu: input.mtu,
-        policy: memo.rules.get(&id).map(|c| mesh_client::policy::to_proto_with(c, names)),
+        policy: memo.rules.get(&id).map(mesh_client::policy::to_proto),
     })
 }
 

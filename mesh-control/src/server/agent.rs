@@ -297,7 +297,7 @@ impl AgentApi {
             let expires_in = self.authorised(id)?;
             let current = slot.borrow_and_update().clone();
             let Some(published) = current else { return Err(ApiError::Unauthenticated) };
-            if let Some(msg) = next_message(&published, sent) {
+            if let Some(msg) = next_message(&published, sent, version) {
                 sent = published.view.generation;
                 if tx.send(Ok(msg)).await.is_err() {
                     return Ok(());
@@ -629,8 +629,9 @@ fn site_addresses(prefix: &ipnet::IpNet, list: &[String], what: &str) -> Result<
 }
 
 /// Sends the latest view if it is newer than `sent`: a delta when it
-/// follows what the agent has, a snapshot otherwise.
-fn next_message(p: &crate::engine::Published, sent: u64) -> Option<pb::SyncResponse> {
+/// follows what the agent has, a snapshot otherwise, in the form the
+/// agent's capability `version` reads.
+fn next_message(p: &crate::engine::Published, sent: u64, version: u32) -> Option<pb::SyncResponse> {
     use pb::sync_response::Msg;
     if p.view.generation == sent {
         return None;
@@ -639,7 +640,7 @@ fn next_message(p: &crate::engine::Published, sent: u64) -> Option<pb::SyncRespo
         Some(d) if sent != 0 && d.base_generation == sent => Msg::Delta(d.clone()),
         _ => Msg::Snapshot(p.view.clone()),
     };
-    Some(pb::SyncResponse { msg: Some(msg) })
+    Some(pb::SyncResponse { msg: Some(crate::capability::for_version(version, msg)) })
 }
 
 #[tonic::async_trait]
