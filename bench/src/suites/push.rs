@@ -82,7 +82,12 @@ struct Control {
 
 impl Control {
     fn start() -> anyhow::Result<Self> {
-        let bin = crate::util::binary("mesh-control")?;
+        // `MESH_BENCH_CONTROL=PATH` measures another build (an older
+        // commit's, say) against the same simulated agents.
+        let bin = match std::env::var_os("MESH_BENCH_CONTROL") {
+            Some(path) => path.into(),
+            None => crate::util::binary("mesh-control")?,
+        };
         let dir = tempfile::tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
