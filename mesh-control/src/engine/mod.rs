@@ -599,17 +599,15 @@ impl Engine {
     /// Runs forever: picks up other replicas' changes, re-evaluates route
     /// hold-downs and removes ephemeral nodes that stayed offline.
     pub async fn run_background(self: Arc<Self>) {
+        let mut last_version = self.lock().snap.version;
         let mut tick = tokio::time::interval(self.cfg.poll_interval);
         let mut last_full = Instant::now();
         let mut keys = KeyWatch { expired: std::collections::HashSet::new(), last_look: self.now() };
         loop {
             tick.tick().await;
-            // Only when the views are from an older version than the
-            // store's: a change made through this replica has refreshed
-            // them already, and reading 10,000 nodes again for nothing was
-            // a fifth of control's work per policy change.
             match self.store.version().await {
-                Ok(v) if v != self.lock().snap.version => {
+                Ok(v) if v != last_version => {
+                    last_version = v;
                     if let Err(e) = self.refresh().await {
                         tracing::warn!(error = %e, "refresh failed");
                     }
