@@ -82,6 +82,21 @@ impl Control {
         self.root.log("mesh-control")
     }
 
+    /// Control's relay ticket key (base64), as `mesh-control relay-key`
+    /// prints it for the relays' `control_keys`.
+    pub(crate) fn relay_key(&self) -> anyhow::Result<String> {
+        let out = Command::new(bin("mesh-control")?)
+            .args(["relay-key", "--config"])
+            .arg(self.config())
+            .stdin(Stdio::null())
+            .output()
+            .context("running mesh-control relay-key")?;
+        if !out.status.success() {
+            bail!("mesh-control relay-key: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+
     /// `meshctl --socket <control's socket> ARGS`, its stdout on success.
     pub(crate) fn meshctl<const N: usize>(&self, args: [&str; N]) -> anyhow::Result<String> {
         let out = Command::new(bin("meshctl")?)
@@ -123,14 +138,15 @@ fn config_text(root: &Root) -> String {
     )
 }
 
-/// Writes control's configuration under `root` and starts `mesh-control
-/// serve` in `host`'s namespace; returns once its admin socket answers.
-pub(crate) async fn start(host: &Host, root: Root) -> anyhow::Result<Control> {
+/// Writes control's configuration under `root` (with `extra` TOML at its
+/// end) and starts `mesh-control serve` in `host`'s namespace; returns once
+/// its admin socket answers.
+pub(crate) async fn start(host: &Host, root: Root, extra: &str) -> anyhow::Result<Control> {
     for dir in [root.etc(), root.run("mesh-control"), root.0.join("var/log")] {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut control = Control { root, process: None };
-    std::fs::write(control.config(), config_text(&control.root))?;
+    std::fs::write(control.config(), config_text(&control.root) + extra)?;
     let log = File::create(control.log())?;
     let exe = bin("mesh-control")?;
     let config = control.config();

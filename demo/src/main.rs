@@ -21,6 +21,7 @@ mod control;
 mod flood;
 mod ha;
 mod hostile;
+mod relay;
 mod rotate;
 mod smoke;
 mod web;
@@ -299,6 +300,10 @@ fn demo(args: &Args) -> anyhow::Result<()> {
     let mallory = lab.host("mallory")?;
     wan.plug(&mallory, "eth0")?;
     mallory.addr("eth0", "192.0.2.200/24")?;
+    // The relay gateways fall back to, on the WAN.
+    let relay_host = lab.host("relay")?;
+    wan.plug(&relay_host, "eth0")?;
+    relay_host.addr("eth0", "192.0.2.50/24")?;
     let mut gateways = Vec::new();
     let mut apps = Vec::new();
     let mut dbs = Vec::new();
@@ -345,7 +350,14 @@ fn demo(args: &Args) -> anyhow::Result<()> {
         std::fs::read_to_string(&policy).with_context(|| format!("reading the demo's policy {}", policy.display()))?;
     println!("== mesh-control, mesh-agent and meshctl from {}", control::bin_dir()?.display());
     println!("== mesh-control serve --config {}", work.path().join("ctl/etc/mesh/control.toml").display());
-    let control = rt.block_on(control::start(&ctl, control::Root(work.path().join("ctl"))))?;
+    println!("== mesh-relay --print-pin: the relay's certificate, which control's [[relays]] entry pins");
+    let (mut relay, pin) = relay::Relay::prepare(control::Root(work.path().join("relay")))?;
+    let control =
+        rt.block_on(control::start(&ctl, control::Root(work.path().join("ctl")), &relay::Relay::control_toml(&pin)))?;
+    // The relay trusts tickets signed with control's key.
+    let ticket_key = control.relay_key()?;
+    println!("== mesh-relay --config relay.toml on {} (control's ticket key {ticket_key})", relay::ADDRESS);
+    relay.start(&relay_host, &ticket_key)?;
     let p = policy.to_str().context("policy path")?;
     println!("== meshctl policy check {p} (offline), then meshctl policy apply");
     print!("  {}", control.meshctl(["policy", "check", p])?);
@@ -567,7 +579,7 @@ fn demo(args: &Args) -> anyhow::Result<()> {
             check(&format!("signed in with an admin token: {} of 6 gateways drawn and up", w.up), w.up == 6);
             check(
                 &format!(
-                    "the peers table: {} of {} gateway pairs show the endpoint in use, a handshake and bytes both ways",
+                    "the peers table: {} of {} gateway pairs show the endpoint in use, a direct path, a handshake and bytes both ways",
                     w.paths.1, w.paths.0
                 ),
                 w.paths.0 > 0 && w.paths.1 == w.paths.0,
@@ -646,6 +658,43 @@ fn demo(args: &Args) -> anyhow::Result<()> {
         }
         Err(e) => check(&format!("the CA rotation ran: {e:#}"), false),
     }
+
+    // Through the relay when UDP is blocked, and back.
+    let fsn_gws: Vec<&Host> = gateways.iter().filter(|g| g.region == 1).map(|g| &g.host).collect();
+    match relay::run(&rt, &control, &fsn_gws, &apps[0], &dbs[1], &REGIONS[1].db()) {
+        Ok(o) => {
+            check(
+                &format!(
+                    "with relays on, {} of {} gateway pairs report a direct path (disco from the WireGuard port)",
+                    o.direct_before.0, o.direct_before.1
+                ),
+                o.direct_before.1 == gateways.len() * (gateways.len() - 1) && o.direct_before.0 == o.direct_before.1,
+            );
+            for line in &o.relayed {
+                println!("  {line}");
+            }
+            check(
+                &format!(
+                    "UDP blocked at fsn: paths to fsn moved to the relay, longest two-way cut {} ms < {} ms",
+                    o.to_relay.as_millis(),
+                    relay::BOUND.as_millis()
+                ),
+                o.to_relay < relay::BOUND,
+            );
+            check("through the relay app-nyc -> db-fsn: 5432 allowed, 22 denied", o.policy_held);
+            check(
+                &format!(
+                    "UDP unblocked: paths to fsn direct again, longest two-way cut {} ms < {} ms",
+                    o.to_direct.as_millis(),
+                    relay::BOUND.as_millis()
+                ),
+                o.to_direct < relay::BOUND,
+            );
+            check("the same TCP connection survived both switches, stream intact", o.stream_intact);
+        }
+        Err(e) => check(&format!("the relay check ran: {e:#}"), false),
+    }
+    drop(relay);
 
     println!();
     println!(

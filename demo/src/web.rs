@@ -128,8 +128,8 @@ async fn states(c: &Client) -> anyhow::Result<Vec<(String, String)>> {
     Ok(serde_json::from_value(v)?)
 }
 
-/// The peers table: (rows, rows with an endpoint on port 51820, a
-/// handshake, and bytes received and sent).
+/// The peers table: (rows, rows with an endpoint on port 51820, a direct
+/// path, a handshake, and bytes received and sent).
 async fn paths(c: &Client) -> anyhow::Result<(usize, usize)> {
     let v = c
         .execute(
@@ -141,7 +141,14 @@ async fn paths(c: &Client) -> anyhow::Result<(usize, usize)> {
     let rows: Vec<Vec<String>> = serde_json::from_value(v)?;
     let good = rows
         .iter()
-        .filter(|r| r.len() == 7 && r[2].ends_with(":51820") && r[3] != "never" && r[4] != "0 B" && r[5] != "0 B")
+        .filter(|r| {
+            r.len() == 8
+                && r[2].ends_with(":51820")
+                && r[3].starts_with("direct")
+                && r[4] != "never"
+                && r[5] != "0 B"
+                && r[6] != "0 B"
+        })
         .count();
     Ok((rows.len(), good))
 }

@@ -225,6 +225,14 @@ pub struct ControlConfig {
     /// (`[control.route_options."198.18.10.0/24"]`). Every gateway of a
     /// site must be given the same options.
     pub route_options: std::collections::BTreeMap<ipnet::IpNet, RouteOptions>,
+    /// Use control's relays (when it lists any): discover this node's
+    /// public UDP mapping from their reflectors, check direct paths with
+    /// disco pings from the WireGuard port, and relay a peer's packets when
+    /// no direct path works. Needs a fixed `listen_port` and CAP_NET_RAW.
+    pub relays: bool,
+    /// The region of this node's home relay, the one its peers send through
+    /// (default: the first relay control lists).
+    pub relay_region: Option<String>,
 }
 
 impl ControlConfig {
@@ -283,6 +291,8 @@ impl Default for ControlConfig {
             reachability_interval_secs: 0.2,
             reachability_timeout_secs: 0.5,
             route_options: std::collections::BTreeMap::new(),
+            relays: true,
+            relay_region: None,
         }
     }
 }

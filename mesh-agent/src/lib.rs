@@ -14,6 +14,7 @@ pub mod enforce;
 pub mod keys;
 pub mod metrics;
 pub mod net;
+pub mod path;
 pub mod probe;
 pub mod reach;
 pub mod reconcile;

@@ -188,6 +188,17 @@ mod tests {
             replica: Some("192.0.2.101:7443".into()),
             key_expiry_unix: Some(1_900_000_000),
             primaries: vec![("198.18.20.0/24".into(), "gw\"fsn".into())],
+            paths: Arc::new(Mutex::new(BTreeMap::from([(
+                PublicKey([7; 32]),
+                crate::path::PathInfo {
+                    name: "gwfsn".into(),
+                    path: "relay",
+                    relay_region: "fra".into(),
+                    switches: 3,
+                    direct_secs: 10.0,
+                    relay_secs: 2.5,
+                },
+            )]))),
         };
         let mut stats = PeerStats::new(8, 3);
         stats.answered(Duration::from_millis(2));
@@ -254,6 +265,9 @@ mod tests {
             "mesh_agent_route_owner_changes_total counter",
             "mesh_agent_probe_requests_answered_total counter",
             "mesh_agent_probe_bad_packets_total counter",
+            "mesh_agent_peer_path gauge",
+            "mesh_agent_peer_path_switches_total counter",
+            "mesh_agent_peer_path_seconds_total counter",
         ] {
             assert!(text.contains(&format!("# TYPE {family}\n")), "{family}:\n{text}");
         }
@@ -272,6 +286,9 @@ mod tests {
             "mesh_agent_peer_lan_probe_up{peer=\"gwfsn\"} 0\n",
             "mesh_agent_route_owner{prefix=\"198.18.10.0/24\"} 1\n",
             "mesh_agent_probe_requests_answered_total 4\n",
+            "mesh_agent_peer_path{peer=\"gwfsn\",path=\"relay\",relay_region=\"fra\"} 1\n",
+            "mesh_agent_peer_path_switches_total{peer=\"gwfsn\"} 3\n",
+            "mesh_agent_peer_path_seconds_total{peer=\"gwfsn\",path=\"relay\"} 2.5\n",
             "mesh_agent_handshake_duration_seconds_bucket{le=\"0.05\",public_key=\"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\",peer=\"gw\"} 1\n",
             "mesh_agent_handshake_duration_seconds_count{public_key=\"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\",peer=\"gw\"} 1\n",
         ] {

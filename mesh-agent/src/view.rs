@@ -77,6 +77,11 @@ pub struct PeerView {
     /// an endpoint waits to be contacted.
     #[serde(default)]
     pub endpoint: Option<SocketAddr>,
+    /// The endpoint is the agent's own path choice (direct or through a
+    /// relay's local proxy): it is set even on a live session, which
+    /// WireGuard would otherwise keep at the address it roamed to.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pin_endpoint: bool,
     /// Source addresses accepted from and destinations routed to this peer.
     #[serde(default)]
     pub allowed_ips: Vec<IpNet>,
@@ -194,6 +199,7 @@ mod tests {
             public_key: k,
             name: None,
             endpoint: None,
+            pin_endpoint: false,
             allowed_ips: vec!["198.18.20.0/24".parse().unwrap()],
             persistent_keepalive: None,
             preshared_key: None,

@@ -92,6 +92,7 @@ fn peer(key: &SecretKey, endpoint: &str, ips: &[&str]) -> PeerView {
         public_key: key.public_key(),
         name: None,
         endpoint: Some(endpoint.parse().unwrap()),
+        pin_endpoint: false,
         allowed_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
         persistent_keepalive: Some(5),
         preshared_key: Some(SecretKey::from_bytes([7; 32])),
@@ -241,4 +242,181 @@ fn kernel_backend_tunnel() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"backend\":\"kernel\""));
     let shown = String::from_utf8(gw1.exec("wg", ["show", &if3, "allowed-ips"]).unwrap().stdout).unwrap();
     assert!(shown.contains(&pk1.to_base64()) && shown.contains("100.64.0.1/32"), "{shown}");
+}
+
+/// The relay's side of a node, inside `host`'s namespace: the agent's relay
+/// links with a ticket for `own`, and a proxy for `peer` (what the path
+/// manager keeps). Returns the proxy's address; stops on drop.
+struct ProxyInNs {
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProxyInNs {
+    fn start(host: &Host, relay: mesh_proto::v1::Relay, ticket: String, peer: mesh_agent::keys::PublicKey) -> Self {
+        let host = host.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            host.enter_current_thread().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let (_tickets, tickets_rx) = tokio::sync::watch::channel(Some(ticket));
+                let mut relays = mesh_agent::path::relay::Relays::new(51820, tickets_rx);
+                let homes = std::collections::BTreeMap::from([(peer, Some(relay.region.clone()))]);
+                relays.reconcile(&[relay], &homes).await;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !relays.links().can_reach(&peer) {
+                    assert!(Instant::now() < deadline, "not attached to the relay");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                tx.send(relays.proxy(&peer).unwrap()).unwrap();
+                let _ = stopped.await;
+            });
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(15)).expect("the relay proxy is up");
+        Self { addr, stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for ProxyInNs {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Only on a kernel with WireGuard (the VM): kernel WireGuard through a
+/// relay, as the path manager sets it up when no direct path works. Each
+/// side's peer endpoint is pinned to its local proxy, which carries the
+/// kernel's datagrams to a mesh-relay in a third namespace (TLS over TCP).
+/// And the side channel beside the kernel's socket: a disco ping sent from
+/// k1's WireGuard port (a raw socket) reaches k2's, and its authenticated
+/// pong comes back, while the kernel owns both ports.
+#[test]
+fn kernel_backend_through_the_relay() {
+    use mesh_agent::path::{disco, raw::SideSocket};
+    use mesh_relay::ticket::{Ticket, TicketSigner};
+
+    mesh_lab::require_root!();
+    let lab = Lab::new().unwrap();
+    let k1 = lab.host("k1").unwrap();
+    if k1.run(probe_kernel).unwrap() != KernelProbe::Available {
+        assert!(!expect_kernel(), "MESH_EXPECT_KERNEL_WG=1 but no kernel WireGuard");
+        eprintln!("no kernel WireGuard here: the relayed kernel tunnel runs in the VM");
+        return;
+    }
+    let (k2, r) = (lab.host("k2").unwrap(), lab.host("r").unwrap());
+    let wan = lab.switch("wan").unwrap();
+    for (h, a) in [(&k1, "192.0.2.1"), (&k2, "192.0.2.2"), (&r, "192.0.2.50")] {
+        wan.plug(h, "eth0").unwrap();
+        h.addr("eth0", &format!("{a}/24")).unwrap();
+    }
+    for h in [&k1, &k2] {
+        h.up("lo").unwrap();
+    }
+    let signer = TicketSigner::from_pkcs8(&TicketSigner::generate_pkcs8().unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = mesh_lab::relay::RelayInNs::start(
+        &r,
+        mesh_relay::server::RelayConfig {
+            listen: "192.0.2.50:443".parse().unwrap(),
+            reflector: None,
+            metrics: None,
+            cert_path: dir.path().join("relay.pem"),
+            key_path: dir.path().join("relay.key"),
+            names: vec!["192.0.2.50".into()],
+            trusted_keys: vec![signer.public_key()],
+            region: "lab".into(),
+            max_connections: 10,
+        },
+    )
+    .unwrap();
+    let entry = mesh_proto::v1::Relay {
+        region: "lab".into(),
+        address: "192.0.2.50:443".into(),
+        cert_sha256: hex::encode(relay.pin()),
+        ..Default::default()
+    };
+    let (s1, s2) = (SecretKey::generate(), SecretKey::generate());
+    let (pk1, pk2) = (s1.public_key(), s2.public_key());
+    let expires_unix =
+        i64::try_from(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs()).unwrap() + 3600;
+    let ticket =
+        |k: &SecretKey, node_id| signer.sign_b64(&Ticket { public_key: k.public_key().0, node_id, expires_unix });
+    let p1 = ProxyInNs::start(&k1, entry.clone(), ticket(&s1, 1), pk2);
+    let p2 = ProxyInNs::start(&k2, entry, ticket(&s2, 2), pk1);
+
+    let (if1, if2) = (lab.unique_ifname("wgr"), lab.unique_ifname("wgr"));
+    let pinned = |key: &SecretKey, proxy: std::net::SocketAddr, ips: &[&str]| PeerView {
+        pin_endpoint: true,
+        ..peer(key, &proxy.to_string(), ips)
+    };
+    let v1 = view("100.64.0.1/32", &pinned(&s2, p1.addr, &["100.64.0.2/32"]), &["100.64.0.2/32"]);
+    let v2 = view("100.64.0.2/32", &pinned(&s1, p2.addr, &["100.64.0.1/32"]), &["100.64.0.1/32"]);
+    let (a1, r1) = reconcile(&k1, applier(&k1, if1, s1.clone()), &v1);
+    assert_eq!(r1.backend, BackendKind::Kernel);
+    let (_a2, _) = reconcile(&k2, applier(&k2, if2, s2.clone()), &v2);
+    wait_for("ping through the relayed kernel tunnel", || {
+        k1.exec_unchecked("ping", ["-c", "1", "-W", "1", "100.64.0.2"]).unwrap().status.success()
+    });
+    let conv = Conversation::start(&k2, &k1, &["100.64.0.1:9000".parse().unwrap()], Duration::from_millis(10)).unwrap();
+    let t = Instant::now();
+    wait_for("a two-way conversation through the relay", || conv.flowing_since(t));
+    std::thread::sleep(Duration::from_secs(2));
+    let outcome = conv.finish().unwrap();
+    eprintln!("relayed kernel tunnel: {outcome:?}");
+    let (_a1, actual) = in_ns(&k1, move || {
+        let mut a1 = a1;
+        let actual = a1.observe();
+        (a1, actual)
+    });
+    assert_eq!(actual.unwrap().wg.peers[&pk2].endpoint, Some(p1.addr), "the kernel sends to the proxy");
+
+    // Disco beside the kernel's sockets on both ports.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (k2s, pk1b) = (s2.clone(), pk1);
+    let answerer = std::thread::spawn({
+        let k2 = k2.clone();
+        move || {
+            k2.enter_current_thread().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let side = SideSocket::open(51820).unwrap();
+                ready_tx.send(()).unwrap();
+                let mut buf = vec![0u8; 2048];
+                let (from, range) =
+                    tokio::time::timeout(Duration::from_secs(10), side.recv(&mut buf)).await.unwrap().unwrap();
+                let d = disco::parse(&buf[range]).unwrap();
+                let key = disco::PairKey::new(&k2s, &pk1b);
+                assert!(d.verify(&key) && !d.pong && d.sender == pk1b);
+                side.send(from, &disco::encode(true, &d.txid, &k2s.public_key(), &key)).await.unwrap();
+            });
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let pong = k1
+        .run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let side = SideSocket::open(51820).unwrap();
+                let key = disco::PairKey::new(&s1, &pk2);
+                let txid = [9; disco::TXID_LEN];
+                side.send("192.0.2.2:51820".parse().unwrap(), &disco::encode(false, &txid, &pk1, &key)).await.unwrap();
+                let mut buf = vec![0u8; 2048];
+                let (_, range) =
+                    tokio::time::timeout(Duration::from_secs(10), side.recv(&mut buf)).await.unwrap().unwrap();
+                let d = disco::parse(&buf[range]).unwrap();
+                d.pong && d.txid == txid && d.verify(&key)
+            })
+        })
+        .unwrap();
+    answerer.join().unwrap();
+    assert!(pong, "an authenticated pong from k2's WireGuard port");
+    drop((p1, p2));
 }

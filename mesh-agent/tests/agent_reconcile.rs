@@ -19,6 +19,7 @@ fn view() -> NodeView {
         public_key: SecretKey::generate().public_key(),
         name: None,
         endpoint: Some("192.0.2.2:51820".parse().unwrap()),
+        pin_endpoint: false,
         allowed_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
         persistent_keepalive: Some(25),
         preshared_key: Some(SecretKey::generate()),

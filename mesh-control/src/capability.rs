@@ -8,9 +8,10 @@
 //! 0 ms, and a version-2 gateway's `owner: false` would say something about
 //! site ownership, which that version knows nothing of.
 //!
-//! What control sends depends on the version for `TrustedCas` (4) and for
-//! how a view's rules name their CIDRs (6, see [`for_version`]); every
-//! other field of a view has been there since version 1.
+//! What control sends depends on the version for `TrustedCas` (4), for
+//! how a view's rules name their CIDRs (6) and for relay endpoints (7, see
+//! [`for_version`]); every other field of a view has been there since
+//! version 1 (older agents skip `NodeView.relays`, an unknown field).
 
 use mesh_policy::tables::Limits;
 use mesh_proto::v1 as pb;
@@ -34,6 +35,11 @@ pub const PATH_FACTS: u32 = 5;
 /// Agents read rules that name their CIDRs by index into the policy's
 /// table (`CompiledPolicy.nets`).
 pub const COMPACT_RULES: u32 = 6;
+/// Relays: agents read `relay:<region>` endpoints and `NodeView.relays`,
+/// ask for relay tickets, send endpoint candidates, and report each
+/// peer's path (`PeerHealth.path`, `relay_region`, `path_switches`,
+/// `direct_secs`, `relay_secs`).
+pub const RELAYS: u32 = 7;
 
 /// The version a peer reported. Capabilities came with version 1, so a
 /// sender without them speaks 1.
@@ -63,6 +69,15 @@ pub fn health(version: u32, mut report: pb::HealthReport) -> pb::HealthReport {
             p.endpoint.clear();
         }
     }
+    if version < RELAYS {
+        for p in &mut report.peers {
+            p.path.clear();
+            p.relay_region.clear();
+            p.path_switches = 0;
+            p.direct_secs = 0.0;
+            p.relay_secs = 0.0;
+        }
+    }
     if version < HA_GATEWAYS {
         // The gateway holds no site address: it owns no site.
         for r in &mut report.routes {
@@ -84,20 +99,32 @@ pub fn routes(version: u32, mut adv: pb::RouteAdvertisement) -> pb::RouteAdverti
 }
 
 /// A view message as an agent of `version` reads it: before
-/// [`COMPACT_RULES`], its policy's CIDRs as text in each rule. Views are
-/// built compact, once for every agent; only older agents' streams pay
-/// for the conversion.
+/// [`COMPACT_RULES`], its policy's CIDRs as text in each rule; before
+/// [`RELAYS`], no `relay:` endpoints (such an agent would refuse the
+/// view, as it parses every endpoint as `ip:port`). Views are built for
+/// the current version, once for every agent; only older agents' streams
+/// pay for the conversion.
 #[must_use]
 pub fn for_version(version: u32, mut msg: pb::sync_response::Msg) -> pb::sync_response::Msg {
     use pb::sync_response::Msg;
+    if version >= RELAYS {
+        return msg;
+    }
+    let (own, peers, policy) = match &mut msg {
+        Msg::Snapshot(v) => (v.self_.as_mut(), v.peers.as_mut_slice(), v.policy.as_mut()),
+        Msg::Delta(d) => (d.self_.as_mut(), d.upsert_peers.as_mut_slice(), d.policy.as_mut()),
+        Msg::TrustedCas(_) => return msg,
+    };
+    let no_relays = |e: &mut Vec<String>| e.retain(|e| !e.starts_with(crate::relay::ENDPOINT_PREFIX));
+    if let Some(n) = own {
+        no_relays(&mut n.endpoints);
+    }
+    for p in peers {
+        no_relays(&mut p.endpoints);
+    }
     if version >= COMPACT_RULES {
         return msg;
     }
-    let policy = match &mut msg {
-        Msg::Snapshot(v) => v.policy.as_mut(),
-        Msg::Delta(d) => d.policy.as_mut(),
-        Msg::TrustedCas(_) => None,
-    };
     if let Some(p) = policy.filter(|p| !p.nets.is_empty()) {
         match mesh_client::policy::from_proto(p) {
             Ok(rules) => *p = mesh_client::policy::to_text_proto(&rules),
@@ -168,6 +195,51 @@ mod tests {
         );
     }
 
+    /// Agents before version 7 get no `relay:` endpoints (their own, or
+    /// their peers'), in snapshots and deltas; version 7 gets them all.
+    #[test]
+    fn older_agents_get_no_relay_endpoints() {
+        use pb::sync_response::Msg;
+        let endpoints = || vec!["192.0.2.1:51820".to_owned(), "relay:fsn".to_owned()];
+        let peer = || pb::Peer { node_id: 2, endpoints: endpoints(), ..Default::default() };
+        let own = || Some(pb::Node { id: 1, endpoints: endpoints(), ..Default::default() });
+        let relays = vec![pb::Relay { region: "fsn".into(), ..Default::default() }];
+        let view = || {
+            Msg::Snapshot(pb::NodeView {
+                self_: own(),
+                peers: vec![peer()],
+                relays: relays.clone(),
+                ..Default::default()
+            })
+        };
+        let delta = || Msg::Delta(pb::NodeViewDelta { self_: own(), upsert_peers: vec![peer()], ..Default::default() });
+        assert_eq!(for_version(RELAYS, view()), view());
+        assert_eq!(for_version(RELAYS, delta()), delta());
+        for version in [COMPACT_RULES, PATH_FACTS] {
+            let Msg::Snapshot(v) = for_version(version, view()) else { panic!() };
+            assert_eq!(v.peers[0].endpoints, ["192.0.2.1:51820"]);
+            assert_eq!(v.self_.unwrap().endpoints, ["192.0.2.1:51820"]);
+            assert_eq!(v.relays, relays, "an unknown field to them: left in");
+            let Msg::Delta(d) = for_version(version, delta()) else { panic!() };
+            assert_eq!(d.upsert_peers[0].endpoints, ["192.0.2.1:51820"]);
+            assert_eq!(d.self_.unwrap().endpoints, ["192.0.2.1:51820"]);
+        }
+    }
+
+    #[test]
+    fn path_facts_are_read_from_version_7_on() {
+        let mut r = report();
+        r.peers[0].path = "relay".into();
+        r.peers[0].relay_region = "fsn".into();
+        r.peers[0].path_switches = 3;
+        r.peers[0].relay_secs = 12.5;
+        assert_eq!(health(RELAYS, r.clone()), r);
+        let old = health(COMPACT_RULES, r).peers.remove(0);
+        assert_eq!((old.path.as_str(), old.relay_region.as_str(), old.path_switches), ("", "", 0));
+        assert_eq!((old.direct_secs, old.relay_secs), (0.0, 0.0));
+        assert_eq!(old.endpoint, "192.0.2.2:51820", "version 5's field stays");
+    }
+
     #[test]
     fn a_sender_without_capabilities_speaks_version_1() {
         assert_eq!(version(None), 1);
@@ -186,6 +258,7 @@ mod tests {
 
     #[test]
     fn health_keeps_what_the_version_defines() {
+        assert_eq!(health(RELAYS, report()), report());
         assert_eq!(health(5, report()), report());
         let v4 = health(4, report());
         assert_eq!(v4.peers[0].endpoint, "", "the endpoint is version 5");

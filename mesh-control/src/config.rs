@@ -60,6 +60,9 @@ pub struct Config {
     pub poll_interval_ms: u64,
     /// Rate limits and caps (see [`crate::limits`]).
     pub limits: crate::limits::LimitsConfig,
+    /// The relays agents may use (`[[relays]]`, see [`crate::relay`]), in
+    /// order of preference; none by default.
+    pub relays: Vec<crate::relay::RelayEntry>,
 }
 
 impl Default for Config {
@@ -80,6 +83,7 @@ impl Default for Config {
             ephemeral_offline_secs: 600,
             poll_interval_ms: 500,
             limits: crate::limits::LimitsConfig::default(),
+            relays: Vec::new(),
         }
     }
 }
@@ -107,7 +111,8 @@ impl Config {
         if !(576..=9000).contains(&self.mtu) {
             return Err(ConfigError::Invalid("mtu must be 576-9000".into()));
         }
-        self.limits.check().map_err(ConfigError::Invalid)
+        self.limits.check().map_err(ConfigError::Invalid)?;
+        crate::relay::check(&self.relays).map_err(ConfigError::Invalid)
     }
 
     /// The store URL.
@@ -172,5 +177,28 @@ mod tests {
         assert_eq!(c.limits.enroll_per_source.burst, 2);
         let c: Config = toml::from_str("[limits]\nstreams_per_node = 0\n").unwrap();
         assert!(c.check().unwrap_err().to_string().contains("streams_per_node"));
+    }
+
+    #[test]
+    fn relays_are_read_and_checked_by_entry() {
+        let pin = "ab".repeat(32);
+        let text = format!(
+            "[[relays]]\nregion = \"fsn\"\naddress = \"relay-fsn.example.net:443\"\ncert_sha256 = \"{pin}\"\n\
+             reflector = \"192.0.2.50:3478\"\n\n[[relays]]\nregion = \"nbg\"\naddress = \"192.0.2.60:443\"\n\
+             server_name = \"relay-nbg.example.net\"\ncert_sha256 = \"{pin}\"\n"
+        );
+        let c: Config = toml::from_str(&text).unwrap();
+        c.check().unwrap();
+        assert_eq!(c.relays.len(), 2);
+        assert_eq!(c.relays[0].reflector.as_deref(), Some("192.0.2.50:3478"));
+        assert_eq!(c.relays[1].server_name.as_deref(), Some("relay-nbg.example.net"));
+        let dup: Config = toml::from_str(&text.replace("\"nbg\"", "\"fsn\"")).unwrap();
+        let e = dup.check().unwrap_err().to_string();
+        assert!(e.contains("relays[1] (region \"fsn\")") && e.contains("twice"), "{e}");
+        let bad: Config = toml::from_str(&text.replacen(&pin, "abc", 1)).unwrap();
+        let e = bad.check().unwrap_err().to_string();
+        assert!(e.contains("relays[0] (region \"fsn\"): cert_sha256"), "{e}");
+        assert!(toml::from_str::<Config>(&text.replace("reflector", "reflectr")).is_err(), "unknown keys refused");
+        assert!(toml::from_str::<Config>("[[relays]]\nregion = \"x\"\n").is_err(), "address is required");
     }
 }

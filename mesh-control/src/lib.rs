@@ -7,7 +7,8 @@
 //! PostgreSQL, audit log), [`auth`] (secrets and their hashes), [`engine`]
 //! (per-node views, deltas, fan-out), [`server`] (the gRPC services),
 //! [`tls`] (control's CA), [`limits`] (rate limits and caps on clients),
-//! [`metrics`], [`web`] (the live topology page), [`config`], [`run`];
+//! [`metrics`], [`web`] (the live topology page), [`relay`] (relays, their
+//! tickets, path-change audit), [`config`], [`run`];
 //! with the
 //! `test-support` feature, `sim` (a simulated agent for tests and
 //! benchmarks).
@@ -32,6 +33,8 @@ pub mod limits;
 #[cfg(feature = "server")]
 pub mod metrics;
 pub mod policy;
+#[cfg(feature = "server")]
+pub mod relay;
 #[cfg(feature = "server")]
 pub mod route_check;
 #[cfg(feature = "server")]

@@ -78,6 +78,13 @@ impl Collector for EngineState {
         gauge(e, "mesh_control_agents_connected", "Open agent Sync streams.", engine.connected() as i64)?;
         gauge(e, "mesh_control_keys_expiring_soon", "Node keys expiring within 7 days.", soon)?;
         gauge(e, "mesh_control_policy_generation", "Active policy generation.", engine.policy().1)?;
+        let (direct, relay) = engine.path_counts();
+        gauges(
+            e,
+            "mesh_control_peer_paths",
+            "Node-to-peer links by path, from the agents' latest health reports.",
+            [("direct", direct), ("relay", relay)].map(|(p, v)| ([("path", p)], i64::try_from(v).unwrap_or(i64::MAX))),
+        )?;
         let c = engine.counters_total();
         counters(
             e,

@@ -30,6 +30,9 @@ pub enum StartError {
     /// TLS material.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The relay ticket key.
+    #[error(transparent)]
+    RelayKey(#[from] crate::relay::key::KeyError),
     /// Sockets and files.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
@@ -166,6 +169,27 @@ pub fn write_bootstrap_token(config: &Config, token: &str) -> Result<PathBuf, Se
     Ok(path)
 }
 
+/// The configured relays and the ticket key (see [`crate::relay::key`]).
+/// Without relays, a replica that lacks the key file another replica
+/// created still starts (an upgraded pair of replicas must not stop over a
+/// key not in use yet), and says what to copy before relays are added.
+async fn relays(config: &Config, store: &Store) -> Result<crate::relay::Relays, StartError> {
+    use crate::relay::{Relays, key};
+    let list = crate::relay::to_proto(&config.relays);
+    match key::open(store, &config.data_dir).await {
+        Ok(signer) => {
+            let public = signer.public_key();
+            Ok(Relays::new(list, Some(signer), Some(public)))
+        }
+        Err(e) if config.relays.is_empty() && !matches!(e, key::KeyError::Store(_)) => {
+            tracing::warn!(error = %e, "no relay ticket key on this replica: fix this before configuring relays");
+            let public = store.meta_get(key::META).await?.and_then(|b| mesh_relay::ticket::key_from_b64(&b).ok());
+            Ok(Relays::new(list, None, public))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Starts everything `config` asks for.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
     start_with_clock(config, Arc::new(SystemClock)).await
@@ -185,6 +209,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
     let engine = Engine::new(store.clone(), crate::engine::EngineConfig { clock, ..config.engine() }).await?;
     let authority = tls::Authority::open(&store, &config.data_dir, &config.tls_names, unix_now()).await?;
     let ca_pin = authority.signing_pin();
+    let relays = Arc::new(relays(config, &store).await?);
     // Both reflection versions: grpcurl and current tools ask v1, Python's
     // grpcio-reflection and older tools v1alpha.
     let reflection = || {
@@ -205,9 +230,13 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(reflection()?)
         .add_service(reflection_v1alpha()?)
-        .add_service(AgentServiceServer::new(AgentApi::new(engine.clone()).with_ca(authority.watch())))
+        .add_service(AgentServiceServer::new(
+            AgentApi::new(engine.clone()).with_ca(authority.watch()).with_relays(relays.clone()),
+        ))
         .add_service(AdminServiceServer::new(
-            AdminApi::new(engine.clone(), ca_pin, false).with_authority(authority.clone()),
+            AdminApi::new(engine.clone(), ca_pin, false)
+                .with_authority(authority.clone())
+                .with_relay_ticket_key(relays.public_key_b64()),
         ));
     if config.tls {
         let (incoming, accept) = tls_incoming(listener, authority.server_config()?);
@@ -231,7 +260,11 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         // (root or our uid) are what keep other local users out.
         let unix = mesh_local::socket::bind_private(path)?;
         let local = Server::builder().add_service(reflection()?).add_service(reflection_v1alpha()?).add_service(
-            AdminServiceServer::new(AdminApi::new(engine.clone(), ca_pin, true).with_authority(authority.clone())),
+            AdminServiceServer::new(
+                AdminApi::new(engine.clone(), ca_pin, true)
+                    .with_authority(authority.clone())
+                    .with_relay_ticket_key(relays.public_key_b64()),
+            ),
         );
         tasks.push(tokio::spawn(async move {
             if let Err(e) = local.serve_with_incoming(unix.into_stream()).await {
@@ -254,7 +287,9 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
             let l = TcpListener::bind(a).await.map_err(|e| StartError::Io(a.to_string(), e))?;
             let bound = l.local_addr().ok();
             // Not the trusted API: every request needs an admin token.
-            let api = AdminApi::new(engine.clone(), ca_pin, false).with_authority(authority.clone());
+            let api = AdminApi::new(engine.clone(), ca_pin, false)
+                .with_authority(authority.clone())
+                .with_relay_ticket_key(relays.public_key_b64());
             tasks.push(tokio::spawn(crate::web::serve(l, Arc::new(crate::web::Web::new(api)))));
             tracing::info!(addr = ?bound, "topology page on plain HTTP");
             bound
@@ -262,7 +297,7 @@ pub async fn start_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<
         None => None,
     };
     tasks.push(tokio::spawn(engine.clone().run_background()));
-    tracing::info!(%addr, store = store.backend(), tls = config.tls, ca_pin = %hex::encode(ca_pin), ca_key = %authority.key_path().display(), "mesh-control running");
+    tracing::info!(%addr, store = store.backend(), tls = config.tls, ca_pin = %hex::encode(ca_pin), ca_key = %authority.key_path().display(), relays = config.relays.len(), relay_ticket_key = %relays.public_key_b64(), "mesh-control running");
     Ok(Running {
         engine,
         addr,

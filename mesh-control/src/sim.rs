@@ -202,6 +202,12 @@ impl SyncSession {
         self.send(pb::sync_request::Msg::Routes(advertisement)).await
     }
 
+    /// Replaces the node's endpoints with `endpoints` (capability 7).
+    pub async fn candidates(&self, endpoints: &[&str]) -> Result<(), SimError> {
+        let endpoints = endpoints.iter().map(|e| (*e).to_owned()).collect();
+        self.send(pb::sync_request::Msg::Candidates(pb::EndpointCandidates { endpoints })).await
+    }
+
     /// Reports a local failover.
     pub async fn failover(&self, report: pb::FailoverReport) -> Result<(), SimError> {
         self.send(pb::sync_request::Msg::Failover(report)).await

@@ -457,3 +457,148 @@ async fn site_lan_addresses_reach_only_the_sites_gateways() {
     let err = err.expect("the stream ends");
     assert!(err.contains("LAN address 10.0.0.2"), "{err}");
 }
+
+/// Capability 7 from control's side: the configured relays reach every
+/// snapshot; a relay ticket names the node's WireGuard key and verifies
+/// with the key `GetStatus` shows, and only an approved node with a
+/// credential gets one; endpoint candidates (an `ip:port` and the home
+/// relay) replace the node's endpoints in its peers' views, without the
+/// relay for an older peer, and a malformed one ends the stream, named;
+/// path changes in health reports show in the status and the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_tickets_and_endpoint_candidates() {
+    use mesh_relay::ticket;
+    let dir = tempfile::tempdir().unwrap();
+    let pin = "0f".repeat(32);
+    let relays = vec![
+        mesh_control::relay::RelayEntry {
+            region: "fsn".into(),
+            address: "relay-fsn.example.net:443".into(),
+            server_name: None,
+            cert_sha256: pin.clone(),
+            reflector: Some("192.0.2.50:3478".into()),
+        },
+        mesh_control::relay::RelayEntry {
+            region: "nbg".into(),
+            address: "192.0.2.60:443".into(),
+            server_name: Some("relay-nbg.example.net".into()),
+            cert_sha256: pin,
+            reflector: None,
+        },
+    ];
+    let config =
+        mesh_control::config::Config { relays: relays.clone(), ..mesh_control::sim::loopback_config(dir.path()) };
+    let c = start_with_clock(&config, Arc::new(SystemClock)).await.expect("control starts");
+    let addr = c.addr.to_string();
+    let mut a = admin(&c, c.bootstrap_admin_token.clone()).await;
+    a.set_policy(pb::PolicyDocument { text: POLICY.into(), generation: 0 }).await.unwrap();
+    let app = SimAgent::enroll(&addr, &key(&mut a, false, true, &["tag:app"], 0).await, "app", &[]).await.unwrap();
+    let db_key = key(&mut a, true, true, &["tag:db"], 0).await;
+    let db = SimAgent::enroll(&addr, &db_key, "db", &[]).await.unwrap();
+    let db_v6 = SimAgent::enroll(&addr, &db_key, "db-v6", &[]).await.unwrap();
+    let pending =
+        SimAgent::enroll(&addr, &key(&mut a, false, false, &["tag:db"], 0).await, "db-pending", &[]).await.unwrap();
+
+    // (a) Every snapshot lists the relays, in the configured order.
+    let mut app_s = app.sync().await.unwrap();
+    let mut db_s = db.sync().await.unwrap();
+    let mut old_s = db_v6.sync_as_version(6).await.unwrap();
+    for s in [&mut app_s, &mut db_s, &mut old_s] {
+        s.next(WAIT).await.unwrap().expect("a snapshot");
+        assert_eq!(s.view.as_ref().unwrap().relays, mesh_control::relay::to_proto(&relays));
+    }
+
+    // (b) Tickets.
+    let status = a.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    let trusted = [ticket::key_from_b64(&status.relay_ticket_key).expect("GetStatus shows the ticket key")];
+    let issued = app.client().relay_ticket(pb::RelayTicketRequest {}).await.unwrap().into_inner();
+    let now = SystemClock.now();
+    let t = ticket::verify_b64(&issued.ticket, &trusted, now).expect("the ticket verifies with the status key");
+    assert_eq!(t.public_key.as_slice(), app.node.wireguard_public_key.as_slice(), "it names the node's key");
+    assert_eq!((t.node_id, t.expires_unix), (app.node.id, issued.expires_unix));
+    assert!((now + 11 * 3600..=now + 12 * 3600 + 5).contains(&t.expires_unix), "about 12 h: {}", t.expires_unix);
+    let e = pending.client().relay_ticket(pb::RelayTicketRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "a pending node gets none: {e:?}");
+    let mut anonymous = mesh_proto::v1::agent_service_client::AgentServiceClient::new(app.channel.clone());
+    let e = anonymous.relay_ticket(pb::RelayTicketRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let forged = SimAgent { token: "not-a-credential".into(), ..app.clone() };
+    assert_eq!(
+        forged.client().relay_ticket(pb::RelayTicketRequest {}).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    {
+        let other = tempfile::tempdir().unwrap();
+        let bare =
+            start_with_clock(&mesh_control::sim::loopback_config(other.path()), Arc::new(SystemClock)).await.unwrap();
+        let mut ba = admin(&bare, bare.bootstrap_admin_token.clone()).await;
+        let n =
+            SimAgent::enroll(&bare.addr.to_string(), &key(&mut ba, false, true, &[], 0).await, "n", &[]).await.unwrap();
+        let e = n.client().relay_ticket(pb::RelayTicketRequest {}).await.unwrap_err();
+        assert_eq!((e.code(), e.message()), (Code::FailedPrecondition, "no relays configured"));
+    }
+
+    // (c) Candidates reach the peers: all of them for a current peer, the
+    // `ip:port` ones for a capability-6 peer.
+    app_s.candidates(&["198.51.100.7:41641", "relay:fsn"]).await.unwrap();
+    let app_endpoints = |s: &mesh_control::sim::SyncSession| {
+        let v = s.view.as_ref().unwrap();
+        v.peers.iter().find(|p| p.node_id == app.node.id).map(|p| p.endpoints.clone()).unwrap_or_default()
+    };
+    for (s, want) in [(&mut db_s, vec!["198.51.100.7:41641", "relay:fsn"]), (&mut old_s, vec!["198.51.100.7:41641"])] {
+        for _ in 0..50 {
+            if app_endpoints(s) == want {
+                break;
+            }
+            s.next(Duration::from_millis(100)).await.unwrap();
+        }
+        assert_eq!(app_endpoints(s), want);
+    }
+    let listed = a.get_node(pb::NodeRef { id: app.node.id, name: String::new() }).await.unwrap().into_inner();
+    assert_eq!(listed.endpoints, ["198.51.100.7:41641", "relay:fsn"]);
+
+    // Path changes: in the status at once, audited once per change.
+    let report = |path: &str, region: &str, switches| pb::HealthReport {
+        peers: vec![pb::PeerHealth {
+            node_id: db.node.id,
+            probe_up: true,
+            path: path.into(),
+            relay_region: region.into(),
+            path_switches: switches,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    db_s.health(report("direct", "", 0)).await.unwrap();
+    db_s.health(report("direct", "", 0)).await.unwrap();
+    app_s.health(report("direct", "", 0)).await.unwrap();
+    app_s.health(report("relay", "fsn", 1)).await.unwrap();
+    let mut entries = Vec::new();
+    for _ in 0..50 {
+        let req = pb::ListAuditRequest { action_prefix: "peer.path".into(), ..Default::default() };
+        entries = a.list_audit(req).await.unwrap().into_inner().entries;
+        if !entries.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].subject, format!("node/{}", app.node.id));
+    let after: serde_json::Value = serde_json::from_str(&entries[0].after).unwrap();
+    assert_eq!(after["detail"], format!("{} -> {}: direct -> relay (fsn)", app.node.name, db.node.name));
+    let status = a.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    let link = status.peers.iter().find(|l| l.from_node == app.node.id).and_then(|l| l.health.clone()).unwrap();
+    assert_eq!((link.path.as_str(), link.relay_region.as_str(), link.path_switches), ("relay", "fsn", 1));
+
+    // A malformed candidate ends the stream with an error naming it.
+    app_s.candidates(&["198.51.100.7:41641", "relay:FSN"]).await.unwrap();
+    let mut err = None;
+    for _ in 0..20 {
+        if let Err(e) = app_s.next(Duration::from_millis(250)).await {
+            err = Some(e.to_string());
+            break;
+        }
+    }
+    let err = err.expect("the stream ends");
+    assert!(err.contains("relay:FSN") && err.contains("a relay region is"), "{err}");
+}

@@ -192,7 +192,8 @@ async fn endpoints_and_failover_reports_are_checked() {
     let channel = connect(&c.addr.to_string(), &Trust::Pin(c.ca_pin)).await.unwrap();
     let mut client = AgentServiceClient::new(channel.clone());
     for (endpoints, why) in [
-        ((0..9).map(|i| format!("192.0.2.{i}:51820")).collect::<Vec<_>>(), "at most 8"),
+        ((0..17).map(|i| format!("192.0.2.{i}:51820")).collect::<Vec<_>>(), "at most 16"),
+        (vec!["relay:fsn".into(), "relay:nbg".into()], "only one home relay"),
         (vec!["gw.example:51820".into()], "not IP:port"),
         (vec!["0.0.0.0:51820".into()], "unicast"),
         (vec!["192.0.2.1:0".into()], "unicast"),

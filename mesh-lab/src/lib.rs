@@ -15,6 +15,8 @@ mod cmd;
 pub mod control;
 mod host;
 mod lab;
+#[cfg(feature = "relay")]
+pub mod relay;
 pub mod traffic;
 pub mod twoway;
 mod wait;

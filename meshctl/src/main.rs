@@ -360,6 +360,16 @@ fn bytes(n: u64) -> String {
     if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
 }
 
+/// How packets to a peer travel: "direct", "relay fsn", or "-" when the
+/// agent does not say (no relays, or older than capability 7).
+fn path(h: &pb::PeerHealth) -> String {
+    match h.path.as_str() {
+        "" => "-".into(),
+        "relay" if !h.relay_region.is_empty() => format!("relay {}", h.relay_region),
+        p => p.to_owned(),
+    }
+}
+
 /// Milliseconds as text, "-" when unknown (negative).
 fn millis(v: f64) -> String {
     if v < 0.0 { "-".into() } else { format!("{v:.2}") }
@@ -378,6 +388,8 @@ fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_o
                     "rtt_ms": h.probe_rtt_ms, "rtt_p50_ms": h.probe_rtt_p50_ms, "rtt_p95_ms": h.probe_rtt_p95_ms,
                     "loss": h.probe_loss, "up": h.probe_up, "handshake_age_ms": h.handshake_age_ms,
                     "rx_bytes": h.rx_bytes, "tx_bytes": h.tx_bytes, "endpoint": h.endpoint,
+                    "path": h.path, "relay_region": h.relay_region, "path_switches": h.path_switches,
+                    "direct_secs": h.direct_secs, "relay_secs": h.relay_secs,
                     "report_age_secs": l.report_age_secs})
             })
             .collect();
@@ -395,6 +407,7 @@ fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_o
                 "nodes_expired": s.nodes_expired, "nodes_expiring_soon": s.nodes_expiring_soon,
                 "agents_connected": s.agents_connected, "policy_generation": s.policy_generation,
                 "routes_active": s.routes_active, "store": s.store, "ca_pin": s.ca_pin,
+                "relay_ticket_key": s.relay_ticket_key,
                 "software": s.capabilities.as_ref().map(|c| c.software.clone()),
                 "nodes": nodes, "routes": routes.iter().map(route_json).collect::<Vec<_>>(), "peers": peers})
         );
@@ -414,7 +427,12 @@ fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_o
             s.store.clone(),
         ]],
     );
-    println!("CA pin: {}\n", s.ca_pin);
+    println!("CA pin: {}", s.ca_pin);
+    if !s.relay_ticket_key.is_empty() {
+        // What each relay's `control_keys` must hold.
+        println!("Relay ticket key: {}", s.relay_ticket_key);
+    }
+    println!();
     table(
         &["NODE", "IPV4", "STATE", "ONLINE", "REPLICA", "BACKEND", "KEY EXPIRY", "VIEW"],
         nodes
@@ -442,7 +460,22 @@ fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_o
     print_routes(routes, false);
     println!();
     table(
-        &["FROM", "TO", "UP", "RTT ms", "P50 ms", "P95 ms", "LOSS", "HANDSHAKE", "ENDPOINT", "RX", "TX", "REPORTED"],
+        &[
+            "FROM",
+            "TO",
+            "UP",
+            "RTT ms",
+            "P50 ms",
+            "P95 ms",
+            "LOSS",
+            "HANDSHAKE",
+            "ENDPOINT",
+            "PATH",
+            "SWITCHES",
+            "RX",
+            "TX",
+            "REPORTED",
+        ],
         s.peers
             .iter()
             .map(|l| {
@@ -459,6 +492,8 @@ fn print_status(s: &pb::Status, nodes: &[pb::Node], routes: &[pb::Route], json_o
                     format!("{:.0}%", h.probe_loss * 100.0),
                     handshake,
                     if h.endpoint.is_empty() { "-".into() } else { h.endpoint.clone() },
+                    path(&h),
+                    h.path_switches.to_string(),
                     bytes(h.rx_bytes),
                     bytes(h.tx_bytes),
                     format!("{}s ago", l.report_age_secs),

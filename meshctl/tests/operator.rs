@@ -212,6 +212,11 @@ async fn probe_reports_status_and_failover_audit() {
             rx_bytes: 10,
             tx_bytes: 20,
             endpoint: "192.0.2.2:51820".into(),
+            path: "relay".into(),
+            relay_region: "fsn".into(),
+            path_switches: 3,
+            direct_secs: 40.0,
+            relay_secs: 2.5,
         }],
         backend: "userspace".into(),
         ..Default::default()
@@ -251,13 +256,17 @@ async fn probe_reports_status_and_failover_audit() {
     // What an operator sees.
     let text = meshctl(dir.path(), &["status"]).await;
     let row = text.lines().find(|l| l.starts_with("gw-1 ") && l.contains("gw-2")).unwrap_or_default();
-    for cell in ["yes", "1.50", "1.25", "3.50", "25%", "4s ago", "192.0.2.2:51820", "10 B", "20 B"] {
+    for cell in ["yes", "1.50", "1.25", "3.50", "25%", "4s ago", "192.0.2.2:51820", "relay fsn  3", "10 B", "20 B"] {
         assert!(row.contains(cell), "{cell} missing in {row:?}\n{text}");
     }
     assert!(text.lines().any(|l| l.starts_with("gw-1 (") && l.contains("userspace")), "{text}");
     let v: serde_json::Value = serde_json::from_str(&meshctl(dir.path(), &["--json", "status"]).await).unwrap();
     assert_eq!(v["peers"][0]["loss"], 0.25, "{v}");
     assert_eq!(v["peers"][0]["endpoint"], "192.0.2.2:51820", "{v}");
+    assert_eq!((&v["peers"][0]["path"], &v["peers"][0]["path_switches"]), (&"relay".into(), &3.into()), "{v}");
+    let key = v["relay_ticket_key"].as_str().unwrap_or_default();
+    assert_eq!(key.len(), 44, "the relay ticket key, base64: {v}");
+    assert!(text.contains(&format!("Relay ticket key: {key}\n")), "{text}");
 
     // A malformed prefix: the stream ends with an error naming it.
     let mut s2 = gw2.sync().await.unwrap();

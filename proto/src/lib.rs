@@ -15,7 +15,7 @@ pub mod v1 {
 
 /// The capability version this build speaks. The history is in
 /// `proto/mesh/v1/mesh.proto` next to `Capabilities`; bump both together.
-pub const CAPABILITY_VERSION: u32 = 6;
+pub const CAPABILITY_VERSION: u32 = 7;
 
 /// This build's [`v1::Capabilities`], naming the given component.
 #[must_use]

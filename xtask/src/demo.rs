@@ -14,7 +14,7 @@ pub(crate) struct Args {
     /// fails (part of `cargo xtask test`).
     #[arg(long)]
     pub(crate) check: bool,
-    /// Run mesh-control, mesh-agent and meshctl as installed from the
+    /// Run mesh-control, mesh-agent, mesh-relay and meshctl as installed from the
     /// Debian packages in DIR (what `cargo xtask dist` writes) instead of
     /// the build's; `cargo xtask test` runs its demo check this way.
     #[arg(long, value_name = "DIR")]
@@ -23,7 +23,7 @@ pub(crate) struct Args {
 
 /// The binaries the demo runs: the shipped ones, built in the demo's
 /// profile next to `mesh-demo`, which looks for them there.
-const BINARIES: [&str; 4] = ["mesh-demo", "mesh-control", "mesh-agent", "meshctl"];
+const BINARIES: [&str; 5] = ["mesh-demo", "mesh-control", "mesh-agent", "meshctl", "mesh-relay"];
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     if !args.check {

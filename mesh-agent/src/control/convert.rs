@@ -26,6 +26,10 @@ pub struct Local {
     /// Prefixes this node routes through another gateway than control's
     /// primary (local failover), by node id.
     pub overrides: BTreeMap<IpNet, u64>,
+    /// Peers whose endpoint the path manager chose (a direct candidate that
+    /// answers, or the local proxy of a relay), by public key: set even on
+    /// live sessions ([`PeerView::pin_endpoint`]).
+    pub paths: BTreeMap<PublicKey, SocketAddr>,
 }
 
 /// Id of the rule the agent adds to let health probes through the ACL
@@ -91,11 +95,15 @@ pub fn node_view(v: &pb::NodeView, local: &Local) -> Result<NodeView, ConvertErr
         allowed_ips.extend(overrides.iter().filter(|(_, gw)| **gw == p.node_id).map(|(prefix, _)| *prefix));
         overlay.extend(allowed_ips.iter().filter(|n| !assigned.contains(&n.trunc())).copied());
         routes.extend(allowed_ips.iter().map(IpNet::trunc).filter(|n| !own.contains(n)));
-        let endpoint = p.endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok());
+        let public_key = key(&p.wireguard_public_key, &p.name)?;
+        // `relay:<region>` entries (capability 7) are no socket address.
+        let configured = p.endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok());
+        let chosen = local.paths.get(&public_key).copied();
         peers.push(PeerView {
-            public_key: key(&p.wireguard_public_key, &p.name)?,
+            public_key,
             name: Some(p.name.clone()).filter(|n| !n.is_empty()),
-            endpoint,
+            endpoint: chosen.or(configured),
+            pin_endpoint: chosen.is_some(),
             allowed_ips,
             persistent_keepalive: Some(local.persistent_keepalive).filter(|&k| k != 0),
             preshared_key: None,
@@ -220,7 +228,8 @@ pub(super) mod tests {
                 node_id: 2,
                 name: "gw-fsn".into(),
                 wireguard_public_key: pk(),
-                endpoints: vec!["192.0.2.2:51820".into()],
+                // A home relay (capability 7) is no socket address.
+                endpoints: vec!["relay:fra".into(), "192.0.2.2:51820".into()],
                 allowed_ips: vec!["100.64.0.2/32".into(), "fd7a:6d65:7368::2/128".into(), "198.18.20.0/24".into()],
             }],
             routes: vec![
@@ -243,6 +252,7 @@ pub(super) mod tests {
                 }],
                 nets: Vec::new(),
             }),
+            relays: Vec::new(),
         };
         let n = node_view(&v, &Local { persistent_keepalive: 25, ..Local::default() }).unwrap();
         assert_eq!(n.generation, 7);
@@ -258,6 +268,13 @@ pub(super) mod tests {
         );
         assert_eq!(n.policy.rules.len(), 1);
         n.validate(&PublicKey(v.self_.as_ref().unwrap().wireguard_public_key.clone().try_into().unwrap())).unwrap();
+        assert!(!n.peers[0].pin_endpoint, "control's endpoint is not pinned");
+        // The path manager's choice (here a relay proxy) replaces it, pinned.
+        let peer = PublicKey(v.peers[0].wireguard_public_key.clone().try_into().unwrap());
+        let proxy: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        let local = Local { paths: BTreeMap::from([(peer, proxy)]), ..Local::default() };
+        let n = node_view(&v, &local).unwrap();
+        assert_eq!((n.peers[0].endpoint, n.peers[0].pin_endpoint), (Some(proxy), true));
     }
 
     /// A node routing 198.18.20.0/24 through gateway 2 (primary) or 3.

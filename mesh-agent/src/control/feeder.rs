@@ -1,18 +1,26 @@
 //! The view feeder: control's last view combined with the local failover's
-//! overrides, applied through the reconcile worker.
+//! overrides and the path manager's endpoints, applied through the
+//! reconcile worker.
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use ipnet::IpNet;
 use mesh_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{ControlState, SharedControlState, convert};
-use crate::{probe, reconcile::worker::WorkerHandle, state::write_atomic};
+use crate::{keys::PublicKey, probe, reconcile::worker::WorkerHandle, state::write_atomic};
 
 /// How long a new view from control waits for the prober's decision on its
 /// gateway order before it is applied with the previous decision.
 const DECISION_WAIT: Duration = Duration::from_millis(250);
+
+/// The path manager's endpoint per peer (see [`convert::Local::paths`]).
+pub(crate) type Paths = BTreeMap<PublicKey, SocketAddr>;
+
+/// What the feeder applies with a view: the failover's overrides and the
+/// path manager's endpoints.
+type Chosen = (BTreeMap<IpNet, u64>, Paths);
 
 /// A view from control for the feeder, with where to say how applying it went.
 pub(super) struct Feed {
@@ -30,6 +38,8 @@ pub(super) struct Feeder {
     pub(super) worker: WorkerHandle,
     pub(super) local: convert::Local,
     pub(super) plan: watch::Sender<probe::Plan>,
+    /// Control's last view, for the path manager (peers' candidates, relays).
+    pub(super) paths_plan: watch::Sender<Option<Arc<pb::NodeView>>>,
     pub(super) shared: SharedControlState,
     /// Where the last view from control is kept, so that an agent restarted
     /// while control is away still knows each prefix's gateway order.
@@ -37,9 +47,9 @@ pub(super) struct Feeder {
 }
 
 impl Feeder {
-    async fn apply(&self, v: &pb::NodeView, epoch: u64, overrides: &BTreeMap<IpNet, u64>) -> Result<(), String> {
-        ControlState::update(&self.shared, v, overrides);
-        let local = convert::Local { overrides: overrides.clone(), ..self.local.clone() };
+    async fn apply(&self, v: &pb::NodeView, epoch: u64, o: &Chosen) -> Result<(), String> {
+        ControlState::update(&self.shared, v, &o.0);
+        let local = convert::Local { overrides: o.0.clone(), paths: o.1.clone(), ..self.local.clone() };
         let mut nv = convert::node_view(v, &local).map_err(|e| e.to_string())?;
         nv.epoch = epoch;
         self.worker.apply(nv).await.map(|_| ())
@@ -64,7 +74,12 @@ impl Feeder {
         }
     }
 
-    pub(super) async fn run(self, mut views: mpsc::Receiver<Feed>, mut overrides: watch::Receiver<probe::Overrides>) {
+    pub(super) async fn run(
+        self,
+        mut views: mpsc::Receiver<Feed>,
+        mut overrides: watch::Receiver<probe::Overrides>,
+        mut paths: watch::Receiver<Paths>,
+    ) {
         // The worker re-applies the last applied view by itself; the saved
         // control view only feeds the prober and later overrides.
         // With the epoch it came in (0: saved by an earlier run).
@@ -73,10 +88,13 @@ impl Feeder {
         if let Some((v, _)) = &current {
             version += 1;
             self.plan.send_replace(probe::Plan { version, ..convert::probe_plan(v, &self.local, false) });
+            self.paths_plan.send_replace(Some(Arc::new(v.clone())));
         }
-        // The overrides applied with `current` (None: not applied yet, or
-        // the last apply failed).
-        let mut applied: Option<BTreeMap<IpNet, u64>> = None;
+        // The overrides and paths applied with `current` (None: not applied
+        // yet, or the last apply failed).
+        let mut applied: Option<Chosen> = None;
+        // False once the path manager is gone (or was never started).
+        let mut path_manager = true;
         // False once the prober is gone (or was never started): then only
         // views from control come in.
         let mut prober = true;
@@ -86,6 +104,7 @@ impl Feeder {
                     let Some(Feed { view, epoch, reply }) = feed else { return };
                     version += 1;
                     self.plan.send_replace(probe::Plan { version, ..convert::probe_plan(&view, &self.local, true) });
+                    self.paths_plan.send_replace(Some(Arc::new(view.clone())));
                     // Applied with the prober's decision on this view's
                     // gateway order, not on the previous one: otherwise a
                     // handover flaps (to control's new primary first, back
@@ -102,7 +121,7 @@ impl Feeder {
                             ),
                         }
                     }
-                    let o = overrides.borrow_and_update().routes.clone();
+                    let o = (overrides.borrow_and_update().routes.clone(), paths.borrow_and_update().clone());
                     let result = self.apply(&view, epoch, &o).await;
                     if result.is_ok() {
                         self.save(&view);
@@ -116,7 +135,7 @@ impl Feeder {
                         prober = false;
                         continue;
                     }
-                    let o = overrides.borrow_and_update().routes.clone();
+                    let o = (overrides.borrow_and_update().routes.clone(), paths.borrow().clone());
                     // A decision on a new plan that changes nothing.
                     if applied.as_ref() == Some(&o) {
                         continue;
@@ -124,11 +143,33 @@ impl Feeder {
                     if let Some((v, epoch)) = &current {
                         match self.apply(v, *epoch, &o).await {
                             Ok(()) => {
-                                tracing::info!(generation = v.generation, overrides = ?o, "applied local failover");
+                                tracing::info!(generation = v.generation, overrides = ?o.0, "applied local failover");
                                 applied = Some(o);
                             }
                             Err(e) => {
                                 tracing::error!(error = %e, "local failover not applied");
+                                applied = None;
+                            }
+                        }
+                    }
+                }
+                r = paths.changed(), if path_manager => {
+                    if r.is_err() {
+                        path_manager = false;
+                        continue;
+                    }
+                    let o = (overrides.borrow().routes.clone(), paths.borrow_and_update().clone());
+                    if applied.as_ref() == Some(&o) {
+                        continue;
+                    }
+                    if let Some((v, epoch)) = &current {
+                        match self.apply(v, *epoch, &o).await {
+                            Ok(()) => {
+                                tracing::info!(generation = v.generation, paths = ?o.1, "applied path change");
+                                applied = Some(o);
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "path change not applied");
                                 applied = None;
                             }
                         }
@@ -156,11 +197,16 @@ mod tests {
             worker: WorkerHandle::new(tx),
             local: convert::Local::default(),
             plan: plan_tx,
+            paths_plan: watch::channel(None).0,
             shared: SharedControlState::default(),
             saved: dir.join("control-view.pb"),
         };
         let (feed_tx, feed_rx) = mpsc::channel(4);
-        tokio::spawn(feeder.run(feed_rx, overrides_rx));
+        let (paths_tx, paths_rx) = watch::channel(Paths::new());
+        tokio::spawn(async move {
+            feeder.run(feed_rx, overrides_rx, paths_rx).await;
+            drop(paths_tx);
+        });
         tokio::spawn(async move {
             while plan_rx.changed().await.is_ok() {
                 let version = plan_rx.borrow_and_update().version;

@@ -28,7 +28,7 @@ use std::{
 use ipnet::IpNet;
 use mesh_metrics::{
     Label,
-    family::{gauge, gauges},
+    family::{counters, gauge, gauges},
     prometheus_client::encoding::DescriptorEncoder,
 };
 use mesh_proto::v1 as pb;
@@ -49,6 +49,8 @@ pub struct ControlState {
     pub key_expiry_unix: Option<i64>,
     /// Each assigned prefix and its primary gateway's name.
     pub primaries: Vec<(String, String)>,
+    /// The peers' paths (the path manager writes them).
+    pub paths: crate::path::SharedPaths,
 }
 
 impl ControlState {
@@ -75,6 +77,35 @@ impl ControlState {
             "The primary gateway of each prefix in control's order (1 per prefix).",
             self.primaries.iter().map(|(prefix, gw)| {
                 ([("prefix", Label::from(prefix.as_str())), ("gateway", Label::from(gw.as_str()))], 1i64)
+            }),
+        )?;
+        let paths = self.paths.lock().map(|p| p.values().cloned().collect::<Vec<_>>()).unwrap_or_default();
+        gauges(
+            e,
+            "mesh_agent_peer_path",
+            "How packets to each peer travel (1 on the path in use: direct, or relay with its region).",
+            paths.iter().map(|p| {
+                let labels = [
+                    ("peer", Label::from(p.name.as_str())),
+                    ("path", Label::from(p.path)),
+                    ("relay_region", Label::from(p.relay_region.as_str())),
+                ];
+                (labels, 1i64)
+            }),
+        )?;
+        counters(
+            e,
+            "mesh_agent_peer_path_switches",
+            "Path switches (direct to relay and back) per peer since the agent started.",
+            paths.iter().map(|p| ([("peer", Label::from(p.name.as_str()))], p.switches)),
+        )?;
+        counters(
+            e,
+            "mesh_agent_peer_path_seconds",
+            "Time spent on each path per peer since the agent started.",
+            paths.iter().flat_map(|p| {
+                [("direct", p.direct_secs), ("relay", p.relay_secs)]
+                    .map(|(path, secs)| ([("peer", Label::from(p.name.as_str())), ("path", Label::from(path))], secs))
             }),
         )
     }

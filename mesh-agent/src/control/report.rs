@@ -53,6 +53,7 @@ pub fn health_report(
     view: Option<&pb::NodeView>,
     routes: &[RouteHealth],
     probes: &ProbeState,
+    paths: &BTreeMap<crate::keys::PublicKey, crate::path::PathInfo>,
 ) -> pb::HealthReport {
     let now = now_secs();
     let ids: BTreeMap<Vec<u8>, u64> =
@@ -74,7 +75,15 @@ pub fn health_report(
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
                 endpoint: p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                ..pb::PeerHealth::default()
             };
+            if let Some(info) = paths.get(&p.public_key) {
+                h.path = info.path.to_owned();
+                h.relay_region.clone_from(&info.relay_region);
+                h.path_switches = info.switches;
+                h.direct_secs = info.direct_secs;
+                h.relay_secs = info.relay_secs;
+            }
             if let Some(e) = probes.peers.get(&id) {
                 h.probe_rtt_ms = ms(e.stats.last_rtt());
                 h.probe_loss = e.stats.loss_ratio();

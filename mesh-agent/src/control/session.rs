@@ -48,6 +48,44 @@ struct Links {
     owned: Option<watch::Receiver<probe::owner::Ownership>>,
     probes: SharedProbe,
     shared: SharedControlState,
+    /// The node's endpoint candidates from the path manager (empty: none
+    /// to report, the configured endpoints stand).
+    candidates: watch::Receiver<Vec<String>>,
+    candidates_live: bool,
+    /// Relay tickets for the path manager, and the current one's expiry.
+    tickets: watch::Sender<Option<String>>,
+    ticket_expires: i64,
+    /// The node key the current ticket names.
+    ticket_key: Vec<u8>,
+    /// The peers' paths, for the health reports.
+    paths: crate::path::SharedPaths,
+}
+
+/// Asks for a relay ticket when the view lists relays and the current one
+/// is missing, names another key (a rotation), or is past half its life
+/// (12 h tickets: renewed every 6 h). With the credential's current token:
+/// a rotation or a renewal replaces the one the stream opened with.
+async fn refresh_ticket(channel: &client::Channel, token: &str, view: Option<&pb::NodeView>, links: &mut Links) {
+    let Some(v) = view.filter(|v| !v.relays.is_empty()) else { return };
+    if links.tickets.is_closed() {
+        return;
+    }
+    let key = v.self_.as_ref().map(|s| s.wireguard_public_key.clone()).unwrap_or_default();
+    let now = now_secs();
+    if links.tickets.borrow().is_some() && links.ticket_key == key && links.ticket_expires - now > 6 * 3600 {
+        return;
+    }
+    let mut client = AgentServiceClient::with_interceptor(channel.clone(), Bearer(Some(token.to_owned())));
+    match client.relay_ticket(pb::RelayTicketRequest {}).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            links.ticket_expires = r.expires_unix;
+            links.ticket_key = key;
+            links.tickets.send_replace(Some(r.ticket));
+            tracing::info!(expires_unix = r.expires_unix, "relay ticket from control");
+        }
+        Err(e) => tracing::warn!(error = %e, "no relay ticket from control"),
+    }
 }
 
 /// One session: credential, stream, apply/ack until the stream breaks.
@@ -105,6 +143,8 @@ async fn session(
     while let Some(r) = links.unsent.pop_front() {
         send(pb::sync_request::Msg::Failover(r)).await?;
     }
+    // Discovered candidates replace the hello's configured endpoints.
+    let mut sent_candidates = Vec::new();
     let mut current: Option<pb::NodeView> = None;
     // Generations order views within this stream only (see
     // `NodeView::epoch`): its first snapshot replaces whatever came before.
@@ -184,6 +224,12 @@ async fn session(
                     Err(e) => tracing::error!(generation, kind, error = %e, "view from control not applied"),
                 }
                 send(pb::sync_request::Msg::Ack(pb::Ack { generation, error: result.err().unwrap_or_default() })).await?;
+                refresh_ticket(&channel, &cred.token, current.as_ref(), links).await;
+                false
+            }
+            r = links.candidates.changed(), if links.candidates_live => {
+                // Gone: no path manager, the hello's endpoints stand.
+                links.candidates_live = r.is_ok();
                 false
             }
             Some(e) = links.events.recv() => {
@@ -211,6 +257,7 @@ async fn session(
                 links.probes.lock().map(|p| reachable(&p)).is_ok_and(|r| r != reported_reach)
             }
             _ = tick.tick() => {
+                refresh_ticket(&channel, &cred.token, current.as_ref(), links).await;
                 if cred.renewal_due(now_secs()) {
                     // A failure is retried at the next tick; the stream goes on.
                     if let Err(e) = renew(&channel, &mut cred, &cred_path).await {
@@ -228,6 +275,12 @@ async fn session(
                 true
             }
         };
+        let candidates = links.candidates.borrow_and_update().clone();
+        if !candidates.is_empty() && candidates != sent_candidates {
+            tracing::info!(?candidates, "reporting endpoint candidates");
+            send(pb::sync_request::Msg::Candidates(pb::EndpointCandidates { endpoints: candidates.clone() })).await?;
+            sent_candidates = candidates;
+        }
         if report_now {
             let Some(st) = worker.status().await else {
                 return Err(SessionError("the reconcile worker stopped".into()));
@@ -235,7 +288,8 @@ async fn session(
             let probes = links.probes.lock().map(|p| p.clone()).unwrap_or_default();
             reported_reach = reachable(&probes);
             let routes = links.routes.borrow_and_update().clone();
-            send(pb::sync_request::Msg::Health(health_report(&st, current.as_ref(), &routes, &probes))).await?;
+            let paths = links.paths.lock().map(|p| p.clone()).unwrap_or_default();
+            send(pb::sync_request::Msg::Health(health_report(&st, current.as_ref(), &routes, &probes, &paths))).await?;
         }
     }
 }
@@ -278,15 +332,36 @@ pub async fn run(
         persistent_keepalive: cc.persistent_keepalive,
         probe_port: config.probe.port,
         overrides: BTreeMap::new(),
+        paths: BTreeMap::new(),
     };
+    let (paths_plan_tx, paths_plan_rx) = watch::channel(None);
+    let (paths_tx, paths_rx) = watch::channel(BTreeMap::new());
+    let (candidates_tx, candidates_rx) = watch::channel(Vec::new());
+    let (tickets_tx, tickets_rx) = watch::channel(None);
+    let shared_paths = shared.lock().map(|s| s.paths.clone()).unwrap_or_default();
+    if !cc.relays {
+        tracing::info!("relays are off (control.relays = false): endpoints are control's");
+    } else if config.listen_port == 0 {
+        tracing::warn!("listen_port = 0: no endpoint discovery and no relays (they need a fixed WireGuard port)");
+    } else {
+        let inputs = crate::path::Inputs {
+            key_path: config.private_key_path(),
+            listen_port: config.listen_port,
+            configured: cc.endpoints.clone(),
+            home: cc.relay_region.clone(),
+        };
+        let out = crate::path::Outputs { paths: paths_tx, candidates: candidates_tx, shared: shared_paths.clone() };
+        tokio::spawn(crate::path::run(inputs, paths_plan_rx, tickets_rx, out));
+    }
     let feeder = Feeder {
         worker: worker.clone(),
         local,
         plan: plan_tx,
+        paths_plan: paths_plan_tx,
         shared: shared.clone(),
         saved: config.state_dir.join("control-view.pb"),
     };
-    tokio::spawn(feeder.run(feed_rx, overrides_rx));
+    tokio::spawn(feeder.run(feed_rx, overrides_rx, paths_rx));
     let mut links = Links {
         feed: feed_tx,
         events: events_rx,
@@ -296,6 +371,12 @@ pub async fn run(
         owned: Some(owned_rx),
         probes,
         shared: shared.clone(),
+        candidates: candidates_rx,
+        candidates_live: true,
+        tickets: tickets_tx,
+        ticket_expires: 0,
+        ticket_key: Vec::new(),
+        paths: shared_paths,
     };
     let min = Duration::from_millis(100);
     let max = Duration::from_secs_f64(cc.max_backoff_secs);

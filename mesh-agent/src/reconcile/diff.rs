@@ -81,7 +81,8 @@ pub fn diff(desired: &Desired, actual: &Actual, now: SystemTime) -> Plan {
                 if have.preshared_key != want.preshared_key {
                     u.preshared_key = Some(want.preshared_key.clone());
                 }
-                if want.endpoint.is_some() && have.endpoint != want.endpoint && !live(have, now) {
+                if want.endpoint.is_some() && have.endpoint != want.endpoint && (want.pin_endpoint || !live(have, now))
+                {
                     u.endpoint = want.endpoint;
                 }
                 if u != PeerUpdate::new(*key) {
@@ -151,6 +152,7 @@ mod tests {
             public_key: key,
             name: None,
             endpoint: Some("192.0.2.2:51820".parse().unwrap()),
+            pin_endpoint: false,
             allowed_ips: ips.iter().map(|s| net(s)).collect(),
             persistent_keepalive: None,
             preshared_key: None,
@@ -377,6 +379,25 @@ mod tests {
         p.last_handshake = Some(now - ENDPOINT_STICKY - Duration::from_secs(1));
         let plan = diff(&d, &actual, now);
         assert_eq!(plan.wg.peers[0].endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_pinned_endpoint_replaces_a_roamed_one_on_a_live_session() {
+        let a = SecretKey::generate().public_key();
+        let mut v = view(vec![peer(a, &["100.64.0.2/32"])], &[]);
+        // The path manager moved the peer to its relay proxy.
+        v.peers[0].endpoint = Some("127.0.0.1:40001".parse().unwrap());
+        v.peers[0].pin_endpoint = true;
+        let d = Desired::new(&v, &local());
+        let mut actual = Actual::default();
+        converge(&d, &mut actual);
+        let now = SystemTime::now();
+        let p = actual.wg.peers.get_mut(&a).unwrap();
+        p.endpoint = Some("192.0.2.2:51820".parse().unwrap());
+        p.last_handshake = Some(now - Duration::from_secs(10));
+        let plan = diff(&d, &actual, now);
+        assert_eq!(plan.wg.peers.len(), 1, "{plan:?}");
+        assert_eq!(plan.wg.peers[0].endpoint, Some("127.0.0.1:40001".parse().unwrap()));
     }
 
     #[test]

@@ -47,6 +47,7 @@ mod tests {
                 .map(|(k, e)| {
                     let peer = DesiredPeer {
                         endpoint: e.map(|e| e.parse().unwrap()),
+                        pin_endpoint: false,
                         allowed_ips: BTreeSet::new(),
                         persistent_keepalive: None,
                         preshared_key: None,

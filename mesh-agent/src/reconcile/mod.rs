@@ -121,6 +121,9 @@ fn host(ip: IpAddr) -> IpNet {
 pub struct DesiredPeer {
     /// Endpoint to set.
     pub endpoint: Option<SocketAddr>,
+    /// Set the endpoint even on a live session (see
+    /// [`crate::view::PeerView::pin_endpoint`]).
+    pub pin_endpoint: bool,
     /// Allowed IPs (host bits cleared).
     pub allowed_ips: BTreeSet<IpNet>,
     /// Keepalive; `None` off.
@@ -163,7 +166,8 @@ impl Desired {
     /// The rules wanted given what is observed: the fixed exceptions plus
     /// the host's connected networks and the endpoints that peers still in
     /// the view roamed to (a peer being removed needs none: otherwise its
-    /// exception would outlive it and the run would never converge).
+    /// exception would outlive it and the run would never converge; nor
+    /// does a peer whose endpoint is pinned, which the run sets).
     #[must_use]
     pub fn rules(&self, actual: &Actual) -> BTreeSet<RouteRule> {
         let mut exceptions = self.exceptions.clone();
@@ -173,7 +177,7 @@ impl Desired {
                 .wg
                 .peers
                 .iter()
-                .filter(|(key, _)| self.peers.contains_key(*key))
+                .filter(|(key, _)| self.peers.get(*key).is_some_and(|d| !d.pin_endpoint))
                 .filter_map(|(_, p)| p.endpoint)
                 .map(|e| host(e.ip())),
         );
@@ -200,6 +204,7 @@ impl Desired {
                         p.public_key,
                         DesiredPeer {
                             endpoint: p.endpoint,
+                            pin_endpoint: p.pin_endpoint,
                             allowed_ips: p.allowed_ips.iter().map(IpNet::trunc).collect(),
                             persistent_keepalive: p.persistent_keepalive.filter(|&k| k != 0),
                             preshared_key: p.preshared_key.clone(),

@@ -31,6 +31,14 @@ enum Cmd {
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// Print the public key control signs relay tickets with (base64): put
+    /// it in each relay's `control_keys`. Reads the key file in data_dir,
+    /// or the database; creates nothing.
+    RelayKey {
+        /// TOML configuration.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -89,6 +97,25 @@ async fn serve() -> anyhow::Result<()> {
             )
             .await?;
             println!("{token}");
+            Ok(())
+        }
+        Cmd::RelayKey { config } => {
+            use mesh_control::relay::key;
+            let config = load(config.as_ref())?;
+            let mut public = key::public_key(None, &config.data_dir).await?;
+            // Only a shared database can know a key this directory lacks; a
+            // SQLite file is not created here, owned by whoever runs this.
+            if public.is_none() && config.database_url.is_some() {
+                let store = mesh_control::store::Store::open(&config.store_url()).await?;
+                public = key::public_key(Some(&store), &config.data_dir).await?;
+            }
+            let public = public.with_context(|| {
+                format!(
+                    "no relay ticket key yet: mesh-control serve creates {} at its first start",
+                    key::path(&config.data_dir).display()
+                )
+            })?;
+            println!("{}", mesh_relay::ticket::key_to_b64(&public));
             Ok(())
         }
     }

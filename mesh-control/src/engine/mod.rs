@@ -136,6 +136,8 @@ struct State {
     nacks: HashMap<u64, (u64, String)>,
     /// Per node, the data path limits its agent reported (capability 3).
     limits: HashMap<u64, mesh_policy::tables::Limits>,
+    /// Per reporting node, its path-change audit entries (rate limit).
+    path_audit: crate::relay::paths::AuditLimiter,
 }
 
 /// A prefix whose primary the lease holder decided differs from the stored
@@ -342,9 +344,43 @@ impl Engine {
         }
     }
 
-    /// Keeps a node's latest health report (for metrics and status).
-    pub fn record_health(&self, node: u64, report: pb::HealthReport) {
-        self.lock().health.insert(node, (Instant::now(), report));
+    /// Keeps a node's latest health report (for metrics and status), and
+    /// returns the peers whose path changed since its previous one that
+    /// are to be audited, each with the count of changes left out before
+    /// it (see [`crate::relay::paths`]).
+    pub fn record_health(&self, node: u64, report: pb::HealthReport) -> Vec<(crate::relay::paths::PathChange, u32)> {
+        use crate::relay::paths::{self, Admit};
+        let mut st = self.lock();
+        let changes = st.health.get(&node).map(|(_, old)| paths::changes(old, &report)).unwrap_or_default();
+        let now = Instant::now();
+        let admitted = changes
+            .into_iter()
+            .filter_map(|c| match st.path_audit.admit(node, now) {
+                Admit::Write { suppressed } => Some((c, suppressed)),
+                Admit::Suppressed => {
+                    tracing::debug!(node, peer = c.peer, from = %c.from, to = %c.to, "path change over the audit rate limit");
+                    None
+                }
+            })
+            .collect();
+        st.health.insert(node, (now, report));
+        admitted
+    }
+
+    /// How many (node, peer) pairs the latest health reports show on each
+    /// path: (direct, relay).
+    #[must_use]
+    pub fn path_counts(&self) -> (u64, u64) {
+        let st = self.lock();
+        let mut counts = (0, 0);
+        for h in st.health.values().flat_map(|(_, r)| &r.peers) {
+            match crate::relay::paths::Path::of(h) {
+                Some(crate::relay::paths::Path::Direct) => counts.0 += 1,
+                Some(crate::relay::paths::Path::Relay(_)) => counts.1 += 1,
+                None => {}
+            }
+        }
+        counts
     }
 
     /// Whether one more failover report of `node` may be audited: at most
@@ -570,6 +606,7 @@ impl Engine {
             st.health.remove(&id);
             st.nacks.remove(&id);
             st.limits.remove(&id);
+            st.path_audit.forget(id);
             if let Some(tx) = st.slots.remove(&id) {
                 tx.send_replace(None);
             }

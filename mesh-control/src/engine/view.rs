@@ -295,6 +295,8 @@ fn view_of(memo: &Memo, id: u64, active: bool, input: &ViewInput<'_>) -> Option<
             routes: Vec::new(),
             mtu: input.mtu,
             policy: Some(pb::CompiledPolicy { generation: input.policy_generation, ..Default::default() }),
+            // Added to snapshots as they are sent (`server::agent`).
+            relays: Vec::new(),
         });
     }
     let peers = memo.peers.get(&id).map(Vec::as_slice).unwrap_or_default();
@@ -318,6 +320,7 @@ fn view_of(memo: &Memo, id: u64, active: bool, input: &ViewInput<'_>) -> Option<
         routes,
         mtu: input.mtu,
         policy: memo.rules.get(&id).map(mesh_client::policy::to_proto),
+        relays: Vec::new(),
     })
 }
 

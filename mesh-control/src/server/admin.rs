@@ -37,6 +37,8 @@ pub struct AdminApi {
     ca_pin: [u8; 32],
     /// The CA, for `GetCa`, `RotateCa` and the pin of new enrollment keys.
     pub(super) ca: Option<Arc<crate::tls::Authority>>,
+    /// The relay ticket key's public half, base64 (empty: none).
+    relay_ticket_key: String,
 }
 
 type R<T> = Result<Response<T>, Status>;
@@ -45,7 +47,13 @@ impl AdminApi {
     /// A service over `engine`; `ca_pin` goes into new enrollment keys.
     #[must_use]
     pub const fn new(engine: Arc<Engine>, ca_pin: [u8; 32], trusted: bool) -> Self {
-        Self { engine, trusted, ca_pin, ca: None }
+        Self { engine, trusted, ca_pin, ca: None, relay_ticket_key: String::new() }
+    }
+
+    /// Shows `key` (base64), the relay ticket key, in `GetStatus`.
+    #[must_use]
+    pub fn with_relay_ticket_key(self, key: String) -> Self {
+        Self { relay_ticket_key: key, ..self }
     }
 
     /// Serves the CA calls from `ca`, whose signing CA's pin (which moves
@@ -226,6 +234,7 @@ impl AdminService for AdminApi {
             store: self.engine.store().backend().into(),
             ca_pin: hex::encode(self.ca_pin()),
             peers: self.peer_links(),
+            relay_ticket_key: self.relay_ticket_key.clone(),
         }))
     }
 

@@ -1,4 +1,5 @@
-//! `AgentService`: enrollment, credential renewal and the Sync stream.
+//! `AgentService`: enrollment, credential renewal, the Sync stream and
+//! relay tickets.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,6 +30,8 @@ pub struct AgentApi {
     ca: Option<watch::Receiver<Vec<crate::tls::TrustedCa>>>,
     /// Each node's outstanding key rotation challenge (at most one).
     challenges: Arc<std::sync::Mutex<std::collections::HashMap<u64, Challenge>>>,
+    /// The relays snapshots list, and the ticket signer (capability 7).
+    relays: Arc<crate::relay::Relays>,
 }
 
 /// A key rotation challenge: control's ephemeral X25519 secret and the
@@ -47,7 +50,31 @@ impl AgentApi {
     /// A service over `engine`.
     #[must_use]
     pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine, ca: None, challenges: Arc::default() }
+        Self { engine, ca: None, challenges: Arc::default(), relays: Arc::default() }
+    }
+
+    /// Lists `relays` in every snapshot and signs tickets for them.
+    #[must_use]
+    pub fn with_relays(self, relays: Arc<crate::relay::Relays>) -> Self {
+        Self { relays, ..self }
+    }
+
+    /// A relay ticket for an authenticated node: refused to a pending node
+    /// (it may not reach anyone yet), and when control has no relays.
+    fn relay_ticket(&self, node: &NodeRecord) -> Result<pb::RelayTicketResponse, ApiError> {
+        if node.state != crate::store::NodeState::Approved {
+            return Err(ApiError::PermissionDenied("the node is pending approval".into()));
+        }
+        let key = hex::decode(&node.public_key)
+            .ok()
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+            .ok_or_else(|| ApiError::Internal(format!("node {} has a malformed stored key", node.id)))?;
+        let (ticket, expires_unix) = self
+            .relays
+            .ticket(node.id, key, node.key_expiry, self.engine.now())
+            .map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
+        tracing::debug!(node = node.id, expires_unix, "relay ticket issued");
+        Ok(pb::RelayTicketResponse { ticket, expires_unix })
     }
 
     /// A fresh challenge for `node`, replacing any earlier one.
@@ -278,7 +305,7 @@ impl AgentApi {
     /// The stream stays authorised only while the node does: it ends as
     /// soon as the node is removed or its key expires (checked at every
     /// view change, every message, and at the expiry itself). Health and
-    /// route reports go through a [`Reports`] gate.
+    /// route reports and endpoint candidates go through a [`Reports`] gate.
     async fn serve_stream(
         &self,
         id: u64,
@@ -297,7 +324,7 @@ impl AgentApi {
             let expires_in = self.authorised(id)?;
             let current = slot.borrow_and_update().clone();
             let Some(published) = current else { return Err(ApiError::Unauthenticated) };
-            if let Some(msg) = next_message(&published, sent, version) {
+            if let Some(msg) = next_message(&published, sent, version, self.relays.list()) {
                 sent = published.view.generation;
                 if tx.send(Ok(msg)).await.is_err() {
                     return Ok(());
@@ -332,7 +359,7 @@ impl AgentApi {
                     Ok(Some(pb::SyncRequest { msg: Some(m) })) => {
                         self.authorised(id)?;
                         let m = match m {
-                            m @ (Msg::Health(_) | Msg::Routes(_)) => reports.offer(m),
+                            m @ (Msg::Health(_) | Msg::Routes(_) | Msg::Candidates(_)) => reports.offer(m),
                             m => Some(m),
                         };
                         if let Some(m) = m {
@@ -363,6 +390,47 @@ impl AgentApi {
                 Err(ApiError::Unauthenticated)
             }
         }
+    }
+
+    /// Audits the path changes a node's health report showed (already
+    /// rate-limited: see [`crate::relay::paths`]), each as `peer.path`
+    /// ("fsn-gw1 -> nbg-gw1: direct -> relay (fsn)").
+    async fn audit_paths(
+        &self,
+        node: u64,
+        changes: Vec<(crate::relay::paths::PathChange, u32)>,
+    ) -> Result<(), ApiError> {
+        let snap = self.engine.snapshot();
+        let name =
+            |id: u64| snap.nodes.iter().find(|n| n.id == id).map_or_else(|| format!("node {id}"), |n| n.name.clone());
+        for (c, suppressed) in changes {
+            let mut detail = format!("{} -> {}: {} -> {}", name(node), name(c.peer), c.from, c.to);
+            if suppressed > 0 {
+                detail.push_str(&format!(" ({suppressed} earlier path changes of this node not audited: rate limit)"));
+            }
+            tracing::info!(node, peer = c.peer, from = %c.from, to = %c.to, "peer path changed");
+            let path = |p: &crate::relay::paths::Path| match p {
+                crate::relay::paths::Path::Direct => serde_json::json!({ "path": "direct" }),
+                crate::relay::paths::Path::Relay(r) => serde_json::json!({ "path": "relay", "relay_region": r }),
+            };
+            let mut after = path(&c.to);
+            after["peer"] = c.peer.into();
+            after["detail"] = detail.into();
+            after["suppressed"] = suppressed.into();
+            self.engine
+                .store()
+                .record_event(
+                    &format!("node/{node}"),
+                    "peer.path",
+                    &format!("node/{node}"),
+                    path(&c.from).to_string(),
+                    after.to_string(),
+                    self.engine.now(),
+                )
+                .await?;
+        }
+        self.engine.audit_changed();
+        Ok(())
     }
 
     /// Handles one message of a Sync stream from an agent of capability
@@ -406,8 +474,23 @@ impl AgentApi {
                         changed = true;
                     }
                 }
-                self.engine.record_health(node, report);
+                let paths = self.engine.record_health(node, report);
                 if changed {
+                    self.engine.refresh().await?;
+                }
+                if !paths.is_empty() {
+                    self.audit_paths(node, paths).await?;
+                }
+                Ok(())
+            }
+            Msg::Candidates(c) => {
+                let list = endpoints(&c.endpoints)?;
+                let stored = self.engine.snapshot().nodes.iter().find(|n| n.id == node).map(|n| n.endpoints.clone());
+                // Agents resend their candidates on every rediscovery: only
+                // a different list is a write and a recompute.
+                if stored.as_ref() != Some(&list) {
+                    tracing::info!(node, endpoints = ?list, "endpoint candidates changed");
+                    self.engine.store().set_endpoints(node, list, self.engine.now()).await?;
                     self.engine.refresh().await?;
                 }
                 Ok(())
@@ -520,9 +603,9 @@ type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncResponse, Status>> + 
 #[derive(Debug)]
 struct Reports {
     interval: std::time::Duration,
-    /// Routes, then health: a health report may name a route that the
-    /// advertisement before it added.
-    kinds: [Gate; 2],
+    /// Routes, endpoint candidates, then health: a health report may name
+    /// a route that the advertisement before it added.
+    kinds: [Gate; 3],
 }
 
 /// Reports of one kind an agent may send at once before the gate holds
@@ -539,13 +622,14 @@ struct Gate {
 impl Reports {
     fn new(interval: std::time::Duration) -> Self {
         let gate = || Gate { tokens: REPORT_BURST, refilled: tokio::time::Instant::now(), pending: None };
-        Self { interval, kinds: [gate(), gate()] }
+        Self { interval, kinds: [gate(), gate(), gate()] }
     }
 
     const fn gate(m: &pb::sync_request::Msg) -> usize {
         match m {
             pb::sync_request::Msg::Routes(_) => 0,
-            _ => 1,
+            pb::sync_request::Msg::Candidates(_) => 1,
+            _ => 2,
         }
     }
 
@@ -629,16 +713,23 @@ fn site_addresses(prefix: &ipnet::IpNet, list: &[String], what: &str) -> Result<
 }
 
 /// Sends the latest view if it is newer than `sent`: a delta when it
-/// follows what the agent has, a snapshot otherwise, in the form the
-/// agent's capability `version` reads.
-fn next_message(p: &crate::engine::Published, sent: u64, version: u32) -> Option<pb::SyncResponse> {
+/// follows what the agent has, a snapshot (with the `relays`) otherwise,
+/// in the form the agent's capability `version` reads.
+fn next_message(
+    p: &crate::engine::Published,
+    sent: u64,
+    version: u32,
+    relays: &[pb::Relay],
+) -> Option<pb::SyncResponse> {
     use pb::sync_response::Msg;
     if p.view.generation == sent {
         return None;
     }
     let msg = match &p.delta {
         Some(d) if sent != 0 && d.base_generation == sent => Msg::Delta(d.clone()),
-        _ => Msg::Snapshot(p.view.clone()),
+        // The relays are configuration, fixed for the process's life, so
+        // only snapshots carry them, and views and deltas never do.
+        _ => Msg::Snapshot(pb::NodeView { relays: relays.to_vec(), ..p.view.clone() }),
     };
     Some(pb::SyncResponse { msg: Some(crate::capability::for_version(version, msg)) })
 }
@@ -661,6 +752,14 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::KeyChallengeResponse>, Status> {
         let (node, _) = self.authenticate(&req).await?;
         Ok(Response::new(Self::key_challenge(self, node.id)))
+    }
+
+    async fn relay_ticket(
+        &self,
+        req: Request<pb::RelayTicketRequest>,
+    ) -> Result<Response<pb::RelayTicketResponse>, Status> {
+        let (node, _) = self.authenticate(&req).await?;
+        Ok(Response::new(Self::relay_ticket(self, &node)?))
     }
 
     type SyncStream = SyncStream;

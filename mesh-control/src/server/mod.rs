@@ -1,4 +1,4 @@
-//! The gRPC services: [`agent`] (Enroll, Renew, Sync) and [`admin`]
+//! The gRPC services: [`agent`] (Enroll, Renew, Sync, RelayTicket) and [`admin`]
 //! (orchestration), with one error type that maps to the right gRPC code.
 //!
 //! Auth: `authorization: Bearer <token>` metadata. Unknown or expired
@@ -94,20 +94,38 @@ pub(crate) fn bearer<T>(req: &tonic::Request<T>) -> Option<String> {
     v.strip_prefix("Bearer ").map(|t| t.trim().to_owned())
 }
 
-/// The most UDP endpoints a node may advertise: every peer receives them.
-pub const MAX_ENDPOINTS: usize = 8;
+/// The most endpoints a node may advertise (every peer receives them):
+/// configured and discovered `ip:port` candidates and its home relay.
+pub const MAX_ENDPOINTS: usize = 16;
 
-/// Checks the WireGuard endpoints a node advertises (`ip:port`, at most
-/// [`MAX_ENDPOINTS`], a unicast address and a port) before control stores
-/// them and pushes them to every peer.
+/// Checks the endpoints a node advertises before control stores them and
+/// pushes them to every peer: at most [`MAX_ENDPOINTS`], each `ip:port` (a
+/// unicast address and a port) or `relay:<region>` (capability 7; at most
+/// one, its home relay; see [`crate::relay::valid_region`]). The error
+/// names the bad entry.
 pub(crate) fn endpoints(list: &[String]) -> Result<Vec<String>, ApiError> {
     if list.len() > MAX_ENDPOINTS {
         return Err(ApiError::InvalidArgument(format!("{} endpoints advertised; at most {MAX_ENDPOINTS}", list.len())));
     }
+    let mut relay = None;
     list.iter()
         .map(|e| {
-            let a: std::net::SocketAddr =
-                e.parse().map_err(|_| ApiError::InvalidArgument(format!("endpoint {e:?} is not IP:port")))?;
+            if let Some(region) = e.strip_prefix(crate::relay::ENDPOINT_PREFIX) {
+                if !crate::relay::valid_region(region) {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "endpoint {e:?}: a relay region is 1-32 characters of a-z, 0-9 and -"
+                    )));
+                }
+                if let Some(first) = relay.replace(e) {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "endpoint {e:?}: only one home relay (already {first:?})"
+                    )));
+                }
+                return Ok(e.clone());
+            }
+            let a: std::net::SocketAddr = e
+                .parse()
+                .map_err(|_| ApiError::InvalidArgument(format!("endpoint {e:?} is not IP:port or relay:<region>")))?;
             if a.port() == 0 || a.ip().is_unspecified() || a.ip().is_multicast() {
                 return Err(ApiError::InvalidArgument(format!("endpoint {a} is not a unicast address and port")));
             }
@@ -124,6 +142,40 @@ pub(crate) fn cidr(s: &str) -> Result<ipnet::IpNet, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn list(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn endpoints_may_name_one_home_relay() {
+        let ok = endpoints(&list(&["192.0.2.1:51820", "relay:fsn", "[2001:db8::1]:51820"])).unwrap();
+        assert_eq!(ok, ["192.0.2.1:51820", "relay:fsn", "[2001:db8::1]:51820"]);
+        assert!(endpoints(&[]).unwrap().is_empty());
+        let sixteen: Vec<String> = (0..16).map(|i| format!("192.0.2.{i}:51820")).collect();
+        assert_eq!(endpoints(&sixteen).unwrap().len(), 16);
+        let err = |v: &[String]| match endpoints(v) {
+            Err(ApiError::InvalidArgument(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        let mut seventeen = sixteen.clone();
+        seventeen.push("relay:fsn".into());
+        assert!(err(&seventeen).contains("at most 16"));
+        for (bad, want) in [
+            ("relay:", "endpoint \"relay:\": a relay region"),
+            ("relay:FSN", "endpoint \"relay:FSN\""),
+            ("relay:fsn_1", "endpoint \"relay:fsn_1\""),
+            ("relay:fsn.example", "endpoint \"relay:fsn.example\""),
+            ("fsn", "endpoint \"fsn\" is not IP:port or relay:<region>"),
+            ("gw.example:51820", "not IP:port"),
+            ("0.0.0.0:51820", "not a unicast"),
+        ] {
+            let m = err(&list(&["192.0.2.1:51820", bad]));
+            assert!(m.contains(want), "{bad}: {m}");
+        }
+        let m = err(&list(&["relay:fsn", "192.0.2.1:51820", "relay:nbg"]));
+        assert!(m.contains("endpoint \"relay:nbg\": only one home relay (already \"relay:fsn\")"), "{m}");
+    }
 
     #[test]
     fn an_unreachable_store_is_unavailable_with_a_clear_message() {

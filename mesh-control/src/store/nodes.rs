@@ -275,6 +275,13 @@ impl Store {
         .await
     }
 
+    /// Replaces a node's endpoints with the candidates its agent reported
+    /// (capability 7). Audited as `node.endpoints` by the node; an
+    /// unchanged list writes nothing.
+    pub async fn set_endpoints(&self, id: u64, endpoints: Vec<String>, now: i64) -> Result<NodeRecord> {
+        self.update_node(id, &format!("node/{id}"), "node.endpoints", now, |n| n.endpoints = endpoints).await
+    }
+
     /// Removes a node and its routes.
     pub async fn remove_node(&self, id: u64, actor: &str, now: i64) -> Result<NodeRecord> {
         let mut tx = self.write_tx().await?;

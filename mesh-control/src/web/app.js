@@ -122,6 +122,7 @@ function draw(s) {
     [when(r.owner_since)], [when(r.last_change)]]);
   rows("expiring", s.expiring, (e) => [[e.name], [when(e.key_expiry) + (e.expired ? " (expired)" : ""), e.expired ? { class: "bad" } : {}]]);
   rows("links", s.links, (l) => [[l.from, { "data-link": l.from + "|" + l.to }], [l.to], [l.endpoint || "-"],
+    [l.path ? l.path + (l.path_switches ? ` (${l.path_switches} switches)` : "") : "-"],
     [age(l.handshake_age_ms), { class: "num" }], [bytes(l.rx_bytes), { class: "num" }], [bytes(l.tx_bytes), { class: "num" }],
     [l.report_age_secs + " s ago", { class: "num" }]]);
   rows("audit", s.audit, (a) => [[a.id, { class: "num" }], [when(a.at)], [a.actor], [a.action], [a.subject]]);

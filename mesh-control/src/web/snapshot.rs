@@ -108,6 +108,11 @@ pub struct Link {
     pub handshake_age_ms: Option<i64>,
     /// The endpoint the prober's WireGuard sends to (empty: unknown).
     pub endpoint: String,
+    /// How the prober's packets travel: `direct`, `relay (fsn)`, or empty
+    /// (unknown: no relays, or an agent before capability 7).
+    pub path: String,
+    /// Path switches since the prober's agent started.
+    pub path_switches: u64,
     /// Bytes the prober received from the probed gateway, and sent to it.
     pub rx_bytes: u64,
     /// See `rx_bytes`.
@@ -197,6 +202,8 @@ fn link(l: &pb::PeerLink) -> Option<Link> {
         loss: h.probe_loss,
         handshake_age_ms: (h.handshake_age_ms >= 0).then_some(h.handshake_age_ms),
         endpoint: h.endpoint.clone(),
+        path: crate::relay::paths::Path::of(h).map(|p| p.to_string()).unwrap_or_default(),
+        path_switches: h.path_switches,
         rx_bytes: h.rx_bytes,
         tx_bytes: h.tx_bytes,
         report_age_secs: l.report_age_secs,

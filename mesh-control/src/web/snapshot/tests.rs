@@ -37,6 +37,9 @@ fn peer(from: &str, to: &str, up: bool, p50: f64) -> pb::PeerLink {
             probe_rtt_p95_ms: p50 * 2.0,
             handshake_age_ms: 3000,
             endpoint: "192.0.2.1:51820".into(),
+            path: "relay".into(),
+            relay_region: "fsn".into(),
+            path_switches: 2,
             rx_bytes: 2048,
             tx_bytes: 1024,
             ..Default::default()
@@ -175,6 +178,7 @@ fn site_pairs_measure_primary_to_primary_and_skip_missing_figures() {
     let json = serde_json::to_value(&s).unwrap();
     assert!(json["links"][0].get("p99_ms").is_none(), "agents report no p99: the field is omitted");
     assert_eq!(json["links"][0]["endpoint"], "192.0.2.1:51820", "the path facts reach the page");
+    assert_eq!((&json["links"][0]["path"], &json["links"][0]["path_switches"]), (&"relay (fsn)".into(), &2.into()));
     assert_eq!(
         (json["links"][0]["rx_bytes"].as_u64(), json["links"][0]["tx_bytes"].as_u64()),
         (Some(2048), Some(1024))
