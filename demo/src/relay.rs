@@ -108,22 +108,6 @@ impl Drop for Relay {
     }
 }
 
-/// Drops (or stops dropping) UDP on `host`'s underlay (`eth0`), both ways:
-/// a provider that blocks UDP. The site LAN stays as it is.
-fn block_udp(host: &Host, on: bool) -> anyhow::Result<()> {
-    if on {
-        let rules = "table inet udpblock {\n\
-                     chain in { type filter hook input priority -10; iifname \"eth0\" meta l4proto udp drop; }\n\
-                     chain out { type filter hook output priority -10; oifname \"eth0\" meta l4proto udp drop; }\n}\n";
-        let f = tempfile::NamedTempFile::new()?;
-        std::fs::write(f.path(), rules)?;
-        host.exec("nft", ["-f", f.path().to_str().context("path")?])?;
-    } else {
-        host.exec("nft", ["delete", "table", "inet", "udpblock"])?;
-    }
-    Ok(())
-}
-
 /// What the relay check saw.
 #[derive(Debug)]
 pub(crate) struct Outcome {
@@ -191,7 +175,7 @@ pub(crate) fn run(
 
     let t = Instant::now();
     for h in blocked {
-        block_udp(h, true)?;
+        h.block_udp("eth0", true)?;
     }
     mesh_lab::wait_for("the paths to fsn on the relay", Duration::from_secs(20), || paths_to_fsn("relay"))?;
     mesh_lab::wait_for("the conversation flowing again", Duration::from_secs(10), || {
@@ -213,7 +197,7 @@ pub(crate) fn run(
 
     let t = Instant::now();
     for h in blocked {
-        block_udp(h, false)?;
+        h.block_udp("eth0", false)?;
     }
     mesh_lab::wait_for("the paths to fsn direct again", Duration::from_secs(20), || paths_to_fsn("direct"))?;
     mesh_lab::wait_for("the conversation flowing again", Duration::from_secs(10), || {

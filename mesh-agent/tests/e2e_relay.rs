@@ -63,21 +63,6 @@ fn relay_config(dir: &Path, keys: Vec<[u8; 32]>) -> mesh_relay::server::RelayCon
     }
 }
 
-/// Drops (or stops dropping) all UDP on `host`'s underlay (`eth0`), both
-/// ways. Loopback, where the relay proxies meet WireGuard, is untouched.
-fn block_udp(host: &Host, on: bool) {
-    if on {
-        let rules = "table inet udpblock {\n\
-                     chain in { type filter hook input priority -10; iifname \"eth0\" meta l4proto udp drop; }\n\
-                     chain out { type filter hook output priority -10; oifname \"eth0\" meta l4proto udp drop; }\n}\n";
-        let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), rules).unwrap();
-        host.exec("nft", ["-f", f.path().to_str().unwrap()]).unwrap();
-    } else {
-        host.exec("nft", ["delete", "table", "inet", "udpblock"]).unwrap();
-    }
-}
-
 /// A router namespace masquerading `inside` (a /24 on its `in0`) behind
 /// its WAN address; `symmetric` picks a random port per flow.
 fn nat_router(lab: &Lab, wan: &mesh_lab::Switch, name: &str, wan_addr: &str, inside: u8, symmetric: bool) -> Host {
@@ -197,7 +182,7 @@ fn gateways_behind_nat_and_udp_blocks_join_through_the_relay() {
         gws.push(gw);
     }
     // fsn's provider drops UDP from the start.
-    block_udp(&gws[1].host, true);
+    gws[1].host.block_udp("eth0", true).unwrap();
     for g in &mut gws {
         g.start();
     }
@@ -247,7 +232,7 @@ fn gateways_behind_nat_and_udp_blocks_join_through_the_relay() {
     let check = |what: &str, unblock: bool, want: &str| {
         std::thread::sleep(Duration::from_secs(1));
         let t = Instant::now();
-        block_udp(&gws[1].host, !unblock);
+        gws[1].host.block_udp("eth0", !unblock).unwrap();
         wait(&format!("{what}: nyc->fsn {want}"), &mut || {
             path(&rt, dir, "nyc", "fsn") == want && path(&rt, dir, "fsn", "nyc") == want
         });

@@ -100,6 +100,23 @@ impl Host {
         self.sysctl("net.ipv6.conf.all.forwarding", "1")
     }
 
+    /// Drops (or, `on` false, stops dropping) all UDP through `dev`, both
+    /// ways (nftables table `udpblock`): a provider that blocks UDP.
+    /// Loopback and the other links are untouched.
+    pub fn block_udp(&self, dev: &str, on: bool) -> Result<()> {
+        if !on {
+            self.exec("nft", ["delete", "table", "inet", "udpblock"])?;
+            return Ok(());
+        }
+        self.exec("nft", ["add", "table", "inet", "udpblock"])?;
+        for (chain, hook, dir) in [("in", "input", "iifname"), ("out", "output", "oifname")] {
+            let spec = format!("{{ type filter hook {hook} priority -10; }}");
+            self.exec("nft", ["add", "chain", "inet", "udpblock", chain, &spec])?;
+            self.exec("nft", ["add", "rule", "inet", "udpblock", chain, dir, dev, "meta", "l4proto", "udp", "drop"])?;
+        }
+        Ok(())
+    }
+
     /// Builds `ip netns exec <netns> PROGRAM ARGS`, for callers that need to
     /// set pipes or the environment themselves.
     pub fn command<I, S>(&self, program: &str, args: I) -> Command

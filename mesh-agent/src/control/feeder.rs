@@ -55,6 +55,32 @@ impl Feeder {
         self.worker.apply(nv).await.map(|_| ())
     }
 
+    /// Applies the current view again with `o` (a new local failover
+    /// decision or path choice, `what`), unless that is what is applied.
+    async fn reapply(
+        &self,
+        current: Option<&(pb::NodeView, u64)>,
+        applied: &mut Option<Chosen>,
+        o: Chosen,
+        what: &str,
+    ) {
+        // A decision on a new plan that changes nothing.
+        if applied.as_ref() == Some(&o) {
+            return;
+        }
+        let Some((v, epoch)) = current else { return };
+        match self.apply(v, *epoch, &o).await {
+            Ok(()) => {
+                tracing::info!(generation = v.generation, overrides = ?o.0, paths = ?o.1, "applied {what}");
+                *applied = Some(o);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "{what} not applied");
+                *applied = None;
+            }
+        }
+    }
+
     /// The view saved by the last run, if any (a broken file is logged and
     /// ignored: control sends a new one).
     fn load(&self) -> Option<pb::NodeView> {
@@ -136,22 +162,7 @@ impl Feeder {
                         continue;
                     }
                     let o = (overrides.borrow_and_update().routes.clone(), paths.borrow().clone());
-                    // A decision on a new plan that changes nothing.
-                    if applied.as_ref() == Some(&o) {
-                        continue;
-                    }
-                    if let Some((v, epoch)) = &current {
-                        match self.apply(v, *epoch, &o).await {
-                            Ok(()) => {
-                                tracing::info!(generation = v.generation, overrides = ?o.0, "applied local failover");
-                                applied = Some(o);
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "local failover not applied");
-                                applied = None;
-                            }
-                        }
-                    }
+                    self.reapply(current.as_ref(), &mut applied, o, "local failover").await;
                 }
                 r = paths.changed(), if path_manager => {
                     if r.is_err() {
@@ -159,21 +170,7 @@ impl Feeder {
                         continue;
                     }
                     let o = (overrides.borrow().routes.clone(), paths.borrow_and_update().clone());
-                    if applied.as_ref() == Some(&o) {
-                        continue;
-                    }
-                    if let Some((v, epoch)) = &current {
-                        match self.apply(v, *epoch, &o).await {
-                            Ok(()) => {
-                                tracing::info!(generation = v.generation, paths = ?o.1, "applied path change");
-                                applied = Some(o);
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "path change not applied");
-                                applied = None;
-                            }
-                        }
-                    }
+                    self.reapply(current.as_ref(), &mut applied, o, "path change").await;
                 }
             }
         }
