@@ -19,7 +19,7 @@ pub fn agent_binary() -> anyhow::Result<std::path::PathBuf> {
     binary("mesh-agent")
 }
 
-/// The `mesh-agent` or `mesh-control` binary next to this one, built once
+/// The `mesh-agent`, `mesh-control` or `mesh-relay` binary next to this one, built once
 /// per process like [`agent_binary`].
 pub fn binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     static BUILT: std::sync::OnceLock<Result<std::path::PathBuf, String>> = std::sync::OnceLock::new();
@@ -36,7 +36,7 @@ fn build() -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("bench binary has no directory")?;
     let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cargo.args(["build", "-q", "-p", "mesh-agent", "-p", "mesh-control"]);
+    cargo.args(["build", "-q", "-p", "mesh-agent", "-p", "mesh-control", "-p", "mesh-relay"]);
     // Into this binary's target directory, wherever that is.
     if let Some(target_dir) = dir.parent() {
         cargo.arg("--target-dir").arg(target_dir);

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod failover;
 pub mod guard;
 pub mod push;
+pub mod relay;
 pub mod tunnel;
 
 use crate::{Ctx, Results};
@@ -33,4 +34,5 @@ pub const SUITES: &[Suite] = &[
     },
     Suite { name: "failover", about: failover::ABOUT, run: failover::run },
     Suite { name: "tunnel", about: "WireGuard tunnel throughput per engine (iperf3 TCP/UDP)", run: tunnel::run },
+    Suite { name: "relay", about: relay::ABOUT, run: relay::run },
 ];

@@ -68,11 +68,11 @@ const ENGINES: &[Engine] = &[
 
 /// One iperf3 measurement.
 #[derive(Debug, Clone, Copy)]
-struct Load {
-    param: &'static str,
-    streams: u32,
-    reverse: bool,
-    udp: bool,
+pub(crate) struct Load {
+    pub(crate) param: &'static str,
+    pub(crate) streams: u32,
+    pub(crate) reverse: bool,
+    pub(crate) udp: bool,
 }
 
 const LOADS: &[Load] = &[
@@ -228,7 +228,7 @@ fn configure(
     Ok(())
 }
 
-fn iperf3(client: &Host, server: &str, load: &Load, seconds: u32) -> anyhow::Result<f64> {
+pub(crate) fn iperf3(client: &Host, server: &str, load: &Load, seconds: u32) -> anyhow::Result<f64> {
     let mut args: Vec<String> =
         ["-c", server, "-J", "-t", &seconds.to_string(), "-P", &load.streams.to_string()].map(str::to_owned).to_vec();
     if load.reverse {
@@ -263,7 +263,7 @@ pub(super) fn wait_ping(host: &Host, addr: &str) -> anyhow::Result<()> {
     bail!("no reply from {addr} through the tunnel")
 }
 
-fn wait_for_server(client: &Host, server: &str) -> anyhow::Result<()> {
+pub(crate) fn wait_for_server(client: &Host, server: &str) -> anyhow::Result<()> {
     for _ in 0..100 {
         let out = client.exec_unchecked("bash", ["-c", &format!("exec 3<>/dev/tcp/{server}/5201")])?;
         if out.status.success() {
@@ -310,7 +310,7 @@ fn on_path(program: &str) -> bool {
 }
 
 /// utime + stime of a process, in clock ticks (0 once it is gone).
-fn cpu_ticks(pid: u32) -> u64 {
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
     // Fields after the command name, which is in parentheses and may hold spaces.
     let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0 };
@@ -320,7 +320,7 @@ fn cpu_ticks(pid: u32) -> u64 {
     field(11) + field(12)
 }
 
-fn ticks_per_second() -> f64 {
+pub(crate) fn ticks_per_second() -> f64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
         Ok(Some(t)) if t > 0 => t as f64,
         _ => 100.0,
