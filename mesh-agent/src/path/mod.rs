@@ -145,7 +145,11 @@ pub async fn run(
             r = plan.changed() => {
                 if r.is_err() { return; }
                 let Some(v) = plan.borrow_and_update().clone() else { continue };
-                relay_list = v.relays.clone();
+                if relay_list != v.relays {
+                    // New relays: ask their reflector now.
+                    last_reflect = None;
+                    relay_list = v.relays.clone();
+                }
                 // A key rotation: disco's keys follow the interface's.
                 if let Some(s) = v.self_.as_ref() && s.wireguard_public_key != me.0 {
                     match crate::keys::load_or_generate(&inputs.key_path) {
@@ -183,7 +187,6 @@ pub async fn run(
                     homes.clear();
                 }
                 relays.reconcile(&relay_list, &homes).await;
-                last_reflect = None;
             }
             r = side.recv(&mut buf) => {
                 let (from, range) = match r {
