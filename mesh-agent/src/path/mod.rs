@@ -36,7 +36,8 @@ use select::{Path, PeerPath};
 /// How often paths are decided and candidates pinged.
 const TICK: Duration = Duration::from_millis(250);
 /// While a peer's direct path answers, its other candidates are pinged
-/// only every this many ticks.
+/// only every this many ticks; so is a candidate that went silent
+/// ([`select::SILENT_AFTER`]).
 const OTHER_EVERY: u64 = 4;
 /// How often the reflectors are asked for the node's mapping.
 const REFLECT_EVERY: Duration = Duration::from_secs(20);
@@ -256,7 +257,8 @@ pub async fn run(
                     let current = peer.path.path();
                     let settled = peer.path.direct_alive(now);
                     for c in peer.path.candidates().to_vec() {
-                        if !settled || Some(Path::Direct(c)) == current || n.is_multiple_of(OTHER_EVERY) {
+                        let fast = (!settled || Some(Path::Direct(c)) == current) && !peer.path.silent(&c);
+                        if fast || n.is_multiple_of(OTHER_EVERY) {
                             let txid: [u8; 16] = rand::random();
                             pings.insert(txid, (*k, c, n));
                             // Counted even when the send fails (a firewall's

@@ -28,6 +28,10 @@ use std::{
 pub const DEAD_AFTER: Duration = Duration::from_millis(600);
 /// Unanswered pings, the last just sent, that make a silent candidate dead.
 pub const MISSED: u32 = 3;
+/// Unanswered pings after which a candidate is only pinged at the slow
+/// rate (about 5 s of fast pings): a peer that lives on the relay, behind
+/// a UDP block, does not cost four pings a second per candidate forever.
+pub const SILENT_AFTER: u32 = 20;
 /// Consecutive pongs that make a candidate usable.
 pub const UP_AFTER: u32 = 2;
 /// Pongs at most this far apart are consecutive (candidates off the path
@@ -134,6 +138,13 @@ impl PeerPath {
         if let Some(c) = self.candidates.get_mut(&to) {
             c.unanswered = c.unanswered.saturating_add(1);
         }
+    }
+
+    /// Whether `a` has not answered [`SILENT_AFTER`] pings in a row (or is
+    /// no candidate): it gets the slow rate.
+    #[must_use]
+    pub fn silent(&self, a: &SocketAddr) -> bool {
+        self.candidates.get(a).is_none_or(|c| c.unanswered >= SILENT_AFTER)
     }
 
     fn alive(&self, a: &SocketAddr, now: Instant) -> bool {
@@ -271,6 +282,21 @@ mod tests {
         p.pinged(c);
         p.pinged(c);
         assert_eq!(p.decide(true, t0 + Duration::from_secs(3)).unwrap().to, Path::Relay);
+    }
+
+    #[test]
+    fn a_candidate_that_never_answers_goes_quiet_until_it_does() {
+        let c = a("192.0.2.1:51820");
+        let mut p = PeerPath::new(&[c], Instant::now());
+        for _ in 0..SILENT_AFTER - 1 {
+            p.pinged(c);
+        }
+        assert!(!p.silent(&c));
+        p.pinged(c);
+        assert!(p.silent(&c));
+        p.pong(c, Instant::now());
+        assert!(!p.silent(&c), "an answer brings the fast rate back");
+        assert!(p.silent(&a("203.0.113.1:1")), "no candidate");
     }
 
     #[test]
