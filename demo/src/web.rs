@@ -208,7 +208,8 @@ async fn steps(
     poll("the page to show every gateway up again", Duration::from_secs(60), async || all_up(c, names).await).await?;
     let up_after = t.elapsed();
 
-    control.meshctl(["tokens", "revoke", token_id])?;
+    // `--`: a token id may start with `-`.
+    control.meshctl(["tokens", "revoke", "--", token_id])?;
     let revoked_signs_out = poll("the login form after the revocation", Duration::from_secs(10), async || {
         c.find(Locator::Css("#login")).await.is_ok()
     })
