@@ -173,16 +173,21 @@ pub(crate) fn run(
     let server: SocketAddr = format!("{db_addr}:5432").parse()?;
     std::thread::sleep(Duration::from_secs(2));
 
-    let t = Instant::now();
-    for h in blocked {
-        h.block_udp("eth0", true)?;
-    }
-    mesh_lab::wait_for("the paths to fsn on the relay", Duration::from_secs(20), || paths_to_fsn("relay"))?;
-    mesh_lab::wait_for("the conversation flowing again", Duration::from_secs(10), || {
-        conv.flowing_since(Instant::now() - Duration::from_millis(200))
-    })?;
-    std::thread::sleep(Duration::from_secs(1));
-    let to_relay = conv.cuts(t).worst();
+    // Blocks (or unblocks) UDP at fsn, waits for the paths to be `want` and
+    // the conversation to flow; the longest cut since the change.
+    let switch = |block: bool, want: &str| -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        for h in blocked {
+            h.block_udp("eth0", block)?;
+        }
+        mesh_lab::wait_for(&format!("the paths to fsn {want}"), Duration::from_secs(20), || paths_to_fsn(want))?;
+        mesh_lab::wait_for("the conversation flowing again", Duration::from_secs(10), || {
+            conv.flowing_since(Instant::now() - Duration::from_millis(200))
+        })?;
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(conv.cuts(t).worst())
+    };
+    let to_relay = switch(true, "relay")?;
     let l = links(rt, c);
     let relayed = others
         .iter()
@@ -195,16 +200,7 @@ pub(crate) fn run(
     let policy_held =
         mesh_lab::traffic::tcp_echo(app, server) && !mesh_lab::traffic::tcp_echo(app, format!("{db_addr}:22").parse()?);
 
-    let t = Instant::now();
-    for h in blocked {
-        h.block_udp("eth0", false)?;
-    }
-    mesh_lab::wait_for("the paths to fsn direct again", Duration::from_secs(20), || paths_to_fsn("direct"))?;
-    mesh_lab::wait_for("the conversation flowing again", Duration::from_secs(10), || {
-        conv.flowing_since(Instant::now() - Duration::from_millis(200))
-    })?;
-    std::thread::sleep(Duration::from_secs(1));
-    let to_direct = conv.cuts(t).worst();
+    let to_direct = switch(false, "direct")?;
     let stream_intact = conv.finish().is_ok();
     Ok(Outcome { direct_before, to_relay, to_direct, policy_held, relayed, stream_intact })
 }

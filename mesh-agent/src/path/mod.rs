@@ -115,7 +115,7 @@ pub async fn run(
     out: Outputs,
 ) {
     let side = match raw::SideSocket::open(inputs.listen_port) {
-        Ok(s) => Arc::new(s),
+        Ok(s) => s,
         Err(e) => {
             tracing::error!(port = inputs.listen_port, error = %e, "path manager: no raw socket on the WireGuard port; relays and endpoint discovery are off");
             return;
