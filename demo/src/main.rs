@@ -661,14 +661,15 @@ fn demo(args: &Args) -> anyhow::Result<()> {
 
     // Through the relay when UDP is blocked, and back.
     let fsn_gws: Vec<&Host> = gateways.iter().filter(|g| g.region == 1).map(|g| &g.host).collect();
-    match relay::run(&rt, &control, &fsn_gws, &apps[0], &dbs[1], &REGIONS[1].db()) {
+    let pairs = gateways.len() * (gateways.len() - 1);
+    match relay::run(&rt, &control, pairs, &fsn_gws, &apps[0], &dbs[1], &REGIONS[1].db()) {
         Ok(o) => {
             check(
                 &format!(
                     "with relays on, {} of {} gateway pairs report a direct path (disco from the WireGuard port)",
                     o.direct_before.0, o.direct_before.1
                 ),
-                o.direct_before.1 == gateways.len() * (gateways.len() - 1) && o.direct_before.0 == o.direct_before.1,
+                o.direct_before.1 == pairs && o.direct_before.0 == o.direct_before.1,
             );
             for line in &o.relayed {
                 println!("  {line}");

@@ -141,11 +141,13 @@ fn path_of(links: &[pb::PeerLink], from: &str, to: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The check (see the module's documentation): `blocked` are fsn's
-/// gateway hosts; `db_addr` is db-fsn's address.
+/// The check (see the module's documentation): `pairs` is the number of
+/// gateway pairs in the mesh; `blocked` are fsn's gateway hosts; `db_addr`
+/// is db-fsn's address.
 pub(crate) fn run(
     rt: &tokio::runtime::Runtime,
     c: &control::Control,
+    pairs: usize,
     blocked: &[&Host],
     app: &Host,
     db: &Host,
@@ -157,9 +159,11 @@ pub(crate) fn run(
         let direct = l.iter().filter(|l| l.health.as_ref().is_some_and(|h| h.path == "direct")).count();
         (direct, with_path)
     };
+    // Every pair, not only those reported so far: an agent restarted by the
+    // step before has not reported all its peers' paths yet.
     let _ = mesh_lab::wait_for("every gateway pair direct", Duration::from_secs(20), || {
         let (d, n) = all(&links(rt, c));
-        n > 0 && d == n
+        n == pairs && d == n
     });
     let direct_before = all(&links(rt, c));
     let others = ["nyc-gw1", "nyc-gw2", "gra-gw1", "gra-gw2"];

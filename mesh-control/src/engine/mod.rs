@@ -636,15 +636,17 @@ impl Engine {
     /// Runs forever: picks up other replicas' changes, re-evaluates route
     /// hold-downs and removes ephemeral nodes that stayed offline.
     pub async fn run_background(self: Arc<Self>) {
-        let mut last_version = self.lock().snap.version;
         let mut tick = tokio::time::interval(self.cfg.poll_interval);
         let mut last_full = Instant::now();
         let mut keys = KeyWatch { expired: std::collections::HashSet::new(), last_look: self.now() };
         loop {
             tick.tick().await;
+            // Against the published snapshot's version, not the last one
+            // seen here: a local change was already recomputed by the
+            // handler that made it, and a second recompute of the same
+            // version would double the cost of every report.
             match self.store.version().await {
-                Ok(v) if v != last_version => {
-                    last_version = v;
+                Ok(v) if v != self.lock().snap.version => {
                     if let Err(e) = self.refresh().await {
                         tracing::warn!(error = %e, "refresh failed");
                     }
