@@ -258,7 +258,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
     dropped: &AtomicU64,
 ) -> String {
     loop {
-        let f = match tokio::time::timeout(DEAD_AFTER, frame::read_frame(&mut r)).await {
+        let read = tokio::select! {
+            r = tokio::time::timeout(DEAD_AFTER, frame::read_frame(&mut r)) => r,
+            // Dropped while the line is quiet: without this the pings would
+            // keep an unused connection (and its attach) up for good.
+            () = incoming.closed() => return "receiver dropped".into(),
+        };
+        let f = match read {
             Err(_) => return format!("nothing read for {DEAD_AFTER:?}"),
             Ok(Err(e)) => return e.to_string(),
             Ok(Ok(None)) => return "closed by the relay".into(),

@@ -8,7 +8,9 @@
 //! whose queue is full, is dropped and counted, and never slows the sender.
 //! A newer attach of the same key replaces (and closes) the older one, so a
 //! node that reconnects after a network change does not wait for the dead
-//! connection's timeout.
+//! connection's timeout. A session ends when its ticket expires: a node
+//! control stopped issuing tickets to (removed, or its key expired) is
+//! off the relay within a ticket's lifetime, connected or not.
 //!
 //! HTTP answers:
 //!
@@ -461,6 +463,8 @@ enum End {
     Replaced,
     #[error("idle for {IDLE_TIMEOUT:?}")]
     Idle,
+    #[error("the ticket expired")]
+    Expired,
     #[error("frame: {0}")]
     Frame(#[from] FrameError),
     #[error("write: {0}")]
@@ -483,9 +487,15 @@ async fn session(shared: &Shared, upgraded: Upgraded, ticket: Ticket, peer: Sock
         e = read_loop(shared, key, BufReader::with_capacity(WRITE_BATCH, r), pong_tx) => e,
         e = write_loop(w, rx, pong_rx) => e,
         _ = kick_rx => End::Replaced,
+        () = tokio::time::sleep(until_unix(ticket.expires_unix)) => End::Expired,
     };
     shared.detach(&key, id);
     tracing::info!(%peer, node_id = ticket.node_id, key = %node, reason = %end, "node detached");
+}
+
+/// How long until the wall-clock time `unix` (zero if it has passed).
+fn until_unix(unix: i64) -> Duration {
+    Duration::from_secs(u64::try_from(unix.saturating_sub(now_unix())).unwrap_or(0))
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, me: [u8; 32], mut r: R, pongs: mpsc::Sender<[u8; 8]>) -> End {

@@ -225,6 +225,34 @@ async fn a_second_attach_of_the_same_key_replaces_the_first() {
 }
 
 #[tokio::test]
+async fn dropping_the_receiver_closes_a_quiet_connection() {
+    let lab = Lab::start().await;
+    let (_a_tx, a_rx) = lab.attach(A).await;
+    let (_b_tx, _b_rx) = lab.attach(B).await;
+    drop(a_rx);
+    // Nothing arrives for A, and its client pings: only the drop can end it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !lab.metrics().await.contains("mesh_relay_clients 1\n") {
+        assert!(tokio::time::Instant::now() < deadline, "a dropped receiver's connection stayed attached");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_session_ends_when_its_ticket_expires() {
+    let lab = Lab::start().await;
+    let (b_tx, _b_rx) = lab.attach(B).await;
+    let (_a_tx, mut a_rx) =
+        RelayClient::connect(lab.addr, "relay.test", Some(lab.pin), &lab.ticket(A, 2)).await.expect("attach");
+    assert_eq!(deliver(&b_tx, A, b"before", &mut a_rx).await.1, b"before");
+    // Held open by nothing but the ticket: closed within its 2 s.
+    let closed = timeout(WAIT, async { while a_rx.recv().await.is_some() {} }).await;
+    assert!(closed.is_ok(), "the relay kept a session past its ticket");
+    let (status, body) = lab.refusal(&lab.ticket(A, 0)).await;
+    assert_eq!(status, 403, "{body}");
+}
+
+#[tokio::test]
 async fn an_oversized_frame_closes_the_connection() {
     let lab = Lab::start().await;
     let mut raw = RelayClient::connect_stream(lab.addr, "relay.test", Some(lab.pin), &lab.ticket(A, 60)).await.unwrap();
