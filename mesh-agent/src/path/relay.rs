@@ -214,12 +214,24 @@ async fn attach(relay: pb::Relay, links: Arc<Links>, mut tickets: watch::Receive
                                 let _ = p.send_to(&payload, wg).await;
                             }
                         }
-                        // A new ticket (a key rotation): attach again as the new key.
+                        // A new ticket (renewal, or a key rotation): attach
+                        // with it before letting this connection go, so the
+                        // relay never looks unreachable and relayed peers
+                        // do not flap. If that fails, this one serves on
+                        // until it closes.
                         r = tickets.changed() => {
                             if r.is_err() { return; }
-                            tracing::info!(%region, "new relay ticket: attaching again");
-                            backoff = Duration::ZERO;
-                            break;
+                            let ticket = tickets.borrow_and_update().clone().unwrap_or_default();
+                            match connect(&relay, &ticket).await {
+                                Ok((sender, next)) => {
+                                    tracing::info!(%region, "attached again with a new relay ticket");
+                                    if let Ok(mut a) = links.attached.lock() {
+                                        a.insert(region.clone(), sender);
+                                    }
+                                    receiver = next;
+                                }
+                                Err(e) => tracing::warn!(%region, error = %e, "cannot attach with the new relay ticket; keeping the current attach"),
+                            }
                         }
                     }
                 }
@@ -250,4 +262,88 @@ async fn connect(relay: &pb::Relay, ticket: &str) -> Result<(RelaySender, mesh_r
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
         .ok_or_else(|| format!("relay {}: cert_sha256 is not 32 bytes of hex", relay.region))?;
     RelayClient::connect(addr, name, Some(pin), ticket).await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use mesh_relay::{Relay, RelayConfig, Ticket, TicketSigner};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A renewed ticket (every 6 h, and at a key rotation) attaches again
+    /// before the old connection goes: a relayed peer never sees its relay
+    /// unreachable, so its path does not flap to a dead direct candidate.
+    #[tokio::test]
+    async fn a_new_ticket_attaches_again_without_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = TicketSigner::from_pkcs8(&TicketSigner::generate_pkcs8().unwrap()).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let server = Relay::bind(RelayConfig {
+            listen: any,
+            reflector: None,
+            metrics: Some(any),
+            cert_path: dir.path().join("relay.crt"),
+            key_path: dir.path().join("relay.key"),
+            names: vec!["relay.test".into()],
+            trusted_keys: vec![signer.public_key()],
+            region: "t".into(),
+            max_connections: 8,
+        })
+        .await
+        .unwrap();
+        let relay = pb::Relay {
+            region: "t".into(),
+            address: server.local_addr().to_string(),
+            cert_sha256: hex::encode(server.cert_pin()),
+            server_name: "relay.test".into(),
+            ..Default::default()
+        };
+        let metrics = server.metrics_addr().unwrap();
+        tokio::spawn(server.serve(std::future::pending()));
+
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        let ticket =
+            |key, lifetime| signer.sign_b64(&Ticket { public_key: key, node_id: 1, expires_unix: now + lifetime });
+        let (tickets, rx) = watch::channel(Some(ticket([7; 32], 3600)));
+        let mut relays = Relays::new(51820, rx);
+        let peer = PublicKey([9; 32]);
+        relays.reconcile(&[relay], &BTreeMap::from([(peer, Some("t".to_owned()))])).await;
+        let links = relays.links().clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !links.can_reach(&peer) {
+            assert!(tokio::time::Instant::now() < deadline, "never attached");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let scrape = || async move {
+            let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).await.unwrap();
+            text
+        };
+
+        // A renewal (the same key), then a rotation (a new key).
+        for (attaches, key) in [(2, [7; 32]), (3, [8; 32])] {
+            tickets.send_replace(Some(ticket(key, 7200)));
+            for _ in 0..500 {
+                assert!(links.can_reach(&peer), "the relay looked unreachable while attaching with a new ticket");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let want =
+                [format!("mesh_relay_attach_total{{result=\"ok\"}} {attaches}\n"), "mesh_relay_clients 1\n".into()];
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let text = scrape().await;
+                if want.iter().all(|w| text.contains(w.as_str())) {
+                    break;
+                }
+                // Attached with the new ticket, and the old connection let go.
+                assert!(tokio::time::Instant::now() < deadline, "want {want:?}:\n{text}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
