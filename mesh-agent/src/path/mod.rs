@@ -100,10 +100,17 @@ struct Peer {
 }
 
 /// The candidates of a control peer entry, and its home relay region.
-fn candidates_of(p: &pb::Peer) -> (Vec<SocketAddr>, Option<String>) {
-    let direct = p.endpoints.iter().filter_map(|e| e.parse::<SocketAddr>().ok()).filter(SocketAddr::is_ipv4).collect();
+/// `None` for a peer with only IPv6 endpoints: disco is IPv4 only and
+/// could never find its direct path, so it is left alone (control's
+/// endpoints, never relayed) rather than sent through a relay for good.
+fn candidates_of(p: &pb::Peer) -> Option<(Vec<SocketAddr>, Option<String>)> {
+    let addrs: Vec<SocketAddr> = p.endpoints.iter().filter_map(|e| e.parse().ok()).collect();
+    let direct: Vec<SocketAddr> = addrs.iter().copied().filter(SocketAddr::is_ipv4).collect();
+    if direct.is_empty() && !addrs.is_empty() {
+        return None;
+    }
     let home = p.endpoints.iter().find_map(|e| e.strip_prefix("relay:")).map(str::to_owned);
-    (direct, home)
+    Some((direct, home))
 }
 
 /// Runs while the agent runs: follows control's views (`plan`), the relay
@@ -121,168 +128,226 @@ pub async fn run(
             return;
         }
     };
-    let mut private_key = match crate::keys::load_or_generate(&inputs.key_path) {
+    let private_key = match crate::keys::load_or_generate(&inputs.key_path) {
         Ok(k) => k,
         Err(e) => {
             tracing::error!(error = %e, "path manager: no private key; relays and endpoint discovery are off");
             return;
         }
     };
-    let mut me = private_key.public_key();
-    let mut relays = relay::Relays::new(inputs.listen_port, tickets);
-    let mut peers: BTreeMap<PublicKey, Peer> = BTreeMap::new();
-    let mut relay_list: Vec<pb::Relay> = Vec::new();
-    let mut reflected: Option<SocketAddr> = None;
-    let mut reflect_txids: BTreeMap<[u8; 16], Instant> = BTreeMap::new();
-    // Pings in flight: to which peer and candidate, at which tick.
-    let mut pings: BTreeMap<[u8; 16], (PublicKey, SocketAddr, u64)> = BTreeMap::new();
-    let mut last_reflect: Option<Instant> = None;
+    let mut m = Manager {
+        me: private_key.public_key(),
+        private_key,
+        relays: relay::Relays::new(inputs.listen_port, tickets),
+        inputs,
+        out,
+        side,
+        peers: BTreeMap::new(),
+        relay_list: Vec::new(),
+        reflected: None,
+        reflect_txids: BTreeMap::new(),
+        pings: BTreeMap::new(),
+        last_reflect: None,
+        n: 0,
+    };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n: u64 = 0;
     let mut buf = vec![0u8; 2048];
     loop {
         tokio::select! {
             r = plan.changed() => {
                 if r.is_err() { return; }
-                let Some(v) = plan.borrow_and_update().clone() else { continue };
-                if relay_list != v.relays {
-                    // New relays: ask their reflector now.
-                    last_reflect = None;
-                    relay_list = v.relays.clone();
-                }
-                // A key rotation: disco's keys follow the interface's.
-                if let Some(s) = v.self_.as_ref() && s.wireguard_public_key != me.0 {
-                    match crate::keys::load_or_generate(&inputs.key_path) {
-                        Ok(k) if k.public_key().0.as_slice() == s.wireguard_public_key.as_slice() => {
-                            tracing::info!(public_key = %k.public_key(), "path manager: following the rotated key");
-                            me = k.public_key();
-                            private_key = k;
-                            peers.clear();
-                        }
-                        _ => {}
-                    }
-                }
-                let now = Instant::now();
-                let mut homes = BTreeMap::new();
-                let mut next = BTreeMap::new();
-                for p in &v.peers {
-                    let Ok(k) = <[u8; 32]>::try_from(p.wireguard_public_key.as_slice()) else { continue };
-                    let k = PublicKey(k);
-                    let (listed, home) = candidates_of(p);
-                    homes.insert(k, home);
-                    let mut peer = peers.remove(&k).unwrap_or_else(|| Peer {
-                        name: p.name.clone(),
-                        key: disco::PairKey::new(&private_key, &k),
-                        path: PeerPath::new(&listed, now),
-                        listed: Vec::new(),
-                        learned: None,
-                    });
-                    peer.listed = listed;
-                    let all: Vec<SocketAddr> = peer.listed.iter().copied().chain(peer.learned.filter(|l| !peer.listed.contains(l))).collect();
-                    peer.path.set_candidates(&all);
-                    next.insert(k, peer);
-                }
-                peers = next;
-                if relay_list.is_empty() {
-                    homes.clear();
-                }
-                relays.reconcile(&relay_list, &homes).await;
-            }
-            r = side.recv(&mut buf) => {
-                let (from, range) = match r {
-                    Ok(x) => x,
-                    Err(e) => { tracing::warn!(error = %e, "side channel receive failed"); tokio::time::sleep(TICK).await; continue; }
-                };
-                let payload = &buf[range];
-                if let Some((mesh_relay::wire::Kind::ReflectReply, _)) = mesh_relay::wire::open(payload) {
-                    if let Ok((txid, mapped)) = mesh_relay::reflect::parse_reply(payload)
-                        && reflect_txids.remove(&txid).is_some()
-                        && reflected != Some(mapped)
-                    {
-                        tracing::info!(%mapped, "the reflector sees this node's WireGuard port at a new address");
-                        reflected = Some(mapped);
-                    }
-                    continue;
-                }
-                let Some(d) = disco::parse(payload) else { continue };
-                let Some(peer) = peers.get_mut(&d.sender) else { continue };
-                if !d.verify(&peer.key) {
-                    tracing::debug!(%from, peer = %peer.name, "disco message failing authentication dropped");
-                    continue;
-                }
-                if d.pong {
-                    if let Some((k, to, _)) = pings.remove(&d.txid) && k == d.sender {
-                        peer.path.pong(to, Instant::now());
-                    }
-                } else {
-                    let pong = disco::encode(true, &d.txid, &me, &peer.key);
-                    let _ = side.send(from, &pong).await;
-                    if !peer.listed.contains(&from) && peer.learned != Some(from) {
-                        tracing::info!(peer = %peer.name, %from, "peer seen at an unlisted address: now a candidate");
-                        peer.learned = Some(from);
-                        let all: Vec<SocketAddr> = peer.listed.iter().copied().chain(Some(from)).collect();
-                        peer.path.set_candidates(&all);
-                    }
+                let view = plan.borrow_and_update().clone();
+                if let Some(v) = view {
+                    m.on_view(&v).await;
                 }
             }
-            _ = tick.tick() => {
-                n += 1;
-                if relay_list.is_empty() {
-                    publish(&out, &peers, &relays, Instant::now());
-                    continue;
+            r = m.side.recv(&mut buf) => match r {
+                Ok((from, range)) => m.on_side(from, &buf[range]).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "side channel receive failed");
+                    tokio::time::sleep(TICK).await;
                 }
-                let now = Instant::now();
-                // A pong later than this is no evidence of a working path.
-                pings.retain(|_, (_, _, at)| n - *at < 8);
-                // Reflectors.
-                if last_reflect.is_none_or(|t| now.duration_since(t) >= REFLECT_EVERY) {
-                    last_reflect = Some(now);
-                    reflect_txids.retain(|_, t| now.duration_since(*t) < REFLECT_EVERY * 3);
-                    // One reflector: behind a symmetric NAT each would see
-                    // another port, and the reported candidate would flap.
-                    for r in relay_list.iter().filter(|r| !r.reflector.is_empty()).take(1) {
-                        let Ok(mut addrs) = tokio::net::lookup_host(&r.reflector).await else { continue };
-                        let Some(addr) = addrs.find(SocketAddr::is_ipv4) else { continue };
-                        let txid: [u8; 16] = rand::random();
-                        reflect_txids.insert(txid, now);
-                        if let Err(e) = side.send(addr, &mesh_relay::reflect::encode_request(&txid)).await {
-                            tracing::debug!(reflector = %addr, error = %e, "reflector request not sent");
-                        }
-                    }
+            },
+            _ = tick.tick() => m.on_tick().await,
+        }
+    }
+}
+
+/// The path manager's state between events; the decisions themselves are
+/// [`select`]'s.
+struct Manager {
+    inputs: Inputs,
+    out: Outputs,
+    side: raw::SideSocket,
+    private_key: crate::keys::SecretKey,
+    me: PublicKey,
+    relays: relay::Relays,
+    peers: BTreeMap<PublicKey, Peer>,
+    relay_list: Vec<pb::Relay>,
+    /// The node's mapping, as the reflector last saw it.
+    reflected: Option<SocketAddr>,
+    reflect_txids: BTreeMap<[u8; 16], Instant>,
+    /// Pings in flight: to which peer and candidate, at which tick.
+    pings: BTreeMap<[u8; 16], (PublicKey, SocketAddr, u64)>,
+    last_reflect: Option<Instant>,
+    /// Ticks so far.
+    n: u64,
+}
+
+impl Manager {
+    /// A new view: the relays, the peers and their candidates, and the
+    /// node's own key (disco's keys follow a rotation).
+    async fn on_view(&mut self, v: &pb::NodeView) {
+        if self.relay_list != v.relays {
+            // New relays: ask their reflector now.
+            self.last_reflect = None;
+            self.relay_list.clone_from(&v.relays);
+        }
+        if let Some(s) = v.self_.as_ref()
+            && s.wireguard_public_key != self.me.0
+        {
+            match crate::keys::load_or_generate(&self.inputs.key_path) {
+                Ok(k) if k.public_key().0.as_slice() == s.wireguard_public_key.as_slice() => {
+                    tracing::info!(public_key = %k.public_key(), "path manager: following the rotated key");
+                    self.me = k.public_key();
+                    self.private_key = k;
+                    self.peers.clear();
                 }
-                // Pings and decisions.
-                let mut switches = Vec::new();
-                for (k, peer) in &mut peers {
-                    let current = peer.path.path();
-                    let settled = peer.path.direct_alive(now);
-                    for c in peer.path.candidates().to_vec() {
-                        let fast = (!settled || Some(Path::Direct(c)) == current) && !peer.path.silent(&c);
-                        if fast || n.is_multiple_of(OTHER_EVERY) {
-                            let txid: [u8; 16] = rand::random();
-                            pings.insert(txid, (*k, c, n));
-                            // Counted even when the send fails (a firewall's
-                            // EPERM, no route): that path is as dead.
-                            let _ = side.send(c, &disco::encode(false, &txid, &me, &peer.key)).await;
-                            peer.path.pinged(c);
-                        }
-                    }
-                    if let Some(s) = peer.path.decide(relays.links().can_reach(k), now) {
-                        switches.push((peer.name.clone(), s));
-                    }
-                }
-                for (name, s) in &switches {
-                    tracing::info!(peer = %name, from = ?s.from, to = ?s.to, "path switch");
-                }
-                let home = inputs.home.clone().or_else(|| relay_list.first().map(|r| r.region.clone()));
-                let mut c: Vec<String> = inputs.configured.clone();
-                if let Some(m) = reflected && !c.contains(&m.to_string()) {
-                    c.push(m.to_string());
-                }
-                c.extend(home.map(|h| format!("relay:{h}")));
-                out.candidates.send_if_modified(|old| if *old == c { false } else { *old = c; true });
-                publish(&out, &peers, &relays, now);
+                _ => {}
             }
+        }
+        let now = Instant::now();
+        let mut homes = BTreeMap::new();
+        let mut next = BTreeMap::new();
+        for p in &v.peers {
+            let Ok(k) = <[u8; 32]>::try_from(p.wireguard_public_key.as_slice()) else { continue };
+            let k = PublicKey(k);
+            let Some((listed, home)) = candidates_of(p) else { continue };
+            homes.insert(k, home);
+            let mut peer = self.peers.remove(&k).unwrap_or_else(|| Peer {
+                name: p.name.clone(),
+                key: disco::PairKey::new(&self.private_key, &k),
+                path: PeerPath::new(&listed, now),
+                listed: Vec::new(),
+                learned: None,
+            });
+            peer.listed = listed;
+            let all: Vec<SocketAddr> =
+                peer.listed.iter().copied().chain(peer.learned.filter(|l| !peer.listed.contains(l))).collect();
+            peer.path.set_candidates(&all);
+            next.insert(k, peer);
+        }
+        self.peers = next;
+        if self.relay_list.is_empty() {
+            homes.clear();
+        }
+        self.relays.reconcile(&self.relay_list, &homes).await;
+    }
+
+    /// A side-channel datagram: a reflector's answer, or a peer's disco
+    /// ping (answered) or pong (evidence for the path it came back on).
+    async fn on_side(&mut self, from: SocketAddr, payload: &[u8]) {
+        if let Some((mesh_relay::wire::Kind::ReflectReply, _)) = mesh_relay::wire::open(payload) {
+            if let Ok((txid, mapped)) = mesh_relay::reflect::parse_reply(payload)
+                && self.reflect_txids.remove(&txid).is_some()
+                && self.reflected != Some(mapped)
+            {
+                tracing::info!(%mapped, "the reflector sees this node's WireGuard port at a new address");
+                self.reflected = Some(mapped);
+            }
+            return;
+        }
+        let Some(d) = disco::parse(payload) else { return };
+        let Some(peer) = self.peers.get_mut(&d.sender) else { return };
+        if !d.verify(&peer.key) {
+            tracing::debug!(%from, peer = %peer.name, "disco message failing authentication dropped");
+            return;
+        }
+        if d.pong {
+            if let Some((k, to, _)) = self.pings.remove(&d.txid)
+                && k == d.sender
+            {
+                peer.path.pong(to, Instant::now());
+            }
+            return;
+        }
+        let pong = disco::encode(true, &d.txid, &self.me, &peer.key);
+        let _ = self.side.send(from, &pong).await;
+        if !peer.listed.contains(&from) && peer.learned != Some(from) {
+            tracing::info!(peer = %peer.name, %from, "peer seen at an unlisted address: now a candidate");
+            peer.learned = Some(from);
+            let all: Vec<SocketAddr> = peer.listed.iter().copied().chain(Some(from)).collect();
+            peer.path.set_candidates(&all);
+        }
+    }
+
+    /// Every [`TICK`]: the reflector when due, pings, decisions, and the
+    /// results published.
+    async fn on_tick(&mut self) {
+        self.n += 1;
+        let now = Instant::now();
+        if self.relay_list.is_empty() {
+            publish(&self.out, &self.peers, &self.relays, now);
+            return;
+        }
+        let n = self.n;
+        // A pong later than this is no evidence of a working path.
+        self.pings.retain(|_, (_, _, at)| n - *at < 8);
+        if self.last_reflect.is_none_or(|t| now.duration_since(t) >= REFLECT_EVERY) {
+            self.last_reflect = Some(now);
+            self.ask_reflector(now).await;
+        }
+        // Pings and decisions.
+        for (k, peer) in &mut self.peers {
+            let current = peer.path.path();
+            let settled = peer.path.direct_alive(now);
+            for c in peer.path.candidates().to_vec() {
+                let fast = (!settled || Some(Path::Direct(c)) == current) && !peer.path.silent(&c);
+                if fast || n.is_multiple_of(OTHER_EVERY) {
+                    let txid: [u8; 16] = rand::random();
+                    self.pings.insert(txid, (*k, c, n));
+                    // Counted even when the send fails (a firewall's
+                    // EPERM, no route): that path is as dead.
+                    let _ = self.side.send(c, &disco::encode(false, &txid, &self.me, &peer.key)).await;
+                    peer.path.pinged(c);
+                }
+            }
+            if let Some(s) = peer.path.decide(self.relays.links().can_reach(k), now) {
+                tracing::info!(peer = %peer.name, from = ?s.from, to = ?s.to, "path switch");
+            }
+        }
+        let home = self.inputs.home.clone().or_else(|| self.relay_list.first().map(|r| r.region.clone()));
+        let mut c: Vec<String> = self.inputs.configured.clone();
+        if let Some(m) = self.reflected
+            && !c.contains(&m.to_string())
+        {
+            c.push(m.to_string());
+        }
+        c.extend(home.map(|h| format!("relay:{h}")));
+        self.out.candidates.send_if_modified(|old| {
+            if *old == c {
+                false
+            } else {
+                *old = c;
+                true
+            }
+        });
+        publish(&self.out, &self.peers, &self.relays, now);
+    }
+
+    /// Asks one reflector for the node's mapping. One: behind a symmetric
+    /// NAT each would see another port, and the reported candidate would
+    /// flap.
+    async fn ask_reflector(&mut self, now: Instant) {
+        self.reflect_txids.retain(|_, t| now.duration_since(*t) < REFLECT_EVERY * 3);
+        let Some(r) = self.relay_list.iter().find(|r| !r.reflector.is_empty()) else { return };
+        let Ok(mut addrs) = tokio::net::lookup_host(&r.reflector).await else { return };
+        let Some(addr) = addrs.find(SocketAddr::is_ipv4) else { return };
+        let txid: [u8; 16] = rand::random();
+        self.reflect_txids.insert(txid, now);
+        if let Err(e) = self.side.send(addr, &mesh_relay::reflect::encode_request(&txid)).await {
+            tracing::debug!(reflector = %addr, error = %e, "reflector request not sent");
         }
     }
 }
@@ -329,5 +394,25 @@ fn publish(out: &Outputs, peers: &BTreeMap<PublicKey, Peer>, relays: &relay::Rel
     });
     if let Ok(mut s) = out.shared.lock() {
         *s = info;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(endpoints: &[&str]) -> pb::Peer {
+        pb::Peer { endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(), ..Default::default() }
+    }
+
+    #[test]
+    fn candidates_are_ipv4_endpoints_and_the_home_relay() {
+        let (direct, home) = candidates_of(&peer(&["192.0.2.1:51820", "[2001:db8::1]:51820", "relay:fsn"])).unwrap();
+        assert_eq!(direct, vec!["192.0.2.1:51820".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(home.as_deref(), Some("fsn"));
+        // Behind a UDP-blocking provider: no endpoint, only the relay.
+        assert_eq!(candidates_of(&peer(&["relay:fsn"])), Some((Vec::new(), Some("fsn".into()))));
+        // Only IPv6: disco cannot check it, so the manager leaves it alone.
+        assert_eq!(candidates_of(&peer(&["[2001:db8::1]:51820", "relay:fsn"])), None);
     }
 }
