@@ -154,7 +154,11 @@ enum KeyCmd {
     /// List keys.
     List,
     /// Revoke a key.
-    Revoke { id: String },
+    Revoke {
+        /// The key's id (ids are base64url and may start with `-`).
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -170,7 +174,11 @@ enum TokenCmd {
         description: String,
     },
     /// Revoke an admin token.
-    Revoke { id: String },
+    Revoke {
+        /// The token's id (ids are base64url and may start with `-`).
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -733,4 +741,21 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Ca { cmd } => ca::run(&mut a, cmd.as_ref(), j).await?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::{Cli, Cmd, KeyCmd, TokenCmd};
+
+    /// Ids are random base64url: one in 64 starts with `-`, and must still
+    /// be taken as the id, not as an unknown flag.
+    #[test]
+    fn ids_starting_with_a_hyphen_are_ids() {
+        let cli = Cli::try_parse_from(["meshctl", "tokens", "revoke", "-Xq3"]).expect("parses");
+        assert!(matches!(cli.cmd, Cmd::Tokens { cmd: Some(TokenCmd::Revoke { ref id }) } if id == "-Xq3"), "{cli:?}");
+        let cli = Cli::try_parse_from(["meshctl", "keys", "revoke", "-k9"]).expect("parses");
+        assert!(matches!(cli.cmd, Cmd::Keys { cmd: KeyCmd::Revoke { ref id } } if id == "-k9"), "{cli:?}");
+    }
 }
