@@ -257,12 +257,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
     pongs: mpsc::Sender<[u8; 8]>,
     dropped: &AtomicU64,
 ) -> String {
+    // Dropped while the line is quiet: without this the pings would keep an
+    // unused connection (and its attach) up for good. One waiter for the
+    // whole connection, not one per frame.
+    let dropped_receiver = incoming.closed();
+    tokio::pin!(dropped_receiver);
     loop {
         let read = tokio::select! {
             r = tokio::time::timeout(DEAD_AFTER, frame::read_frame(&mut r)) => r,
-            // Dropped while the line is quiet: without this the pings would
-            // keep an unused connection (and its attach) up for good.
-            () = incoming.closed() => return "receiver dropped".into(),
+            () = &mut dropped_receiver => return "receiver dropped".into(),
         };
         let f = match read {
             Err(_) => return format!("nothing read for {DEAD_AFTER:?}"),
