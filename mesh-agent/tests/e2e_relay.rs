@@ -17,7 +17,10 @@
 //!    reflector and talks to nyc directly: control's status says `direct`.
 //! 3. sym, behind the symmetric NAT, cannot reach ams directly (both are
 //!    behind NAT): that pair stays relayed, and pings pass.
-//! 4. With a two-way TCP conversation app <-> db running, fsn's UDP is
+//! 4. old (192.0.2.5) runs with `relays = false`, as an agent from before
+//!    relays would: it answers no disco pings and attaches to no relay, so
+//!    nyc keeps it direct (relaying it would cut it off) and they ping.
+//! 5. With a two-way TCP conversation app <-> db running, fsn's UDP is
 //!    unblocked (the path goes direct), blocked (relay, cut under 2 s), and
 //!    unblocked again (direct); the same connection throughout.
 
@@ -46,6 +49,8 @@ const POLICY: &str = r#"{
 }"#;
 
 const TUNING: Tuning = Tuning { metrics_listen: Some("127.0.0.1:9300"), health_interval_secs: 0.5, extra: "" };
+/// An agent that takes no part in relays.
+const RELAYS_OFF: Tuning = Tuning { extra: "relays = false\n", ..TUNING };
 /// The bound of a move between direct and relay under two-way traffic.
 const SWITCH_BOUND: Duration = Duration::from_secs(2);
 
@@ -181,6 +186,9 @@ fn gateways_behind_nat_and_udp_blocks_join_through_the_relay() {
             Gateway::new(h, &lab.unique_ifname("wg"), bpf.0.path(), &key, &format!("10.{inside}.0.2"), &[], &TUNING);
         gws.push(gw);
     }
+    // old: public, relays off.
+    let h = plug("old", "192.0.2.5");
+    gws.push(Gateway::new(h, &lab.unique_ifname("wg"), bpf.0.path(), &key, "192.0.2.5", &[], &RELAYS_OFF));
     // fsn's provider drops UDP from the start.
     gws[1].host.block_udp("eth0", true).unwrap();
     for g in &mut gws {
@@ -225,7 +233,19 @@ fn gateways_behind_nat_and_udp_blocks_join_through_the_relay() {
     wait("sym pings ams", &mut || ping(&gws[3].host, &overlay("ams")));
     assert!(ping(&gws[3].host, &overlay("nyc")), "sym reaches the public nyc");
 
-    // 4. Path switches under a two-way conversation.
+    // 4. A peer that attaches to no relay stays direct, and works, long
+    //    after its unanswered disco pings would have called it dead.
+    let nodes =
+        rt.block_on(async { admin(dir).await.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes });
+    let old = nodes.iter().find(|n| n.name == "old").map(|n| n.ipv4.clone()).expect("old enrolled");
+    wait("nyc pings old", &mut || ping(&gws[0].host, &old));
+    std::thread::sleep(Duration::from_secs(1));
+    wait("nyc reports its path to old", &mut || !path(&rt, dir, "nyc", "old").is_empty());
+    assert_eq!(path(&rt, dir, "nyc", "old"), "direct", "nyc relayed a peer that is on no relay\n{}", logs());
+    assert!(ping(&gws[0].host, &old), "nyc pings old");
+    assert!(ping(&gws[4].host, &overlay("nyc")), "old pings nyc");
+
+    // 5. Path switches under a two-way conversation.
     let conv =
         Conversation::start(app, db, &["198.18.20.20:9000".parse::<SocketAddr>().unwrap()], Duration::from_millis(20));
     let conv = conv.unwrap_or_else(|e| panic!("conversation: {e}\n{}", logs()));

@@ -97,6 +97,9 @@ struct Peer {
     listed: Vec<SocketAddr>,
     /// The last address a verified ping came from, when not listed.
     learned: Option<SocketAddr>,
+    /// Its home relay region, `None` for a peer that attaches to no relay
+    /// (an agent before capability 7, or one with `relays = false`).
+    home: Option<String>,
 }
 
 /// The candidates of a control peer entry, and its home relay region.
@@ -224,15 +227,17 @@ impl Manager {
             let Ok(k) = <[u8; 32]>::try_from(p.wireguard_public_key.as_slice()) else { continue };
             let k = PublicKey(k);
             let Some((listed, home)) = candidates_of(p) else { continue };
-            homes.insert(k, home);
+            homes.insert(k, home.clone());
             let mut peer = self.peers.remove(&k).unwrap_or_else(|| Peer {
                 name: p.name.clone(),
                 key: disco::PairKey::new(&self.private_key, &k),
                 path: PeerPath::new(&listed, now),
                 listed: Vec::new(),
                 learned: None,
+                home: None,
             });
             peer.listed = listed;
+            peer.home = home;
             let all: Vec<SocketAddr> =
                 peer.listed.iter().copied().chain(peer.learned.filter(|l| !peer.listed.contains(l))).collect();
             peer.path.set_candidates(&all);
@@ -313,7 +318,12 @@ impl Manager {
                     peer.path.pinged(c);
                 }
             }
-            if let Some(s) = peer.path.decide(self.relays.links().can_reach(k), now) {
+            // Only a peer that attaches to a relay can be reached there: an
+            // old agent, or one with relays off, answers no disco pings, and
+            // relaying it would cut it off instead of keeping the endpoint
+            // its WireGuard still answers on.
+            let relay = peer.home.is_some() && self.relays.links().can_reach(k);
+            if let Some(s) = peer.path.decide(relay, now) {
                 tracing::info!(peer = %peer.name, from = ?s.from, to = ?s.to, "path switch");
             }
         }
