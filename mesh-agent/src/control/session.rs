@@ -52,37 +52,79 @@ struct Links {
     /// to report, the configured endpoints stand).
     candidates: watch::Receiver<Vec<String>>,
     candidates_live: bool,
-    /// Relay tickets for the path manager, and the current one's expiry.
+    /// Relay tickets for the path manager.
     tickets: watch::Sender<Option<String>>,
-    ticket_expires: i64,
-    /// The node key the current ticket names.
-    ticket_key: Vec<u8>,
+    /// When the current ticket is due for renewal, and the node key and key
+    /// expiry it was issued for.
+    ticket: TicketState,
     /// The peers' paths, for the health reports.
     paths: crate::path::SharedPaths,
 }
 
+/// The current relay ticket's renewal time, and what it was issued for.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct TicketState {
+    renew_at: i64,
+    key: Vec<u8>,
+    key_expiry: i64,
+}
+
+/// The shortest time between two renewals of a ticket for the same key.
+const TICKET_RENEW_FLOOR_SECS: i64 = 600;
+
+impl TicketState {
+    /// Whether a ticket for `key` expiring with it at `key_expiry` is due
+    /// at `now`: none yet, another key (a rotation) or key expiry (an
+    /// admin extended it), or past half its life.
+    fn due(&self, have: bool, key: &[u8], key_expiry: i64, now: i64) -> bool {
+        !have || self.key != key || self.key_expiry != key_expiry || now >= self.renew_at
+    }
+
+    /// After a ticket expiring at `expires` arrived at `now`: renew at half
+    /// its remaining life (12 h tickets: every 6 h), and not sooner than
+    /// [`TICKET_RENEW_FLOOR_SECS`]. Near the key's expiry control caps the
+    /// ticket there, so renewing sooner would only fetch the same ticket.
+    fn issued(key: Vec<u8>, key_expiry: i64, expires: i64, now: i64) -> Self {
+        let half = expires.saturating_sub(now) / 2;
+        Self { renew_at: now.saturating_add(half.max(TICKET_RENEW_FLOOR_SECS)), key, key_expiry }
+    }
+}
+
 /// Asks for a relay ticket when the view lists relays and the current one
-/// is missing, names another key (a rotation), or is past half its life
-/// (12 h tickets: renewed every 6 h). With the credential's current token:
-/// a rotation or a renewal replaces the one the stream opened with.
+/// is due ([`TicketState::due`]). With the credential's current token: a
+/// rotation or a renewal replaces the one the stream opened with. The path
+/// manager sees a ticket only when it differs: each new one is a new attach
+/// to every relay.
 async fn refresh_ticket(channel: &client::Channel, token: &str, view: Option<&pb::NodeView>, links: &mut Links) {
     let Some(v) = view.filter(|v| !v.relays.is_empty()) else { return };
     if links.tickets.is_closed() {
         return;
     }
     let key = v.self_.as_ref().map(|s| s.wireguard_public_key.clone()).unwrap_or_default();
+    let key_expiry = v.self_.as_ref().map_or(0, |s| s.key_expiry_unix);
     let now = now_secs();
-    if links.tickets.borrow().is_some() && links.ticket_key == key && links.ticket_expires - now > 6 * 3600 {
+    if !links.ticket.due(links.tickets.borrow().is_some(), &key, key_expiry, now) {
         return;
     }
     let mut client = AgentServiceClient::with_interceptor(channel.clone(), Bearer(Some(token.to_owned())));
     match client.relay_ticket(pb::RelayTicketRequest {}).await {
         Ok(r) => {
             let r = r.into_inner();
-            links.ticket_expires = r.expires_unix;
-            links.ticket_key = key;
-            links.tickets.send_replace(Some(r.ticket));
-            tracing::info!(expires_unix = r.expires_unix, "relay ticket from control");
+            links.ticket = TicketState::issued(key, key_expiry, r.expires_unix, now);
+            let new = Some(r.ticket);
+            links.tickets.send_if_modified(|t| {
+                if *t == new {
+                    false
+                } else {
+                    *t = new;
+                    true
+                }
+            });
+            tracing::info!(
+                expires_unix = r.expires_unix,
+                renew_at = links.ticket.renew_at,
+                "relay ticket from control"
+            );
         }
         Err(e) => tracing::warn!(error = %e, "no relay ticket from control"),
     }
@@ -374,8 +416,7 @@ pub async fn run(
         candidates: candidates_rx,
         candidates_live: true,
         tickets: tickets_tx,
-        ticket_expires: 0,
-        ticket_key: Vec::new(),
+        ticket: TicketState::default(),
         paths: shared_paths,
     };
     let min = Duration::from_millis(100);
@@ -414,5 +455,42 @@ pub async fn run(
             links.unsent.push_back(failover_report(e));
         }
         backoff = (backoff * 2).min(max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{TICKET_RENEW_FLOOR_SECS, TicketState};
+
+    const DAY: i64 = 86_400;
+
+    #[test]
+    fn a_ticket_is_renewed_at_half_life_and_not_in_a_loop_near_the_key_expiry() {
+        let key = vec![7; 32];
+        let t0 = 1_000_000;
+        // A 12 h ticket for a key with 90 days left: renewed after 6 h.
+        let t = TicketState::issued(key.clone(), t0 + 90 * DAY, t0 + 12 * 3600, t0);
+        assert!(!t.due(true, &key, t0 + 90 * DAY, t0 + 6 * 3600 - 1));
+        assert!(t.due(true, &key, t0 + 90 * DAY, t0 + 6 * 3600));
+        // None yet, a rotated key, or an extended key expiry: due at once.
+        assert!(t.due(false, &key, t0 + 90 * DAY, t0));
+        assert!(t.due(true, &[8; 32], t0 + 90 * DAY, t0));
+        assert!(t.due(true, &key, t0 + 120 * DAY, t0));
+        // The key expires in 2 h, so control caps the ticket there.
+        // Renewals come at half the remaining life, and never more than
+        // once per floor period: a few fetches, not one per health tick.
+        let key_expiry = t0 + 2 * 3600;
+        let (mut now, mut last, mut fetches) = (t0, t0, 0);
+        let mut t = TicketState::issued(key.clone(), key_expiry, key_expiry, now);
+        while now < key_expiry {
+            now += 10;
+            if t.due(true, &key, key_expiry, now) {
+                fetches += 1;
+                assert!(now - last >= TICKET_RENEW_FLOOR_SECS, "renewed {} s after the last", now - last);
+                last = now;
+                t = TicketState::issued(key.clone(), key_expiry, key_expiry, now);
+            }
+        }
+        assert!(fetches <= 6, "{fetches} ticket fetches in the key's last 2 h");
     }
 }
