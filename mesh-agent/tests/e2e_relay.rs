@@ -35,7 +35,7 @@ use mesh_proto::v1 as pb;
 
 mod e2e_support;
 
-use e2e_support::{BpfFs, CONTROL, Gateway, Tuning, admin, gateway_key, rt, wait_for};
+use e2e_support::{BpfFs, Gateway, Tuning, admin, gateway_key, rt, wait_for};
 
 const POLICY: &str = r#"{
   "tagOwners": {"tag:gw": []},
@@ -128,12 +128,6 @@ fn gateways_behind_nat_and_udp_blocks_join_through_the_relay() {
     let pin = mesh_relay::server::certificate_pin(&relay_config(relay_dir.path(), vec![[0; 32]])).unwrap();
     let ctl_dir = tempfile::tempdir().unwrap();
     let config = mesh_control::config::Config {
-        listen: CONTROL.parse().unwrap(),
-        tls_names: vec!["192.0.2.100".into()],
-        data_dir: ctl_dir.path().to_owned(),
-        metrics_listen: None,
-        admin_socket: Some(ctl_dir.path().join("admin.sock")),
-        poll_interval_ms: 100,
         relays: vec![mesh_control::relay::RelayEntry {
             region: "lab".into(),
             address: "192.0.2.50:443".into(),
@@ -141,7 +135,7 @@ fn gateways_behind_nat_and_udp_blocks_join_through_the_relay() {
             cert_sha256: hex::encode(pin),
             reflector: Some("192.0.2.50:3478".into()),
         }],
-        ..mesh_control::config::Config::default()
+        ..mesh_lab::control::lab_config(ctl_dir.path())
     };
     let _control = mesh_lab::control::ControlInNs::start(&ctl, config).expect("control starts");
     let rt = rt();

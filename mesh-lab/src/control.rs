@@ -9,6 +9,25 @@ use crate::{Host, LabError, Result};
 /// How long control may take to open its listeners.
 const START: Duration = Duration::from_secs(30);
 
+/// Where the lab's control serves gRPC (its host is 192.0.2.100).
+pub const ADDRESS: &str = "192.0.2.100:7443";
+
+/// The lab's control configuration: gRPC on [`ADDRESS`] with a certificate
+/// for 192.0.2.100, its data and admin socket in `dir`, no metrics, the
+/// store polled every 100 ms. Callers set what their test varies on top.
+#[must_use]
+pub fn lab_config(dir: &std::path::Path) -> mesh_control::config::Config {
+    mesh_control::config::Config {
+        listen: ADDRESS.parse().expect("a socket address"),
+        tls_names: vec!["192.0.2.100".into()],
+        data_dir: dir.to_owned(),
+        metrics_listen: None,
+        admin_socket: Some(dir.join("admin.sock")),
+        poll_interval_ms: 100,
+        ..mesh_control::config::Config::default()
+    }
+}
+
 /// A running control; stopped (its listeners closed, its runtime shut
 /// down) by [`Self::stop`] or on drop.
 #[derive(Debug)]

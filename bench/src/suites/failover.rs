@@ -29,7 +29,7 @@ use crate::{Ctx, Results, chart};
 pub const ABOUT: &str = "gateway failover outage (primary killed / LAN lost), two-way cuts (kill, fail-back) and policy-change-to-enforcement time";
 
 const SUITE: &str = "failover";
-const CONTROL: &str = "192.0.2.100:7443";
+const CONTROL: &str = mesh_lab::control::ADDRESS;
 const HOLD_DOWN_SECS: i64 = 2;
 
 fn policy(extra_port: Option<u16>) -> String {
@@ -50,16 +50,7 @@ fn policy(extra_port: Option<u16>) -> String {
 
 /// mesh-control on a thread inside the `ctl` namespace.
 fn start_control(host: &Host, dir: &Path) -> anyhow::Result<ControlInNs> {
-    let config = mesh_control::config::Config {
-        listen: CONTROL.parse()?,
-        tls_names: vec!["192.0.2.100".into()],
-        data_dir: dir.to_owned(),
-        metrics_listen: None,
-        admin_socket: Some(dir.join("admin.sock")),
-        poll_interval_ms: 100,
-        hold_down_secs: HOLD_DOWN_SECS,
-        ..mesh_control::config::Config::default()
-    };
+    let config = mesh_control::config::Config { hold_down_secs: HOLD_DOWN_SECS, ..mesh_lab::control::lab_config(dir) };
     Ok(ControlInNs::start(host, config)?)
 }
 

@@ -19,7 +19,7 @@ use crate::{Ctx, Results, chart};
 pub const ABOUT: &str = "direct path against the relay (TLS/TCP): throughput, RTT and relay CPU per Gbit/s";
 
 const SUITE: &str = "relay";
-const CONTROL: &str = "192.0.2.100:7443";
+const CONTROL: &str = mesh_lab::control::ADDRESS;
 const RELAY: &str = "192.0.2.50:443";
 const REFLECTOR: &str = "192.0.2.50:3478";
 const POLICY: &str = r#"{"tagOwners": {"tag:gw": []},
@@ -99,12 +99,6 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
     let cdir = work.path().join("ctl");
     std::fs::create_dir_all(&cdir)?;
     let config = mesh_control::config::Config {
-        listen: CONTROL.parse()?,
-        tls_names: vec!["192.0.2.100".into()],
-        data_dir: cdir.clone(),
-        metrics_listen: None,
-        admin_socket: Some(cdir.join("admin.sock")),
-        poll_interval_ms: 100,
         relays: vec![mesh_control::relay::RelayEntry {
             region: "lab".into(),
             address: RELAY.into(),
@@ -112,7 +106,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Results> {
             cert_sha256: pin.trim().to_owned(),
             reflector: Some(REFLECTOR.into()),
         }],
-        ..mesh_control::config::Config::default()
+        ..mesh_lab::control::lab_config(&cdir)
     };
     let _control = ControlInNs::start(ctl, config)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -15,7 +15,7 @@ use mesh_lab::{Host, Process};
 use mesh_proto::v1::{self as pb, admin_service_client::AdminServiceClient};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mesh-agent");
-pub const CONTROL: &str = "192.0.2.100:7443";
+pub const CONTROL: &str = mesh_lab::control::ADDRESS;
 
 /// Gateway settings that differ between the tests.
 #[derive(Debug, Clone, Copy)]
@@ -44,16 +44,7 @@ impl Control {
         hold_down_secs: i64,
         clock: std::sync::Arc<dyn mesh_control::engine::Clock>,
     ) -> Self {
-        let config = mesh_control::config::Config {
-            listen: CONTROL.parse().unwrap(),
-            tls_names: vec!["192.0.2.100".into()],
-            data_dir: dir.to_owned(),
-            metrics_listen: None,
-            admin_socket: Some(dir.join("admin.sock")),
-            poll_interval_ms: 100,
-            hold_down_secs,
-            ..mesh_control::config::Config::default()
-        };
+        let config = mesh_control::config::Config { hold_down_secs, ..mesh_lab::control::lab_config(dir) };
         Self(mesh_lab::control::ControlInNs::start_with_clock(host, config, clock).expect("control starts"))
     }
 
